@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each creates .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned to builds that pair with a torchvision (open_clip imports torchvision);
+# override TORCH_SPEC for another platform, e.g. TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/mergesearch demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -rs
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check merge_backend evaluators search tests benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/merge_cli.py
+	$(BIN)/python benchmarks/merge_engine.py
+
+clean:
+	rm -rf demo_run .pytest_cache

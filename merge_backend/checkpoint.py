@@ -1,0 +1,154 @@
+"""Checkpoints as the users hold them: original-layout single files, read lazily.
+
+``open_checkpoint(path)`` accepts a ``.safetensors`` file (read one tensor at a time), a
+``.ckpt`` / ``.pt`` / ``.pth`` file (only through ``torch.load(weights_only=True)``: a pickle
+that would run code is refused, never run) or a diffusers pipeline folder (converted to the
+original layout). It detects the architecture and hands out tensors by original key.
+
+Example:
+    >>> ckpt = open_checkpoint("model.safetensors")        # doctest: +SKIP
+    >>> ckpt.arch.name, len(ckpt.keys())                    # doctest: +SKIP
+    ('sd1', 1131)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .architectures import Architecture, canonical_key, detect_architecture, is_model_key
+from .safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+
+CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A source that cannot be used; the message names the file and, where known, the key."""
+
+
+class Checkpoint:
+    """A read-only view of one checkpoint: keys, shapes, dtypes and tensors on demand."""
+
+    def __init__(self, path: Path, arch: Architecture, shapes: Mapping[str, tuple[int, ...]],
+                 dtypes: Mapping[str, torch.dtype], loader, metadata: Mapping[str, str]):
+        self.path = path
+        self.arch = arch
+        # Keys are exposed in their canonical (CheckpointSave) spelling; old-layout files keep
+        # their stored names underneath.
+        self._stored = {canonical_key(arch, k): k for k in shapes}
+        self._shapes = {c: tuple(shapes[k]) for c, k in self._stored.items()}
+        self._dtypes = {c: dtypes[k] for c, k in self._stored.items()}
+        self._loader = loader
+        self.metadata = dict(metadata)
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def model_keys(self) -> list[str]:
+        """Keys CheckpointSave would keep (no schedules, no EMA copies)."""
+        return [k for k in self._shapes if is_model_key(k)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtypes[key]
+
+    def nbytes(self, keys=None) -> int:
+        keys = self._shapes if keys is None else keys
+        total = 0
+        for k in keys:
+            n = self._dtypes[k].itemsize
+            for s in self._shapes[k]:
+                n *= s
+            total += n
+        return total
+
+    def get(self, key: str, *, check_finite: bool = True) -> torch.Tensor:
+        """The tensor stored under ``key`` (CPU, stored dtype). NaN/inf raise CheckpointError."""
+        try:
+            tensor = self._loader(self._stored[key])
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
+        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{self.path}: tensor {key!r} holds NaN or infinite values; "
+                                  "the file is damaged or was saved from a diverged model")
+        return tensor
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, arch={self.arch.name}, keys={len(self._shapes)})"
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint lazily and detect its architecture (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        from .diffusers_folder import open_diffusers_folder
+
+        return open_diffusers_folder(path)
+    if path.suffix.lower() in CKPT_SUFFIXES:
+        return _open_pickle(path)
+    return _open_safetensors(path)
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    try:
+        table, metadata = read_header(path)
+    except SafetensorsError as exc:
+        raise CheckpointError(str(exc)) from None
+    arch = _detect(table.keys(), path)
+
+    def load(key: str, _t: Mapping[str, TensorInfo] = table) -> torch.Tensor:
+        try:
+            return read_tensor(path, _t[key])
+        except SafetensorsError as exc:
+            raise CheckpointError(str(exc)) from None
+
+    return Checkpoint(path, arch, {k: v.shape for k, v in table.items()},
+                      {k: v.dtype for k, v in table.items()}, load, metadata)
+
+
+def _open_pickle(path: Path) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused: this .ckpt is not a plain weights file that loads with "
+            f"torch.load(weights_only=True) ({first}). Convert it to .safetensors with a tool "
+            "you trust; mergesearch never unpickles arbitrary code.") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    arch = _detect(tensors.keys(), path)
+    return Checkpoint(path, arch, {k: tuple(v.shape) for k, v in tensors.items()},
+                      {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, {})
+
+
+def _detect(keys, path: Path) -> Architecture:
+    try:
+        return detect_architecture(keys, source=str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
+    """sha256 of a file's bytes (of every file, sorted, for a folder)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()

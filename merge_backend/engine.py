@@ -1,0 +1,236 @@
+"""The in-memory merge engine: a new candidate written into a live pipeline's weights.
+
+``MergeEngine(pipe, recipe)`` binds the Recipe's sources to the parameters of a live diffusers
+pipeline once: the parameters of each block are re-seated as views of one flat buffer, and
+the sources are laid out the same way (on the device, or in pinned host memory). Then
+``apply(recipe)`` writes a candidate in place — one pass over memory per block, no
+allocation, parameter addresses unchanged, blocks whose ratio did not change skipped.
+
+Example:
+    >>> pipe = load_pipeline("a.safetensors", config_folder=cfg)           # doctest: +SKIP
+    >>> engine = MergeEngine(pipe, recipe, device="cuda", memory="auto")    # doctest: +SKIP
+    >>> engine.apply(recipe.replace(ratios={**recipe.ratios, "IN04": 0.3})) # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from . import engine_kernels as kernels
+from .architectures import ARCHITECTURES
+from .engine_memory import MemoryPlan, plan_memory
+from .merge_file import open_sources
+from .naming import convert_value, key_maps
+from .plan import KeyPlan, plan_merge
+from .recipe import Recipe, RecipeError
+
+DEFAULT_CHUNK = 1 << 24  # elements per streamed chunk (64 MiB of fp32 scratch)
+
+
+@dataclass
+class BlockGroup:
+    """The parameters of one block, seated in one flat live buffer, and their sources."""
+
+    name: str
+    component: str
+    block: str
+    numel: int
+    live: torch.Tensor
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    last: tuple | None = None
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    applied: int
+    skipped: int
+    seconds: float
+
+
+class MergeEngine:
+    """Binds a Recipe's sources to a live pipeline; ``apply`` writes candidates in place."""
+
+    def __init__(self, pipe, recipe: Recipe, *, device: str | torch.device | None = None,
+                 memory: str = "auto", source_dtype: torch.dtype | None = None,
+                 chunk_elements: int = DEFAULT_CHUNK):
+        recipe.validate()
+        self.pipe = pipe
+        self.bound = recipe
+        self.device = torch.device(device) if device is not None else pipe.unet.device
+        self.arch = ARCHITECTURES[recipe.arch]
+        self.chunk = int(chunk_elements)
+        sources = open_sources(recipe)
+        plan = plan_merge(recipe, sources)  # compatibility and block names fail here, at bind
+        by_key = {k.key: k for k in plan.keys}
+        self.live_dtype = pipe.unet.dtype
+        self.source_dtype = source_dtype or self.live_dtype
+        layout = self._layout(by_key)
+        self.memory: MemoryPlan = plan_memory(memory, self.device, *self._bytes(layout))
+        self.groups = [self._bind_group(name, params, sources) for name, params in layout.items()]
+        self._keep_model1_text_encoders(sources)
+        self.runner = kernels.Runner(self.device, self.live_dtype, self.chunk,
+                                     offload=self.memory.mode == "offload",
+                                     n_roles=max(len(g.sources) for g in self.groups))
+
+    # ------------------------------------------------------------------ binding
+    def merged_components(self, recipe: Recipe) -> tuple[str, ...]:
+        tes = tuple(te.name for te in self.arch.text_encoders)
+        merges_te = recipe.clip is not None or (recipe.vocabulary == "mbw" and recipe.spec.uses_ratio)
+        return ("unet",) + (tes if merges_te else ())
+
+    def module(self, component: str) -> torch.nn.Module:
+        if component == "unet":
+            return self.pipe.unet
+        te = next(t for t in self.arch.text_encoders if t.name == component)
+        return getattr(self.pipe, te.diffusers_folder)
+
+    def _layout(self, by_key: Mapping[str, KeyPlan]) -> dict[str, list]:
+        """Group name -> [(param name, parameter, KeyMap, KeyPlan)], in module order."""
+        layout: dict[str, list] = {}
+        for component in self.merged_components(self.bound):
+            module = self.module(component)
+            names = [n for n, _ in module.named_parameters()]
+            maps = {km.diffusers: km for km in key_maps(self.arch, component, names,
+                                                        getattr(module, "config", None))}
+            for name, param in module.named_parameters():
+                km = maps[name]
+                kp = by_key.get(km.original)
+                if kp is None or kp.op == "copy":
+                    raise RecipeError(f"{component}.{name} ({km.original}) is not merged by the "
+                                      "recipe; the pipeline does not match model1's architecture")
+                group = f"{component}:{kp.block}"
+                layout.setdefault(group, []).append((name, param, km, kp))
+        return layout
+
+    def _roles(self, component: str) -> tuple[str, ...]:
+        if component != "unet":
+            return ("model1", "model2")
+        if self.bound.method == "add_difference" and self.bound.arithmetic == "fast":
+            return ("model1", "target")  # target = model1 + (model2 - base), built at bind
+        return self.bound.spec.roles
+
+    def _bytes(self, layout: Mapping[str, list]) -> tuple[int, int]:
+        item = self.source_dtype.itemsize
+        total = sum(p.numel() * len(self._roles(g.split(":")[0])) * item
+                    for g, items in layout.items() for _, p, _, _ in items)
+        staging = 2 * 3 * self.chunk * max(item, self.live_dtype.itemsize)
+        return total, staging
+
+    def _bind_group(self, name: str, items: list, sources) -> BlockGroup:
+        component, block = name.split(":", 1)
+        numel = sum(p.numel() for _, p, _, _ in items)
+        live = torch.empty(numel, dtype=self.live_dtype, device=self.device)
+        offset = 0
+        for _, param, _, _ in items:
+            n = param.numel()
+            view = live[offset:offset + n].view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+            offset += n
+        group = BlockGroup(name, component, block, numel, live)
+        roles = self._roles(component)
+        on_host = self.memory.mode == "offload"
+        for role in roles:
+            if role == "target":
+                continue
+            group.sources[role] = self._flat_source(items, sources[role], on_host)
+        if "target" in roles:
+            group.sources["target"] = self._flat_target(items, sources, on_host)
+        return group
+
+    def _flat_source(self, items: list, ckpt, on_host: bool) -> torch.Tensor:
+        numel = sum(p.numel() for _, p, _, _ in items)
+        device = torch.device("cpu") if on_host else self.device
+        pin = on_host and self.device.type == "cuda"
+        flat = torch.empty(numel, dtype=self.source_dtype, device=device, pin_memory=pin)
+        offset = 0
+        for _, param, km, _ in items:
+            value = convert_value(km, ckpt.get(km.original)).reshape(-1)
+            flat[offset:offset + value.numel()].copy_(value)
+            offset += value.numel()
+        return flat
+
+    def _flat_target(self, items: list, sources, on_host: bool) -> torch.Tensor:
+        # Fast add-difference: model1 + (model2 - base), rounded once to the source dtype, so
+        # each candidate is one lerp(model1, target, (1 - ratio) * multiplier).
+        flats = {r: self._flat_source(items, sources[r], True) for r in ("model1", "model2", "base")}
+        target = kernels.add_difference_target(flats["model1"], flats["model2"], flats["base"],
+                                               self.source_dtype, self.chunk)
+        if on_host:
+            return target.pin_memory() if self.device.type == "cuda" else target
+        return target.to(self.device)
+
+    def _keep_model1_text_encoders(self, sources) -> None:
+        """Text encoders the Recipe does not merge hold model1's weights, as in ComfyUI."""
+        merged = self.merged_components(self.bound)
+        for te in self.arch.text_encoders:
+            if te.name in merged:
+                continue
+            module = self.module(te.name)
+            names = [n for n, _ in module.named_parameters()]
+            maps = {km.diffusers: km for km in key_maps(self.arch, te.name, names,
+                                                        getattr(module, "config", None))}
+            with torch.no_grad():
+                for name, param in module.named_parameters():
+                    value = convert_value(maps[name], sources["model1"].get(maps[name].original))
+                    param.data.copy_(value.reshape(param.shape))
+
+    # ------------------------------------------------------------------ applying
+    def check_compatible(self, recipe: Recipe) -> None:
+        """A candidate must differ from the bound Recipe only in ratios and multipliers."""
+        recipe.validate()
+        b = self.bound
+        same = (recipe.arch, recipe.method, recipe.vocabulary, recipe.arithmetic,
+                {r: s.path for r, s in recipe.models.items()})
+        bound = (b.arch, b.method, b.vocabulary, b.arithmetic,
+                 {r: s.path for r, s in b.models.items()})
+        if same != bound:
+            raise RecipeError("this recipe needs a new MergeEngine: only ratios, multipliers and "
+                              "the text-encoder ratio may change between candidates")
+        if set(self.merged_components(recipe)) - set(self.merged_components(b)):
+            raise RecipeError("this recipe merges text encoders the engine was not bound with; "
+                              "bind with a recipe whose clip is set")
+
+    def targets(self, recipe: Recipe) -> dict[str, tuple[str, float, float]]:
+        """Group name -> (op, ratio, multiplier) the recipe asks for."""
+        out = {}
+        clip = recipe.effective_clip()
+        for g in self.groups:
+            if g.component == "unet":
+                op = recipe.method
+                out[g.name] = (op, recipe.unet_ratio(g.block), recipe.multiplier)
+            elif clip is None:
+                out[g.name] = ("copy", 1.0, 1.0)
+            else:
+                out[g.name] = (clip.method, clip.ratio, clip.multiplier)
+        return out
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe, *, force: bool = False) -> ApplyStats:
+        """Write ``recipe``'s candidate into the live weights, skipping unchanged blocks."""
+        start = time.perf_counter()
+        self.check_compatible(recipe)
+        applied = skipped = 0
+        for group in self.groups:
+            target = self.targets(recipe)[group.name]
+            if not force and group.last == target:
+                skipped += 1
+                continue
+            op, ratio, multiplier = target
+            self.runner.run(group, op, ratio, multiplier, recipe.arithmetic)
+            group.last = target
+            applied += 1
+        self.runner.synchronize()
+        return ApplyStats(applied, skipped, time.perf_counter() - start)
+
+    def addresses(self) -> dict[str, int]:
+        """data_ptr of every merged parameter (they never change after bind)."""
+        out = {}
+        for component in self.merged_components(self.bound):
+            for name, p in self.module(component).named_parameters():
+                out[f"{component}.{name}"] = p.data_ptr()
+        return out

@@ -1,0 +1,169 @@
+"""Merging checkpoints on disk, streamed: what ``mergesearch merge`` and the export run.
+
+One tensor from each source is read, merged in float32, cast and written before the next is
+read, so peak memory is a few tensors, not the sum of inputs and output. The output is what
+ComfyUI's CheckpointSave writes: one original-layout ``.safetensors`` with ``modelspec.*``
+metadata, plus the Recipe and the sources' sha256; it appears atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .architectures import ARCHITECTURES
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint, sha256_of
+from .methods import apply_op
+from .plan import MergePlan, plan_merge
+from .recipe import Recipe, Source
+from .safetensors_io import PlannedTensor, stream_safetensors
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SDXL_LOGIT_SCALE = 4.6055  # the value SDXL base 1.0 ships
+Progress = Callable[[int, int, str], None]
+
+
+class OutputPathError(ValueError):
+    """The output path would overwrite a source or an existing file."""
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    recipe: Recipe
+    tensors: int
+    merged: int
+    seconds: float
+    notes: list[str]
+
+
+def open_sources(recipe: Recipe) -> dict[str, Checkpoint]:
+    """Open every source of a Recipe (headers only)."""
+    return {role: open_checkpoint(src.path) for role, src in recipe.models.items()}
+
+
+def with_hashes(recipe: Recipe, sources: Mapping[str, Checkpoint] | None = None) -> Recipe:
+    """The Recipe with every source's sha256 filled in (checked against any already there)."""
+    models = {}
+    for role, src in recipe.models.items():
+        digest = sha256_of(src.path)
+        if src.sha256 and src.sha256 != digest:
+            raise CheckpointError(f"{src.path}: sha256 is {digest[:12]}…, the recipe expects "
+                                  f"{src.sha256[:12]}… — the file changed since the recipe was made")
+        models[role] = Source(src.path, digest)
+    return recipe.replace(models=models)
+
+
+def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
+    output = Path(output)
+    for role, src in recipe.models.items():
+        src_path = Path(src.path)
+        if output.resolve() == src_path.resolve() or (
+                output.exists() and src_path.exists() and output.samefile(src_path)):
+            raise OutputPathError(f"output {output} is the {role} source; choose another path "
+                                  "(sources are never modified)")
+    if output.exists() and not overwrite:
+        raise OutputPathError(f"output {output} exists; pass --overwrite to replace it")
+    if output.suffix != ".safetensors":
+        raise OutputPathError(f"output {output} must end in .safetensors")
+
+
+def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
+                  overwrite: bool = False, progress: Progress | None = None,
+                  extra_metadata: Mapping[str, str] | None = None) -> MergeResult:
+    """Merge ``recipe`` into one checkpoint at ``output``. All checks run before any tensor."""
+    start = time.perf_counter()
+    output = Path(output)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    recipe.validate()
+    check_output_path(output, recipe, overwrite)
+    sources = open_sources(recipe)
+    plan = plan_merge(recipe, sources)
+    recipe = with_hashes(recipe, sources)
+    planned, values = _execute(plan, sources, DTYPES[dtype], progress)
+    metadata = checkpoint_metadata(recipe, output, sources["model1"], extra_metadata)
+    stream_safetensors(output, planned, values, metadata)
+    return MergeResult(output, recipe, len(planned), len(plan.merged()),
+                       time.perf_counter() - start, plan.notes)
+
+
+def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torch.dtype,
+             progress: Progress | None) -> tuple[list[PlannedTensor], Iterator[torch.Tensor]]:
+    recipe = plan.recipe
+    model1 = sources["model1"]
+    roles = recipe.spec.roles
+    clip_roles = ("model1", "model2")
+    planned = [PlannedTensor(k.key, _out_dtype(model1.dtype(k.key), out_dtype),
+                             model1.shape(k.key)) for k in plan.keys]
+    defaults = _checkpoint_save_defaults(model1, out_dtype)
+    planned += [PlannedTensor(key, t.dtype, tuple(t.shape)) for key, t in defaults.items()]
+
+    def values() -> Iterator[torch.Tensor]:
+        total = len(plan.keys)
+        for i, k in enumerate(plan.keys):
+            if k.op == "copy":
+                merged = model1.get(k.key)
+            else:
+                # Text-encoder keys merge model1 with model2 whatever the UNet method is.
+                use = clip_roles if k.block in _text_encoder_names(recipe.arch) else roles
+                tensors = [sources[r].get(k.key) for r in use]
+                merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
+                                  arithmetic=recipe.arithmetic, work_dtype=out_dtype)
+            yield merged.to(_out_dtype(merged.dtype, out_dtype))
+            if progress and (i % 64 == 0 or i == total - 1):
+                progress(i + 1, total, k.key)
+        yield from defaults.values()
+
+    return planned, values()
+
+
+def _text_encoder_names(arch: str) -> tuple[str, ...]:
+    return tuple(te.name for te in ARCHITECTURES[arch].text_encoders)
+
+
+def _out_dtype(stored: torch.dtype, wanted: torch.dtype) -> torch.dtype:
+    return wanted if stored.is_floating_point else stored
+
+
+def _checkpoint_save_defaults(model1: Checkpoint, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, fill in model1.arch.checkpoint_save_defaults:
+        if fill == "arange77":
+            out[key] = torch.arange(77, dtype=torch.int64).unsqueeze(0)
+        elif key not in model1:
+            out[key] = torch.tensor(SDXL_LOGIT_SCALE, dtype=out_dtype)
+    return out
+
+
+def checkpoint_metadata(recipe: Recipe, output: Path, model1: Checkpoint,
+                        extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """CheckpointSave's ``modelspec.*`` keys plus the Recipe and the sources' sha256."""
+    arch = ARCHITECTURES[recipe.arch]
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": output.stem,
+        "modelspec.architecture": arch.modelspec_architecture,
+        "modelspec.implementation": "sgm" if arch.name == "sdxl" else "https://github.com/Stability-AI/stablediffusion",
+        "modelspec.predict_key": model1.metadata.get("modelspec.predict_key", "epsilon"),
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "mergesearch.recipe": recipe.to_json(),
+        "mergesearch.sources": json.dumps({r: s.sha256 for r, s in recipe.models.items()}),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def recipe_from_checkpoint(path: str | Path) -> Recipe:
+    """The Recipe stored in a checkpoint mergesearch wrote."""
+    ckpt = open_checkpoint(path)
+    text = ckpt.metadata.get("mergesearch.recipe")
+    if text is None:
+        raise CheckpointError(f"{path}: carries no mergesearch recipe metadata")
+    return Recipe.from_json(text)

@@ -1,0 +1,382 @@
+"""Key names between the original single-file layout and diffusers' layout, both ways.
+
+The mapping is data: for each component a table of prefix renames (diffusers prefix ->
+original prefix, plus how the tensor changes) is generated from the diffusers config, and a
+key is renamed by its longest matching prefix. The same table drives both directions, so an
+original -> diffusers -> original round trip is bit-exact.
+
+Example:
+    >>> from merge_backend.architectures import ARCHITECTURES
+    >>> km = key_maps(ARCHITECTURES["sd1"], "unet", ["down_blocks.1.resnets.0.norm1.weight"],
+    ...               {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    ...                "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    ...                "layers_per_block": 2})[0]
+    >>> km.original
+    'model.diffusion_model.input_blocks.4.0.in_layers.0.weight'
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from merge_backend.architectures import Architecture, canonical_key
+
+TRANSFORMS = ("id", "reshape", "chunk", "transpose")
+COMPONENTS = ("unet", "vae", "te", "te1", "te2")
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """One diffusers tensor and where it lives in the original layout.
+
+    ``transform`` says how the diffusers tensor is made from the original one: ``id`` (same
+    tensor), ``reshape`` (VAE attention 1x1 conv weight -> linear weight), ``chunk`` (chunk
+    ``index`` of ``parts`` along dim 0, e.g. q/k/v of OpenCLIP's ``in_proj_weight``) or
+    ``transpose`` (OpenCLIP's ``text_projection``).
+    """
+
+    diffusers: str
+    original: str
+    transform: str = "id"
+    index: int = 0
+    parts: int = 1
+
+
+# A rule: diffusers prefix (ending in '.') or whole key -> (original prefix or key, transform,
+# index, parts). Tables hold names relative to the component prefix.
+_Rule = tuple[str, str, int, int]
+_Table = dict[str, _Rule]
+
+_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
+_UNET_FIXED = (("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
+               ("time_embedding.linear_2.", "time_embed.2."), ("add_embedding.linear_1.", "label_emb.0.0."),
+               ("add_embedding.linear_2.", "label_emb.0.2."), ("class_embedding.linear_1.", "label_emb.0.0."),
+               ("class_embedding.linear_2.", "label_emb.0.2."), ("conv_norm_out.", "out.0."),
+               ("conv_out.", "out.2."))
+_VAE_FIXED = (("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("conv_norm_out.", "norm_out."))
+_VAE_RESNET = (("conv_shortcut.", "nin_shortcut."), ("", ""))
+_VAE_ATTENTION = (("group_norm.", "norm.", "id"), ("to_q.weight", "q.weight", "reshape"), ("to_q.bias", "q.bias", "id"),
+                  ("to_k.weight", "k.weight", "reshape"), ("to_k.bias", "k.bias", "id"),
+                  ("to_v.weight", "v.weight", "reshape"), ("to_v.bias", "v.bias", "id"),
+                  ("to_out.0.weight", "proj_out.weight", "reshape"), ("to_out.0.bias", "proj_out.bias", "id"))
+_OPEN_CLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."),
+                    ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+_OPEN_CLIP_QKV = ("q", "k", "v")
+# transformers 5 drops the 'text_model.' wrapper from CLIPTextModel (not ...WithProjection).
+_HF_CLIP_WRAPPED = (("text_model.", "text_model."), ("text_projection.", "text_projection."))
+_HF_CLIP_FLAT = (("embeddings.", "text_model.embeddings."), ("encoder.", "text_model.encoder."),
+                 ("final_layer_norm.", "text_model.final_layer_norm."))
+
+
+def _index_count(keys: Iterable[str], prefix: str) -> int:
+    """1 + the largest N among keys 'prefix<N>.…' (0 when none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = [int(m.group(1)) for k in keys if (m := pattern.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def _per_level(value: int | Iterable[int], levels: int) -> list[int]:
+    return [value] * levels if isinstance(value, int) else list(value)
+
+
+# ---------------------------------------------------------------------------- UNet
+
+
+def _unet_config_from_keys(keys: list[str]) -> dict[str, Any]:
+    """The few config values the UNet rules need, read off diffusers key names."""
+    def types(side: str, attn: str, plain: str) -> list[str]:
+        n = _index_count(keys, f"{side}_blocks.")
+        return [attn if any(k.startswith(f"{side}_blocks.{i}.attentions.") for k in keys) else plain
+                for i in range(n)]
+    has_mid_attn = any(k.startswith("mid_block.attentions.") for k in keys)
+    return {"down_block_types": types("down", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": types("up", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "layers_per_block": _index_count(keys, "down_blocks.0.resnets."),
+            "mid_block_type": "UNetMidBlock2DCrossAttn" if has_mid_attn else None}
+
+
+def _add_resnet(table: _Table, diffusers: str, original: str) -> None:
+    for d, o in _RESNET:
+        table[diffusers + d] = (original + o, "id", 0, 1)
+
+
+def _unet_table(config: Mapping[str, Any]) -> _Table:
+    table: _Table = {d: (o, "id", 0, 1) for d, o in _UNET_FIXED}
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    layers = _per_level(config["layers_per_block"], len(down))
+    n = 1  # input_blocks.0 is conv_in
+    for i, kind in enumerate(down):
+        for j in range(layers[i]):
+            _add_resnet(table, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0.")
+            if "CrossAttn" in kind:
+                table[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{n}.1.", "id", 0, 1)
+            n += 1
+        if i < len(down) - 1:
+            table[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{n}.0.op.", "id", 0, 1)
+            n += 1
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid is not None:
+        if mid != "UNetMidBlock2DCrossAttn":
+            raise ValueError(f"UNet mid_block_type {mid!r} has no original-layout rule; "
+                             "only UNetMidBlock2DCrossAttn (SD1/SD2/SDXL) is supported")
+        _add_resnet(table, "mid_block.resnets.0.", "middle_block.0.")
+        table["mid_block.attentions.0."] = ("middle_block.1.", "id", 0, 1)
+        _add_resnet(table, "mid_block.resnets.1.", "middle_block.2.")
+    up_layers = list(reversed(layers))
+    n = 0
+    for i, kind in enumerate(up):
+        attn = "CrossAttn" in kind
+        for j in range(up_layers[i] + 1):
+            _add_resnet(table, f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0.")
+            if attn:
+                table[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{n}.1.", "id", 0, 1)
+            n += 1
+        if i < len(up) - 1:  # the upsampler follows the level's last resnet (and attention)
+            table[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{n - 1}.{2 if attn else 1}.", "id", 0, 1)
+    return table
+
+
+# ---------------------------------------------------------------------------- VAE
+
+
+def _vae_table(keys: list[str], config: Mapping[str, Any] | None) -> _Table:
+    levels = len(config["down_block_types"]) if config else _index_count(keys, "encoder.down_blocks.")
+    layers = config["layers_per_block"] if config else _index_count(keys, "encoder.down_blocks.0.resnets.")
+    table: _Table = {"quant_conv.": ("quant_conv.", "id", 0, 1),
+                     "post_quant_conv.": ("post_quant_conv.", "id", 0, 1)}
+    for side in ("encoder", "decoder"):
+        for d, o in _VAE_FIXED:
+            table[f"{side}.{d}"] = (f"{side}.{o}", "id", 0, 1)
+        for j in range(2):
+            for d, o in _VAE_RESNET:
+                table[f"{side}.mid_block.resnets.{j}.{d}"] = (f"{side}.mid.block_{j + 1}.{o}", "id", 0, 1)
+        for d, o, transform in _VAE_ATTENTION:
+            table[f"{side}.mid_block.attentions.0.{d}"] = (f"{side}.mid.attn_1.{o}", transform, 0, 1)
+    for i in range(levels):
+        # the decoder's up_blocks run from the lowest resolution; the original 'up.N' from the highest
+        enc, dec = f"encoder.down.{i}.", f"decoder.up.{levels - 1 - i}."
+        for j in range(layers + 1):
+            for d, o in _VAE_RESNET:
+                if j < layers:
+                    table[f"encoder.down_blocks.{i}.resnets.{j}.{d}"] = (f"{enc}block.{j}.{o}", "id", 0, 1)
+                table[f"decoder.up_blocks.{i}.resnets.{j}.{d}"] = (f"{dec}block.{j}.{o}", "id", 0, 1)
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (f"{enc}downsample.conv.", "id", 0, 1)
+        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = (f"{dec}upsample.conv.", "id", 0, 1)
+    return table
+
+
+# ---------------------------------------------------------------------------- text encoders
+
+
+def _hf_clip_table(keys: list[str]) -> _Table:
+    wrapped = any(k.startswith("text_model.") for k in keys)
+    return {d: (o, "id", 0, 1) for d, o in (_HF_CLIP_WRAPPED if wrapped else _HF_CLIP_FLAT)}
+
+
+def _open_clip_table(keys: list[str]) -> _Table:
+    tm = "text_model." if any(k.startswith("text_model.") for k in keys) else ""
+    table: _Table = {f"{tm}embeddings.token_embedding.": ("token_embedding.", "id", 0, 1),
+                     f"{tm}embeddings.position_embedding.weight": ("positional_embedding", "id", 0, 1),
+                     f"{tm}final_layer_norm.": ("ln_final.", "id", 0, 1),
+                     "text_projection.weight": ("text_projection", "transpose", 0, 1)}
+    for n in range(_index_count(keys, f"{tm}encoder.layers.")):
+        d, o = f"{tm}encoder.layers.{n}.", f"transformer.resblocks.{n}."
+        for dd, oo in _OPEN_CLIP_LAYER:
+            table[d + dd] = (o + oo, "id", 0, 1)
+        for index, name in enumerate(_OPEN_CLIP_QKV):
+            for kind in ("weight", "bias"):
+                table[f"{d}self_attn.{name}_proj.{kind}"] = (f"{o}attn.in_proj_{kind}", "chunk", index, 3)
+    return table
+
+
+# ---------------------------------------------------------------------------- key maps
+
+
+def _component_prefix(arch: Architecture, component: str) -> str:
+    components = arch.components
+    if component not in components:
+        raise ValueError(f"{arch.name} has no component {component!r}; choose one of {', '.join(components)}")
+    return components[component]
+
+
+def _text_encoder_kind(arch: Architecture, component: str) -> str:
+    return next(te.kind for te in arch.text_encoders if te.name == component)
+
+
+def _table(arch: Architecture, component: str, keys: list[str], config: Any) -> _Table:
+    # only diffusers' dict-like configs with block types count (a transformers config is ignored)
+    usable = isinstance(config, Mapping) and "down_block_types" in config
+    if component == "unet":
+        return _unet_table(config if usable else _unet_config_from_keys(keys))
+    if component == "vae":
+        return _vae_table(keys, config if usable else None)
+    if _text_encoder_kind(arch, component) == "open_clip":
+        return _open_clip_table(keys)
+    return _hf_clip_table(keys)
+
+
+def _lookup(table: _Table, key: str) -> tuple[str, _Rule] | None:
+    """The rule of the longest prefix of ``key`` (or ``key`` itself) in ``table``."""
+    if key in table:
+        return key, table[key]
+    end = key.rfind(".", 0, len(key) - 1)
+    while end >= 0:
+        head = key[: end + 1]
+        if head in table:
+            return head, table[head]
+        end = key.rfind(".", 0, end)
+    return None
+
+
+def key_maps(arch: Architecture, component: str, diffusers_keys: Iterable[str],
+             config: Any = None) -> list[KeyMap]:
+    """Map every key of a diffusers module's state_dict to its original full key.
+
+    ``component`` is one of ``arch.components`` ("unet", "vae", "te", "te1", "te2").
+    ``config`` is the diffusers config of the UNet / VAE (its block types and
+    ``layers_per_block`` decide the original block indices); without it they are read off
+    the key names. Raises ``ValueError`` naming diffusers keys no rule maps, or two keys that
+    claim the same original tensor.
+    """
+    prefix = _component_prefix(arch, component)
+    keys = list(diffusers_keys)
+    table = _table(arch, component, keys, config)
+    maps, unmapped, claimed = [], [], {}
+    for key in keys:
+        hit = _lookup(table, key)
+        if hit is None:
+            unmapped.append(key)
+            continue
+        head, (original, transform, index, parts) = hit
+        km = KeyMap(key, prefix + original + key[len(head):], transform, index, parts)
+        slot = (km.original, km.index)
+        if slot in claimed:
+            raise ValueError(f"{arch.name} {component}: diffusers keys {claimed[slot]!r} and {key!r} "
+                             f"both map to {km.original!r}")
+        claimed[slot] = key
+        maps.append(km)
+    if unmapped:
+        raise ValueError(f"{arch.name} {component}: no original-layout rule for diffusers key(s) "
+                         f"{', '.join(unmapped[:5])}{' …' if len(unmapped) > 5 else ''} "
+                         f"({len(unmapped)} in all); is this module the right component?")
+    return maps
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def convert_value(km: KeyMap, original_tensor: Tensor) -> Tensor:
+    """The diffusers tensor of ``km`` made from its original tensor (a view where possible)."""
+    t = original_tensor
+    if km.transform == "id":
+        return t
+    if km.transform == "reshape":
+        return t.flatten(1) if t.ndim > 2 else t
+    if km.transform == "chunk":
+        return t.chunk(km.parts, dim=0)[km.index]
+    if km.transform == "transpose":
+        return t.T.contiguous()
+    raise ValueError(f"unknown transform {km.transform!r} for {km.diffusers!r}; expected one of {TRANSFORMS}")
+
+
+def _original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
+    """Inverse of ``convert_value`` for all the KeyMaps of one original key."""
+    km = maps[0]
+    if km.transform == "chunk":
+        order = sorted(range(len(maps)), key=lambda i: maps[i].index)
+        if [maps[i].index for i in order] != list(range(km.parts)):
+            raise ValueError(f"{km.original!r} needs {km.parts} chunks; got {[m.diffusers for m in maps]}")
+        return torch.cat([tensors[i] for i in order], dim=0)
+    t = tensors[0]
+    if km.transform == "reshape":
+        return t.reshape(*t.shape, 1, 1) if t.ndim == 2 else t
+    if km.transform == "transpose":
+        return t.T.contiguous()
+    return t
+
+
+def canonical_original(arch: Architecture, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Old-layout keys renamed as CheckpointSave writes them ('…transformer.X' ->
+    '…transformer.text_model.X' for SD1, per ``arch.legacy_prefixes``); tensors not copied."""
+    return {canonical_key(arch, key): value for key, value in original.items()}
+
+
+def unmapped_original_keys(arch: Architecture, component: str, original_keys: Iterable[str],
+                           maps: Iterable[KeyMap]) -> list[str]:
+    """Keys of ``component`` in an original file that no KeyMap reads (e.g. SD2's 24th layer)."""
+    prefix = _component_prefix(arch, component)
+    used = {km.original for km in maps}
+    others = [p for c, p in arch.components.items() if c != component and p.startswith(prefix)]
+    return sorted(k for k in original_keys
+                  if k.startswith(prefix) and k not in used and not k.startswith(tuple(others)))
+
+
+ModuleOrConfig = Union[nn.Module, Mapping[str, Any], Iterable[str]]
+
+
+def _target(arch: Architecture, component: str, target: ModuleOrConfig) -> tuple[list[str], dict | None]:
+    """Diffusers keys and config from a live module, a config dict, or the keys themselves."""
+    if isinstance(target, nn.Module):
+        config = getattr(target, "config", None)
+        return list(target.state_dict().keys()), dict(config) if isinstance(config, Mapping) else None
+    if isinstance(target, Mapping):
+        from merge_backend.pipeline import build_module  # late: pipeline imports this module
+
+        with torch.device("meta"):
+            module = build_module(component, dict(target), arch=arch)
+        return list(module.state_dict().keys()), dict(target)
+    return list(target), None
+
+
+def to_diffusers(arch: Architecture, component: str, original: Mapping[str, Tensor],
+                 module_or_config: ModuleOrConfig, *, strict: bool = True) -> dict[str, Tensor]:
+    """One component of an original-layout state dict, in the layout of a diffusers module.
+
+    ``original`` holds full keys (a whole checkpoint is fine: other components are ignored).
+    ``module_or_config`` says which diffusers keys to produce: a live module (its state_dict
+    keys and config), a diffusers / transformers config dict of that component, or an
+    iterable of diffusers keys. Original keys of the component that no diffusers key reads are
+    reported: with ``strict`` a ``ValueError`` lists them (except ``arch.clip_skip_suffixes`` such as
+    ``position_ids``), otherwise a warning does.
+    """
+    original = canonical_original(arch, original)
+    keys, config = _target(arch, component, module_or_config)
+    maps = key_maps(arch, component, keys, config)
+    missing = [km.original for km in maps if km.original not in original]
+    if missing:
+        raise ValueError(f"{arch.name} {component}: the checkpoint lacks {len(missing)} key(s) the diffusers "
+                         f"module needs, e.g. {', '.join(missing[:3])}")
+    leftover = [k for k in unmapped_original_keys(arch, component, original, maps)
+                if not k.endswith(arch.clip_skip_suffixes)]
+    if leftover:
+        message = (f"{arch.name} {component}: {len(leftover)} original key(s) have no diffusers counterpart "
+                   f"and are not loaded: {', '.join(leftover[:4])}{' …' if len(leftover) > 4 else ''}")
+        if strict:
+            raise ValueError(message + " (pass strict=False to drop them)")
+        warnings.warn(message, stacklevel=2)
+    return {km.diffusers: convert_value(km, original[km.original]) for km in maps}
+
+
+def to_original(arch: Architecture, component: str, diffusers_sd: Mapping[str, Tensor],
+                config: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """A diffusers module's state dict in the original layout (full keys, component prefix).
+
+    Chunks are concatenated, 1x1 convs reshaped back and projections transposed back; other
+    tensors are returned as they are (no copy). ``config`` as for ``key_maps``. Original keys
+    with no diffusers counterpart (e.g. SD2's 24th text-encoder layer) are not produced:
+    take them from the source file (see ``unmapped_original_keys``).
+    """
+    grouped: dict[str, tuple[list[KeyMap], list[Tensor]]] = {}
+    for km in key_maps(arch, component, diffusers_sd.keys(), config):
+        maps, tensors = grouped.setdefault(km.original, ([], []))
+        maps.append(km)
+        tensors.append(diffusers_sd[km.diffusers])
+    return {original: _original_value(maps, tensors) for original, (maps, tensors) in grouped.items()}

@@ -1,0 +1,122 @@
+"""Planning a merge: every output key, its operation, ratio and sources — before any tensor.
+
+``plan_merge(recipe, sources)`` checks that the sources fit together (same architecture, the
+keys the method touches present in every source with the same shapes) and returns a
+``MergePlan``. Planning reads only file headers, so a bad input fails in milliseconds, before
+the long work starts. The plan is what both the file merge and the in-memory engine execute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .architectures import UNET_PREFIX, block_of, component_of
+from .checkpoint import Checkpoint
+from .recipe import ClipMerge, Recipe
+
+_SHOW = 5
+
+
+class IncompatibleSourcesError(ValueError):
+    """Sources that cannot be merged; the message says exactly what differs."""
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """One output tensor: ``op`` over the sources' tensors under ``key``."""
+
+    key: str
+    op: str  # "copy" (from model1) or a method name of recipe.METHODS
+    block: str | None  # the vocabulary block (UNet) or the text encoder's name
+    ratio: float = 1.0
+    multiplier: float = 1.0
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    keys: list[KeyPlan]
+    notes: list[str] = field(default_factory=list)
+
+    def merged(self) -> list[KeyPlan]:
+        return [k for k in self.keys if k.op != "copy"]
+
+    def by_block(self) -> dict[str, list[KeyPlan]]:
+        out: dict[str, list[KeyPlan]] = {}
+        for k in self.merged():
+            out.setdefault(k.block or "", []).append(k)
+        return out
+
+
+def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
+    """Plan ``recipe`` over opened ``sources`` (role -> Checkpoint). See module docstring."""
+    recipe.validate()
+    model1 = sources["model1"]
+    _check_architectures(recipe, sources)
+    arch = model1.arch
+    clip = recipe.effective_clip()
+    plans: list[KeyPlan] = []
+    merged_keys: list[str] = []
+    for key in model1.model_keys():
+        component = component_of(arch, key)
+        if component == "unet":
+            block = block_of(arch, recipe.vocabulary, key)
+            plans.append(KeyPlan(key, recipe.method, block, recipe.unet_ratio(block),
+                                 recipe.multiplier))
+            merged_keys.append(key)
+        elif component in (te.name for te in arch.text_encoders) and _clip_merges(clip, arch, key):
+            plans.append(KeyPlan(key, clip.method, component, clip.ratio, clip.multiplier))
+            merged_keys.append(key)
+        elif key.endswith("position_ids"):
+            continue  # CheckpointSave drops them (SDXL's te1 ones come back as a default)
+        else:
+            plans.append(KeyPlan(key, "copy", component))
+    notes = _check_keys(recipe, sources, merged_keys)
+    return MergePlan(recipe, plans, notes)
+
+
+def _clip_merges(clip: ClipMerge | None, arch, key: str) -> bool:
+    return clip is not None and not key.endswith(arch.clip_skip_suffixes)
+
+
+def _check_architectures(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> None:
+    model1 = sources["model1"]
+    if model1.arch.name != recipe.arch:
+        raise IncompatibleSourcesError(
+            f"model1 {model1.path} is {model1.arch.title} but the recipe says {recipe.arch}")
+    for role, ckpt in sources.items():
+        if ckpt.arch.name != model1.arch.name:
+            raise IncompatibleSourcesError(
+                f"cannot merge {role} {ckpt.path} ({ckpt.arch.title}) with model1 {model1.path} "
+                f"({model1.arch.title}): every source must be the same architecture")
+
+
+def _check_keys(recipe: Recipe, sources: Mapping[str, Checkpoint], merged: list[str]) -> list[str]:
+    model1 = sources["model1"]
+    notes: list[str] = []
+    for role, ckpt in sources.items():
+        if role == "model1":
+            continue
+        missing = [k for k in merged if k not in ckpt]
+        if missing:
+            raise IncompatibleSourcesError(
+                f"{role} {ckpt.path} lacks {len(missing)} key(s) that model1 {model1.path} has "
+                f"and the merge needs, e.g. {', '.join(missing[:_SHOW])}")
+        bad = [(k, model1.shape(k), ckpt.shape(k)) for k in merged if model1.shape(k) != ckpt.shape(k)]
+        if bad:
+            k, s1, s2 = bad[0]
+            raise IncompatibleSourcesError(
+                f"{role} {ckpt.path} differs in shape from model1 {model1.path} at {len(bad)} "
+                f"key(s), e.g. {k}: model1 {list(s1)} vs {role} {list(s2)} (a different model size "
+                "or variant, such as an inpainting UNet)")
+        unet_keys = {k for k in model1.model_keys() if k.startswith(UNET_PREFIX)}
+        extra = [k for k in ckpt.model_keys() if k.startswith(UNET_PREFIX) and k not in unet_keys]
+        if extra:
+            notes.append(f"{role} {ckpt.path}: {len(extra)} extra UNet key(s) ignored, "
+                         f"e.g. {', '.join(extra[:_SHOW])}")
+    for role, ckpt in sources.items():
+        ignored = len(ckpt.keys()) - len(ckpt.model_keys())
+        if ignored:
+            notes.append(f"{role} {ckpt.path}: {ignored} non-model key(s) (EMA, schedule) ignored")
+    return notes

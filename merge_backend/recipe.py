@@ -1,0 +1,225 @@
+"""The Recipe: the one plain-data description of a merge that passes between the wings.
+
+A Recipe names its sources, the merge method, the block vocabulary and every block's ratio,
+in ComfyUI's convention (ratio = model1's share; 1.0 = model1 unchanged). It is JSON-able,
+carries no tensors and knows nothing about Optuna or scorers.
+
+Example:
+    >>> r = Recipe(arch="sd1", method="weighted_sum", vocabulary="blocks",
+    ...            ratios={"input": 1.0, "middle": 0.5, "out": 0.0},
+    ...            models={"model1": Source("a.safetensors"), "model2": Source("b.safetensors")})
+    >>> r.validate()
+    >>> Recipe.from_json(r.to_json()) == r
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from .architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, VOCABULARIES, block_names
+
+ARITHMETICS = ("comfy", "fast")
+
+
+class RecipeError(ValueError):
+    """A Recipe that cannot be built; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a merge method needs: which source roles, and whether ratios / multiplier apply."""
+
+    roles: tuple[str, ...]
+    uses_ratio: bool
+    uses_multiplier: bool
+    comfy_nodes: str
+
+
+# Formulas (ratio r = model1's share, m = multiplier), all in float32, cast back at the end:
+#   weighted_sum    r*W1 + (1-r)*W2                (ModelMergeSimple / Blocks / SD1 / SDXL)
+#   subtract        m*W1 - m*W2                    (ModelMergeSubtract)
+#   add             W1 + W2                        (ModelMergeAdd)
+#   add_difference  W1 + (1-r)*m*(W2 - W3)         (Subtract(B, C, m) -> Add(A, .) -> blocks(A, .))
+METHODS: dict[str, MethodSpec] = {
+    "weighted_sum": MethodSpec(("model1", "model2"), True, False, "ModelMergeSimple/Blocks/SD1/SDXL"),
+    "subtract": MethodSpec(("model1", "model2"), False, True, "ModelMergeSubtract"),
+    "add": MethodSpec(("model1", "model2"), False, False, "ModelMergeAdd"),
+    "add_difference": MethodSpec(("model1", "model2", "base"), True, True,
+                                 "ModelMergeSubtract + ModelMergeAdd"),
+}
+CLIP_METHODS = ("weighted_sum", "subtract", "add")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint the Recipe reads; sha256 is filled in when the merge or study starts."""
+
+    path: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ClipMerge:
+    """How the text encoders merge (CLIPMergeSimple / Subtract / Add). None in a Recipe = model1's."""
+
+    method: str = "weighted_sum"
+    ratio: float = 1.0
+    multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA added on top of the merge: delta * strength (* a per-block strength, if given).
+
+    ``block_strengths`` uses the Recipe's vocabulary; blocks not named take 1.0. Text-encoder
+    modules of the LoRA take ``strength`` alone (``te_strength`` when set).
+    """
+
+    path: str
+    strength: float = 1.0
+    block_strengths: dict[str, float] | None = None
+    te_strength: float | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete, JSON-able description of one merge. See the module docstring."""
+
+    arch: str
+    method: str
+    models: dict[str, Source]
+    vocabulary: str = "single"
+    ratios: dict[str, float] = field(default_factory=dict)
+    multiplier: float = 1.0
+    clip: ClipMerge | None = None
+    arithmetic: str = "comfy"
+    allow_extrapolation: bool = False
+    loras: tuple[LoraSpec, ...] = ()
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        data = dict(data)
+        try:
+            data["models"] = {role: Source(**src) for role, src in data["models"].items()}
+            if data.get("clip") is not None:
+                data["clip"] = ClipMerge(**data["clip"])
+            data["ratios"] = {k: float(v) for k, v in data.get("ratios", {}).items()}
+            data["loras"] = tuple(LoraSpec(**spec) for spec in data.get("loras", ()))
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise RecipeError(f"not a mergesearch Recipe: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> Recipe:
+        data = {**self.__dict__, **changes}
+        return Recipe(**data)
+
+    # ------------------------------------------------------------------ meaning
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    def unet_ratio(self, block: str) -> float:
+        """The ratio of a UNet block (1.0 for methods without ratios)."""
+        return self.ratios[block] if self.spec.uses_ratio else 1.0
+
+    def effective_clip(self) -> ClipMerge | None:
+        """The text-encoder merge: ``clip``, or in the mbw vocabulary the BASE ratio."""
+        if self.vocabulary == "mbw" and self.spec.uses_ratio:
+            base = self.ratios[MBW_TEXT_ENCODER_BLOCK]
+            return None if base == 1.0 else ClipMerge("weighted_sum", ratio=base)
+        return self.clip
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise RecipeError naming the field and the fix."""
+        if self.arch not in ARCHITECTURES:
+            raise RecipeError(f"recipe.arch: unknown architecture {self.arch!r}; "
+                              f"choose one of {', '.join(ARCHITECTURES)}")
+        if self.method not in METHODS:
+            raise RecipeError(f"recipe.method: unknown method {self.method!r}; "
+                              f"choose one of {', '.join(METHODS)}")
+        if self.arithmetic not in ARITHMETICS:
+            raise RecipeError(f"recipe.arithmetic: {self.arithmetic!r} is not one of {ARITHMETICS}")
+        missing = [r for r in self.spec.roles if r not in self.models]
+        if missing:
+            raise RecipeError(f"recipe.models: method {self.method} needs {', '.join(missing)}")
+        extra = [r for r in self.models if r not in self.spec.roles]
+        if extra:
+            raise RecipeError(f"recipe.models: method {self.method} takes no {', '.join(extra)}")
+        self._validate_ratios()
+        self._validate_clip()
+        self._validate_loras()
+
+    def _validate_ratios(self) -> None:
+        if self.vocabulary not in VOCABULARIES:
+            raise RecipeError(f"recipe.vocabulary: unknown {self.vocabulary!r}; "
+                              f"choose one of {', '.join(VOCABULARIES)}")
+        if not self.spec.uses_ratio:
+            if self.ratios:
+                raise RecipeError(f"recipe.ratios: method {self.method} takes no ratios")
+            return
+        names = block_names(ARCHITECTURES[self.arch], self.vocabulary)
+        unknown = [n for n in self.ratios if n not in names]
+        if unknown:
+            raise RecipeError(
+                f"recipe.ratios: unknown block name(s) {', '.join(map(repr, unknown))} for the "
+                f"{self.vocabulary} vocabulary of {self.arch}; valid names: {', '.join(names)}")
+        absent = [n for n in names if n not in self.ratios]
+        if absent:
+            raise RecipeError(f"recipe.ratios: no ratio for block(s) {', '.join(absent)}")
+        for name, value in self.ratios.items():
+            check_ratio(f"recipe.ratios[{name!r}]", value, self.allow_extrapolation)
+        if self.vocabulary == "mbw" and self.clip is not None:
+            raise RecipeError("recipe.clip: the mbw vocabulary carries the text-encoder ratio in "
+                              "BASE; leave clip empty")
+
+    def _validate_clip(self) -> None:
+        if self.clip is None:
+            return
+        if self.clip.method not in CLIP_METHODS:
+            raise RecipeError(f"recipe.clip.method: {self.clip.method!r} is not one of "
+                              f"{', '.join(CLIP_METHODS)}")
+        check_ratio("recipe.clip.ratio", self.clip.ratio, self.allow_extrapolation)
+        if not math.isfinite(self.clip.multiplier):
+            raise RecipeError("recipe.clip.multiplier must be a finite number")
+
+
+    def _validate_loras(self) -> None:
+        names = block_names(ARCHITECTURES[self.arch], self.vocabulary)
+        for i, lora in enumerate(self.loras):
+            for value, where in ((lora.strength, "strength"), (lora.te_strength or 0.0, "te_strength")):
+                if not math.isfinite(value):
+                    raise RecipeError(f"recipe.loras[{i}].{where} must be a finite number")
+            unknown = [n for n in (lora.block_strengths or {}) if n not in names]
+            if unknown:
+                raise RecipeError(f"recipe.loras[{i}].block_strengths: unknown block(s) "
+                                  f"{', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+
+
+def check_ratio(where: str, value: float, allow_extrapolation: bool) -> None:
+    """Ratios live in [0, 1] (ComfyUI's sliders) unless extrapolation is asked for explicitly."""
+    if not math.isfinite(value):
+        raise RecipeError(f"{where} = {value} is not a finite number")
+    if not allow_extrapolation and not 0.0 <= value <= 1.0:
+        raise RecipeError(f"{where} = {value} is outside [0, 1]; pass --allow-extrapolation "
+                          "(allow_extrapolation: true) to extrapolate past the two models")
+
+
+def uniform_ratios(arch: str, vocabulary: str, value: float) -> dict[str, float]:
+    """Every block of a vocabulary at the same ratio (ComfyUI's slider default is 1.0)."""
+    return {name: float(value) for name in block_names(ARCHITECTURES[arch], vocabulary)}

@@ -1,0 +1,168 @@
+"""Reading and writing .safetensors one tensor at a time.
+
+The safetensors library maps whole files into memory, so every tensor touched stays resident.
+A merge streams: it reads one tensor from each source, writes one tensor out, and forgets both.
+This module does that with plain positioned reads and a header written up front, so peak memory
+stays near the size of the largest tensor group rather than the size of the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable .safetensors file; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: tensor table and ``__metadata__``."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise SafetensorsError(f"{path}: not a safetensors file, or truncated (header says "
+                                   f"{n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {exc})")
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    table: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            start, end = (base + int(o) for o in entry["data_offsets"])
+            shape = tuple(int(s) for s in entry["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SafetensorsError(f"{path}: bad header entry for tensor {key!r}: {exc}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - start != numel * dtype.itemsize:
+            raise SafetensorsError(f"{path}: tensor {key!r} has {end - start} bytes for shape "
+                                   f"{list(shape)} {entry['dtype']}")
+        if end > size:
+            raise SafetensorsError(f"{path}: truncated: tensor {key!r} ends at byte {end}, "
+                                   f"the file has {size}")
+        table[key] = TensorInfo(dtype, shape, start, end)
+    return table, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with a positioned read (no memory map, nothing kept resident)."""
+    buf = bytearray(info.nbytes)
+    with open(path, "rb") as f:
+        f.seek(info.start)
+        got = f.readinto(buf)
+    if got != info.nbytes:
+        raise SafetensorsError(f"{path}: truncated while reading a tensor at byte {info.start}")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to be written: its name, dtype and shape, known before its values are."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return numel * self.dtype.itemsize
+
+
+class AtomicWriter:
+    """Write a file under a temporary name and move it into place only when complete.
+
+    Used as a context manager: on any exception the temporary file is removed and the target
+    is untouched.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+        self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.partial")
+        self.file = None
+
+    def __enter__(self):
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.target)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Iterator[torch.Tensor],
+                       metadata: Mapping[str, str]) -> None:
+    """Write ``planned`` tensors (values arriving one by one, in order) atomically to ``target``."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for p in planned:
+        header[p.key] = {"dtype": DTYPE_NAMES[p.dtype], "shape": list(p.shape),
+                         "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with AtomicWriter(target) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        count = 0
+        for p, value in zip(planned, values, strict=True):
+            if value.dtype != p.dtype or tuple(value.shape) != p.shape:
+                raise ValueError(f"internal: {p.key} planned {p.dtype}{list(p.shape)}, "
+                                 f"got {value.dtype}{list(value.shape)}")
+            if p.nbytes:
+                f.write(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            count += 1
+        if count != len(planned):
+            raise ValueError("internal: fewer tensors than planned")

@@ -1,0 +1,1 @@
+"""search/: Optuna studies over merge Recipes, and the `mergesearch` command."""

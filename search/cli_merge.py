@@ -1,0 +1,156 @@
+"""`mergesearch merge …`: the ComfyUI merge nodes on the command line.
+
+Each sub-command mirrors a node and builds a Recipe; merge_backend does the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from merge_backend import ARCHITECTURES, ClipMerge, Recipe, Source, merge_to_file, open_checkpoint
+from merge_backend.architectures import block_names
+from merge_backend.recipe import RecipeError
+
+NODES = {
+    "simple": ("ModelMergeSimple: ratio*model1 + (1-ratio)*model2", "weighted_sum"),
+    "blocks": ("ModelMergeBlocks: input / middle / out ratios", "weighted_sum"),
+    "layers": ("ModelMergeSD1 / SD2 / SDXL: a ratio per UNet layer (comfy or mbw names)",
+               "weighted_sum"),
+    "subtract": ("ModelMergeSubtract: multiplier*(model1 - model2)", "subtract"),
+    "add": ("ModelMergeAdd: model1 + model2", "add"),
+    "add-difference": ("model1 + (1-ratio)*multiplier*(model2 - base)", "add_difference"),
+}
+
+
+def add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    merge = sub.add_parser("merge", help="merge checkpoints like ComfyUI's model-merge nodes")
+    nodes = merge.add_subparsers(dest="node", required=True, metavar="NODE")
+    for name, (help_text, _) in NODES.items():
+        p = nodes.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("model1", type=Path)
+        p.add_argument("model2", type=Path)
+        if name == "add-difference":
+            p.add_argument("base", type=Path, help="the model model2 was trained from")
+        p.add_argument("-o", "--output", type=Path, required=True, help="the .safetensors to write")
+        _node_options(p, name)
+        _common_options(p)
+        p.set_defaults(func=run_merge)
+
+
+def _node_options(p: argparse.ArgumentParser, name: str) -> None:
+    if name == "simple":
+        p.add_argument("--ratio", type=float, default=1.0, help="model1's share (default 1.0)")
+    elif name == "blocks":
+        for block in ("input", "middle", "out"):
+            p.add_argument(f"--{block}", type=float, default=1.0, help=f"{block} ratio")
+    elif name == "layers":
+        p.add_argument("--vocabulary", choices=("comfy", "mbw"), default="comfy")
+        p.add_argument("--ratio", action="append", default=[], metavar="NAME=VALUE",
+                       help="a block's ratio, e.g. input_blocks.4.=0.3 or IN04=0.3; repeatable; "
+                            "blocks not given keep ComfyUI's default 1.0")
+        p.add_argument("--ratios-file", type=Path, help="YAML/JSON mapping of block name to ratio")
+        p.add_argument("--default", type=float, default=1.0, help="ratio of blocks not given")
+    elif name in ("subtract", "add-difference"):
+        p.add_argument("--multiplier", type=float, default=1.0)
+    if name == "add-difference":
+        p.add_argument("--ratio", type=float, default=0.0,
+                       help="model1's share per block (0 = the whole difference; default 0)")
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--clip", choices=("model1", "simple", "subtract", "add"), default="model1",
+                   help="text encoders: keep model1's (ComfyUI's model merges do) or merge them "
+                        "like CLIPMergeSimple / Subtract / Add")
+    p.add_argument("--clip-ratio", type=float, default=1.0)
+    p.add_argument("--clip-multiplier", type=float, default=1.0)
+    p.add_argument("--arithmetic", choices=("comfy", "fast"), default="comfy",
+                   help="comfy: bit-exact with ComfyUI (default); fast: the study engine's lerp")
+    p.add_argument("--allow-extrapolation", action="store_true",
+                   help="accept ratios outside [0, 1]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true")
+
+
+def parse_ratio_pairs(pairs: list[str]) -> dict[str, float]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.rpartition("=")
+        if not sep or not name:
+            raise RecipeError(f"--ratio {pair!r}: write NAME=VALUE, e.g. input_blocks.4.=0.3")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise RecipeError(f"--ratio {pair!r}: {value!r} is not a number") from None
+    return out
+
+
+def load_ratio_file(path: Path) -> dict[str, float]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"--ratios-file {path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"--ratios-file {path}: expected a mapping of block name to ratio")
+    try:
+        return {str(k): float(v) for k, v in data.items()}
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"--ratios-file {path}: every ratio must be a number ({exc})") from None
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The Recipe a `mergesearch merge NODE …` command line describes."""
+    arch = open_checkpoint(args.model1).arch.name
+    method = NODES[args.node][1]
+    models = {"model1": Source(str(args.model1)), "model2": Source(str(args.model2))}
+    if args.node == "add-difference":
+        models["base"] = Source(str(args.base))
+    vocabulary, ratios = _ratios(args, arch)
+    clip = None
+    if args.clip != "model1":
+        clip = ClipMerge({"simple": "weighted_sum"}.get(args.clip, args.clip),
+                         args.clip_ratio, args.clip_multiplier)
+    recipe = Recipe(arch=arch, method=method, models=models, vocabulary=vocabulary,
+                    ratios=ratios, multiplier=getattr(args, "multiplier", 1.0), clip=clip,
+                    arithmetic=args.arithmetic, allow_extrapolation=args.allow_extrapolation)
+    recipe.validate()
+    return recipe
+
+
+def _ratios(args: argparse.Namespace, arch: str) -> tuple[str, dict[str, float]]:
+    if args.node in ("simple", "add-difference"):
+        return "single", {"all": args.ratio}
+    if args.node == "blocks":
+        return "blocks", {"input": args.input, "middle": args.middle, "out": args.out}
+    if args.node != "layers":
+        return "single", {}
+    given = load_ratio_file(args.ratios_file) if args.ratios_file else {}
+    given.update(parse_ratio_pairs(args.ratio))
+    names = block_names(ARCHITECTURES[arch], args.vocabulary)
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise RecipeError(f"unknown block name(s) {', '.join(map(repr, unknown))} for the "
+                          f"{args.vocabulary} vocabulary of {arch}; valid names: {', '.join(names)}")
+    return args.vocabulary, {n: given.get(n, args.default) for n in names}
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+
+    def progress(done: int, total: int, key: str) -> None:
+        if not args.quiet:
+            print(f"\r  merging {done}/{total} tensors", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    result = merge_to_file(recipe, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                           progress=progress)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(json.dumps({"output": str(result.output), "tensors": result.tensors,
+                      "merged": result.merged, "seconds": round(result.seconds, 2)}))
+    return 0

@@ -1,0 +1,23 @@
+"""`mergesearch tiny DIR`: write the built-in tiny model family to try the tool without weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_tiny_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny", help="write a tiny SD1.5/SDXL model family (random weights)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_tiny)
+
+
+def run_tiny(args: argparse.Namespace) -> int:
+    from merge_backend.tiny import write_tiny_family
+
+    family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in vars(family).items()}, indent=2))
+    return 0

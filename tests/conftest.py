@@ -1,0 +1,36 @@
+"""Shared fixtures: the tiny SD1 / SDXL families, written once per session; gpu / slow markers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any hub call fails at once instead of hanging
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from merge_backend.tiny import TinyFamily, write_tiny_family  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped where there is none)")
+    config.addinivalue_line("markers", "slow: longer end-to-end tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd1"), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    return write_tiny_family(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)

@@ -1,0 +1,199 @@
+"""`mergesearch merge` reproduces ComfyUI's merge nodes on tiny real single files."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from merge_backend import ARCHITECTURES, block_of, recipe_from_checkpoint
+from merge_backend.architectures import UNET_PREFIX
+from search.cli import main
+
+TE = {"sd1": ("cond_stage_model.transformer.",),
+      "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")}
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def comfy(w1, w2, a, b):
+    out = w1.float().clone()
+    out *= a
+    out += b * w2.float()
+    return out
+
+
+def expected_merge(fam, ratio_of_key, clip=None):
+    """Key by key from the formula: UNet by ratio_of_key, text encoders by clip, rest model1."""
+    a, b = load_file(fam.a), load_file(fam.b)
+    out = {}
+    for key, w1 in a.items():
+        if key.endswith("position_ids"):
+            continue
+        if key.startswith(UNET_PREFIX):
+            r = ratio_of_key(key)
+            out[key] = comfy(w1, b[key], r, 1 - r)
+        elif clip is not None and key.startswith(TE[fam.arch]) and not key.endswith("logit_scale"):
+            out[key] = clip(w1, b[key])
+        else:
+            out[key] = w1.float()
+    return out
+
+
+def assert_file_equals(path, expected, dtype=torch.float32):
+    got = load_file(path)
+    for key, value in expected.items():
+        assert got[key].dtype == dtype, key
+        assert torch.equal(got[key], value.to(dtype)), key
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def fam(request, tiny_sd1, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[request.param]
+
+
+def test_simple(fam, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert run("merge", "simple", fam.a, fam.b, "-o", out, "--ratio", 0.3, "--dtype", "fp32") == 0
+    assert_file_equals(out, expected_merge(fam, lambda k: 0.3))
+
+
+def test_simple_fp16_default(fam, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert run("merge", "simple", fam.a, fam.b, "-o", out, "--ratio", 0.6) == 0
+    assert_file_equals(out, expected_merge(fam, lambda k: 0.6), torch.float16)
+
+
+def test_blocks_node(fam, tmp_path):
+    out = tmp_path / "m.safetensors"
+    run("merge", "blocks", fam.a, fam.b, "-o", out, "--input", 0.2, "--middle", 0.5, "--out", 0.9,
+        "--dtype", "fp32")
+
+    def ratio(key):  # ModelMergeBlocks: prefix match; time_embed/label_emb take `input`
+        k = key[len(UNET_PREFIX):]
+        return 0.5 if k.startswith("middle") else 0.9 if k.startswith("out") else 0.2
+    assert_file_equals(out, expected_merge(fam, ratio))
+
+
+def test_layers_comfy_and_mbw(fam, tmp_path):
+    arch = ARCHITECTURES[fam.arch]
+    dot = "." if fam.arch == "sd1" else ""
+    out = tmp_path / "m.safetensors"
+    run("merge", "layers", fam.a, fam.b, "-o", out, "--dtype", "fp32",
+        "--ratio", f"input_blocks.1{dot}=0.1", "--ratio", "out.=0.0", "--ratio", "time_embed.=0.7")
+
+    def ratio(key):
+        k = key[len(UNET_PREFIX):]
+        if k.startswith("input_blocks.1."):
+            return 0.1
+        return 0.0 if k.startswith("out.") else 0.7 if k.startswith("time_embed.") else 1.0
+    assert_file_equals(out, expected_merge(fam, ratio))
+    # mbw names from a YAML file: IN01 = input_blocks.1, OUT last owns out.*
+    last = f"OUT{arch.n_output_blocks - 1:02d}"
+    ratios = tmp_path / "r.yaml"
+    ratios.write_text(f"IN01: 0.25\n{last}: 0.5\nM00: 0.0\n")
+    out2 = tmp_path / "m2.safetensors"
+    run("merge", "layers", fam.a, fam.b, "-o", out2, "--vocabulary", "mbw", "--ratios-file",
+        ratios, "--dtype", "fp32")
+    n = arch.n_output_blocks - 1
+
+    def ratio2(key):
+        k = key[len(UNET_PREFIX):]
+        if k.startswith("input_blocks.1."):
+            return 0.25
+        if k.startswith((f"output_blocks.{n}.", "out.")):
+            return 0.5
+        return 0.0 if k.startswith("middle_block.") else 1.0
+    assert_file_equals(out2, expected_merge(fam, ratio2))
+
+
+def test_subtract_add_and_clip_nodes(fam, tmp_path):
+    a, b = load_file(fam.a), load_file(fam.b)
+    out = tmp_path / "s.safetensors"
+    run("merge", "subtract", fam.a, fam.b, "-o", out, "--multiplier", 0.8, "--dtype", "fp32",
+        "--clip", "subtract", "--clip-multiplier", 0.5)
+    got = load_file(out)
+    for key in got:
+        if key.startswith(UNET_PREFIX):
+            assert torch.equal(got[key], comfy(a[key], b[key], 0.8, -0.8)), key
+        elif key.startswith(TE[fam.arch]) and not key.endswith(("logit_scale", "position_ids")):
+            assert torch.equal(got[key], comfy(a[key], b[key], 0.5, -0.5)), key
+    out = tmp_path / "add.safetensors"
+    run("merge", "add", fam.a, fam.b, "-o", out, "--dtype", "fp32", "--clip", "simple",
+        "--clip-ratio", 0.25)
+    got = load_file(out)
+    for key in got:
+        if key.startswith(UNET_PREFIX):
+            assert torch.equal(got[key], a[key] + b[key]), key
+        elif key.startswith(TE[fam.arch]) and not key.endswith(("logit_scale", "position_ids")):
+            assert torch.equal(got[key], comfy(a[key], b[key], 0.25, 0.75)), key
+        elif not key.endswith("position_ids"):
+            assert torch.equal(got[key], a[key].float()), key
+
+
+def test_add_difference(fam, tmp_path):
+    a, b, c = load_file(fam.a), load_file(fam.b), load_file(fam.base)
+    out = tmp_path / "ad.safetensors"
+    run("merge", "add-difference", fam.a, fam.b, fam.base, "-o", out, "--multiplier", 0.6,
+        "--ratio", 0.25, "--dtype", "fp32")
+    got = load_file(out)
+    k = 0.75 * 0.6
+    for key in got:
+        if key.startswith(UNET_PREFIX):
+            assert torch.equal(got[key], a[key] + k * (b[key] - c[key])), key
+
+
+def test_metadata_round_trips_recipe(fam, tmp_path):
+    out = tmp_path / "m.safetensors"
+    run("merge", "blocks", fam.a, fam.b, "-o", out, "--middle", 0.5)
+    recipe = recipe_from_checkpoint(out)
+    assert recipe.ratios == {"input": 1.0, "middle": 0.5, "out": 1.0}
+    assert recipe.models["model1"].sha256 and len(recipe.models["model2"].sha256) == 64
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.title"] == "m"
+    if fam.arch == "sdxl":
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        keys = load_file(out)
+        pos = keys["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
+        assert torch.equal(pos, torch.arange(77)[None])
+
+
+def test_every_unet_key_in_exactly_one_block(fam):
+    arch = ARCHITECTURES[fam.arch]
+    counts = {"comfy": 30 if fam.arch == "sd1" else 24, "mbw": 26 if fam.arch == "sd1" else 20,
+              "blocks": 3, "single": 1}
+    keys = [k for k in load_file(fam.a) if k.startswith(UNET_PREFIX)]
+    from merge_backend import block_names
+    for vocab, n in counts.items():
+        names = block_names(arch, vocab)
+        assert len(names) == n
+        owners = {}
+        for key in keys:
+            owners.setdefault(block_of(arch, vocab, key), []).append(key)
+        assert set(owners) <= set(names)
+        assert sum(len(v) for v in owners.values()) == len(keys)
+        empty = set(names) - set(owners)
+        # label_emb exists only in SDXL; BASE is the text encoder
+        assert empty <= {"label_emb.", "BASE"}, (vocab, empty)
+    # ComfyUI's rule, stated independently: the longest name that prefixes the key
+    names = block_names(arch, "comfy")
+    for key in keys:
+        k = key[len(UNET_PREFIX):]
+        matches = [n for n in names if k.startswith(n)]
+        assert len(matches) >= 1
+        assert block_of(arch, "comfy", key) == max(matches, key=len)
+
+
+def test_console_script_runs(tiny_sd1, tmp_path):
+    out = tmp_path / "m.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "merge", "simple", str(tiny_sd1.a),
+                           str(tiny_sd1.b), "-o", str(out), "--ratio", "0.5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
