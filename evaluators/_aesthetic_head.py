@@ -17,7 +17,8 @@ LINEAR_KEYS = (0, 2, 4, 6, 7)
 
 
 class AestheticHead(nn.Module):
-    """Linear(in,1024) Dropout Linear(1024,128) Dropout Linear(128,64) Dropout Linear(64,16) Linear(16,1)."""
+    """Linear(in,1024) Dropout Linear(1024,128) Dropout Linear(128,64) Dropout Linear(64,16)
+    Linear(16,1), no activations."""
 
     def __init__(self, in_features: int = 768, widths: tuple[int, ...] = DEFAULT_WIDTHS) -> None:
         super().__init__()
@@ -42,7 +43,8 @@ class AestheticHead(nn.Module):
         missing = [f"layers.{i}.weight" for i in LINEAR_KEYS if f"layers.{i}.weight" not in state]
         if missing:
             found = ", ".join(sorted(state)[:6])
-            raise ValueError(f"not a LAION aesthetic head: missing keys {missing} (found: {found} ...)")
+            raise ValueError(f"not a LAION aesthetic head: missing keys {missing} "
+                             f"(found: {found} ...)")
         in_features = state["layers.0.weight"].shape[1]
         widths = tuple(state[f"layers.{i}.weight"].shape[0] for i in LINEAR_KEYS[:4])
         head = cls(in_features, widths)

@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 @dataclass(frozen=True)
 class ImagePreprocess:
-    """Resize (``shortest`` side + centre crop, ``longest`` side + pad, or ``squash``), normalise."""
+    """Resize (``shortest`` side + centre crop, ``longest`` side + pad, ``squash``), normalise."""
 
     size: tuple[int, int]  # (height, width) the model takes
     mean: tuple[float, float, float]

@@ -37,7 +37,8 @@ class OpenClipFiles(BaseModel):
                              "open_clip.list_models() or the path of a model-config .json")
         require_file(self.weights, "weights", ["safetensors", "torch"])
         if self.resize_mode is not None and self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
+            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, "
+                             f"got {self.resize_mode!r}")
 
 
 def open_clip_name(model: str) -> str:
@@ -55,8 +56,9 @@ class OpenClipBackbone:
     embedding never depends on which other prompts were scored with it.
 
     Example:
-        >>> backbone = OpenClipBackbone.load("ViT-L-14-quickgelu", weights, "cuda", torch.float16)  # doctest: +SKIP
-        >>> backbone.encode_images(images).norm(dim=-1)                                           # doctest: +SKIP
+        >>> backbone = OpenClipBackbone.load("ViT-L-14-quickgelu", weights,
+        ...                                  torch.device("cuda"), torch.float16)  # doctest: +SKIP
+        >>> backbone.encode_images(images).norm(dim=-1)                         # doctest: +SKIP
         tensor([1.0000, 1.0000])
     """
 

@@ -105,7 +105,8 @@ class ProbeSet(BaseModel):
         path = Path(path)
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a probe set must be a YAML mapping, got {type(data).__name__}")
+            raise ValueError(f"{path}: a probe set must be a YAML mapping, "
+                             f"got {type(data).__name__}")
         return cls.model_validate(data, context={"base_dir": path.parent})
 
     def jobs(self) -> list[ProbeJob]:
@@ -179,7 +180,8 @@ class ProbeImages:
         return canvas
 
 
-def generate(pipe: Any, probe_set: ProbeSet, device: str | torch.device | None = None) -> ProbeImages:
+def generate(pipe: Any, probe_set: ProbeSet,
+             device: str | torch.device | None = None) -> ProbeImages:
     """Draw every probe of ``probe_set`` with ``pipe``, ``batch_size`` images per call.
 
     ``pipe`` is a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``. Generators live
@@ -205,9 +207,10 @@ def generate(pipe: Any, probe_set: ProbeSet, device: str | torch.device | None =
     )
 
 
-def _draw(pipe: Any, probe_set: ProbeSet, jobs: Sequence[ProbeJob], device: torch.device) -> Tensor:
+def _draw(pipe: Any, probe_set: ProbeSet, jobs: Sequence[ProbeJob],
+          device: torch.device) -> Tensor:
     generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
-    negatives = [job.prompt.negative if job.prompt.negative is not None else probe_set.negative_prompt
+    negatives = [probe_set.negative_prompt if job.prompt.negative is None else job.prompt.negative
                  for job in jobs]
     # None keeps each pipeline's own empty-negative behaviour (SDXL zeroes it out).
     negative: list[str] | None = None if not any(negatives) else negatives

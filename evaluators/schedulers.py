@@ -69,7 +69,8 @@ def check_scheduler_name(name: str) -> str:
         raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(sorted(SCHEDULERS))}")
     missing = [m for m in SCHEDULERS[name].requires if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"scheduler {name!r} needs {', '.join(missing)} (pip install {' '.join(missing)})")
+        raise ValueError(f"scheduler {name!r} needs {', '.join(missing)} "
+                         f"(pip install {' '.join(missing)})")
     return name
 
 

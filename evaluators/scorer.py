@@ -25,6 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
+_MAX_DETAIL = 600  # characters of an underlying load error kept in ScorerError messages
+
 
 class ScorerError(ValueError):
     """A scorer could not be configured or built; the message names the scorer and the file."""
@@ -32,7 +34,7 @@ class ScorerError(ValueError):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Scores images: ``score(images [N,3,H,W] in [0,1], prompts) -> Tensor[N]``, higher is better."""
+    """``score(images [N,3,H,W] in [0,1], prompts) -> Tensor[N]`` on CPU; higher is better."""
 
     name: str
 
@@ -98,6 +100,15 @@ class ScorerConfig(BaseModel):
     def check_files(self) -> None:
         """Raise ValueError naming the field and path of a missing or malformed file."""
 
+    def files(self) -> dict[str, Path]:
+        """Every file or folder this config points at, by field name (for error messages)."""
+        paths = {name: value for name in type(self).model_fields
+                 if isinstance(value := getattr(self, name), Path)}
+        model = getattr(self, "model", None)
+        if isinstance(model, str) and model.endswith(".json"):
+            paths["model"] = Path(model)
+        return paths
+
     @model_validator(mode="after")
     def _validate(self) -> ScorerConfig:
         if self.range is not None and not self.range[0] < self.range[1]:
@@ -154,7 +165,10 @@ def build_scorer(config: ScorerConfig | Mapping[str, Any], device: str | torch.d
     except ScorerError:
         raise
     except Exception as error:
-        raise ScorerError(f"scorer {config.label!r} ({config.kind}) failed to load: {error}") from error
+        files = ", ".join(f"{name}={path}" for name, path in config.files().items())
+        detail = str(error) if len(str(error)) <= _MAX_DETAIL else str(error)[:_MAX_DETAIL] + " ..."
+        raise ScorerError(f"scorer {config.label!r} ({config.kind}) failed to load from "
+                          f"{files or 'no files'}: {type(error).__name__}: {detail}") from error
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -197,7 +211,8 @@ def require_file(path: Path, field: str, formats: Sequence[str]) -> None:
         raise ValueError(f"{field} {path} is not a file")
     problems = [problem for fmt in formats if (problem := _FORMAT_CHECKS[fmt](path))]
     if len(problems) == len(formats):
-        raise ValueError(f"{field} file {path} is not {' or '.join(formats)}: {'; '.join(problems)}")
+        raise ValueError(f"{field} file {path} is not {' or '.join(formats)}: "
+                         f"{'; '.join(problems)}")
 
 
 def require_dir(path: Path, field: str, files: Sequence[str]) -> None:

@@ -132,7 +132,8 @@ def write_tiny_pickscore(folder: Path, seed: int = 3) -> Path:
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
     model.save_pretrained(folder)
-    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    processor = CLIPImageProcessor(size={"shortest_edge": 64},
+                                   crop_size={"height": 64, "width": 64})
     processor.save_pretrained(folder)
     write_clip_tokenizer(folder)
     return folder

@@ -72,11 +72,24 @@ class MergeEngine:
         self.memory: MemoryPlan = plan_memory(memory, self.device, *self._bytes(layout))
         self.groups = [self._bind_group(name, params, sources) for name, params in layout.items()]
         self._keep_model1_text_encoders(sources)
-        self.runner = kernels.Runner(self.device, self.live_dtype, self.chunk,
-                                     offload=self.memory.mode == "offload",
-                                     n_roles=max(len(g.sources) for g in self.groups))
+        largest = max(g.numel for g in self.groups)
+        self.runner = kernels.Runner(self.device, self.live_dtype, min(self.chunk, largest))
+        self.runner.allocate(self._needs_staging(), self._needs_scratch())
 
     # ------------------------------------------------------------------ binding
+    def _needs_staging(self) -> int:
+        """Source roles a fast op must stage (sources off the device or in another dtype)."""
+        return max((len(g.sources) for g in self.groups
+                    if any(s.device != self.device or s.dtype != self.live_dtype
+                           for s in g.sources.values())), default=0)
+
+    def _needs_scratch(self) -> int:
+        """float32 scratch buffers the ComfyUI-exact ops need (0 for fast-only recipes)."""
+        exact_unet = self.bound.arithmetic == "comfy" or self.bound.method in ("subtract", "add")
+        if exact_unet:
+            return 3 if self.bound.method == "add_difference" else 2
+        return 2 if len(self.merged_components(self.bound)) > 1 else 0
+
     def merged_components(self, recipe: Recipe) -> tuple[str, ...]:
         tes = tuple(te.name for te in self.arch.text_encoders)
         merges_te = recipe.clip is not None or (recipe.vocabulary == "mbw" and recipe.spec.uses_ratio)
@@ -215,8 +228,9 @@ class MergeEngine:
         start = time.perf_counter()
         self.check_compatible(recipe)
         applied = skipped = 0
+        targets = self.targets(recipe)
         for group in self.groups:
-            target = self.targets(recipe)[group.name]
+            target = targets[group.name]
             if not force and group.last == target:
                 skipped += 1
                 continue

@@ -45,13 +45,12 @@ def _roles(kind: str) -> tuple[str, ...]:
 class Runner:
     """Executes one block's candidate; owns the staging and scratch buffers."""
 
-    def __init__(self, device: torch.device, live_dtype: torch.dtype, chunk: int, *,
-                 offload: bool, n_roles: int):
+    def __init__(self, device: torch.device, live_dtype: torch.dtype, chunk: int):
         self.device = device
         self.live_dtype = live_dtype
         self.chunk = chunk
         self.cuda = device.type == "cuda"
-        self._stage = [[None] * 3 for _ in range(2)]  # [slot][role index], made on first use
+        self._stage: list[list[torch.Tensor]] = [[], []]  # [slot][role index]
         self._scratch: list[torch.Tensor] = []
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
@@ -59,14 +58,18 @@ class Runner:
             self.free = [torch.cuda.Event(), torch.cuda.Event()]
 
     # ------------------------------------------------------------------ buffers
+    def allocate(self, staging_roles: int, scratch: int) -> None:
+        """Allocate every buffer once, at bind time: applying a candidate allocates nothing."""
+        for slot in self._stage:
+            while len(slot) < staging_roles:
+                slot.append(torch.empty(self.chunk, dtype=self.live_dtype, device=self.device))
+        while len(self._scratch) < scratch:
+            self._scratch.append(torch.empty(self.chunk, dtype=torch.float32, device=self.device))
+
     def _stage_buffer(self, slot: int, i: int) -> torch.Tensor:
-        if self._stage[slot][i] is None:
-            self._stage[slot][i] = torch.empty(self.chunk, dtype=self.live_dtype, device=self.device)
         return self._stage[slot][i]
 
     def scratch(self, i: int, n: int) -> torch.Tensor:
-        while len(self._scratch) <= i:
-            self._scratch.append(torch.empty(self.chunk, dtype=torch.float32, device=self.device))
         return self._scratch[i][:n]
 
     def synchronize(self) -> None:

@@ -54,26 +54,38 @@ class KeyMap:
 _Rule = tuple[str, str, int, int]
 _Table = dict[str, _Rule]
 
-_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
-           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
-_UNET_FIXED = (("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
-               ("time_embedding.linear_2.", "time_embed.2."), ("add_embedding.linear_1.", "label_emb.0.0."),
-               ("add_embedding.linear_2.", "label_emb.0.2."), ("class_embedding.linear_1.", "label_emb.0.0."),
-               ("class_embedding.linear_2.", "label_emb.0.2."), ("conv_norm_out.", "out.0."),
-               ("conv_out.", "out.2."))
+_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."),
+           ("time_emb_proj.", "emb_layers.1."), ("norm2.", "out_layers.0."),
+           ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
+_UNET_FIXED = (("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."),
+               ("conv_out.", "out.2."),
+               ("time_embedding.linear_1.", "time_embed.0."),
+               ("time_embedding.linear_2.", "time_embed.2."),
+               ("add_embedding.linear_1.", "label_emb.0.0."),
+               ("add_embedding.linear_2.", "label_emb.0.2."),
+               ("class_embedding.linear_1.", "label_emb.0.0."),
+               ("class_embedding.linear_2.", "label_emb.0.2."))
 _VAE_FIXED = (("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("conv_norm_out.", "norm_out."))
 _VAE_RESNET = (("conv_shortcut.", "nin_shortcut."), ("", ""))
-_VAE_ATTENTION = (("group_norm.", "norm.", "id"), ("to_q.weight", "q.weight", "reshape"), ("to_q.bias", "q.bias", "id"),
+_VAE_ATTENTION = (("group_norm.", "norm.", "id"),
+                  ("to_q.weight", "q.weight", "reshape"), ("to_q.bias", "q.bias", "id"),
                   ("to_k.weight", "k.weight", "reshape"), ("to_k.bias", "k.bias", "id"),
                   ("to_v.weight", "v.weight", "reshape"), ("to_v.bias", "v.bias", "id"),
-                  ("to_out.0.weight", "proj_out.weight", "reshape"), ("to_out.0.bias", "proj_out.bias", "id"))
+                  ("to_out.0.weight", "proj_out.weight", "reshape"),
+                  ("to_out.0.bias", "proj_out.bias", "id"))
 _OPEN_CLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."),
-                    ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+                    ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                    ("mlp.fc2.", "mlp.c_proj."))
 _OPEN_CLIP_QKV = ("q", "k", "v")
 # transformers 5 drops the 'text_model.' wrapper from CLIPTextModel (not ...WithProjection).
 _HF_CLIP_WRAPPED = (("text_model.", "text_model."), ("text_projection.", "text_projection."))
 _HF_CLIP_FLAT = (("embeddings.", "text_model.embeddings."), ("encoder.", "text_model.encoder."),
                  ("final_layer_norm.", "text_model.final_layer_norm."))
+
+
+def _same(original: str) -> _Rule:
+    """A rule that renames only."""
+    return (original, "id", 0, 1)
 
 
 def _index_count(keys: Iterable[str], prefix: str) -> int:
@@ -94,8 +106,8 @@ def _unet_config_from_keys(keys: list[str]) -> dict[str, Any]:
     """The few config values the UNet rules need, read off diffusers key names."""
     def types(side: str, attn: str, plain: str) -> list[str]:
         n = _index_count(keys, f"{side}_blocks.")
-        return [attn if any(k.startswith(f"{side}_blocks.{i}.attentions.") for k in keys) else plain
-                for i in range(n)]
+        return [attn if any(k.startswith(f"{side}_blocks.{i}.attentions.") for k in keys)
+                else plain for i in range(n)]
     has_mid_attn = any(k.startswith("mid_block.attentions.") for k in keys)
     return {"down_block_types": types("down", "CrossAttnDownBlock2D", "DownBlock2D"),
             "up_block_types": types("up", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -105,11 +117,11 @@ def _unet_config_from_keys(keys: list[str]) -> dict[str, Any]:
 
 def _add_resnet(table: _Table, diffusers: str, original: str) -> None:
     for d, o in _RESNET:
-        table[diffusers + d] = (original + o, "id", 0, 1)
+        table[diffusers + d] = _same(original + o)
 
 
 def _unet_table(config: Mapping[str, Any]) -> _Table:
-    table: _Table = {d: (o, "id", 0, 1) for d, o in _UNET_FIXED}
+    table: _Table = {d: _same(o) for d, o in _UNET_FIXED}
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     layers = _per_level(config["layers_per_block"], len(down))
     n = 1  # input_blocks.0 is conv_in
@@ -117,10 +129,10 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
         for j in range(layers[i]):
             _add_resnet(table, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0.")
             if "CrossAttn" in kind:
-                table[f"down_blocks.{i}.attentions.{j}."] = (f"input_blocks.{n}.1.", "id", 0, 1)
+                table[f"down_blocks.{i}.attentions.{j}."] = _same(f"input_blocks.{n}.1.")
             n += 1
         if i < len(down) - 1:
-            table[f"down_blocks.{i}.downsamplers.0.conv."] = (f"input_blocks.{n}.0.op.", "id", 0, 1)
+            table[f"down_blocks.{i}.downsamplers.0.conv."] = _same(f"input_blocks.{n}.0.op.")
             n += 1
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid is not None:
@@ -128,7 +140,7 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
             raise ValueError(f"UNet mid_block_type {mid!r} has no original-layout rule; "
                              "only UNetMidBlock2DCrossAttn (SD1/SD2/SDXL) is supported")
         _add_resnet(table, "mid_block.resnets.0.", "middle_block.0.")
-        table["mid_block.attentions.0."] = ("middle_block.1.", "id", 0, 1)
+        table["mid_block.attentions.0."] = _same("middle_block.1.")
         _add_resnet(table, "mid_block.resnets.1.", "middle_block.2.")
     up_layers = list(reversed(layers))
     n = 0
@@ -137,10 +149,11 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
         for j in range(up_layers[i] + 1):
             _add_resnet(table, f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0.")
             if attn:
-                table[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{n}.1.", "id", 0, 1)
+                table[f"up_blocks.{i}.attentions.{j}."] = _same(f"output_blocks.{n}.1.")
             n += 1
         if i < len(up) - 1:  # the upsampler follows the level's last resnet (and attention)
-            table[f"up_blocks.{i}.upsamplers.0."] = (f"output_blocks.{n - 1}.{2 if attn else 1}.", "id", 0, 1)
+            upsampler = f"output_blocks.{n - 1}.{2 if attn else 1}."
+            table[f"up_blocks.{i}.upsamplers.0."] = _same(upsampler)
     return table
 
 
@@ -148,28 +161,33 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
 
 
 def _vae_table(keys: list[str], config: Mapping[str, Any] | None) -> _Table:
-    levels = len(config["down_block_types"]) if config else _index_count(keys, "encoder.down_blocks.")
-    layers = config["layers_per_block"] if config else _index_count(keys, "encoder.down_blocks.0.resnets.")
-    table: _Table = {"quant_conv.": ("quant_conv.", "id", 0, 1),
-                     "post_quant_conv.": ("post_quant_conv.", "id", 0, 1)}
+    if config:
+        levels, layers = len(config["down_block_types"]), config["layers_per_block"]
+    else:
+        levels = _index_count(keys, "encoder.down_blocks.")
+        layers = _index_count(keys, "encoder.down_blocks.0.resnets.")
+    table: _Table = {p: _same(p) for p in ("quant_conv.", "post_quant_conv.")}
     for side in ("encoder", "decoder"):
         for d, o in _VAE_FIXED:
-            table[f"{side}.{d}"] = (f"{side}.{o}", "id", 0, 1)
+            table[f"{side}.{d}"] = _same(f"{side}.{o}")
         for j in range(2):
             for d, o in _VAE_RESNET:
-                table[f"{side}.mid_block.resnets.{j}.{d}"] = (f"{side}.mid.block_{j + 1}.{o}", "id", 0, 1)
+                original = f"{side}.mid.block_{j + 1}.{o}"
+                table[f"{side}.mid_block.resnets.{j}.{d}"] = _same(original)
         for d, o, transform in _VAE_ATTENTION:
-            table[f"{side}.mid_block.attentions.0.{d}"] = (f"{side}.mid.attn_1.{o}", transform, 0, 1)
+            rule = (f"{side}.mid.attn_1.{o}", transform, 0, 1)
+            table[f"{side}.mid_block.attentions.0.{d}"] = rule
     for i in range(levels):
-        # the decoder's up_blocks run from the lowest resolution; the original 'up.N' from the highest
+        # diffusers' decoder up_blocks start at the lowest resolution, the original 'up.N' at the
+        # highest
         enc, dec = f"encoder.down.{i}.", f"decoder.up.{levels - 1 - i}."
         for j in range(layers + 1):
             for d, o in _VAE_RESNET:
                 if j < layers:
-                    table[f"encoder.down_blocks.{i}.resnets.{j}.{d}"] = (f"{enc}block.{j}.{o}", "id", 0, 1)
-                table[f"decoder.up_blocks.{i}.resnets.{j}.{d}"] = (f"{dec}block.{j}.{o}", "id", 0, 1)
-        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = (f"{enc}downsample.conv.", "id", 0, 1)
-        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = (f"{dec}upsample.conv.", "id", 0, 1)
+                    table[f"encoder.down_blocks.{i}.resnets.{j}.{d}"] = _same(f"{enc}block.{j}.{o}")
+                table[f"decoder.up_blocks.{i}.resnets.{j}.{d}"] = _same(f"{dec}block.{j}.{o}")
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = _same(f"{enc}downsample.conv.")
+        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = _same(f"{dec}upsample.conv.")
     return table
 
 
@@ -178,22 +196,23 @@ def _vae_table(keys: list[str], config: Mapping[str, Any] | None) -> _Table:
 
 def _hf_clip_table(keys: list[str]) -> _Table:
     wrapped = any(k.startswith("text_model.") for k in keys)
-    return {d: (o, "id", 0, 1) for d, o in (_HF_CLIP_WRAPPED if wrapped else _HF_CLIP_FLAT)}
+    return {d: _same(o) for d, o in (_HF_CLIP_WRAPPED if wrapped else _HF_CLIP_FLAT)}
 
 
 def _open_clip_table(keys: list[str]) -> _Table:
     tm = "text_model." if any(k.startswith("text_model.") for k in keys) else ""
-    table: _Table = {f"{tm}embeddings.token_embedding.": ("token_embedding.", "id", 0, 1),
-                     f"{tm}embeddings.position_embedding.weight": ("positional_embedding", "id", 0, 1),
-                     f"{tm}final_layer_norm.": ("ln_final.", "id", 0, 1),
+    table: _Table = {f"{tm}embeddings.token_embedding.": _same("token_embedding."),
+                     f"{tm}embeddings.position_embedding.weight": _same("positional_embedding"),
+                     f"{tm}final_layer_norm.": _same("ln_final."),
                      "text_projection.weight": ("text_projection", "transpose", 0, 1)}
     for n in range(_index_count(keys, f"{tm}encoder.layers.")):
         d, o = f"{tm}encoder.layers.{n}.", f"transformer.resblocks.{n}."
         for dd, oo in _OPEN_CLIP_LAYER:
-            table[d + dd] = (o + oo, "id", 0, 1)
+            table[d + dd] = _same(o + oo)
         for index, name in enumerate(_OPEN_CLIP_QKV):
             for kind in ("weight", "bias"):
-                table[f"{d}self_attn.{name}_proj.{kind}"] = (f"{o}attn.in_proj_{kind}", "chunk", index, 3)
+                rule = (f"{o}attn.in_proj_{kind}", "chunk", index, len(_OPEN_CLIP_QKV))
+                table[f"{d}self_attn.{name}_proj.{kind}"] = rule
     return table
 
 
@@ -203,7 +222,8 @@ def _open_clip_table(keys: list[str]) -> _Table:
 def _component_prefix(arch: Architecture, component: str) -> str:
     components = arch.components
     if component not in components:
-        raise ValueError(f"{arch.name} has no component {component!r}; choose one of {', '.join(components)}")
+        raise ValueError(f"{arch.name} has no component {component!r}; "
+                         f"choose one of {', '.join(components)}")
     return components[component]
 
 
@@ -259,8 +279,8 @@ def key_maps(arch: Architecture, component: str, diffusers_keys: Iterable[str],
         km = KeyMap(key, prefix + original + key[len(head):], transform, index, parts)
         slot = (km.original, km.index)
         if slot in claimed:
-            raise ValueError(f"{arch.name} {component}: diffusers keys {claimed[slot]!r} and {key!r} "
-                             f"both map to {km.original!r}")
+            raise ValueError(f"{arch.name} {component}: diffusers keys {claimed[slot]!r} and "
+                             f"{key!r} both map to {km.original!r}")
         claimed[slot] = key
         maps.append(km)
     if unmapped:
@@ -284,7 +304,8 @@ def convert_value(km: KeyMap, original_tensor: Tensor) -> Tensor:
         return t.chunk(km.parts, dim=0)[km.index]
     if km.transform == "transpose":
         return t.T.contiguous()
-    raise ValueError(f"unknown transform {km.transform!r} for {km.diffusers!r}; expected one of {TRANSFORMS}")
+    raise ValueError(f"unknown transform {km.transform!r} for {km.diffusers!r}; "
+                     f"expected one of {TRANSFORMS}")
 
 
 def _original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
@@ -293,7 +314,8 @@ def _original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
     if km.transform == "chunk":
         order = sorted(range(len(maps)), key=lambda i: maps[i].index)
         if [maps[i].index for i in order] != list(range(km.parts)):
-            raise ValueError(f"{km.original!r} needs {km.parts} chunks; got {[m.diffusers for m in maps]}")
+            got = [m.diffusers for m in maps]
+            raise ValueError(f"{km.original!r} needs {km.parts} chunks; got {got}")
         return torch.cat([tensors[i] for i in order], dim=0)
     t = tensors[0]
     if km.transform == "reshape":
@@ -319,20 +341,28 @@ def unmapped_original_keys(arch: Architecture, component: str, original_keys: It
                   if k.startswith(prefix) and k not in used and not k.startswith(tuple(others)))
 
 
-ModuleOrConfig = Union[nn.Module, Mapping[str, Any], Iterable[str]]
+ModuleOrConfig = Union[nn.Module, Mapping[str, Any], Iterable[str]]  # noqa: UP007 (an alias)
 
 
-def _target(arch: Architecture, component: str, target: ModuleOrConfig) -> tuple[list[str], dict | None]:
-    """Diffusers keys and config from a live module, a config dict, or the keys themselves."""
+def _is_config(target: Any) -> bool:
+    if hasattr(target, "to_dict") and not isinstance(target, Mapping):
+        return True  # a transformers config object
+    return isinstance(target, Mapping) and not any(isinstance(v, Tensor) for v in target.values())
+
+
+def _target(arch: Architecture, component: str,
+            target: ModuleOrConfig) -> tuple[list[str], dict | None]:
+    """Diffusers keys and config from a live module, a config, a state dict or plain keys."""
     if isinstance(target, nn.Module):
         config = getattr(target, "config", None)
-        return list(target.state_dict().keys()), dict(config) if isinstance(config, Mapping) else None
-    if isinstance(target, Mapping):
+        return list(target.state_dict()), dict(config) if isinstance(config, Mapping) else None
+    if _is_config(target):
         from merge_backend.pipeline import build_module  # late: pipeline imports this module
 
+        config = target.to_dict() if hasattr(target, "to_dict") else dict(target)
         with torch.device("meta"):
-            module = build_module(component, dict(target), arch=arch)
-        return list(module.state_dict().keys()), dict(target)
+            module = build_module(component, config, arch=arch)
+        return list(module.state_dict()), config
     return list(target), None
 
 
@@ -342,23 +372,24 @@ def to_diffusers(arch: Architecture, component: str, original: Mapping[str, Tens
 
     ``original`` holds full keys (a whole checkpoint is fine: other components are ignored).
     ``module_or_config`` says which diffusers keys to produce: a live module (its state_dict
-    keys and config), a diffusers / transformers config dict of that component, or an
-    iterable of diffusers keys. Original keys of the component that no diffusers key reads are
-    reported: with ``strict`` a ``ValueError`` lists them (except ``arch.clip_skip_suffixes`` such as
-    ``position_ids``), otherwise a warning does.
+    keys and config), the diffusers / transformers config of that component (dict or config
+    object), a diffusers state dict, or an iterable of diffusers keys. Original keys of the
+    component that no diffusers key reads are reported: with ``strict`` a ``ValueError`` lists
+    them (except ``arch.clip_skip_suffixes`` such as ``position_ids``), otherwise a warning.
     """
     original = canonical_original(arch, original)
     keys, config = _target(arch, component, module_or_config)
     maps = key_maps(arch, component, keys, config)
     missing = [km.original for km in maps if km.original not in original]
     if missing:
-        raise ValueError(f"{arch.name} {component}: the checkpoint lacks {len(missing)} key(s) the diffusers "
-                         f"module needs, e.g. {', '.join(missing[:3])}")
+        raise ValueError(f"{arch.name} {component}: the checkpoint lacks {len(missing)} key(s) "
+                         f"the diffusers module needs, e.g. {', '.join(missing[:3])}")
     leftover = [k for k in unmapped_original_keys(arch, component, original, maps)
                 if not k.endswith(arch.clip_skip_suffixes)]
     if leftover:
-        message = (f"{arch.name} {component}: {len(leftover)} original key(s) have no diffusers counterpart "
-                   f"and are not loaded: {', '.join(leftover[:4])}{' …' if len(leftover) > 4 else ''}")
+        shown = ", ".join(leftover[:4]) + (" …" if len(leftover) > 4 else "")
+        message = (f"{arch.name} {component}: {len(leftover)} original key(s) have no diffusers "
+                   f"counterpart and are not loaded: {shown}")
         if strict:
             raise ValueError(message + " (pass strict=False to drop them)")
         warnings.warn(message, stacklevel=2)
@@ -379,4 +410,4 @@ def to_original(arch: Architecture, component: str, diffusers_sd: Mapping[str, T
         maps, tensors = grouped.setdefault(km.original, ([], []))
         maps.append(km)
         tensors.append(diffusers_sd[km.diffusers])
-    return {original: _original_value(maps, tensors) for original, (maps, tensors) in grouped.items()}
+    return {key: _original_value(maps, tensors) for key, (maps, tensors) in grouped.items()}

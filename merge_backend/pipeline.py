@@ -84,7 +84,8 @@ def write_config_folder(arch_name: str, folder: Path | None = None, size: str = 
         if f"{tokenizer}/tokenizer_config.json" in files:
             config = files[f"{tokenizer}/tokenizer_config.json"]
             special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-            _write_if_changed(folder / tokenizer / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+            special_json = json.dumps(special, indent=2) + "\n"
+            _write_if_changed(folder / tokenizer / "special_tokens_map.json", special_json)
             _write_if_changed(folder / tokenizer / "vocab.json", vocab)
             _write_if_changed(folder / tokenizer / "merges.txt", merges)
     return folder
@@ -97,7 +98,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- modules
 
 
-def build_module(component: str, config: Mapping[str, Any], *, arch: Architecture | None = None) -> nn.Module:
+def build_module(component: str, config: Mapping[str, Any], *,
+                 arch: Architecture | None = None) -> nn.Module:
     """A randomly initialised diffusers / transformers module of one component from its config.
 
     ``component`` is "unet", "vae", "te", "te1" or "te2"; text encoders whose config lists
@@ -129,14 +131,18 @@ def component_folders(arch: Architecture) -> dict[str, str]:
     return out
 
 
-def build_components(arch_name: str, config_folder: Path, *, seed: int = 0) -> dict[str, nn.Module]:
-    """Every weighted component of ``arch_name`` with seeded random weights (fp32, CPU).
+def build_components(arch_name: str, config_folder: Path, *, seed: int = 0,
+                     device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """Every weighted component of ``arch_name`` with seeded random fp32 weights, built on
+    ``device`` (initialising a full-size UNet on a GPU takes a fraction of the CPU time).
 
-    The global RNG is left as it was; the same seed gives the same weights.
+    The global RNG is left as it was; the same seed on the same device gives the same weights.
     """
     arch = ARCHITECTURES[arch_name]
     modules = {}
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(seed)
         for component, sub in component_folders(arch).items():
             config = _read_json(Path(config_folder) / sub / "config.json")
@@ -144,8 +150,19 @@ def build_components(arch_name: str, config_folder: Path, *, seed: int = 0) -> d
     return modules
 
 
-def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module], config_folder: Path,
-                             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def _moved(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    # diffusers warns on every .to(dtype=...), even a no-op one; only move what must move
+    param = next(module.parameters())
+    if param.dtype != dtype:
+        module.to(dtype=dtype)
+    if param.device != torch.device(device):
+        module.to(device)
+    return module
+
+
+def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module],
+                             config_folder: Path, device: str | torch.device = "cpu",
+                             dtype: torch.dtype = torch.float32):
     """A pipeline from live modules (keyed unet/vae/te/te1/te2) plus the folder's scheduler and
     tokenizer(s). The modules are moved to ``device`` / ``dtype``, not copied."""
     import diffusers
@@ -155,9 +172,10 @@ def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module], c
     folder = Path(config_folder)
     index = _read_json(folder / "model_index.json")
     scheduler_cls = getattr(diffusers, index["scheduler"][1])
-    kwargs: dict[str, Any] = {"scheduler": scheduler_cls.from_pretrained(folder, subfolder="scheduler")}
+    scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
+    kwargs: dict[str, Any] = {"scheduler": scheduler}
     for component, sub in component_folders(arch).items():
-        kwargs[sub] = modules[component].to(device=device, dtype=dtype)
+        kwargs[sub] = _moved(modules[component], device, dtype)
     for tokenizer in TOKENIZER_FOLDERS:
         if tokenizer in index:
             kwargs[tokenizer] = CLIPTokenizer.from_pretrained(folder / tokenizer)
@@ -169,7 +187,8 @@ def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module], c
 
 
 def empty_pipeline(arch_name: str, size: str = "full", device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, *, seed: int = 0, config_folder: Path | None = None):
+                   dtype: torch.dtype = torch.float32, *, seed: int = 0,
+                   config_folder: Path | None = None):
     """A pipeline of ``arch_name`` with seeded random weights, for the merge engine to overwrite.
 
     Random (not uninitialised) weights keep buffers such as ``position_ids`` right and make
@@ -178,7 +197,7 @@ def empty_pipeline(arch_name: str, size: str = "full", device: str | torch.devic
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     folder = config_folder or write_config_folder(arch_name, size=size)
-    modules = build_components(arch_name, folder, seed=seed)
+    modules = build_components(arch_name, folder, seed=seed, device=device)
     return pipeline_from_components(arch_name, modules, folder, device=device, dtype=dtype)
 
 
@@ -204,8 +223,9 @@ def infer_size(checkpoint: Path, arch_name: str) -> str:
                      "pass config_folder=<a diffusers folder with model_index.json and configs>")
 
 
-def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None, config_folder: Path | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
+                  config_folder: Path | None = None, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32):
     """Load an original-layout .safetensors file as a diffusers pipeline, offline.
 
     ``arch`` is detected from the key names when not given; ``config_folder`` defaults to the
@@ -222,7 +242,8 @@ def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None, c
     if config_folder is None:
         config_folder = write_config_folder(arch_name, size=infer_size(checkpoint, arch_name))
     cls = getattr(diffusers, _PIPELINE_CLASSES[arch_name])
-    extra = {} if arch_name == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    no_checker = {"safety_checker": None, "requires_safety_checker": False}
+    extra = {} if arch_name == "sdxl" else no_checker
     pipe = cls.from_single_file(str(checkpoint), config=str(config_folder), torch_dtype=dtype,
                                 local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)

@@ -60,9 +60,11 @@ def _extras(arch_name: str) -> dict[str, Tensor]:
     out = {}
     for te in arch.text_encoders:
         if te.kind == "hf_clip":
-            out[te.prefix + "text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.int64)[None]
+            positions = torch.arange(77, dtype=torch.int64)[None]
+            out[te.prefix + "text_model.embeddings.position_ids"] = positions
         elif arch_name == "sdxl":
-            out[te.prefix + "logit_scale"] = torch.tensor(4.6055, dtype=torch.float32)  # as in SDXL base 1.0
+            # the value SDXL base 1.0 stores
+            out[te.prefix + "logit_scale"] = torch.tensor(4.6055, dtype=torch.float32)
     return out
 
 
@@ -118,10 +120,11 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0) -> TinyFam
     folder.mkdir(parents=True, exist_ok=True)
     config_folder = write_config_folder(arch, folder / "config", size="tiny")
     base = tiny_base_state_dict(arch, config_folder, seed)
-    metadata = {"format": "pt", "mergesearch.tiny": f"{arch} seed {seed}"}
+    # one metadata key only: safetensors writes several in random order (bytes would differ)
+    metadata = {"format": "pt"}
     paths = {}
     for i, name in enumerate(("base", *FINETUNE_BLOCKS)):
         sd = base if name == "base" else perturb(arch, base, name, seed * 1000 + i)
         paths[name] = folder / f"{name}.safetensors"
-        save_file(sd, str(paths[name]), metadata={**metadata, "mergesearch.tiny.role": name})
+        save_file(sd, str(paths[name]), metadata=metadata)
     return TinyFamily(arch, paths["base"], paths["finetune_a"], paths["finetune_b"], config_folder)

@@ -117,15 +117,27 @@ def test_full_size_names_agree_with_diffusers(arch_name, tmp_path):
 def test_sd2_extra_text_encoder_layer_is_reported():
     """SD2 files hold 24 OpenCLIP layers and a text_projection; diffusers keeps 23 and none."""
     arch = ARCHITECTURES["sd2"]
-    small = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                 hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    small = dict(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     file_te = CLIPTextModel(CLIPTextConfig(num_hidden_layers=3, **small))
     live_te = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **small))
     original = to_original(arch, "te", file_te.state_dict())
     original["cond_stage_model.model.text_projection"] = torch.randn(32, 16)
-    extra = {k for k in original if ".resblocks.2." in k} | {"cond_stage_model.model.text_projection"}
-    assert len(extra) == 13  # attn in_proj/out_proj, ln_1, ln_2, c_fc, c_proj (w and b) + projection
+    extra = {k for k in original if ".resblocks.2." in k} | {
+        "cond_stage_model.model.text_projection"
+    }
+    assert (
+        len(extra) == 13
+    )  # attn in_proj/out_proj, ln_1, ln_2, c_fc, c_proj (w and b) + projection
 
     with pytest.raises(ValueError, match="resblocks.2"):
         to_diffusers(arch, "te", original, live_te)

@@ -1,4 +1,4 @@
-"""The tiny families: deterministic bytes, real layouts, loadable offline, documented differences."""
+"""The tiny families: deterministic bytes, real layouts, offline loading, documented changes."""
 
 from __future__ import annotations
 
@@ -22,8 +22,14 @@ def fam(request, tiny_sd1, tiny_sdxl):
 
 def _generate(pipe, steps: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    out = pipe(["a red apple", "a blue car"], num_inference_steps=steps, height=64, width=64,
-               generator=generator, output_type="pt")
+    out = pipe(
+        ["a red apple", "a blue car"],
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="pt",
+    )
     return out.images
 
 
@@ -51,12 +57,19 @@ def test_finetunes_differ_exactly_in_documented_blocks(fam):
         tuned = load_file(path)
         assert set(tuned) == set(base)
         for key, value in base.items():
-            unet_block = key.startswith(UNET_PREFIX) and key[len(UNET_PREFIX):].startswith(FINETUNE_BLOCKS[name])
+            unet_block = key.startswith(UNET_PREFIX) and key[len(UNET_PREFIX) :].startswith(
+                FINETUNE_BLOCKS[name]
+            )
             text = key.startswith(te_prefixes) and not key.endswith(arch.clip_skip_suffixes)
             assert torch.equal(tuned[key], value) != (unet_block or text), f"{name} {key}"
-        te_delta = max((tuned[k] - base[k]).abs().max().item() for k in base if k.startswith(te_prefixes)
-                       and base[k].is_floating_point())
-        unet_delta = max((tuned[k] - base[k]).abs().max().item() for k in base if k.startswith(UNET_PREFIX))
+        te_delta = max(
+            (tuned[k] - base[k]).abs().max().item()
+            for k in base
+            if k.startswith(te_prefixes) and base[k].is_floating_point()
+        )
+        unet_delta = max(
+            (tuned[k] - base[k]).abs().max().item() for k in base if k.startswith(UNET_PREFIX)
+        )
         assert te_delta < unet_delta  # the text encoder moves only slightly
 
 
@@ -74,8 +87,7 @@ def test_load_without_config_folder_uses_cached_tiny_config(tiny_sd1, tmp_path, 
     pipe = load_pipeline(tiny_sd1.b)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert (tmp_path / "configs" / "sd1-tiny" / "model_index.json").is_file()
-    assert pipe.unet.config.block_out_channels == (32, 32, 64, 64) or \
-        list(pipe.unet.config.block_out_channels) == [32, 32, 64, 64]
+    assert list(pipe.unet.config.block_out_channels) == [32, 32, 64, 64]
 
 
 def test_empty_pipeline_generates(fam):
@@ -97,7 +109,9 @@ def test_config_folder_is_idempotent_and_tokenizer_matches_open_clip(tmp_path):
     ids = CLIPTokenizer.from_pretrained(folder / "tokenizer")(text).input_ids
     reference = SimpleTokenizer()
     assert ids == [49406, *reference.encode(text), 49407]
-    padded = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")(text, padding="max_length").input_ids
+    padded = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")(
+        text, padding="max_length"
+    ).input_ids
     assert len(padded) == 77 and padded[-1] == 0  # tokenizer_2 pads with "!" (id 0)
 
 
@@ -106,14 +120,30 @@ def test_full_configs_are_the_public_models(arch_name):
     """Parameter counts of the public SD1.5 / SD2.1 / SDXL base components."""
     from merge_backend.pipeline import build_module
 
-    expected = {"sd1": {"unet": 859_520_964, "te": 123_060_480},
-                "sd2": {"unet": 865_910_724, "te": 340_387_840},
-                "sdxl": {"unet": 2_567_463_684, "te1": 123_060_480, "te2": 694_659_840}}[arch_name]
+    expected = {
+        "sd1": {"unet": 859_520_964, "te": 123_060_480},
+        "sd2": {"unet": 865_910_724, "te": 340_387_840},
+        "sdxl": {"unet": 2_567_463_684, "te1": 123_060_480, "te2": 694_659_840},
+    }[arch_name]
     expected["vae"] = 83_653_863
     files = CONFIG_FOLDERS[(arch_name, "full")]
     arch = ARCHITECTURES[arch_name]
-    folders = {"unet": "unet", "vae": "vae", **{te.name: te.diffusers_folder for te in arch.text_encoders}}
+    folders = {
+        "unet": "unet",
+        "vae": "vae",
+        **{te.name: te.diffusers_folder for te in arch.text_encoders},
+    }
     for component, count in expected.items():
         with torch.device("meta"):
             module = build_module(component, files[f"{folders[component]}/config.json"], arch=arch)
         assert sum(p.numel() for p in module.parameters()) == count, component
+
+
+@pytest.mark.gpu
+def test_loads_and_generates_on_gpu_in_fp16(fam):
+    pipe = load_pipeline(fam.base, config_folder=fam.config_folder, device="cuda",
+                         dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.unet.device.type == "cuda"
+    assert torch.isfinite(_generate(pipe)).all()
+    empty = empty_pipeline(fam.arch, "tiny", "cuda", torch.float16, config_folder=fam.config_folder)
+    assert torch.isfinite(_generate(empty)).all()

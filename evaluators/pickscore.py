@@ -1,0 +1,137 @@
+"""PickScore: a transformers ``CLIPModel`` (CLIP-H) fine-tuned on human preferences.
+
+Score = ``logit_scale.exp() · cos(image_emb, text_emb)``; typical SD range 18–23, comparable
+only within one prompt. The model loads from a local folder; preprocessing reads the folder's
+``preprocessor_config.json`` (shortest-edge resize, centre crop, mean/std) and repeats what
+``CLIPImageProcessor`` does with torch ops on tensors, so batches are preprocessed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoTokenizer, CLIPModel
+
+from evaluators._image_ops import ImagePreprocess
+from evaluators.scorer import ScorerConfig, batches, check_images, register_scorer, require_dir
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample codes CLIPImageProcessor stores
+
+
+class PickScoreConfig(ScorerConfig):
+    """Config for ``pickscore``: the model folder and (if separate) the processor folder.
+
+    Example:
+        >>> PickScoreConfig(model_dir="PickScore_v1",
+        ...                 processor_dir="CLIP-ViT-H-14-laion2B-s32B-b79K")  # doctest: +SKIP
+    """
+
+    kind: Literal["pickscore"] = "pickscore"
+    model_dir: Path
+    processor_dir: Path | None = None  # tokenizer + preprocessor_config.json; default model_dir
+    default_range: ClassVar[tuple[float, float]] = (18.0, 23.0)
+
+    @property
+    def processor_folder(self) -> Path:
+        return self.processor_dir or self.model_dir
+
+    def check_files(self) -> None:
+        require_dir(self.model_dir, "model", ["config.json"])
+        if not any((self.model_dir / name).is_file() for name in _WEIGHT_FILES):
+            raise ValueError(f"model folder {self.model_dir} holds none of "
+                             f"{', '.join(_WEIGHT_FILES)}")
+        require_dir(self.processor_folder, "processor", ["preprocessor_config.json"])
+        if not any((self.processor_folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise ValueError(f"processor folder {self.processor_folder} holds no tokenizer "
+                             f"({' or '.join(_TOKENIZER_FILES)})")
+
+
+class PickScoreScorer:
+    """PickScore per image against its prompt; built by ``build_scorer``.
+
+    Example:
+        >>> config = PickScoreConfig(model_dir="PickScore_v1")     # doctest: +SKIP
+        >>> scorer = build_scorer(config, device="cuda")            # doctest: +SKIP
+        >>> scorer.score(images, ["a cat", "a dog"])                # doctest: +SKIP
+        tensor([21.4, 20.9])
+    """
+
+    def __init__(self, name: str, model: CLIPModel, tokenizer: Any, preprocess: ImagePreprocess,
+                 device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.name = name
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self._text_cache: dict[str, Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: PickScoreConfig, device: torch.device,
+                    dtype: torch.dtype) -> PickScoreScorer:
+        model = CLIPModel.from_pretrained(config.model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(config.processor_folder, local_files_only=True)
+        preprocess = _preprocess_from(config.processor_folder / "preprocessor_config.json")
+        return cls(config.label, model, tokenizer, preprocess, device, dtype, config.batch_size)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.float().exp())
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """L2-normalised image embeddings ``[N, D]`` (float32, CPU)."""
+        out = []
+        for s in batches(images.shape[0], self.batch_size):
+            pixels = self.preprocess(images[s].to(self.device)).to(self.dtype)
+            out.append(_features(self.model.get_image_features(pixel_values=pixels)))
+        return F.normalize(torch.cat(out).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """L2-normalised prompt embeddings ``[N, D]`` (float32, CPU), one prompt at a time,
+        cached by text."""
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._text_cache:
+                tokens = self.tokenizer([prompt], padding=True, truncation=True, max_length=77,
+                                        return_tensors="pt").to(self.device)
+                features = _features(self.model.get_text_features(**tokens)).float()
+                self._text_cache[prompt] = F.normalize(features, dim=-1)[0].cpu()
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        check_images(images, prompts)
+        cosine = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(dim=-1)
+        return self.logit_scale * cosine
+
+
+def _features(output: Any) -> Tensor:
+    # transformers 5 returns a model output whose pooler_output is the projected feature.
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def _preprocess_from(path: Path) -> ImagePreprocess:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    size, crop = config.get("size", {}), config.get("crop_size", {})
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
+    if isinstance(crop, dict):
+        crop_hw = (crop.get("height", shortest), crop.get("width", shortest))
+    else:
+        crop_hw = (crop, crop)
+    return ImagePreprocess(
+        size=crop_hw, mean=tuple(config["image_mean"]), std=tuple(config["image_std"]),
+        interpolation=_RESAMPLE.get(config.get("resample", 3), "bicubic"),
+        resize_mode="shortest", shortest_edge=shortest,
+    )
+
+
+register_scorer("pickscore", PickScoreConfig, PickScoreScorer.from_config)
