@@ -33,7 +33,12 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 
 
 class Prompt(BaseModel):
-    """One probe prompt and its weight in the per-image score average."""
+    """One probe prompt and its weight in the per-image score average.
+
+    Example:
+        >>> Prompt(text="a castle at night", weight=2.0, negative="blurry").weight
+        2.0
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -194,8 +199,7 @@ def generate(pipe: Any, probe_set: ProbeSet,
     original_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(probe_set.scheduler, original_scheduler)
     try:
-        chunks = [_draw(pipe, probe_set, jobs[i : i + probe_set.batch_size], device)
-                  for i in range(0, len(jobs), probe_set.batch_size)]
+        chunks = [_draw(pipe, probe_set, batch, device) for batch in _batches(probe_set, jobs)]
     finally:
         pipe.scheduler = original_scheduler
     return ProbeImages(
@@ -207,13 +211,33 @@ def generate(pipe: Any, probe_set: ProbeSet,
     )
 
 
+def _negative(probe_set: ProbeSet, job: ProbeJob) -> str:
+    return probe_set.negative_prompt if job.prompt.negative is None else job.prompt.negative
+
+
+def _batches(probe_set: ProbeSet, jobs: list[ProbeJob]) -> list[list[ProbeJob]]:
+    """Consecutive jobs, ``batch_size`` at most, never mixing empty and non-empty negatives.
+
+    SDXL zeroes the negative embedding only when the whole call has no negative prompt, so a
+    mixed batch would make an image depend on its batch mates.
+    """
+    batches: list[list[ProbeJob]] = []
+    for job in jobs:
+        last = batches[-1] if batches else None
+        if (last is None or len(last) == probe_set.batch_size
+                or bool(_negative(probe_set, last[0])) != bool(_negative(probe_set, job))):
+            batches.append([job])
+        else:
+            last.append(job)
+    return batches
+
+
 def _draw(pipe: Any, probe_set: ProbeSet, jobs: Sequence[ProbeJob],
           device: torch.device) -> Tensor:
     generators = [torch.Generator(device=device).manual_seed(job.seed) for job in jobs]
-    negatives = [probe_set.negative_prompt if job.prompt.negative is None else job.prompt.negative
-                 for job in jobs]
+    negatives = [_negative(probe_set, job) for job in jobs]
     # None keeps each pipeline's own empty-negative behaviour (SDXL zeroes it out).
-    negative: list[str] | None = None if not any(negatives) else negatives
+    negative: list[str] | None = negatives if any(negatives) else None
     output = pipe(
         prompt=[job.prompt.text for job in jobs],
         negative_prompt=negative,

@@ -57,7 +57,8 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "deis": SchedulerSpec("DEISMultistepScheduler", _NO_KARRAS),
     "ddim": SchedulerSpec("DDIMScheduler"),
     "ddpm": SchedulerSpec("DDPMScheduler"),
-    "pndm": SchedulerSpec("PNDMScheduler"),
+    # PLMS, as SD1.x checkpoints configure it (PNDM with the PRK warm-up fails below ~4 steps).
+    "pndm": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": SchedulerSpec("LMSDiscreteScheduler", requires=("scipy",)),
     "lcm": SchedulerSpec("LCMScheduler"),
 }

@@ -34,7 +34,16 @@ class ScorerError(ValueError):
 
 @runtime_checkable
 class Scorer(Protocol):
-    """``score(images [N,3,H,W] in [0,1], prompts) -> Tensor[N]`` on CPU; higher is better."""
+    """``score(images [N,3,H,W] in [0,1], prompts) -> Tensor[N]`` on CPU; higher is better.
+
+    Example:
+        >>> class Brightness:
+        ...     name = "brightness"
+        ...     def score(self, images, prompts):
+        ...         return images.mean(dim=(1, 2, 3))
+        >>> isinstance(Brightness(), Scorer)
+        True
+    """
 
     name: str
 
@@ -76,6 +85,10 @@ class ScorerConfig(BaseModel):
 
     ``name`` labels the scorer's column in score cards (default: ``kind``); ``weight`` and
     ``range`` (the typical raw (low, high), default per kind) say how it enters ``combine``.
+
+    Example:
+        >>> scorer_config({"kind": "sanity", "name": "guard", "weight": 2.0}).score_norm()
+        ScoreNorm(weight=2.0, low=0.0, high=1.0, penalty=True)
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -187,7 +187,7 @@ def _mbw_names(arch: Architecture) -> tuple[str, ...]:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def block_names(arch: Architecture, vocabulary: str) -> tuple[str, ...]:
     """The block names of a vocabulary, in the order ComfyUI / SuperMerger list them.
 

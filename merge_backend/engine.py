@@ -25,7 +25,7 @@ from .architectures import ARCHITECTURES
 from .engine_memory import MemoryPlan, plan_memory
 from .merge_file import open_sources
 from .naming import convert_value, key_maps
-from .plan import KeyPlan, plan_merge
+from .plan import IncompatibleSourcesError, KeyPlan, plan_merge
 from .recipe import Recipe, RecipeError
 
 DEFAULT_CHUNK = 1 << 24  # elements per streamed chunk (64 MiB of fp32 scratch)
@@ -112,11 +112,13 @@ class MergeEngine:
             for name, param in module.named_parameters():
                 km = maps[name]
                 kp = by_key.get(km.original)
+                if component != "unet":  # text encoders: one group each; op chosen per apply
+                    layout.setdefault(f"{component}:{component}", []).append((name, param, km, kp))
+                    continue
                 if kp is None or kp.op == "copy":
                     raise RecipeError(f"{component}.{name} ({km.original}) is not merged by the "
                                       "recipe; the pipeline does not match model1's architecture")
-                group = f"{component}:{kp.block}"
-                layout.setdefault(group, []).append((name, param, km, kp))
+                layout.setdefault(f"{component}:{kp.block}", []).append((name, param, km, kp))
         return layout
 
     def _roles(self, component: str) -> tuple[str, ...]:
@@ -163,6 +165,10 @@ class MergeEngine:
         offset = 0
         for _, param, km, _ in items:
             value = convert_value(km, ckpt.get(km.original)).reshape(-1)
+            if value.numel() != param.numel():
+                raise IncompatibleSourcesError(
+                    f"{ckpt.path}: {km.original} has {value.numel()} values, the pipeline's "
+                    f"parameter has {param.numel()} ({list(param.shape)}): another model variant")
             flat[offset:offset + value.numel()].copy_(value)
             offset += value.numel()
         return flat

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .architectures import ARCHITECTURES
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint, sha256_of
+from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint, sha256_of
 from .methods import apply_op
 from .plan import MergePlan, plan_merge
 from .recipe import Recipe, Source
@@ -55,7 +56,8 @@ def with_hashes(recipe: Recipe, sources: Mapping[str, Checkpoint] | None = None)
         digest = sha256_of(src.path)
         if src.sha256 and src.sha256 != digest:
             raise CheckpointError(f"{src.path}: sha256 is {digest[:12]}…, the recipe expects "
-                                  f"{src.sha256[:12]}… — the file changed since the recipe was made")
+                                  f"{src.sha256[:12]}… — the file changed since the recipe was "
+                                  "made")
         models[role] = Source(src.path, digest)
     return recipe.replace(models=models)
 
@@ -86,12 +88,46 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     check_output_path(output, recipe, overwrite)
     sources = open_sources(recipe)
     plan = plan_merge(recipe, sources)
-    recipe = with_hashes(recipe, sources)
+    # Hash the sources on background threads while the merge streams (hashlib releases the
+    # GIL); the header carries equal-length placeholders until the digests are known.
+    hashing = SourceHashes(recipe)
     planned, values = _execute(plan, sources, DTYPES[dtype], progress)
-    metadata = checkpoint_metadata(recipe, output, sources["model1"], extra_metadata)
-    stream_safetensors(output, planned, values, metadata)
-    return MergeResult(output, recipe, len(planned), len(plan.merged()),
+    metadata = checkpoint_metadata(hashing.placeholder_recipe, output, sources["model1"],
+                                   extra_metadata)
+    stream_safetensors(output, planned, values, metadata, finalize=hashing.replacements)
+    return MergeResult(output, hashing.final_recipe, len(planned), len(plan.merged()),
                        time.perf_counter() - start, plan.notes)
+
+
+class SourceHashes:
+    """sha256 of every source, computed on threads; checked against the Recipe's own."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.pool = ThreadPoolExecutor(max_workers=len(recipe.models))
+        self.futures = {role: self.pool.submit(sha256_of, src.path)
+                        for role, src in recipe.models.items()}
+        self.placeholders = {role: f"pending-sha256-{role}-".ljust(64, "0")
+                             for role in recipe.models}
+        self.placeholder_recipe = recipe.replace(models={
+            role: Source(src.path, self.placeholders[role]) for role, src in recipe.models.items()})
+        self.final_recipe = recipe
+
+    def digests(self) -> dict[str, str]:
+        out = {role: future.result() for role, future in self.futures.items()}
+        self.pool.shutdown()
+        for role, digest in out.items():
+            src = self.recipe.models[role]
+            if src.sha256 and src.sha256 != digest:
+                raise CheckpointError(
+                    f"{src.path}: sha256 is {digest[:12]}…, the recipe expects {src.sha256[:12]}… "
+                    "— the file changed since the recipe was made")
+        self.final_recipe = self.recipe.replace(models={
+            role: Source(src.path, out[role]) for role, src in self.recipe.models.items()})
+        return out
+
+    def replacements(self) -> dict[str, str]:
+        return {self.placeholders[role]: digest for role, digest in self.digests().items()}
 
 
 def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torch.dtype,
@@ -113,15 +149,25 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
             else:
                 # Text-encoder keys merge model1 with model2 whatever the UNet method is.
                 use = clip_roles if k.block in _text_encoder_names(recipe.arch) else roles
-                tensors = [sources[r].get(k.key) for r in use]
+                tensors = [sources[r].get(k.key, check_finite=False) for r in use]
                 merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
                                   arithmetic=recipe.arithmetic, work_dtype=out_dtype)
+                merged = merged.to(_out_dtype(merged.dtype, out_dtype))
+                if not all_finite(merged):  # NaN in a source propagates; find which
+                    _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
             yield merged.to(_out_dtype(merged.dtype, out_dtype))
             if progress and (i % 64 == 0 or i == total - 1):
                 progress(i + 1, total, k.key)
         yield from defaults.values()
 
     return planned, values()
+
+
+def _explain_non_finite(key: str, sources: list[Checkpoint], out_dtype: torch.dtype) -> None:
+    for ckpt in sources:
+        ckpt.get(key)  # raises, naming the file and the key
+    raise CheckpointError(f"merged tensor {key!r} overflows {out_dtype} (the ratios extrapolate "
+                          "too far); use --dtype fp32 or smaller ratios")
 
 
 def _text_encoder_names(arch: str) -> tuple[str, ...]:
@@ -132,7 +178,8 @@ def _out_dtype(stored: torch.dtype, wanted: torch.dtype) -> torch.dtype:
     return wanted if stored.is_floating_point else stored
 
 
-def _checkpoint_save_defaults(model1: Checkpoint, out_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _checkpoint_save_defaults(model1: Checkpoint, out_dtype: torch.dtype
+                              ) -> dict[str, torch.Tensor]:
     out = {}
     for key, fill in model1.arch.checkpoint_save_defaults:
         if fill == "arange77":

@@ -26,7 +26,9 @@ def weighted_sum(w1: torch.Tensor, w2: torch.Tensor, ratio: float, *, arithmetic
                  work_dtype: torch.dtype = F32) -> torch.Tensor:
     """ModelMergeSimple: ``ratio * w1 + (1 - ratio) * w2`` in float32."""
     if arithmetic == "fast":
-        return torch.lerp(w2.to(work_dtype).float(), w1.to(work_dtype).float(), ratio)
+        # lerp on half / bfloat16 computes in float32 and rounds once, so running it in the
+        # working dtype equals the float32 lerp cast back (and is what the engine runs).
+        return torch.lerp(w2.to(work_dtype), w1.to(work_dtype), ratio)
     return _comfy_patch(w1, w2, ratio, 1.0 - ratio)
 
 
@@ -51,9 +53,9 @@ def add_difference(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, ratio: 
     """
     k = (1.0 - ratio) * multiplier
     if arithmetic == "fast":
-        a = w1.to(work_dtype).float()
-        target = (a + (w2.to(work_dtype).float() - w3.to(work_dtype).float())).to(work_dtype)
-        return torch.lerp(a, target.float(), k)
+        a = w1.to(work_dtype)
+        target = (a.float() + (w2.to(work_dtype).float() - w3.to(work_dtype).float())).to(work_dtype)
+        return torch.lerp(a, target, k)
     diff = w2.to(F32) - w3.to(F32)
     out = w1.to(F32, copy=True)
     out += k * diff
@@ -72,7 +74,8 @@ def _comfy_patch(w1: torch.Tensor, w2: torch.Tensor, a: float, b: float) -> torc
 
 def apply_op(op: str, tensors: list[torch.Tensor], ratio: float, multiplier: float, *,
              arithmetic: str = "comfy", work_dtype: torch.dtype = F32) -> torch.Tensor:
-    """Run the method named ``op`` on tensors ordered as the method's roles; float32 result."""
+    """Run the method named ``op`` on tensors ordered as the method's roles (float32 result for
+    comfy arithmetic, ``work_dtype`` for fast)."""
     if op == "weighted_sum":
         return weighted_sum(tensors[0], tensors[1], ratio, arithmetic=arithmetic,
                             work_dtype=work_dtype)

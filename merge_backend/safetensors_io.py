@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {exc})")
+            raise SafetensorsError(
+                f"{path}: not a safetensors file (header is not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -69,7 +70,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             start, end = (base + int(o) for o in entry["data_offsets"])
             shape = tuple(int(s) for s in entry["shape"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise SafetensorsError(f"{path}: bad header entry for tensor {key!r}: {exc}")
+            raise SafetensorsError(f"{path}: bad header entry for tensor {key!r}: {exc}") from None
         numel = 1
         for s in shape:
             numel *= s
@@ -143,8 +144,13 @@ class AtomicWriter:
 
 
 def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Iterator[torch.Tensor],
-                       metadata: Mapping[str, str]) -> None:
-    """Write ``planned`` tensors (values arriving one by one, in order) atomically to ``target``."""
+                       metadata: Mapping[str, str],
+                       finalize: Callable[[], Mapping[str, str]] | None = None) -> None:
+    """Write ``planned`` tensors (values arriving one by one, in order) atomically to ``target``.
+
+    ``finalize``, called after the last tensor, returns {placeholder: value} replacements of
+    equal length for the header (e.g. sha256 digests computed while the tensors streamed).
+    """
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for p in planned:
@@ -166,3 +172,11 @@ def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Itera
             count += 1
         if count != len(planned):
             raise ValueError("internal: fewer tensors than planned")
+        if finalize is not None:
+            final = blob
+            for placeholder, value in finalize().items():
+                if len(placeholder) != len(value):
+                    raise ValueError("internal: a header placeholder changes length")
+                final = final.replace(placeholder.encode(), value.encode())
+            f.seek(8)
+            f.write(final)

@@ -82,12 +82,13 @@ def tiny_base_state_dict(arch_name: str, config_folder: Path, seed: int = 0) -> 
     return sd
 
 
-def _changed_by(arch_name: str, finetune: str, key: str) -> float:
+def _changed_by(arch_name: str, finetune: str, key: str, unet_strength: float = UNET_STRENGTH
+                ) -> float:
     """The noise strength a fine-tune applies to ``key`` (0.0: unchanged)."""
     arch = ARCHITECTURES[arch_name]
     if key.startswith(UNET_PREFIX):
         inner = key[len(UNET_PREFIX):]
-        return UNET_STRENGTH if inner.startswith(FINETUNE_BLOCKS[finetune]) else 0.0
+        return unet_strength if inner.startswith(FINETUNE_BLOCKS[finetune]) else 0.0
     if key.endswith(arch.clip_skip_suffixes):
         return 0.0
     if any(key.startswith(te.prefix) for te in arch.text_encoders):
@@ -95,13 +96,14 @@ def _changed_by(arch_name: str, finetune: str, key: str) -> float:
     return 0.0
 
 
-def perturb(arch_name: str, base: dict[str, Tensor], finetune: str, seed: int) -> dict[str, Tensor]:
+def perturb(arch_name: str, base: dict[str, Tensor], finetune: str, seed: int,
+            unet_strength: float = UNET_STRENGTH) -> dict[str, Tensor]:
     """A fine-tune of ``base``: seeded noise on the keys ``FINETUNE_BLOCKS`` names."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(base):
         value = base[key]
-        strength = _changed_by(arch_name, finetune, key)
+        strength = _changed_by(arch_name, finetune, key, unet_strength)
         if strength and value.is_floating_point():
             scale = max(value.pow(2).mean().sqrt().item(), _MIN_SCALE) * strength
             value = value + scale * torch.randn(value.shape, generator=generator, dtype=value.dtype)
@@ -109,10 +111,12 @@ def perturb(arch_name: str, base: dict[str, Tensor], finetune: str, seed: int) -
     return out
 
 
-def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0) -> TinyFamily:
+def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
+                      unet_strength: float = UNET_STRENGTH) -> TinyFamily:
     """Write base / finetune_a / finetune_b .safetensors and a tiny config folder into ``folder``.
 
-    Deterministic: the same ``arch`` and ``seed`` give byte-identical files.
+    Deterministic: the same ``arch``, ``seed`` and ``unet_strength`` give byte-identical files.
+    ``unet_strength`` scales the fine-tunes' UNet noise (relative to each tensor's RMS).
     """
     if arch not in TINY_ARCHS:
         raise ValueError(f"no tiny family for arch {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
@@ -124,7 +128,7 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0) -> TinyFam
     metadata = {"format": "pt"}
     paths = {}
     for i, name in enumerate(("base", *FINETUNE_BLOCKS)):
-        sd = base if name == "base" else perturb(arch, base, name, seed * 1000 + i)
+        sd = base if name == "base" else perturb(arch, base, name, seed * 1000 + i, unet_strength)
         paths[name] = folder / f"{name}.safetensors"
         save_file(sd, str(paths[name]), metadata=metadata)
     return TinyFamily(arch, paths["base"], paths["finetune_a"], paths["finetune_b"], config_folder)

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .cli_merge import add_merge_parser
+from .cli_study import add_study_parsers
 from .cli_tiny import add_tiny_parser
 
 
@@ -15,13 +16,32 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergesearch",
         description="Find good Stable Diffusion block merges automatically.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_study_parsers(sub)
     add_merge_parser(sub)
     add_tiny_parser(sub)
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress: no per-load bars or experimental notices."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*experimental feature.*")
+    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import diffusers.utils.logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

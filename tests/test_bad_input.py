@@ -162,8 +162,8 @@ def test_failure_mid_write_leaves_nothing(tmp_path, tiny_sd1, monkeypatch):
                 raise OSError("No space left on device")
             yield v
 
-    def patched(target, planned, values, metadata):
-        return real(target, planned, exploding(values), metadata)
+    def patched(target, planned, values, metadata, **kw):
+        return real(target, planned, exploding(values), metadata, **kw)
     monkeypatch.setattr("merge_backend.merge_file.stream_safetensors", patched)
     out = tmp_path / "m.safetensors"
     assert main(["merge", "simple", str(tiny_sd1.a), str(tiny_sd1.b), "-o", str(out)]) != 0

@@ -1,0 +1,71 @@
+"""Benchmark (issue 2): `mergesearch merge layers` on two full-size SD1.5 fp16 files.
+
+Side by side in one run: our streamed per-block merge (fast = one lerp per tensor, as the
+plain script; comfy = ComfyUI's bit-exact float32 sequence) vs a plain script (safetensors
+load_file of both + per-key torch.lerp + save_file). Goals: time <= 1.2x the plain script,
+peak RSS <= 2.5x one model file.
+
+    .venv/bin/python benchmarks/merge_cli.py [--arch sd1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fullsize import full_size_files, goal, machine, run_measured  # noqa: E402
+
+PLAIN = """
+import torch
+from safetensors.torch import load_file, save_file
+a = load_file({a!r}); b = load_file({b!r})
+out = {{}}
+for k, w1 in a.items():
+    if k.startswith("model.diffusion_model."):
+        r = 0.3 if ".input_blocks." in k else 0.7
+        out[k] = torch.lerp(b[k], w1, r)
+    else:
+        out[k] = w1
+save_file(out, {out!r})
+"""
+
+OURS = """
+from search.cli import main
+rc = main(["merge", "layers", {a!r}, {b!r}, "-o", {out!r}, "--vocabulary", "mbw",
+           "--ratios-file", {ratios!r}, "--quiet", "--overwrite", "--arithmetic", {arith!r}])
+assert rc == 0
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="sd1")
+    args = parser.parse_args()
+    a, b = full_size_files(args.arch, 2)
+    size = a.stat().st_size
+    print(f"machine: {machine()}; model file {size / 2**30:.2f} GiB ({args.arch}, fp16)")
+    with tempfile.TemporaryDirectory(dir=a.parent) as tmp:
+        ratios = Path(tmp) / "ratios.yaml"
+        ratios.write_text("".join(f"IN{i:02d}: 0.3\n" for i in range(12)) + "M00: 0.7\n")
+        rows = {}
+        runs = (("plain", PLAIN, ""), ("fast", OURS, "fast"), ("comfy", OURS, "comfy"))
+        for name, code, arith in runs:
+            out = str(Path(tmp) / f"{name}.safetensors")
+            rows[name] = run_measured(code.format(a=str(a), b=str(b), out=out, ratios=str(ratios),
+                                                  arith=arith))
+            print(f"{name:6s} wall {rows[name][0]:7.2f} s  peak RSS {rows[name][1] / 2**30:6.2f} GiB"
+                  f"  ({rows[name][0] / rows['plain'][0]:.2f}x time, "
+                  f"{rows[name][1] / size:.2f}x file size)")
+    # The plain script lerps; `--arithmetic fast` is the same lerp (the study engine's), so it
+    # carries the goal. `comfy` (the CLI default) is ComfyUI's bit-exact float32 sequence.
+    time_ratio = rows["fast"][0] / rows["plain"][0]
+    rss_ratio = max(rows["fast"][1], rows["comfy"][1]) / size
+    goal("merge_time_vs_plain", time_ratio, 1.2)
+    goal("merge_peak_rss_vs_model", rss_ratio, 2.5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""A ComfyUI workflow that rebuilds a Recipe's merge from its source checkpoints.
+
+The workflow uses only ComfyUI's own nodes, with input names exactly as they define them:
+
+    CheckpointLoaderSimple (one per source; ckpt_name = the source's file name)
+      -> ModelMergeSimple (single) | ModelMergeBlocks (blocks) |
+         ModelMergeSD1 / SD2 / SDXL (comfy; mbw converted to those sliders, exactly)
+         | ModelMergeSubtract | ModelMergeAdd
+         add_difference: ModelMergeSubtract(model2, base, multiplier) -> ModelMergeAdd(model1, .)
+                         -> the ratio node(model1, .): ratio r gives A + (1-r)*m*(B - C)
+      -> CLIPMergeSimple / Subtract / Add when the recipe merges the text encoders
+         (mbw BASE -> CLIPMergeSimple)
+      -> CheckpointSave
+    plus the probe prompt: CLIPTextEncode x2 -> KSampler -> VAEDecode -> PreviewImage.
+
+``ComfyWorkflow.api()`` is the API format (``{id: {class_type, inputs}}``, what ComfyUI's
+``/prompt`` takes); ``ComfyWorkflow.ui()`` is the format the editor saves and loads (nodes,
+links, ``widgets_values``). Ratios are ComfyUI's (model1's share), as in the Recipe. ComfyUI's
+sliders stop at [0, 1] and its multipliers at [-10, 10]: recipes past them are refused.
+
+The sampler chain is a preview, not a replica of the probe images: ComfyUI draws its noise
+differently from diffusers, so the same seed gives a different picture.
+
+Example:
+    >>> wf = comfy_workflow(recipe, prompt=ComfyPrompt("a red apple", seed=7))  # doctest: +SKIP
+    >>> wf.api()["3"]["class_type"]                                            # doctest: +SKIP
+    'ModelMergeSD1'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merge_backend.architectures import ARCHITECTURES, block_names
+from merge_backend.recipe import Recipe
+
+from ._files import atomic_write_text
+from .mbw import mbw_to_comfy
+
+Link = tuple[int, int]  # (node id, output slot)
+
+# class_type -> (link inputs [(name, type)], outputs [(name, type)]), as ComfyUI defines them.
+_MERGE_IO = ((("model1", "MODEL"), ("model2", "MODEL")), (("MODEL", "MODEL"),))
+_CLIP_IO = ((("clip1", "CLIP"), ("clip2", "CLIP")), (("CLIP", "CLIP"),))
+NODE_IO: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = {
+    "CheckpointLoaderSimple": ((), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
+    **{name: _MERGE_IO for name in ("ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSD1",
+                                    "ModelMergeSD2", "ModelMergeSDXL", "ModelMergeSubtract",
+                                    "ModelMergeAdd")},
+    **{name: _CLIP_IO for name in ("CLIPMergeSimple", "CLIPMergeSubtract", "CLIPMergeAdd")},
+    "CheckpointSave": ((("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")), ()),
+    "CLIPTextEncode": ((("clip", "CLIP"),), (("CONDITIONING", "CONDITIONING"),)),
+    "EmptyLatentImage": ((), (("LATENT", "LATENT"),)),
+    "KSampler": ((("model", "MODEL"), ("positive", "CONDITIONING"),
+                  ("negative", "CONDITIONING"), ("latent_image", "LATENT")),
+                 (("LATENT", "LATENT"),)),
+    "VAEDecode": ((("samples", "LATENT"), ("vae", "VAE")), (("IMAGE", "IMAGE"),)),
+    "PreviewImage": ((("images", "IMAGE"),), ()),
+}
+# The editor stores a "control after generate" value right after these widgets.
+_CONTROL_AFTER = {"KSampler": "seed"}
+_CLIP_NODES = {"weighted_sum": "CLIPMergeSimple", "subtract": "CLIPMergeSubtract",
+               "add": "CLIPMergeAdd"}
+MULTIPLIER_RANGE = (-10.0, 10.0)
+
+# Probe-set scheduler names (evaluators.schedulers) -> ComfyUI (sampler_name, scheduler).
+SAMPLERS: dict[str, tuple[str, str]] = {
+    "euler": ("euler", "normal"), "euler_karras": ("euler", "karras"),
+    "euler_a": ("euler_ancestral", "normal"), "heun": ("heun", "normal"),
+    "heun_karras": ("heun", "karras"), "dpm2": ("dpm_2", "normal"),
+    "dpm2_karras": ("dpm_2", "karras"), "dpm2_a": ("dpm_2_ancestral", "normal"),
+    "dpm2_a_karras": ("dpm_2_ancestral", "karras"), "dpm++_2m": ("dpmpp_2m", "normal"),
+    "dpm++_2m_karras": ("dpmpp_2m", "karras"), "dpm++_2m_sde": ("dpmpp_2m_sde", "normal"),
+    "dpm++_2m_sde_karras": ("dpmpp_2m_sde", "karras"),
+    "dpm++_2s": ("dpmpp_2s_ancestral", "normal"),  # ComfyUI's only 2S sampler is ancestral
+    "dpm++_2s_karras": ("dpmpp_2s_ancestral", "karras"),
+    "dpm++_sde": ("dpmpp_sde", "normal"), "dpm++_sde_karras": ("dpmpp_sde", "karras"),
+    "unipc": ("uni_pc", "normal"), "deis": ("deis", "normal"), "ddim": ("ddim", "ddim_uniform"),
+    "ddpm": ("ddpm", "normal"), "pndm": ("euler", "normal"), "lms": ("lms", "normal"),
+    "lcm": ("lcm", "sgm_uniform"),
+}
+_DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+class ComfyExportError(ValueError):
+    """A recipe ComfyUI's own nodes cannot express; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ComfyPrompt:
+    """What the workflow's sampler chain draws (one prompt, one seed)."""
+
+    text: str = "a photograph"
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    width: int | None = None  # None: the architecture's native size
+    height: int | None = None
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+
+    @classmethod
+    def from_probe_set(cls, probe_set: Mapping[str, Any]) -> ComfyPrompt:
+        """The first prompt and seed of a probe-set config dict (prompts already a list)."""
+        first = probe_set["prompts"][0]
+        first = {"text": first} if isinstance(first, str) else first
+        negative = first.get("negative")
+        if negative is None:
+            negative = probe_set.get("negative_prompt", "")
+        sampler, scheduler = SAMPLERS.get(probe_set.get("scheduler", "euler"), ("euler", "normal"))
+        return cls(text=first["text"], negative=negative,
+                   seed=int(probe_set.get("seeds", [0])[0]), steps=int(probe_set.get("steps", 20)),
+                   cfg=float(probe_set.get("cfg", 7.0)), width=probe_set.get("width"),
+                   height=probe_set.get("height"), sampler_name=sampler, scheduler=scheduler)
+
+
+@dataclass
+class ComfyNode:
+    id: int
+    class_type: str
+    title: str
+    links: dict[str, Link]
+    widgets: dict[str, Any]
+
+
+@dataclass
+class ComfyWorkflow:
+    """A node graph in both of ComfyUI's formats. Build it with ``comfy_workflow``."""
+
+    nodes: list[ComfyNode]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, class_type: str, title: str, links: Mapping[str, Link] | None = None,
+            widgets: Mapping[str, Any] | None = None) -> int:
+        links = dict(links or {})
+        expected = [name for name, _ in NODE_IO[class_type][0]]
+        if list(links) != expected:
+            raise ValueError(f"internal: {class_type} takes links {expected}, got {list(links)}")
+        node = ComfyNode(len(self.nodes) + 1, class_type, title, links, dict(widgets or {}))
+        self.nodes.append(node)
+        return node.id
+
+    def api(self) -> dict[str, dict[str, Any]]:
+        """The API format: ``{"id": {"class_type", "inputs", "_meta": {"title"}}}``."""
+        return {str(n.id): {"class_type": n.class_type,
+                            "inputs": {**{k: [str(src), slot] for k, (src, slot) in n.links.items()},
+                                       **n.widgets},
+                            "_meta": {"title": n.title}} for n in self.nodes}
+
+    def ui(self) -> dict[str, Any]:
+        """The editor format (LiteGraph, version 0.4): nodes, links and widgets_values."""
+        links: list[list[Any]] = []
+        out_links: dict[Link, list[int]] = {}
+        inputs: dict[int, list[dict[str, Any]]] = {}
+        for n in self.nodes:
+            inputs[n.id] = []
+            for slot, (name, kind) in enumerate(NODE_IO[n.class_type][0]):
+                link_id = len(links) + 1
+                src = n.links[name]
+                links.append([link_id, src[0], src[1], n.id, slot, kind])
+                out_links.setdefault(src, []).append(link_id)
+                inputs[n.id].append({"name": name, "type": kind, "link": link_id})
+        positions = _layout(self.nodes)
+        nodes = [_ui_node(n, order, inputs[n.id], out_links, positions[n.id])
+                 for order, n in enumerate(self.nodes)]
+        return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": nodes,
+                "links": links, "groups": [], "config": {}, "extra": dict(self.extra),
+                "version": 0.4}
+
+
+def _ui_node(n: ComfyNode, order: int, inputs: list, out_links: Mapping[Link, list[int]],
+             pos: tuple[float, float]) -> dict[str, Any]:
+    outputs = [{"name": name, "type": kind, "links": out_links.get((n.id, slot)) or None,
+                "slot_index": slot}
+               for slot, (name, kind) in enumerate(NODE_IO[n.class_type][1])]
+    values: list[Any] = []
+    for name, value in n.widgets.items():
+        values.append(value)
+        if _CONTROL_AFTER.get(n.class_type) == name:
+            values.append("fixed")
+    return {"id": n.id, "type": n.class_type, "title": n.title, "pos": list(pos),
+            "size": [340, _height(n)], "flags": {}, "order": order, "mode": 0,
+            "inputs": inputs, "outputs": outputs,
+            "properties": {"Node name for S&R": n.class_type}, "widgets_values": values}
+
+
+def _height(n: ComfyNode) -> int:
+    io = max(len(NODE_IO[n.class_type][0]), len(NODE_IO[n.class_type][1]))
+    return 30 + 22 * io + 24 * len(n.widgets)
+
+
+def _layout(nodes: list[ComfyNode]) -> dict[int, tuple[float, float]]:
+    """Columns by distance from the loaders; nodes stacked within a column."""
+    depth: dict[int, int] = {}
+    for n in nodes:  # nodes are added after their inputs
+        depth[n.id] = 1 + max((depth[src] for src, _ in n.links.values()), default=-1)
+    pos, column_y = {}, {}
+    for n in nodes:
+        y = column_y.get(depth[n.id], 40.0)
+        pos[n.id] = (40.0 + 400.0 * depth[n.id], y)
+        column_y[depth[n.id]] = y + _height(n) + 40
+    return pos
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def blend_node(recipe: Recipe) -> tuple[str, dict[str, float]]:
+    """The ratio node for the recipe's vocabulary and its slider values, in the node's order."""
+    arch = ARCHITECTURES[recipe.arch]
+    r = recipe.ratios
+    if recipe.vocabulary == "single":
+        return "ModelMergeSimple", {"ratio": r["all"]}
+    if recipe.vocabulary == "blocks":
+        return "ModelMergeBlocks", {n: r[n] for n in ("input", "middle", "out")}
+    if recipe.vocabulary == "comfy":
+        return arch.comfy_node, {n: r[n] for n in block_names(arch, "comfy")}
+    return arch.comfy_node, mbw_to_comfy(arch, r)
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    if recipe.loras:
+        raise ComfyExportError("recipe.loras: baking LoRAs into a workflow is not supported yet")
+    if recipe.spec.uses_ratio:
+        bad = {k: v for k, v in recipe.ratios.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ComfyExportError(f"recipe.ratios: {bad} lie outside ComfyUI's [0, 1] sliders; "
+                                   "export the checkpoint instead")
+    clip = recipe.effective_clip()
+    limits = [("recipe.multiplier", recipe.multiplier if recipe.spec.uses_multiplier else 0.0,
+               MULTIPLIER_RANGE)]
+    if clip is not None:
+        limits += [("recipe.clip.ratio", clip.ratio, (0.0, 1.0)),
+                   ("recipe.clip.multiplier", clip.multiplier, MULTIPLIER_RANGE)]
+    for where, value, (lo, hi) in limits:
+        if not lo <= value <= hi:
+            raise ComfyExportError(f"{where} = {value} is outside ComfyUI's range [{lo}, {hi}]")
+
+
+def _model_nodes(wf: ComfyWorkflow, recipe: Recipe, loaders: Mapping[str, int]) -> Link:
+    m1, m2 = (loaders["model1"], 0), (loaders["model2"], 0)
+    m = recipe.multiplier
+    if recipe.method == "subtract":
+        return wf.add("ModelMergeSubtract", "merge: multiplier*(model1 - model2)",
+                      {"model1": m1, "model2": m2}, {"multiplier": m}), 0
+    if recipe.method == "add":
+        return wf.add("ModelMergeAdd", "merge: model1 + model2", {"model1": m1, "model2": m2}), 0
+    if recipe.method == "add_difference":
+        diff = wf.add("ModelMergeSubtract", "difference: multiplier*(model2 - base)",
+                      {"model1": m2, "model2": (loaders["base"], 0)}, {"multiplier": m})
+        target = wf.add("ModelMergeAdd", "model1 + difference", {"model1": m1, "model2": (diff, 0)})
+        m2 = (target, 0)
+    class_type, sliders = blend_node(recipe)
+    return wf.add(class_type, "merge: ratio = model1's share", {"model1": m1, "model2": m2},
+                  sliders), 0
+
+
+def _clip_nodes(wf: ComfyWorkflow, recipe: Recipe, loaders: Mapping[str, int]) -> Link:
+    c1, c2 = (loaders["model1"], 1), (loaders["model2"], 1)
+    clip = recipe.effective_clip()
+    if clip is None:
+        return c1  # ComfyUI's model merges keep model1's text encoders
+    widgets = {"weighted_sum": {"ratio": clip.ratio}, "subtract": {"multiplier": clip.multiplier},
+               "add": {}}[clip.method]
+    return wf.add(_CLIP_NODES[clip.method], "text encoders", {"clip1": c1, "clip2": c2},
+                  widgets), 0
+
+
+def _sampler_nodes(wf: ComfyWorkflow, arch: str, prompt: ComfyPrompt, model: Link, clip: Link,
+                   vae: Link) -> None:
+    size = _DEFAULT_SIZE[arch]
+    positive = wf.add("CLIPTextEncode", "probe prompt", {"clip": clip}, {"text": prompt.text})
+    negative = wf.add("CLIPTextEncode", "negative prompt", {"clip": clip},
+                      {"text": prompt.negative})
+    latent = wf.add("EmptyLatentImage", "Empty Latent Image", {},
+                    {"width": prompt.width or size, "height": prompt.height or size,
+                     "batch_size": 1})
+    sampler = wf.add("KSampler", "KSampler",
+                     {"model": model, "positive": (positive, 0), "negative": (negative, 0),
+                      "latent_image": (latent, 0)},
+                     {"seed": prompt.seed, "steps": prompt.steps, "cfg": prompt.cfg,
+                      "sampler_name": prompt.sampler_name, "scheduler": prompt.scheduler,
+                      "denoise": 1.0})
+    decoded = wf.add("VAEDecode", "VAE Decode", {"samples": (sampler, 0), "vae": vae})
+    wf.add("PreviewImage", "Preview Image", {"images": (decoded, 0)})
+
+
+def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: str = "merged",
+                   extra: Mapping[str, Any] | None = None) -> ComfyWorkflow:
+    """The workflow that rebuilds ``recipe`` in ComfyUI (see the module docstring).
+
+    ``name`` becomes CheckpointSave's ``checkpoints/<name>`` prefix; ``extra`` is stored in the
+    editor format's ``extra.mergesearch`` (with the Recipe).
+    """
+    recipe.validate()
+    _check_ranges(recipe)
+    wf = ComfyWorkflow([], {"mergesearch": {"recipe": recipe.to_dict(), **(extra or {})}})
+    loaders = {role: wf.add("CheckpointLoaderSimple", f"{role}: {Path(src.path).name}", {},
+                            {"ckpt_name": Path(src.path).name})
+               for role, src in recipe.models.items() if role in recipe.spec.roles}
+    model = _model_nodes(wf, recipe, loaders)
+    clip = _clip_nodes(wf, recipe, loaders)
+    vae = (loaders["model1"], 2)
+    wf.add("CheckpointSave", "save the merge", {"model": model, "clip": clip, "vae": vae},
+           {"filename_prefix": f"checkpoints/{name}"})
+    _sampler_nodes(wf, recipe.arch, prompt or ComfyPrompt(), model, clip, vae)
+    return wf
+
+
+def write_comfy_workflow(workflow: ComfyWorkflow, ui_path: Path, api_path: Path) -> None:
+    """Write the editor format to ``ui_path`` and the API format to ``api_path``, atomically."""
+    atomic_write_text(Path(ui_path), json.dumps(workflow.ui(), indent=2) + "\n")
+    atomic_write_text(Path(api_path), json.dumps(workflow.api(), indent=2) + "\n")

@@ -1,0 +1,45 @@
+"""A merge as a diffusers pipeline folder, written offline and atomically.
+
+The merge is written as a checkpoint (the same bytes ``merge_to_file`` gives) inside the
+temporary folder, loaded with ``load_pipeline`` against a local config folder, saved with
+``save_pretrained`` (safetensors) and the temporary folder renamed into place. Nothing is
+fetched from a model hub.
+
+Example:
+    >>> export_diffusers(recipe, Path("out/merged-diffusers"), dtype="fp16")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from merge_backend.merge_file import DTYPES, merge_to_file
+from merge_backend.pipeline import load_pipeline
+from merge_backend.recipe import Recipe
+
+from ._files import atomic_folder
+
+
+def export_diffusers(recipe: Recipe, folder: Path, *, dtype: str = "fp16",
+                     config_folder: Path | None = None,
+                     extra_metadata: Mapping[str, str] | None = None,
+                     checkpoint: Path | None = None) -> Path:
+    """Write ``recipe``'s merge as a diffusers pipeline folder at ``folder``.
+
+    ``checkpoint``: an already merged file of this recipe (at ``dtype``) to load instead of
+    merging again. ``config_folder``: the diffusers configs to load with (default: the built-in
+    folder of the detected architecture and size). An existing ``folder`` is replaced.
+    """
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        source = checkpoint
+        if source is None:
+            source = tmp / "merged.safetensors"
+            merge_to_file(recipe, source, dtype=dtype, extra_metadata=extra_metadata)
+        pipe = load_pipeline(source, arch=recipe.arch, config_folder=config_folder,
+                             dtype=DTYPES[dtype])
+        if checkpoint is None:
+            source.unlink()
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+    return folder

@@ -1,0 +1,269 @@
+"""Planning and running exports: every check first, then the files, each one atomically.
+
+``plan_exports`` validates everything an export needs before anything is written: each
+Recipe, that every source file exists and still has the sha256 the Recipe recorded, that the
+SuperMerger conversion is exact (or allowed to be lossy), that no output would overwrite a
+source or (without ``overwrite``) an existing file. ``run_exports`` then writes the outputs.
+
+Formats and their names (``STEM`` is the item's stem, e.g. ``mystudy-trial7``):
+    checkpoint  STEM.safetensors          merge_to_file + study/trial/scores metadata
+    diffusers   STEM-diffusers/           a diffusers pipeline folder (save_pretrained)
+    comfyui     STEM.comfyui.json         the ComfyUI editor format, and
+                STEM.comfyui.api.json     the API format
+    mbw         STEM.mbw.txt              SuperMerger's block-weight line
+    report      STEM.report.html          images, ratio chart, scores and Recipe in one page
+With one item and one format, an output path ending in the format's suffix names the file
+itself (comfyui: ``X.json`` and ``X.api.json``); otherwise it is the folder written into.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merge_backend.checkpoint import sha256_of
+from merge_backend.merge_file import DTYPES, merge_to_file
+from merge_backend.recipe import Recipe, RecipeError
+
+from ._files import atomic_write_text
+from .comfyui import ComfyPrompt, comfy_workflow, write_comfy_workflow
+from .diffusers_export import export_diffusers
+from .mbw import mbw_ratios, mbw_string
+from .report import ReportImage, render_report
+
+FORMATS = ("checkpoint", "diffusers", "comfyui", "mbw", "report")
+_FILE_SUFFIX = {"checkpoint": ".safetensors", "comfyui": ".json", "mbw": ".txt",
+                "report": ".html"}
+Draw = Callable[[Any], bytes]  # a live pipeline -> PNG bytes of its probe grid
+
+
+class ExportError(ValueError):
+    """An export that cannot run; nothing has been written when this is raised in planning."""
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One merge to export, with what is known about where it came from.
+
+    ``metadata`` goes into the checkpoint (``mergesearch.study`` etc.); ``scores`` and
+    ``details`` into the report; ``probe_png`` is the trial's stored probe grid, shown as the
+    candidate in the report instead of drawing it again.
+    """
+
+    recipe: Recipe
+    stem: str
+    title: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    scores: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    prompt: ComfyPrompt | None = None
+    probe_png: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    item: ExportItem
+    format: str
+    paths: tuple[Path, ...]
+
+
+@dataclass
+class ExportPlan:
+    outputs: list[PlannedOutput]
+    dtype: str = "fp16"
+    overwrite: bool = False
+    mbw_lossy: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def output_paths(item: ExportItem, fmt: str, output: Path, as_file: bool) -> tuple[Path, ...]:
+    """Where ``fmt`` of ``item`` goes (see the module docstring)."""
+    if as_file:
+        if fmt == "comfyui":
+            return output, output.with_name(output.stem + ".api.json")
+        return (output,)
+    names = {"checkpoint": (f"{item.stem}.safetensors",), "diffusers": (f"{item.stem}-diffusers",),
+             "comfyui": (f"{item.stem}.comfyui.json", f"{item.stem}.comfyui.api.json"),
+             "mbw": (f"{item.stem}.mbw.txt",), "report": (f"{item.stem}.report.html",)}[fmt]
+    return tuple(output / n for n in names)
+
+
+def check_sources(recipe: Recipe, hashes: dict[str, str] | None = None) -> None:
+    """Every source exists and has the sha256 the Recipe recorded (``hashes`` caches digests)."""
+    hashes = {} if hashes is None else hashes
+    for role, src in recipe.models.items():
+        path = Path(src.path)
+        if not path.exists():
+            raise ExportError(f"recipe.models.{role}: source {path} is missing (resolved from "
+                              f"{Path.cwd()}); put the file back where the recipe points")
+        if src.sha256 is None:
+            continue
+        key = str(path.resolve())
+        if key not in hashes:
+            hashes[key] = sha256_of(path)
+        if hashes[key] != src.sha256:
+            raise ExportError(
+                f"recipe.models.{role}: {path} changed since the merge was scored: its sha256 is "
+                f"{hashes[key][:12]}…, the recipe recorded {src.sha256[:12]}…; restore that file "
+                "(exporting it now would not reproduce the scored merge)")
+
+
+def _check_item(item: ExportItem, formats: Sequence[str], mbw_lossy: bool,
+                hashes: dict[str, str], notes: list[str]) -> None:
+    try:
+        item.recipe.validate()
+    except RecipeError as exc:
+        raise ExportError(f"{item.title}: {exc}") from None
+    if item.recipe.loras:
+        raise ExportError(f"{item.title}: recipe.loras: exporting recipes with LoRAs is not "
+                          "supported yet")
+    check_sources(item.recipe, hashes)
+    if "mbw" in formats:
+        try:
+            _, lossy_notes = mbw_ratios(item.recipe, lossy=mbw_lossy)
+        except ValueError as exc:
+            raise ExportError(f"{item.title}: --to mbw: {exc}") from None
+        notes += [f"{item.title}: {n}" for n in lossy_notes]
+    if "comfyui" in formats:
+        try:
+            comfy_workflow(item.recipe, prompt=item.prompt, name=item.stem)
+        except ValueError as exc:
+            raise ExportError(f"{item.title}: --to comfyui: {exc}") from None
+
+
+def _check_paths(outputs: Sequence[PlannedOutput], overwrite: bool,
+                 protected: Sequence[Path]) -> None:
+    seen: set[Path] = set()
+    keep = {p.resolve() for p in protected}
+    keep |= {Path(s.path).resolve() for out in outputs for s in out.item.recipe.models.values()}
+    for out in outputs:
+        for path in out.paths:
+            resolved = path.resolve()
+            if resolved in keep:
+                raise ExportError(f"output {path} is a source file; choose another -o")
+            if resolved in seen:
+                raise ExportError(f"two outputs would both be written to {path}; give a folder "
+                                  "as -o")
+            seen.add(resolved)
+            if path.exists() and not overwrite:
+                raise ExportError(f"output {path} exists; pass --overwrite to replace it")
+            if path.exists() and (path.is_dir() != (out.format == "diffusers")):
+                raise ExportError(f"output {path} exists and is a "
+                                  f"{'folder' if path.is_dir() else 'file'}; remove it first")
+
+
+def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Path, *,
+                 dtype: str = "fp16", overwrite: bool = False, mbw_lossy: bool = False,
+                 protected: Sequence[Path] = ()) -> ExportPlan:
+    """Check everything and decide every output path; raise ExportError, writing nothing.
+
+    ``protected``: further paths no output may take (the export's own source file).
+    """
+    if not items:
+        raise ExportError("nothing to export")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    formats = list(dict.fromkeys(formats))
+    output = Path(output)
+    as_file = (len(items) == 1 and len(formats) == 1
+               and output.suffix.lower() == _FILE_SUFFIX.get(formats[0]))
+    if output.exists() and not output.is_dir() and not as_file:
+        raise ExportError(f"-o {output} is a file; give a folder (or one format and one trial "
+                          "with a matching suffix)")
+    notes: list[str] = []
+    hashes: dict[str, str] = {}
+    for item in items:
+        _check_item(item, formats, mbw_lossy, hashes, notes)
+    outputs = [PlannedOutput(item, fmt, output_paths(item, fmt, output, as_file))
+               for item in items for fmt in formats]
+    _check_paths(outputs, overwrite, protected)
+    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def _checkpoint_metadata(item: ExportItem) -> dict[str, str]:
+    return {k: str(v) for k, v in item.metadata.items()}
+
+
+def report_images(item: ExportItem, draw: Draw | None, *, config_folder: Path | None = None,
+                  device: str = "cpu") -> tuple[list[ReportImage], list[str]]:
+    """The candidate's probe grid beside both parents' (drawn with ``draw``), and notes."""
+    if draw is None:
+        note = "no probe set: images omitted (pass --probes to draw them)"
+        stored = [ReportImage(f"candidate: {item.title}", item.probe_png)] if item.probe_png else []
+        return stored, [note]
+    from merge_backend.engine import MergeEngine
+    from merge_backend.pipeline import load_pipeline
+
+    recipe = item.recipe
+    dtype = DTYPES["fp32" if device == "cpu" else "fp16"]
+    drawn: dict[str, bytes] = {}
+    for role in ("model1", "model2"):
+        pipe = load_pipeline(Path(recipe.models[role].path), arch=recipe.arch,
+                             config_folder=config_folder, device=device, dtype=dtype)
+        drawn[role] = draw(pipe)
+        if role == "model1" and item.probe_png is None:
+            MergeEngine(pipe, recipe).apply(recipe)  # the candidate, in model1's pipeline
+            drawn["candidate"] = draw(pipe)
+        del pipe
+    candidate = item.probe_png if item.probe_png is not None else drawn["candidate"]
+    names = {role: Path(recipe.models[role].path).name for role in ("model1", "model2")}
+    images = [ReportImage(f"model1: {names['model1']}", drawn["model1"]),
+              ReportImage(f"candidate: {item.title}", candidate),
+              ReportImage(f"model2: {names['model2']}", drawn["model2"])]
+    return images, []
+
+
+def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str], Path],
+             draw: Draw | None, config_folder: Path | None, device: str) -> None:
+    item, recipe = out.item, out.item.recipe
+    if out.format == "checkpoint":
+        merge_to_file(recipe, out.paths[0], dtype=plan.dtype, overwrite=plan.overwrite,
+                      extra_metadata=_checkpoint_metadata(item))
+        written[(item.stem, "checkpoint")] = out.paths[0]
+    elif out.format == "diffusers":
+        export_diffusers(recipe, out.paths[0], dtype=plan.dtype, config_folder=config_folder,
+                         extra_metadata=_checkpoint_metadata(item),
+                         checkpoint=written.get((item.stem, "checkpoint")))
+    elif out.format == "comfyui":
+        extra = {"title": item.title, **{k: str(v) for k, v in item.metadata.items()}}
+        workflow = comfy_workflow(recipe, prompt=item.prompt, name=item.stem, extra=extra)
+        write_comfy_workflow(workflow, *out.paths)
+    elif out.format == "mbw":
+        atomic_write_text(out.paths[0], mbw_string(recipe, lossy=plan.mbw_lossy) + "\n")
+    elif out.format == "report":
+        images, notes = report_images(item, draw, config_folder=config_folder, device=device)
+        page = render_report(recipe, title=item.title, scores=item.scores, details=item.details,
+                             images=images, notes=notes + plan.notes)
+        atomic_write_text(out.paths[0], page)
+
+
+def run_exports(plan: ExportPlan, *, draw: Draw | None = None, config_folder: Path | None = None,
+                device: str = "cpu",
+                progress: Callable[[PlannedOutput], None] | None = None) -> list[Path]:
+    """Write every planned output (checkpoints first, so a diffusers folder reuses them)."""
+    order = sorted(plan.outputs, key=lambda o: FORMATS.index(o.format))
+    written: dict[tuple[str, str], Path] = {}
+    paths: list[Path] = []
+    for out in order:
+        if progress:
+            progress(out)
+        _run_one(plan, out, written, draw, config_folder, device)
+        paths += out.paths
+    return paths
+
+
+def scores_json(scores: Mapping[str, Any] | None) -> str:
+    """Scores as the JSON string stored in checkpoint metadata."""
+    return json.dumps(dict(scores or {}), sort_keys=True)

@@ -1,0 +1,189 @@
+"""SuperMerger's block-weight (MBW) strings, and the conversions between block vocabularies.
+
+SuperMerger writes a block merge as one comma-separated line of alphas in the order BASE,
+IN00.., M00, OUT.. (26 values for SD1/SD2, 20 for SDXL). Its alpha is model B's share, so for a
+weighted sum ``alpha = 1 - ratio`` (ratio = model1's share, ComfyUI's convention). For
+add-difference SuperMerger computes ``A + alpha * (B - C)`` per block, so
+``alpha = (1 - ratio) * multiplier``. Subtract and add have no SuperMerger block-weight form.
+
+What each vocabulary loses on the way to an MBW string (``mbw_ratios``):
+- ``mbw``, ``single``, ``blocks``: nothing. ModelMergeBlocks gives time_embed / label_emb the
+  ``input`` ratio and ``out.`` the ``out`` ratio, exactly where SuperMerger puts them.
+- ``comfy``: SuperMerger has one weight where ComfyUI has several sliders: IN00 covers
+  ``time_embed.``, ``label_emb.`` (SDXL) and ``input_blocks.0.``; M00 covers the three
+  ``middle_block.`` sliders; the last OUT covers ``out.``. When those differ the conversion
+  **raises** ``MbwError`` naming the sliders; with ``lossy=True`` it uses ``input_blocks.0.``,
+  the mean of the middle sliders and the last ``output_blocks.`` and returns a note for each.
+- BASE is the text encoders: 1 - the CLIPMergeSimple ratio (alpha 0 when the recipe keeps
+  model1's). A CLIPMergeSubtract / Add, or any text-encoder merge under add-difference, has no
+  BASE equivalent and raises. SuperMerger also blends the VAE by BASE; ComfyUI keeps model1's,
+  so the two tools differ there when the parents' VAEs differ.
+
+Example:
+    >>> from merge_backend.recipe import Recipe, Source, uniform_ratios
+    >>> r = Recipe(arch="sdxl", method="weighted_sum", vocabulary="mbw",
+    ...            ratios=uniform_ratios("sdxl", "mbw", 0.25),
+    ...            models={"model1": Source("a.safetensors"), "model2": Source("b.safetensors")})
+    >>> mbw_string(r).split(",")[:3]
+    ['0.75', '0.75', '0.75']
+    >>> parse_mbw(mbw_string(r), "sdxl") == r.ratios
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+from merge_backend.architectures import (
+    ARCHITECTURES,
+    MBW_TEXT_ENCODER_BLOCK,
+    Architecture,
+    block_names,
+)
+from merge_backend.recipe import Recipe
+
+DEFAULT_DIGITS = 6  # decimals written; ratios with at most this many decimals round-trip exactly
+
+
+class MbwError(ValueError):
+    """A recipe with no exact SuperMerger block-weight form, or an MBW string that is malformed."""
+
+
+# ---------------------------------------------------------------------------- vocabularies
+
+
+def mbw_to_comfy(arch: Architecture, ratios: dict[str, float]) -> dict[str, float]:
+    """MBW ratios (BASE ignored) as ModelMergeSD1/SD2/SDXL slider values, in the node's order.
+
+    Exact: every key gets the same ratio under both vocabularies (time_embed / label_emb go
+    with IN00 and ``out.`` with the last OUT, as SuperMerger and ``block_of`` do).
+    """
+    last_out = f"OUT{arch.n_output_blocks - 1:02d}"
+    out: dict[str, float] = {}
+    for name in block_names(arch, "comfy"):
+        if name in ("time_embed.", "label_emb."):
+            out[name] = ratios["IN00"]
+        elif name == "out.":
+            out[name] = ratios[last_out]
+        else:
+            kind, index = name.rstrip(".").split(".")
+            mbw = {"input_blocks": "IN", "middle_block": "M", "output_blocks": "OUT"}[kind]
+            out[name] = ratios["M00" if mbw == "M" else f"{mbw}{int(index):02d}"]
+    return out
+
+
+def _from_comfy(arch: Architecture, ratios: dict[str, float], lossy: bool) -> tuple[dict, list]:
+    dot = "." if arch.comfy_block_dot else ""
+    last = arch.n_output_blocks - 1
+    groups = {  # MBW block -> (the slider its value comes from, every slider it covers)
+        "IN00": (f"input_blocks.0{dot}", ["time_embed.", f"input_blocks.0{dot}"]
+                 + (["label_emb."] if arch.name == "sdxl" else [])),
+        f"OUT{last:02d}": (f"output_blocks.{last}{dot}", [f"output_blocks.{last}{dot}", "out."]),
+        "M00": (None, [f"middle_block.{i}{dot}" for i in range(3)]),
+    }
+    out: dict[str, float] = {}
+    notes: list[str] = []
+    for i in range(arch.n_input_blocks):
+        out[f"IN{i:02d}"] = ratios[f"input_blocks.{i}{dot}"]
+    for i in range(arch.n_output_blocks):
+        out[f"OUT{i:02d}"] = ratios[f"output_blocks.{i}{dot}"]
+    for block, (source, covered) in groups.items():
+        values = {name: ratios[name] for name in covered}
+        value = ratios[source] if source else sum(values.values()) / len(values)
+        out[block] = value
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{k}={v:g}" for k, v in values.items())
+            msg = (f"SuperMerger has one weight ({block}) for the ComfyUI sliders {shown}; "
+                   f"they differ")
+            if not lossy:
+                raise MbwError(msg + " — pass lossy=True (--mbw-lossy) to write "
+                               f"{block}={value:g} anyway")
+            notes.append(f"{msg}: wrote {block}={value:g}")
+    return out, notes
+
+
+def _unet_ratios(recipe: Recipe, lossy: bool) -> tuple[dict[str, float], list[str]]:
+    arch = ARCHITECTURES[recipe.arch]
+    names = [n for n in block_names(arch, "mbw") if n != MBW_TEXT_ENCODER_BLOCK]
+    if recipe.vocabulary == "mbw":
+        return {n: recipe.ratios[n] for n in names}, []
+    if recipe.vocabulary == "single":
+        return {n: recipe.ratios["all"] for n in names}, []
+    if recipe.vocabulary == "blocks":
+        def group(n: str) -> str:
+            return "input" if n.startswith("IN") else "middle" if n == "M00" else "out"
+        return {n: recipe.ratios[group(n)] for n in names}, []
+    return _from_comfy(arch, recipe.ratios, lossy)
+
+
+def _text_encoder_ratio(recipe: Recipe) -> float:
+    """BASE as a ratio (model1's share of the text encoders)."""
+    clip = recipe.effective_clip()
+    if clip is None:
+        return 1.0
+    if recipe.method == "add_difference":
+        raise MbwError("recipe.clip: SuperMerger's add-difference applies BASE as "
+                       "A + alpha*(B - C) to the text encoder too; a weighted-sum text-encoder "
+                       "merge has no BASE equivalent. Export it as a ComfyUI workflow instead")
+    if clip.method != "weighted_sum":
+        raise MbwError(f"recipe.clip.method: {clip.method} (CLIPMerge{clip.method.title()}) has "
+                       "no SuperMerger BASE equivalent; only a weighted sum does")
+    return clip.ratio
+
+
+def mbw_ratios(recipe: Recipe, *, lossy: bool = False) -> tuple[dict[str, float], list[str]]:
+    """The recipe's ratios in the mbw vocabulary (ComfyUI convention, BASE first) and notes
+    on anything ``lossy=True`` had to approximate. Raises MbwError (see the module docstring)."""
+    recipe.validate()
+    if recipe.method not in ("weighted_sum", "add_difference"):
+        raise MbwError(f"recipe.method: {recipe.method} has no SuperMerger block-weight string "
+                       "(only weighted_sum and add_difference do)")
+    unet, notes = _unet_ratios(recipe, lossy)
+    return {MBW_TEXT_ENCODER_BLOCK: _text_encoder_ratio(recipe), **unet}, notes
+
+
+# ---------------------------------------------------------------------------- strings
+
+
+def _alpha(ratio: float, method: str, multiplier: float) -> float:
+    return (1.0 - ratio) * (multiplier if method == "add_difference" else 1.0)
+
+
+def _fmt(value: float, digits: int) -> str:
+    text = f"{round(value, digits) + 0.0:.{digits}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def mbw_string(recipe: Recipe, *, digits: int = DEFAULT_DIGITS, lossy: bool = False) -> str:
+    """SuperMerger's block-weight line for ``recipe``: alphas, BASE,IN00..,M00,OUT.."""
+    ratios, _ = mbw_ratios(recipe, lossy=lossy)
+    return ",".join(_fmt(_alpha(r, recipe.method, recipe.multiplier), digits)
+                    for r in ratios.values())
+
+
+def parse_mbw(text: str, arch: str, *, method: str = "weighted_sum", multiplier: float = 1.0,
+              digits: int = DEFAULT_DIGITS) -> dict[str, float]:
+    """The ratios (mbw vocabulary, ComfyUI convention) an MBW alpha line describes.
+
+    ``method``/``multiplier`` say how the alphas were made (see the module docstring). Ratios
+    are rounded to ``digits`` decimals, so ``parse_mbw(mbw_string(r))`` gives back ratios with
+    at most that many decimals exactly.
+    """
+    names = block_names(ARCHITECTURES[arch], "mbw")
+    parts = [p.strip() for p in text.strip().split(",")]
+    if len(parts) != len(names):
+        raise MbwError(f"MBW string has {len(parts)} values; {arch} needs {len(names)} "
+                       f"({names[0]}, {names[1]}, …, {names[-1]})")
+    scale = multiplier if method == "add_difference" else 1.0
+    if scale == 0:
+        raise MbwError("multiplier 0: every alpha is 0 and no ratio can be recovered")
+    out = {}
+    for name, part in zip(names, parts):
+        try:
+            alpha = float(part)
+        except ValueError:
+            raise MbwError(f"MBW value for {name} is {part!r}, not a number") from None
+        if not math.isfinite(alpha):
+            raise MbwError(f"MBW value for {name} is {part!r}, not a finite number")
+        out[name] = round(1.0 - alpha / scale, digits) + 0.0
+    return out

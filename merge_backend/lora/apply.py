@@ -1,0 +1,329 @@
+"""Adding LoRAs to weights: per key (for the file merge and the engine), to a file, to a pipeline.
+
+``lora_deltas_for_key(uses, key)`` is the one place the strengths meet the deltas: the sum over
+LoRAs of ``strength(key) · delta(key)`` in float32, in the original layout of ``key``. A UNet
+key's strength is ``strength · block_strengths[block]`` (blocks of the Recipe vocabulary, not
+named = 1.0); a text-encoder key's is ``te_strength`` when set, else ``strength`` (times
+``block_strengths['BASE']`` in the mbw vocabulary, where BASE is the text encoder).
+
+Example:
+    >>> uses = [LoraUse(read_lora("style.safetensors"), 0.8)]          # doctest: +SKIP
+    >>> apply_to_file("model.safetensors", uses, "styled.safetensors")  # doctest: +SKIP
+    >>> apply_to_pipeline(pipe, uses)              # probe with the LoRA  # doctest: +SKIP
+    >>> apply_to_pipeline(pipe, uses, sign=-1.0)   # and without it again # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merge_backend.architectures import (
+    ARCHITECTURES,
+    MBW_TEXT_ENCODER_BLOCK,
+    UNET_PREFIX,
+    block_names,
+    block_of,
+)
+from merge_backend.checkpoint import Checkpoint, open_checkpoint, sha256_of
+from merge_backend.merge_file import (
+    DTYPES,
+    MergeResult,
+    Progress,
+    _checkpoint_save_defaults,
+    check_output_path,
+    checkpoint_metadata,
+)
+from merge_backend.naming import convert_value, key_maps
+from merge_backend.plan import plan_merge
+from merge_backend.recipe import LoraSpec, Recipe, Source, uniform_ratios
+from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
+
+from .formats import LoraError, LoraFile, LoraModule, read_lora
+
+_SHOW = 4
+
+
+@dataclass
+class LoraUse:
+    """A LoRA with its strengths (see the module docstring for how they combine).
+
+    Example:
+        >>> use = LoraUse(read_lora("style.safetensors"), 0.8, {"IN04": 0.0})  # doctest: +SKIP
+        >>> use.strength_for("model.diffusion_model.input_blocks.4.1.proj_in.weight")  # doctest: +SKIP
+        0.0
+    """
+
+    lora: LoraFile
+    strength: float = 1.0
+    block_strengths: Mapping[str, float] | None = None
+    te_strength: float | None = None
+    vocabulary: str = "mbw"
+    _index: dict[str, list[tuple[LoraModule, str]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = block_names(self.lora.arch, self.vocabulary)
+        unknown = [n for n in (self.block_strengths or {}) if n not in names]
+        if unknown:
+            raise LoraError(f"{self.lora.source}: unknown block(s) {', '.join(map(repr, unknown))} "
+                            f"in the {self.vocabulary} vocabulary; valid: {', '.join(names)}")
+        self._index = self.lora.by_key()
+
+    def keys(self) -> list[str]:
+        """The original keys this LoRA changes."""
+        return list(self._index)
+
+    def entries(self, key: str) -> list[tuple[LoraModule, str]]:
+        return self._index.get(key, [])
+
+    def strength_for(self, key: str) -> float:
+        blocks = self.block_strengths or {}
+        if key.startswith(UNET_PREFIX):
+            block = block_of(self.lora.arch, self.vocabulary, key)
+            return self.strength * blocks.get(block, 1.0)
+        if self.te_strength is not None:
+            return self.te_strength
+        return self.strength * blocks.get(MBW_TEXT_ENCODER_BLOCK, 1.0)
+
+
+def as_uses(loras: Sequence[LoraUse | tuple[LoraFile, float]]) -> list[LoraUse]:
+    return [u if isinstance(u, LoraUse) else LoraUse(u[0], float(u[1])) for u in loras]
+
+
+def uses_from_recipe(recipe: Recipe) -> list[LoraUse]:
+    """Read the LoRAs a Recipe carries (checking any sha256 it records)."""
+    uses = []
+    for spec in recipe.loras:
+        if spec.sha256 and sha256_of(spec.path) != spec.sha256:
+            raise LoraError(f"{spec.path}: sha256 differs from the recipe's {spec.sha256[:12]}…; "
+                            "the LoRA file changed since the recipe was made")
+        lora = read_lora(spec.path, recipe.arch)
+        uses.append(LoraUse(lora, spec.strength, spec.block_strengths, spec.te_strength,
+                            recipe.vocabulary))
+    return uses
+
+
+# ---------------------------------------------------------------------------- per key
+
+
+def _natural_shape(module: LoraModule, role: str) -> tuple[int, ...]:
+    """The shape a module's delta has in the original layout of its key."""
+    t = module.target
+    if role == "bias":
+        return (module.diff_b.numel() * t.parts,)
+    if module.up is not None:
+        shape = (module.up.shape[0], *module.down.shape[1:])
+    else:
+        shape = tuple(module.diff.shape)
+    if t.transpose:
+        shape = tuple(reversed(shape))
+    return (shape[0] * t.parts, *shape[1:])
+
+
+def _compatible(delta: tuple[int, ...], stored: tuple[int, ...]) -> bool:
+    """Same shape, or the same up to trailing 1s (a linear LoRA on a 1x1 conv)."""
+    def strip(s: tuple[int, ...]) -> tuple[int, ...]:
+        while len(s) > 2 and s[-1] == 1:
+            s = s[:-1]
+        return s
+    return delta == stored or strip(tuple(delta)) == strip(tuple(stored))
+
+
+def _key_delta(entries: list[tuple[LoraModule, str]], key: str,
+               device: torch.device | str | None) -> Tensor:
+    total: Tensor | None = None
+    for module, role in entries:
+        t = module.target
+        if role == "bias":
+            part = module.diff_b.to(device=device, dtype=torch.float32).reshape(-1)
+        else:
+            part = module.delta(device)
+            part = part.T if t.transpose else part
+        if t.parts > 1:
+            rows = part.shape[0]
+            full = torch.zeros((rows * t.parts, *part.shape[1:]), device=part.device)
+            full[t.index * rows:(t.index + 1) * rows] = part
+            part = full
+        total = part if total is None else total + part
+    return total
+
+
+def lora_deltas_for_key(uses: Sequence[LoraUse], key: str, shape: Sequence[int] | None = None,
+                        *, device: torch.device | str | None = None) -> Tensor | None:
+    """Σ strength · delta of every LoRA that changes ``key`` (float32, original layout), or None.
+
+    ``shape`` is the stored tensor's shape: the sum is reshaped to it (a LoRA trained as a
+    linear layer on a 1x1 conv) or a ``LoraError`` names the key and both shapes.
+    """
+    total: Tensor | None = None
+    for use in uses:
+        entries = use.entries(key)
+        strength = use.strength_for(key) if entries else 0.0
+        if not entries or strength == 0.0:
+            continue
+        delta = _key_delta(entries, key, device)
+        if shape is not None:
+            if not _compatible(tuple(delta.shape), tuple(shape)):
+                raise LoraError(f"{use.lora.source}: module {entries[0][0].name!r} changes {key} "
+                                f"with shape {list(delta.shape)}, the checkpoint's is {list(shape)}")
+            delta = delta.reshape(tuple(shape))
+        total = delta * strength if total is None else total.add_(delta, alpha=strength)
+    return total
+
+
+def check_loras(uses: Sequence[LoraUse], checkpoint: Checkpoint) -> None:
+    """Every key the LoRAs change exists in ``checkpoint`` with a fitting shape (headers only)."""
+    for use in uses:
+        if use.lora.arch.name != checkpoint.arch.name:
+            raise LoraError(f"{use.lora.source} is a LoRA for {use.lora.arch.title}; "
+                            f"{checkpoint.path} is {checkpoint.arch.title}")
+        missing = [k for k in use.keys() if k not in checkpoint]
+        if missing:
+            raise LoraError(f"{use.lora.source}: changes {len(missing)} key(s) that {checkpoint.path} "
+                            f"lacks, e.g. {', '.join(missing[:_SHOW])}")
+        for key in use.keys():
+            for module, role in use.entries(key):
+                shape = _natural_shape(module, role)
+                if not _compatible(shape, checkpoint.shape(key)):
+                    raise LoraError(
+                        f"{use.lora.source}: module {module.name!r} changes {key} with shape "
+                        f"{list(shape)}, {checkpoint.path} has {list(checkpoint.shape(key))} "
+                        "(a LoRA for another model size?)")
+
+
+# ---------------------------------------------------------------------------- to a file
+
+
+def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str | Path, *,
+                  vocabulary: str = "mbw", dtype: str = "fp16", overwrite: bool = False,
+                  progress: Progress | None = None) -> MergeResult:
+    """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed, like ``mergesearch merge``.
+
+    The file carries the Recipe (model1 unchanged + ``loras``) so it can be rebuilt.
+    """
+    start = time.perf_counter()
+    output = Path(output)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    ckpt = open_checkpoint(checkpoint)
+    arch = ckpt.arch.name
+    specs = tuple(LoraSpec(str(s.path), s.strength, s.block_strengths, s.te_strength,
+                           s.sha256 or sha256_of(s.path)) for s in loras)
+    recipe = Recipe(arch, "weighted_sum", {"model1": Source(str(checkpoint)),
+                                           "model2": Source(str(checkpoint))},
+                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=specs)
+    recipe.validate()
+    check_output_path(output, recipe, overwrite)
+    if any(Path(s.path).resolve() == output.resolve() for s in specs):
+        raise LoraError(f"output {output} is one of the LoRAs; choose another path")
+    uses = uses_from_recipe(recipe)
+    check_loras(uses, ckpt)
+    plan = plan_merge(recipe, {"model1": ckpt, "model2": ckpt})
+    digest = sha256_of(checkpoint)
+    recipe = recipe.replace(models={r: Source(str(checkpoint), digest) for r in recipe.models})
+    out_dtype = DTYPES[dtype]
+    defaults = _checkpoint_save_defaults(ckpt, out_dtype)
+    planned = [PlannedTensor(k.key, _cast(ckpt.dtype(k.key), out_dtype), ckpt.shape(k.key))
+               for k in plan.keys]
+    planned += [PlannedTensor(k, t.dtype, tuple(t.shape)) for k, t in defaults.items()]
+    changed = [0]
+
+    def values():
+        for i, kp in enumerate(plan.keys):
+            value = ckpt.get(kp.key)
+            delta = lora_deltas_for_key(uses, kp.key, value.shape) if value.is_floating_point() else None
+            if delta is not None:
+                value = value.float() + delta
+                changed[0] += 1
+            yield value.to(_cast(value.dtype, out_dtype))
+            if progress and (i % 64 == 0 or i == len(plan.keys) - 1):
+                progress(i + 1, len(plan.keys), kp.key)
+        yield from defaults.values()
+
+    # the stored recipe is model1 merged with itself at ratio 1.0 (= model1) plus the LoRAs
+    metadata = checkpoint_metadata(recipe, output, ckpt, {"mergesearch.kind": "lora_apply"})
+    stream_safetensors(output, planned, values(), metadata)
+    return MergeResult(output, recipe, len(planned), changed[0], time.perf_counter() - start,
+                       plan.notes)
+
+
+def _cast(stored: torch.dtype, wanted: torch.dtype) -> torch.dtype:
+    return wanted if stored.is_floating_point else stored
+
+
+# ---------------------------------------------------------------------------- to a pipeline
+
+
+def _pipeline_modules(pipe, arch) -> dict[str, torch.nn.Module]:
+    out = {"unet": pipe.unet}
+    out.update({te.name: getattr(pipe, te.diffusers_folder) for te in arch.text_encoders})
+    return out
+
+
+def _expected_shape(km, param: torch.Tensor) -> tuple[int, ...]:
+    """The original-layout shape of the tensor a pipeline parameter comes from."""
+    shape = tuple(param.shape)
+    if km.transform == "transpose":
+        return tuple(reversed(shape))
+    if km.transform == "chunk":
+        return (shape[0] * km.parts, *shape[1:])
+    return shape
+
+
+def _bind(pipe, arch, uses: Sequence[LoraUse]) -> dict[str, list[tuple[torch.nn.Parameter, object]]]:
+    """Original key -> [(parameter, KeyMap)] for every key the LoRAs change, shapes checked."""
+    keys = {k for u in uses for k in u.keys()}
+    bound: dict[str, list] = {}
+    for component, module in _pipeline_modules(pipe, arch).items():
+        params = dict(module.named_parameters())
+        config = getattr(module, "config", None) if component == "unet" else None
+        for km in key_maps(arch, component, list(params), config):
+            if km.original in keys:
+                bound.setdefault(km.original, []).append((params[km.diffusers], km))
+    missing = sorted(keys - set(bound))
+    if missing:
+        raise LoraError(f"the pipeline has no parameter for {len(missing)} key(s) the LoRAs "
+                        f"change, e.g. {', '.join(missing[:_SHOW])} (a LoRA for another "
+                        "architecture?)")
+    for use in uses:
+        for key in use.keys():
+            param, km = bound[key][0]
+            for module, role in use.entries(key):
+                shape, stored = _natural_shape(module, role), _expected_shape(km, param)
+                if not _compatible(shape, stored):
+                    raise LoraError(f"{use.lora.source}: module {module.name!r} changes {key} "
+                                    f"with shape {list(shape)}, the pipeline's is {list(stored)}")
+    return bound
+
+
+@torch.no_grad()
+def apply_to_pipeline(pipe, loras: Sequence[LoraUse | tuple[LoraFile, float]], *,
+                      arch: str | None = None, sign: float = 1.0) -> int:
+    """Add (``sign=-1``: subtract) the LoRAs' deltas to a live pipeline's weights, in place.
+
+    Deltas are computed in float32 on each parameter's device. No file is written and
+    parameter storage is not reallocated, so the merge engine's flat buffers stay valid.
+    A subtraction restores float32 weights to rounding (fp16 ones to fp16 rounding).
+    Everything is checked before the first weight changes. Returns the parameters changed.
+    """
+    uses = as_uses(loras)
+    if not uses:
+        return 0
+    arch_obj = ARCHITECTURES[arch] if arch else uses[0].lora.arch
+    bound = _bind(pipe, arch_obj, uses)
+    changed = 0
+    for key, params in bound.items():
+        delta = lora_deltas_for_key(uses, key, _expected_shape(params[0][1], params[0][0]),
+                                    device=params[0][0].device)
+        if delta is None:
+            continue
+        for param, km in params:
+            update = convert_value(km, delta).reshape(param.shape)
+            param.data.copy_(param.data.float().add_(update, alpha=sign))
+            changed += 1
+    return changed

@@ -1,0 +1,284 @@
+"""A LoRA from the difference of two checkpoints (model1 - model2), like ComfyUI's LoraSave.
+
+Per layer, in float32 on ``device``: the difference (a 3x3 conv flattened to out x in·9),
+its rank-``r`` SVD with r = min(rank, out, in) (``exact``: ``torch.linalg.svd``; ``lowrank``:
+``torch.svd_lowrank`` with a fixed seed; ``auto``: whichever is faster for the shape),
+``up = U·diag(S)``, ``down = Vh``, both clamped at the 0.99 quantile of their values unless
+``clamp=False``. ``full_diff`` stores every difference whole (``.diff``). ``bias_diff`` adds
+1-D weight differences (``.diff``) and bias differences (``.diff_b``), as ComfyUI does.
+
+The file streams to disk as layers are factorized (atomic, like every mergesearch output).
+kohya files (default) carry ``alpha = rank`` in every module so diffusers reads them exactly;
+ComfyUI files are fp16 with ``diffusion_model.`` keys and no alpha.
+
+Example:
+    >>> result = extract_lora("finetune.safetensors", "base.safetensors", "diff.safetensors",
+    ...                       rank=32)                           # doctest: +SKIP
+    >>> print(result.table.format())                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merge_backend.architectures import MBW_TEXT_ENCODER_BLOCK, UNET_PREFIX, block_of
+from merge_backend.checkpoint import Checkpoint, open_checkpoint, sha256_of
+from merge_backend.merge_file import DTYPES
+from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
+
+from .formats import (
+    WRITE_FORMATS,
+    LoraError,
+    LoraModule,
+    check_lora_output,
+    lora_entries,
+    lora_metadata,
+)
+from .names import NameTable, Target, name_table
+from .svd import SVD_METHODS, choose_method, clamp_factors, factorize, shaped
+
+LORA_TYPES = ("standard", "full_diff")
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ErrorTable:
+    """Relative Frobenius error ||Δ - LoRA|| / ||Δ|| per block (mbw names; BASE = text encoders).
+
+    Example:
+        >>> t = ErrorTable()
+        >>> t.add("IN01", err_sq=1.0, norm_sq=4.0)
+        >>> t.relative("IN01"), t.overall
+        (0.5, 0.5)
+    """
+
+    err_sq: dict[str, float] = field(default_factory=dict)
+    norm_sq: dict[str, float] = field(default_factory=dict)
+    modules: dict[str, int] = field(default_factory=dict)
+
+    def add(self, block: str, err_sq: float, norm_sq: float) -> None:
+        self.err_sq[block] = self.err_sq.get(block, 0.0) + err_sq
+        self.norm_sq[block] = self.norm_sq.get(block, 0.0) + norm_sq
+        self.modules[block] = self.modules.get(block, 0) + 1
+
+    def relative(self, block: str) -> float:
+        norm = self.norm_sq.get(block, 0.0)
+        return math.sqrt(self.err_sq[block] / norm) if norm > 0 else 0.0
+
+    @property
+    def overall(self) -> float:
+        norm = sum(self.norm_sq.values())
+        return math.sqrt(sum(self.err_sq.values()) / norm) if norm > 0 else 0.0
+
+    def rows(self) -> list[tuple[str, int, float, float]]:
+        """(block, modules, relative error, ||Δ||) in the order blocks were met."""
+        return [(b, self.modules[b], self.relative(b), math.sqrt(self.norm_sq[b]))
+                for b in self.err_sq]
+
+    def format(self) -> str:
+        lines = [f"{'block':<8} {'modules':>7} {'|diff|':>10} {'rel.error':>10}"]
+        lines += [f"{b:<8} {n:>7} {norm:>10.4g} {e:>10.3e}" for b, n, e, norm in self.rows()]
+        lines.append(f"{'overall':<8} {sum(self.modules.values()):>7} "
+                     f"{math.sqrt(sum(self.norm_sq.values())):>10.4g} {self.overall:>10.3e}")
+        return "\n".join(lines)
+
+    def record(self, block: str, delta: Tensor, approx: Tensor | None) -> None:
+        diff = delta if approx is None else delta - approx.reshape(delta.shape)
+        self.add(block, float(diff.double().pow(2).sum()), float(delta.double().pow(2).sum()))
+
+
+@dataclass
+class ExtractResult:
+    output: Path
+    rank: int
+    table: ErrorTable
+    modules: int
+    seconds: float
+    svd_methods: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One module to write: how its difference is stored."""
+
+    target: Target
+    shape: tuple[int, ...]  # the diffusers-module shape of the weight
+    weight: str  # "lora", "diff" or "none"
+    bias_rows: int | None  # diff_b length, or None
+
+
+def _module_view(target: Target, tensor: Tensor) -> Tensor:
+    """The diffusers-module tensor of ``target`` from its original tensor (chunk, transpose)."""
+    if target.parts > 1:
+        tensor = tensor.chunk(target.parts, dim=0)[target.index]
+    return tensor.T if target.transpose else tensor
+
+
+def _diffusers_shape(target: Target, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_module_view(target, torch.empty(shape, device="meta")).shape)
+
+
+def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str],
+          lora_type: str, bias_diff: bool) -> list[_Job]:
+    jobs = []
+    for target in table.components(components):
+        if target.key not in m1:
+            continue
+        for key in filter(None, (target.key, target.bias_key)):
+            if key not in m2 or m1.shape(key) != m2.shape(key):
+                other = list(m2.shape(key)) if key in m2 else "no such key"
+                raise LoraError(f"{m1.path} and {m2.path} differ at {key}: {list(m1.shape(key))} "
+                                f"vs {other}; extract a LoRA from two models of the same shape")
+        shape = _diffusers_shape(target, m1.shape(target.key))
+        if lora_type == "full_diff":
+            weight = "diff"
+        elif target.lora_able and len(shape) >= 2:
+            weight = "lora"
+        else:
+            weight = "diff" if bias_diff and len(shape) == 1 else "none"
+        bias = None
+        if bias_diff and target.bias_key and target.bias_key in m1:
+            bias = math.prod(m1.shape(target.bias_key)) // target.parts
+        if weight != "none" or bias is not None:
+            jobs.append(_Job(target, shape, weight, bias))
+    return jobs
+
+
+def _layout_module(job: _Job, rank: int) -> LoraModule:
+    """A LoraModule of meta tensors with the shapes the job will write."""
+    meta = {"device": "meta"}
+    module = LoraModule(job.target)
+    if job.weight == "lora":
+        out, inner = job.shape[0], math.prod(job.shape[1:])
+        r = min(rank, out, inner)
+        up, down = shaped(torch.empty(out, r, **meta), torch.empty(r, inner, **meta), job.shape)
+        module.up, module.down, module.alpha = up, down, float(rank)
+    elif job.weight == "diff":
+        module.diff = torch.empty(job.shape, **meta)
+    if job.bias_rows is not None:
+        module.diff_b = torch.empty(job.bias_rows, **meta)
+    return module
+
+
+class _Extractor:
+    """Turns each job into the module that is written, recording its error."""
+
+    def __init__(self, arch, rank: int, fmt: str, dtype: torch.dtype, clamp: bool, svd: str,
+                 device: torch.device):
+        self.arch, self.rank, self.fmt, self.dtype = arch, rank, fmt, dtype
+        self.clamp, self.svd, self.device = clamp, svd, device
+        self.alpha = float(rank) if fmt == "kohya" else None
+        self.table = ErrorTable()
+        self.methods: dict[str, int] = {}
+
+    def block(self, key: str) -> str:
+        return block_of(self.arch, "mbw", key) if key.startswith(UNET_PREFIX) else MBW_TEXT_ENCODER_BLOCK
+
+    def factor(self, delta: Tensor) -> tuple[Tensor, Tensor]:
+        mat_shape = (delta.shape[0], math.prod(delta.shape[1:]))
+        r = min(self.rank, *mat_shape)
+        method = choose_method(self.svd, r, mat_shape)
+        self.methods[method] = self.methods.get(method, 0) + 1
+        up, down = factorize(delta, r, method=method)
+        if self.clamp:
+            up, down = clamp_factors(up, down)
+        if self.alpha is not None:
+            up = up * (r / self.alpha)  # alpha = rank in every module; the delta stays exact
+        return shaped(up.to(self.dtype), down.to(self.dtype), tuple(delta.shape))
+
+    def module(self, job: _Job, delta: Tensor | None, bias: Tensor | None) -> LoraModule:
+        module = LoraModule(job.target)
+        block = self.block(job.target.key)
+        if job.weight == "lora":
+            module.up, module.down = self.factor(delta)
+            module.alpha = self.alpha
+            self.table.record(block, delta, module.delta(self.device))
+        elif job.weight == "diff":
+            module.diff = delta.to(self.dtype)
+            self.table.record(block, delta, module.diff.float())
+        if bias is not None:
+            module.diff_b = bias.to(self.dtype)
+            self.table.record(block, bias, module.diff_b.float())
+        return module
+
+
+def _differences(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch.device
+                 ) -> Iterator[tuple[_Job, Tensor | None, Tensor | None]]:
+    """(job, weight difference, bias difference) in float32 on ``device``, one job at a time."""
+    cache: dict[str, Tensor] = {}
+
+    def diff(key: str) -> Tensor:
+        if key not in cache:
+            cache.clear()  # q/k/v chunks of one key come together; keep only the last key
+            a = m1.get(key).to(device=device, dtype=torch.float32)
+            cache[key] = a - m2.get(key).to(device=device, dtype=torch.float32)
+        return cache[key]
+
+    for job in jobs:
+        t = job.target
+        weight = _module_view(t, diff(t.key)) if job.weight != "none" else None
+        bias = None
+        if job.bias_rows is not None:
+            bias = diff(t.bias_key).reshape(-1).chunk(t.parts)[t.index]
+        yield job, weight, bias
+
+
+def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str) -> None:
+    if rank < 1:
+        raise LoraError(f"rank must be at least 1, got {rank}")
+    for value, allowed, what in ((fmt, WRITE_FORMATS, "format"), (lora_type, LORA_TYPES, "type"),
+                                 (svd, SVD_METHODS, "svd"), (dtype, tuple(DTYPES), "dtype")):
+        if value not in allowed:
+            raise LoraError(f"--{what} {value!r}: choose one of {', '.join(allowed)}")
+
+
+def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, rank: int = 8,
+                 text_encoder: bool = False, fmt: str = "kohya", lora_type: str = "standard",
+                 clamp: bool = True, bias_diff: bool = False, svd: str = "auto",
+                 device: str | torch.device = "cpu", dtype: str = "fp16", overwrite: bool = False,
+                 progress: Progress | None = None) -> ExtractResult:
+    """Extract ``model1 - model2`` as a LoRA file at ``output`` (see module docstring)."""
+    start = time.perf_counter()
+    _check_options(rank, fmt, lora_type, svd, dtype)
+    output, device = Path(output), torch.device(device)
+    check_lora_output(output, overwrite)
+    m1, m2 = open_checkpoint(model1), open_checkpoint(model2)
+    for m in (m1, m2):
+        if output.resolve() == Path(m.path).resolve():
+            raise LoraError(f"output {output} is a source model; choose another path")
+    if m1.arch.name != m2.arch.name:
+        raise LoraError(f"{m1.path} is {m1.arch.title} but {m2.path} is {m2.arch.title}; "
+                        "a LoRA is the difference of two models of one architecture")
+    table = name_table(m1.arch.name)
+    components = ["unet"] + ([te.name for te in m1.arch.text_encoders] if text_encoder else [])
+    jobs = _plan(table, m1, m2, components, lora_type, bias_diff)
+    out_dtype = DTYPES[dtype]
+    alpha = float(rank) if fmt == "kohya" else None
+    planned = [PlannedTensor(k, out_dtype, tuple(v.shape)) for job in jobs
+               for k, v in lora_entries(table, _layout_module(job, rank), fmt, out_dtype, alpha)]
+    work = _Extractor(m1.arch, rank, fmt, out_dtype, clamp, svd, device)
+
+    def values() -> Iterator[Tensor]:
+        for i, (job, weight, bias) in enumerate(_differences(jobs, m1, m2, device)):
+            module = work.module(job, weight, bias)
+            for _, value in lora_entries(table, module, fmt, out_dtype, alpha):
+                yield value.cpu()
+            if progress:
+                progress(i + 1, len(jobs), job.target.key)
+
+    info = {"model1": str(m1.path), "model2": str(m2.path), "model1_sha256": sha256_of(m1.path),
+            "model2_sha256": sha256_of(m2.path), "rank": rank, "type": lora_type,
+            "clamp": clamp, "bias_diff": bias_diff, "svd": svd, "text_encoder": text_encoder}
+    meta = lora_metadata(m1.arch, fmt, output.stem, rank, alpha,
+                         {"mergesearch.extract": json.dumps(info, sort_keys=True)})
+    stream_safetensors(output, planned, values(), meta)
+    return ExtractResult(output, rank, work.table, len(jobs), time.perf_counter() - start,
+                         work.methods)

@@ -1,0 +1,381 @@
+"""LoRA files in, one representation out: kohya, diffusers / PEFT and ComfyUI LoraSave.
+
+Every module of a LoRA becomes a ``LoraModule`` attached to a ``Target`` — the original
+full weight key it changes (see ``names.py``). The delta of a module is
+``up @ down · (alpha / r)`` computed in float32 (a missing alpha means alpha = r), plus a
+full ``.diff`` where the file has one; ``.diff_b`` changes the bias.
+
+Example:
+    >>> lora = read_lora("style.safetensors")                      # doctest: +SKIP
+    >>> lora.arch.name, lora.format, len(lora.modules)             # doctest: +SKIP
+    ('sd1', 'kohya', 264)
+    >>> lora.modules[0].target.key                                 # doctest: +SKIP
+    'model.diffusion_model.input_blocks.1.1.proj_in.weight'
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merge_backend.architectures import ARCHITECTURES, Architecture
+from merge_backend.safetensors_io import (
+    PlannedTensor,
+    SafetensorsError,
+    read_header,
+    read_tensor,
+    stream_safetensors,
+)
+
+from .names import NameTable, Target, name_table
+from .svd import threads_for
+
+# suffix in the file -> (role, format). Longest suffixes are tried first.
+_SUFFIXES: dict[str, tuple[str, str]] = {
+    ".lora_up.weight": ("up", "kohya"), ".lora_down.weight": ("down", "kohya"),
+    ".lora_B.weight": ("up", "peft"), ".lora_A.weight": ("down", "peft"),
+    ".lora_B.default.weight": ("up", "peft"), ".lora_A.default.weight": ("down", "peft"),
+    ".lora.up.weight": ("up", "peft"), ".lora.down.weight": ("down", "peft"),
+    ".lora_linear_layer.up.weight": ("up", "peft"), ".lora_linear_layer.down.weight": ("down", "peft"),
+    ".alpha": ("alpha", "kohya"), ".diff": ("diff", "kohya"), ".diff_b": ("diff_b", "kohya"),
+}
+_UNSUPPORTED = (".lora_mid.weight", ".hada_w1_a", ".lokr_w1", ".dora_scale", ".oft_blocks",
+                ".lora_B.bias", ".w_norm", ".b_norm")
+_SHOW = 4
+ARCH_HINTS = {"sdxl": "sdxl", "sd_v1": "sd1", "sd_v2": "sd2", "stable-diffusion-xl": "sdxl",
+              "stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2"}
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used; the message names the file and the module or key."""
+
+
+@dataclass
+class LoraModule:
+    """One module of a LoRA: low-rank factors and/or full differences for one ``Target``.
+
+    ``up`` is (out, r) or (out, r, 1, 1), ``down`` (r, in) or (r, in, kh, kw); ``alpha``
+    None means alpha = r (scale 1). ``diff`` is a full weight difference, ``diff_b`` a bias
+    difference. Shapes follow the diffusers module (q/k/v chunks, untransposed projections).
+
+    Example:
+        >>> import torch
+        >>> from merge_backend.lora.names import Target
+        >>> m = LoraModule(Target("unet", "conv_in", "k.weight"), up=torch.ones(4, 2),
+        ...                down=torch.ones(2, 3), alpha=1.0)
+        >>> m.delta()[0, 0].item()
+        1.0
+    """
+
+    target: Target
+    up: Tensor | None = None
+    down: Tensor | None = None
+    alpha: float | None = None
+    diff: Tensor | None = None
+    diff_b: Tensor | None = None
+    name: str = ""
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """alpha / r (1.0 without alpha)."""
+        return 1.0 if self.alpha is None or not self.rank else float(self.alpha) / self.rank
+
+    def delta(self, device: torch.device | str | None = None) -> Tensor | None:
+        """The weight difference in float32 (diffusers-module shape), or None for bias-only."""
+        out = None
+        if self.up is not None:
+            up = self.up.to(device=device, dtype=torch.float32)
+            down = self.down.to(device=device, dtype=torch.float32)
+            with threads_for(down):
+                flat = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+            out = flat.reshape(up.shape[0], *down.shape[1:]) * self.scale
+        if self.diff is not None:
+            diff = self.diff.to(device=device, dtype=torch.float32)
+            out = diff if out is None else out + diff.reshape(out.shape)
+        return out
+
+
+@dataclass
+class LoraFile:
+    """A LoRA read into memory: its modules keyed by ``Target.slot``, for one architecture.
+
+    Example:
+        >>> lora = read_lora("style.safetensors", arch="sd1")        # doctest: +SKIP
+        >>> sorted({m.target.component for m in lora.modules.values()})  # doctest: +SKIP
+        ['te', 'unet']
+    """
+
+    arch: Architecture
+    modules: dict[tuple[str, int], LoraModule]
+    path: Path | None = None
+    format: str = "kohya"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else "<LoRA in memory>"
+
+    def by_key(self) -> dict[str, list[tuple[LoraModule, str]]]:
+        """Original key -> the modules changing it, each with 'weight' or 'bias'."""
+        out: dict[str, list[tuple[LoraModule, str]]] = {}
+        for module in self.modules.values():
+            if module.up is not None or module.diff is not None:
+                out.setdefault(module.target.key, []).append((module, "weight"))
+            if module.diff_b is not None and module.target.bias_key:
+                out.setdefault(module.target.bias_key, []).append((module, "bias"))
+        return out
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise LoraError(f"{path}: no such LoRA file")
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise LoraError(f"{path}: not a plain weights file ({exc}); mergesearch never "
+                            "unpickles code, convert it to .safetensors") from None
+        state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+        return {k: v for k, v in state.items() if isinstance(v, Tensor)}, {}
+    try:
+        table, metadata = read_header(path)
+        return {k: read_tensor(path, info) for k, info in table.items()}, metadata
+    except SafetensorsError as exc:
+        raise LoraError(str(exc)) from None
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """(module name, role, format) of a file key, or None for an unknown suffix."""
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if key.endswith(suffix):
+            role, fmt = _SUFFIXES[suffix]
+            name = key[: -len(suffix)].removeprefix("base_model.model.")
+            if fmt == "kohya" and name.startswith(("diffusion_model.", "text_encoders.")):
+                fmt = "comfyui"
+            return name, role, fmt
+    return None
+
+
+def _group(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], str]:
+    groups: dict[str, dict[str, Tensor]] = {}
+    formats: dict[str, int] = {}
+    unknown = []
+    for key, value in tensors.items():
+        parts = _split(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        name, role, fmt = parts
+        groups.setdefault(name, {})[role] = value
+        if role in ("up", "down"):
+            formats[fmt] = formats.get(fmt, 0) + 1
+    if unknown:
+        odd = [k for k in unknown if k.endswith(_UNSUPPORTED)]
+        what = ("LyCORIS / DoRA / OFT modules are not supported" if odd else
+                "these keys are not LoRA weights (is it a checkpoint or an embedding?)")
+        raise LoraError(f"{path}: {len(unknown)} key(s) are not understood: "
+                        f"{', '.join(sorted(unknown)[:_SHOW])}; {what}")
+    fmt = max(formats, key=formats.get) if formats else "comfyui"
+    return groups, fmt
+
+
+def detect_lora_arch(names: list[str], metadata: Mapping[str, str], tensors: Mapping[str, Tensor]
+                     ) -> tuple[str, dict[str, int]]:
+    """The architecture a LoRA was made for, and how many names each one resolves."""
+    scores = {a: sum(name_table(a).resolve(n) is not None for n in names) for a in ARCHITECTURES}
+    for field_name in ("mergesearch.arch", "ss_base_model_version", "modelspec.architecture"):
+        hint = str(metadata.get(field_name, ""))
+        for marker, arch in ARCH_HINTS.items():
+            if hint == arch or hint.startswith(marker):
+                return arch, scores
+    best = max(scores.values())
+    tied = [a for a, s in scores.items() if s == best]
+    if len(tied) > 1:
+        context = _context_width(names, tensors)
+        widths = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 96: "sdxl"}
+        if widths.get(context) in tied:
+            return widths[context], scores
+    return tied[0], scores
+
+
+def _context_width(names: list[str], tensors: Mapping[str, Tensor]) -> int | None:
+    for key, value in tensors.items():
+        if "attn2" in key and "to_k" in key and value.ndim == 2 and value.shape[1] > value.shape[0]:
+            return int(value.shape[1])
+    return None
+
+
+def _alpha_of(value: Tensor | None, metadata_alpha: float | None) -> float | None:
+    if value is not None:
+        return float(value.reshape(-1)[0].item())
+    return metadata_alpha
+
+
+def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, object]:
+    raw = metadata.get("lora_adapter_metadata")
+    try:
+        return json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _peft_alpha(peft: Mapping[str, object], name: str) -> float | None:
+    """lora_alpha of a module from diffusers' 'lora_adapter_metadata' (prefix.alpha_pattern)."""
+    prefix, _, module = name.partition(".")
+    pattern = peft.get(f"{prefix}.alpha_pattern") or {}
+    for suffix, alpha in dict(pattern).items():
+        if module == suffix or module.endswith("." + suffix):
+            return float(alpha)
+    alpha = peft.get(f"{prefix}.lora_alpha")
+    return float(alpha) if alpha is not None else None
+
+
+def _module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
+            metadata_alpha: float | None) -> LoraModule:
+    up, down = parts.get("up"), parts.get("down")
+    if (up is None) != (down is None):
+        raise LoraError(f"{path}: module {name!r} has only a lora_{'up' if up is not None else 'down'}")
+    if up is not None:
+        if up.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
+            raise LoraError(f"{path}: module {name!r}: up {list(up.shape)} and down "
+                            f"{list(down.shape)} do not share a rank")
+    alpha = _alpha_of(parts.get("alpha"), metadata_alpha) if up is not None else None
+    return LoraModule(target, up, down, alpha, parts.get("diff"), parts.get("diff_b"), name)
+
+
+def read_lora(path: str | Path, arch: str | Architecture | None = None) -> LoraFile:
+    """Read a LoRA file of any supported format (see module docstring).
+
+    ``arch`` is the architecture it must fit (detected from names and metadata when None).
+    Raises ``LoraError`` naming the file and example keys when modules match nothing of
+    ``arch`` — a LoRA for another architecture — or when a module's tensors disagree.
+    """
+    path = Path(path)
+    tensors, metadata = _load_tensors(path)
+    groups, fmt = _group(path, tensors)
+    if not groups:
+        raise LoraError(f"{path}: holds no LoRA modules")
+    names = list(groups)
+    detected, scores = detect_lora_arch(names, metadata, tensors)
+    arch_obj = ARCHITECTURES[detected] if arch is None else (
+        ARCHITECTURES[arch] if isinstance(arch, str) else arch)
+    table = name_table(arch_obj.name)
+    peft = _peft_alphas(metadata)
+    modules: dict[tuple[str, int], LoraModule] = {}
+    unmatched = []
+    for name, parts in groups.items():
+        target = table.resolve(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        modules[target.slot] = _module(path, name, parts, target, _peft_alpha(peft, name))
+    if unmatched:
+        raise _unmatched_error(path, arch_obj, unmatched, len(names), detected, scores)
+    return LoraFile(arch_obj, modules, path, fmt, dict(metadata))
+
+
+def _unmatched_error(path: Path, arch: Architecture, unmatched: list[str],
+                     total: int, detected: str, scores: Mapping[str, int]) -> LoraError:
+    hint = ""
+    if detected != arch.name and scores[detected] > scores[arch.name]:
+        hint = (f" It looks like a LoRA for {ARCHITECTURES[detected].title} ({scores[detected]} of "
+                f"{total} modules match that), not {arch.title}.")
+    return LoraError(f"{path}: {len(unmatched)} of {total} LoRA modules match no {arch.title} "
+                     f"module, e.g. {', '.join(sorted(unmatched)[:_SHOW])}.{hint}")
+
+
+# ---------------------------------------------------------------------------- writing
+
+WRITE_FORMATS = ("kohya", "comfyui")
+
+
+def kohya_alpha(modules: Iterable[LoraModule]) -> float:
+    """The one alpha a kohya file gets: the largest rank (diffusers needs one alpha for all)."""
+    return float(max((m.rank for m in modules), default=1) or 1)
+
+
+def lora_entries(table: NameTable, module: LoraModule, fmt: str, dtype: torch.dtype,
+                 alpha: float | None = None) -> list[tuple[str, Tensor]]:
+    """The (file key, tensor) pairs ``fmt`` stores for ``module``, cast to ``dtype``.
+
+    Each module's own scale is folded into ``up``: kohya files get the same ``alpha`` in every
+    module (up scaled by r / alpha so the delta is unchanged), ComfyUI files none (scale 1).
+    Works on meta tensors too, which gives a file's layout before any value is computed.
+    """
+    if fmt not in WRITE_FORMATS:
+        raise ValueError(f"cannot write LoRA format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
+    name = table.name(module.target, fmt)
+    out: list[tuple[str, Tensor]] = []
+    if module.up is not None:
+        fold = module.scale
+        if fmt == "kohya":
+            alpha = float(alpha if alpha is not None else module.rank)
+            fold *= module.rank / alpha
+            out.append((f"{name}.alpha", torch.tensor(alpha, dtype=dtype, device=module.up.device)))
+        up = module.up.float() * fold if fold != 1.0 else module.up
+        out += [(f"{name}.lora_down.weight", module.down.to(dtype).contiguous()),
+                (f"{name}.lora_up.weight", up.to(dtype).contiguous())]
+    if module.diff is not None:
+        out.append((f"{name}.diff", module.diff.to(dtype).contiguous()))
+    if module.diff_b is not None:
+        out.append((f"{name}.diff_b", module.diff_b.to(dtype).contiguous()))
+    return out
+
+
+def lora_metadata(arch: Architecture, fmt: str, title: str, rank: int | None,
+                  alpha: float | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """modelspec.* and kohya's ss_* keys that LoRA browsers and loaders read."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{arch.modelspec_architecture}/lora",
+        "modelspec.title": title,
+        "mergesearch.arch": arch.name,
+        "mergesearch.format": fmt,
+    }
+    if fmt == "kohya":
+        meta.update({"ss_network_module": "networks.lora",
+                     "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2"}.get(
+                         arch.name, "sdxl_base_v1-0")})
+        if rank is not None:
+            meta["ss_network_dim"] = str(rank)
+        if alpha is not None:
+            meta["ss_network_alpha"] = f"{alpha:g}"
+    meta.update(extra or {})
+    return meta
+
+
+def save_lora(lora: LoraFile, path: str | Path, *, fmt: str = "kohya",
+              dtype: torch.dtype = torch.float16, metadata: Mapping[str, str] | None = None,
+              overwrite: bool = False) -> Path:
+    """Write ``lora`` atomically as a kohya (default) or ComfyUI LoraSave file."""
+    path = Path(path)
+    check_lora_output(path, overwrite)
+    table = name_table(lora.arch.name)
+    modules = list(lora.modules.values())
+    alpha = kohya_alpha(modules) if fmt == "kohya" else None
+    entries = [e for m in modules for e in lora_entries(table, m, fmt, dtype, alpha)]
+    planned = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in entries]
+    meta = lora_metadata(lora.arch, fmt, path.stem, max((m.rank for m in modules), default=0) or None,
+                         alpha, metadata)
+    stream_safetensors(path, planned, (v.cpu() for _, v in entries), meta)
+    return path
+
+
+def check_lora_output(path: Path, overwrite: bool) -> None:
+    if path.suffix != ".safetensors":
+        raise LoraError(f"output {path} must end in .safetensors")
+    if path.exists() and not overwrite:
+        raise LoraError(f"output {path} exists; pass --overwrite to replace it")

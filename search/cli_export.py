@@ -1,0 +1,239 @@
+"""`mergesearch export SOURCE --to FORMAT …`: a scored merge as files other tools read.
+
+SOURCE is a run folder (pick trials with --trial N, --best or --pareto K), a Recipe .json,
+or a checkpoint mergesearch wrote (its embedded Recipe). Formats: checkpoint, diffusers,
+comfyui, mbw, report (see merge_backend.export.jobs). Every check runs before anything is
+written: a study with no completed trial, a missing source or a source whose sha256 changed
+since the study ran stop the export with a message and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from merge_backend import Recipe, RecipeError, recipe_from_checkpoint
+from merge_backend.checkpoint import CheckpointError, open_checkpoint
+from merge_backend.export import (
+    FORMATS,
+    ComfyPrompt,
+    ExportError,
+    ExportItem,
+    PlannedOutput,
+    plan_exports,
+    png_bytes,
+    run_exports,
+    scores_json,
+)
+
+from .run_folder import (
+    ARTIFACT_PROBES,
+    ATTR_SCORE,
+    ATTR_SCORES,
+    RUN_FILE,
+    STUDY_ATTR_PROBES,
+    RunError,
+    RunFolder,
+    pick_trials,
+    trial_recipe,
+)
+
+META_STUDY, META_TRIAL, META_SCORES = "mergesearch.study", "mergesearch.trial", "mergesearch.scores"
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a merge as a checkpoint, diffusers folder, ComfyUI workflow, "
+                       "SuperMerger string or HTML report",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path,
+                   help="a run folder, a Recipe .json, or a checkpoint mergesearch wrote")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--trial", type=int, metavar="N", help="export trial number N")
+    pick.add_argument("--best", action="store_true", help="export the best trial (default)")
+    pick.add_argument("--pareto", type=int, metavar="K",
+                      help="export the first K trials of the Pareto front")
+    p.add_argument("--to", dest="formats", action="append", choices=FORMATS, required=True,
+                   help="what to write; repeat for several")
+    p.add_argument("-o", "--output", type=Path,
+                   help="folder to write into (default RUN/exports, or exports/ beside the "
+                        "source); with one trial and one format, a file name with the format's "
+                        "suffix (.safetensors, .json, .txt, .html)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                   help="checkpoint and diffusers weights (default fp16)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--probes", type=Path,
+                   help="a probe-set YAML for the report images and the workflow's prompt "
+                        "(default: the study's probe set)")
+    p.add_argument("--config-folder", type=Path,
+                   help="diffusers config folder to load checkpoints with (default: built in)")
+    p.add_argument("--device", help="where the report draws images (default cuda if present)")
+    p.add_argument("--mbw-lossy", action="store_true",
+                   help="write the SuperMerger string even where ComfyUI sliders that share one "
+                        "SuperMerger weight differ (noted in the report)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_export)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Loaded:
+    items: list[ExportItem]
+    default_output: Path
+    probe_set: dict[str, Any] | None = None
+    protected: list[Path] = field(default_factory=list)
+
+
+def _stem(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "merge"
+
+
+def _probe_artifact(run: RunFolder, trial: optuna.trial.FrozenTrial) -> bytes | None:
+    artifact_id = trial.user_attrs.get(ARTIFACT_PROBES)
+    if not artifact_id or not run.artifact_dir.is_dir():
+        return None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    try:
+        with FileSystemArtifactStore(str(run.artifact_dir)).open_reader(artifact_id) as f:
+            return f.read()
+    except Exception:  # a missing artifact only costs the report its stored grid
+        return None
+
+
+def _trial_item(run: RunFolder, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                prompt: ComfyPrompt | None) -> ExportItem:
+    recipe = trial_recipe(trial)
+    scores = dict(trial.user_attrs.get(ATTR_SCORES) or {})
+    if ATTR_SCORE in trial.user_attrs:
+        scores[ATTR_SCORE] = trial.user_attrs[ATTR_SCORE]
+    values = trial.values or []
+    details = {"study": study.study_name, "trial": trial.number,
+               "objective values": ", ".join(f"{v:.6g}" for v in values),
+               "directions": ", ".join(d.name.lower() for d in study.directions)}
+    metadata = {META_STUDY: study.study_name, META_TRIAL: str(trial.number),
+                META_SCORES: scores_json(scores)}
+    return ExportItem(recipe, f"{_stem(study.study_name)}-trial{trial.number}",
+                      f"{study.study_name} trial {trial.number}", metadata, scores, details,
+                      prompt, _probe_artifact(run, trial))
+
+
+def _load_run(path: Path, args: argparse.Namespace) -> Loaded:
+    run = RunFolder.load(path)
+    study = run.study()
+    trials = pick_trials(study, number=args.trial, pareto=args.pareto)
+    if not trials:
+        raise RunError(f"study {study.study_name!r} has no Pareto-optimal trial to export")
+    probe_set = _probe_set(args, study.user_attrs.get(STUDY_ATTR_PROBES))
+    prompt = ComfyPrompt.from_probe_set(probe_set) if probe_set else None
+    items = [_trial_item(run, study, t, prompt) for t in trials]
+    return Loaded(items, run.exports, probe_set)
+
+
+def _load_file(path: Path, args: argparse.Namespace) -> Loaded:
+    if args.trial is not None or args.pareto is not None:
+        raise ExportError(f"{path}: --trial and --pareto pick trials of a run folder; "
+                          "a recipe or checkpoint holds one merge")
+    metadata: Mapping[str, str] = {}
+    try:
+        if path.suffix.lower() == ".json":
+            recipe = Recipe.from_json(path.read_text(encoding="utf-8"))
+        else:
+            metadata = open_checkpoint(path).metadata
+            recipe = recipe_from_checkpoint(path)
+    except (RecipeError, CheckpointError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: not a Recipe file or a checkpoint mergesearch wrote ({exc})"
+                          ) from None
+    kept = {k: metadata[k] for k in (META_STUDY, META_TRIAL, META_SCORES) if k in metadata}
+    scores = json.loads(kept[META_SCORES]) if META_SCORES in kept else None
+    probe_set = _probe_set(args, None)
+    prompt = ComfyPrompt.from_probe_set(probe_set) if probe_set else None
+    item = ExportItem(recipe, _stem(path.stem), path.name, kept, scores,
+                      {k.split(".")[-1]: v for k, v in kept.items() if k != META_SCORES}, prompt)
+    return Loaded([item], path.parent / "exports", probe_set, [path])
+
+
+def load_source(args: argparse.Namespace) -> Loaded:
+    """The ExportItems SOURCE names (see the module docstring)."""
+    path: Path = args.source
+    if path.is_dir():
+        if not (path / RUN_FILE).exists():
+            raise RunError(f"{path}: a folder without {RUN_FILE}: not a mergesearch run folder")
+        return _load_run(path, args)
+    if not path.exists():
+        raise ExportError(f"{path}: no such run folder, recipe or checkpoint")
+    return _load_file(path, args)
+
+
+# ---------------------------------------------------------------------------- probes
+
+
+def _probe_set(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> dict | None:
+    """The probe-set config dict: --probes, else the study's. Validated (which imports the
+    evaluators, slow) only when the report will draw with it."""
+    if args.probes is None and not stored:
+        return None
+    if args.probes is None and "report" not in args.formats:
+        return dict(stored) if isinstance(stored.get("prompts"), list) else None
+    from evaluators import ProbeSet
+
+    if args.probes is not None:
+        return ProbeSet.from_yaml(args.probes).model_dump()
+    try:
+        return ProbeSet.model_validate(dict(stored)).model_dump()
+    except ValueError as exc:  # the export itself does not need the probes
+        print(f"note: the study's probe set is unusable here ({exc}); pass --probes",
+              file=sys.stderr)
+        return None
+
+
+def _drawer(probe_set: Mapping[str, Any]):
+    from evaluators import ProbeSet, generate
+
+    probes = ProbeSet.model_validate(dict(probe_set))
+
+    def draw(pipe: Any) -> bytes:
+        return png_bytes(generate(pipe, probes).grid())
+
+    return draw
+
+
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def run_export(args: argparse.Namespace) -> int:
+    loaded = load_source(args)
+    output = args.output if args.output is not None else loaded.default_output
+    plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,
+                        overwrite=args.overwrite, mbw_lossy=args.mbw_lossy,
+                        protected=loaded.protected)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    def progress(out: PlannedOutput) -> None:
+        if not args.quiet:
+            print(f"  {out.item.title}: {out.format} -> {out.paths[0]}", file=sys.stderr)
+
+    draw = _drawer(loaded.probe_set) if loaded.probe_set and "report" in args.formats else None
+    paths = run_exports(plan, draw=draw, config_folder=args.config_folder,
+                        device=_device(args), progress=progress)
+    print(json.dumps({"written": [str(p) for p in paths]}, indent=2))
+    return 0

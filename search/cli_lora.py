@@ -1,0 +1,156 @@
+"""`mergesearch lora apply|add|extract …`: LoRAs on the command line; merge_backend.lora does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from merge_backend.architectures import block_names
+from merge_backend.lora import (
+    LoraError,
+    add_loras,
+    apply_to_file,
+    extract_lora,
+    read_lora,
+    save_lora,
+)
+from merge_backend.lora.extract import LORA_TYPES
+from merge_backend.lora.svd import SVD_METHODS
+from merge_backend.merge_file import DTYPES
+from merge_backend.recipe import LoraSpec
+
+BLOCK_VOCABULARIES = ("mbw", "comfy", "blocks")
+
+
+def add_lora_parser(sub: argparse._SubParsersAction) -> None:
+    lora = sub.add_parser("lora", help="apply, add and extract LoRAs")
+    cmds = lora.add_subparsers(dest="lora_command", required=True, metavar="COMMAND")
+
+    p = cmds.add_parser("apply", help="write a checkpoint with LoRAs added to its weights")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    p.add_argument("--block-strength", action="append", default=[], metavar="NAME=VALUE",
+                   help="a UNet block's strength factor (mbw names like IN04, or ComfyUI names "
+                        "like input_blocks.4.); repeatable; other blocks keep 1.0")
+    p.add_argument("--te-strength", type=float, help="text-encoder strength (default: STRENGTH)")
+    _common(p)
+    p.set_defaults(func=run_apply)
+
+    p = cmds.add_parser("add", help="add LoRAs into one (exact, or resized with --rank)")
+    p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--rank", type=int, help="resize to this rank by SVD (default: exact, ranks add)")
+    p.add_argument("--clamp", action="store_true", help="clamp resized factors at the 0.99 quantile")
+    _lora_output(p)
+    p.set_defaults(func=run_add)
+
+    p = cmds.add_parser("extract", help="extract model1 - model2 as a LoRA (ComfyUI LoraSave)")
+    p.add_argument("model1", type=Path)
+    p.add_argument("model2", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--rank", type=int, required=True, help="8-32 for a style, 64+ for a whole model")
+    p.add_argument("--text-encoder", action="store_true", help="also extract the text encoder(s)")
+    p.add_argument("--type", choices=LORA_TYPES, default="standard", dest="lora_type")
+    p.add_argument("--no-clamp", action="store_true", help="keep the factors unclamped")
+    p.add_argument("--bias-diff", action="store_true",
+                   help="also store 1-D weight (.diff) and bias (.diff_b) differences")
+    _lora_output(p)
+    p.set_defaults(func=run_extract)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _lora_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("kohya", "comfyui"), default="kohya", dest="fmt")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    p.add_argument("--svd", choices=SVD_METHODS, default="auto")
+    p.add_argument("--device", default="cpu", help="where SVDs run (cpu, cuda, cuda:1, ...)")
+    _common(p)
+
+
+def parse_lora_arg(arg: str) -> tuple[Path, float]:
+    """'style.safetensors:0.8' -> (path, 0.8); no ':number' suffix -> strength 1.0."""
+    path, sep, value = arg.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(value)
+        except ValueError:
+            pass
+    return Path(arg), 1.0
+
+
+def parse_block_strengths(pairs: list[str], arch) -> tuple[str, dict[str, float]]:
+    """The vocabulary the names belong to, and the strengths."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError(pair)
+            values[name] = float(value)
+        except ValueError:
+            raise LoraError(f"--block-strength {pair!r}: write NAME=VALUE, e.g. IN04=0.5") from None
+    for vocabulary in BLOCK_VOCABULARIES:
+        if all(n in block_names(arch, vocabulary) for n in values):
+            return vocabulary, values
+    raise LoraError(f"--block-strength: {', '.join(values)} are not all block names of one "
+                    f"vocabulary; mbw names: {', '.join(block_names(arch, 'mbw'))}")
+
+
+def _progress(args: argparse.Namespace, what: str):
+    def show(done: int, total: int, key: str) -> None:
+        if not args.quiet:
+            print(f"\r  {what} {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+    return show
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    from merge_backend.checkpoint import open_checkpoint
+
+    arch = open_checkpoint(args.checkpoint).arch
+    vocabulary, blocks = parse_block_strengths(args.block_strength, arch)
+    specs = [LoraSpec(str(path), strength, blocks or None, args.te_strength)
+             for path, strength in map(parse_lora_arg, args.loras)]
+    result = apply_to_file(args.checkpoint, specs, args.output, vocabulary=vocabulary,
+                           dtype=args.dtype, overwrite=args.overwrite,
+                           progress=_progress(args, "writing"))
+    print(json.dumps({"output": str(result.output), "tensors": result.tensors,
+                      "changed": result.merged, "seconds": round(result.seconds, 2)}))
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    loras = [(read_lora(path), strength) for path, strength in map(parse_lora_arg, args.loras)]
+    merged, table = add_loras(loras, rank=args.rank, svd=args.svd, clamp=args.clamp,
+                              device=args.device)
+    sources = {str(p): s for p, s in map(parse_lora_arg, args.loras)}
+    save_lora(merged, args.output, fmt=args.fmt, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+              metadata={"mergesearch.add": json.dumps({"loras": sources, "rank": args.rank})})
+    if table is not None and not args.quiet:
+        print(table.format(), file=sys.stderr)
+    ranks = [m.rank for m in merged.modules.values() if m.rank]
+    print(json.dumps({"output": str(args.output), "modules": len(merged.modules),
+                      "max_rank": max(ranks, default=0),
+                      "overall_error": None if table is None else table.overall}))
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    result = extract_lora(args.model1, args.model2, args.output, rank=args.rank,
+                          text_encoder=args.text_encoder, fmt=args.fmt, lora_type=args.lora_type,
+                          clamp=not args.no_clamp, bias_diff=args.bias_diff, svd=args.svd,
+                          device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                          progress=_progress(args, "layers"))
+    print(result.table.format())
+    print(json.dumps({"output": str(result.output), "rank": result.rank,
+                      "modules": result.modules, "overall_error": result.table.overall,
+                      "svd": result.svd_methods, "seconds": round(result.seconds, 2)}))
+    return 0

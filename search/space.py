@@ -1,0 +1,160 @@
+"""The search space: which numbers Optuna proposes, and the one place they become a Recipe.
+
+Each searched block (or group of tied blocks) is one float parameter named after it; fixed
+blocks take their value; the add-difference multiplier and the text-encoder ratio may be
+searched too. ``SearchSpace.recipe(params)`` is the only function in the project that turns
+Optuna parameters into a Recipe.
+
+Example:
+    >>> space = SearchSpace(cfg, template)                  # doctest: +SKIP
+    >>> recipe = space.recipe(space.suggest(trial))          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from optuna.distributions import FloatDistribution
+
+from merge_backend import ClipMerge, Recipe, Source
+from merge_backend.architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, block_names
+
+from .config import Searched, StudyConfig
+
+MULTIPLIER = "multiplier"
+TEXT_ENCODER = "te_ratio"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Optuna parameter and the blocks it sets."""
+
+    name: str
+    blocks: tuple[str, ...]
+    low: float
+    high: float
+
+    @property
+    def distribution(self) -> FloatDistribution:
+        return FloatDistribution(self.low, self.high)
+
+
+class SearchSpace:
+    """Ratios per block of the configured vocabulary, plus optional multiplier / te ratio."""
+
+    def __init__(self, cfg: StudyConfig, arch_name: str):
+        self.cfg = cfg
+        self.arch_name = arch_name
+        merge = cfg.merge
+        self.names = block_names(ARCHITECTURES[arch_name], merge.vocabulary)
+        self.fixed = dict(merge.fixed)
+        te_block = MBW_TEXT_ENCODER_BLOCK if merge.vocabulary == "mbw" else None
+        self.params: list[Param] = []
+        tied = {b: tuple(group) for group in merge.tied for b in group}
+        done: set[str] = set()
+        for name in self.names:
+            if name in self.fixed or name in done or name == te_block:
+                continue
+            group = tied.get(name, (name,))
+            low, high = self._bounds(group)
+            self.params.append(Param("+".join(group), group, low, high))
+            done.update(group)
+        self.extra: list[Param] = []
+        if isinstance(merge.multiplier, Searched):
+            self.extra.append(Param(MULTIPLIER, (), merge.multiplier.low, merge.multiplier.high))
+        te = merge.text_encoder
+        if te.mode == "merge" and isinstance(te.ratio, Searched):
+            self.extra.append(Param(TEXT_ENCODER, (), te.ratio.low, te.ratio.high))
+
+    def _bounds(self, group: tuple[str, ...]) -> tuple[float, float]:
+        bounds = [self.cfg.merge.block_bounds.get(b, self.cfg.merge.bounds) for b in group]
+        return max(b[0] for b in bounds), min(b[1] for b in bounds)
+
+    # ------------------------------------------------------------------ Optuna side
+    def all_params(self) -> list[Param]:
+        return self.params + self.extra
+
+    def distributions(self) -> dict[str, FloatDistribution]:
+        return {p.name: p.distribution for p in self.all_params()}
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
+        return {p.name: trial.suggest_float(p.name, p.low, p.high) for p in self.all_params()}
+
+    # ------------------------------------------------------------------ Recipe side
+    def template(self) -> Recipe:
+        """The Recipe every candidate shares (ratios at 1.0, model1 unchanged)."""
+        return self.recipe({p.name: 1.0 if p.blocks else self._extra_default(p)
+                            for p in self.all_params()}, clamp=True)
+
+    def _extra_default(self, p: Param) -> float:
+        return min(max(1.0, p.low), p.high)
+
+    def recipe(self, params: dict[str, float], clamp: bool = False) -> Recipe:
+        """The Recipe these Optuna parameters describe."""
+        merge = self.cfg.merge
+        ratios = {name: float(v) for name, v in self.fixed.items()}
+        for p in self.params:
+            value = _clip(params[p.name], p) if clamp else params[p.name]
+            ratios.update({b: float(value) for b in p.blocks})
+        te_ratio = self._te_ratio(params)
+        clip = None
+        if merge.vocabulary == "mbw":
+            ratios[MBW_TEXT_ENCODER_BLOCK] = te_ratio if te_ratio is not None else \
+                ratios.get(MBW_TEXT_ENCODER_BLOCK, 1.0)
+        elif te_ratio is not None:
+            clip = ClipMerge("weighted_sum", ratio=te_ratio)
+        multiplier = params.get(MULTIPLIER, merge.multiplier if isinstance(merge.multiplier, float)
+                                else 1.0)
+        models = {"model1": Source(str(self.cfg.models.model1)),
+                  "model2": Source(str(self.cfg.models.model2))}
+        if merge.method == "add_difference":
+            models["base"] = Source(str(self.cfg.models.base))
+        return Recipe(arch=self.arch_name, method=merge.method, models=models,
+                      vocabulary=merge.vocabulary, ratios={n: ratios[n] for n in self.names},
+                      multiplier=float(multiplier), clip=clip, arithmetic=merge.arithmetic,
+                      allow_extrapolation=merge.allow_extrapolation)
+
+    def _te_ratio(self, params: dict[str, float]) -> float | None:
+        te = self.cfg.merge.text_encoder
+        if te.mode == "model1":
+            return None
+        return float(params[TEXT_ENCODER]) if TEXT_ENCODER in params else float(te.ratio)
+
+    def params_for(self, ratios: dict[str, float], default: float | None = None
+                   ) -> dict[str, float]:
+        """Optuna parameters for per-block ratios (warm starts, presets): tied groups take
+        their mean, values are clipped to bounds, blocks not given take ``default`` (or the
+        middle of their bounds)."""
+        out = {}
+        for p in self.params:
+            given = [ratios[b] for b in p.blocks if b in ratios]
+            fallback = (p.low + p.high) / 2 if default is None else default
+            value = sum(given) / len(given) if given else fallback
+            out[p.name] = _clip(value, p)
+        for p in self.extra:
+            out[p.name] = _clip(ratios.get(p.name, self._extra_default(p)), p)
+        return out
+
+    def ratio_vector(self, recipe: Recipe) -> dict[str, float]:
+        """The searched parameters' values in a Recipe (for errors against a target)."""
+        return {p.name: recipe.ratios[p.blocks[0]] for p in self.params}
+
+
+def _clip(value: float, p: Param) -> float:
+    return float(min(max(value, p.low), p.high))
+
+
+def warm_start_params(space: SearchSpace) -> list[tuple[str, dict[str, float]]]:
+    """(label, params) of every warm start the config asks for, in order."""
+    warm = space.cfg.warm_start
+    out = []
+    if warm.model1:
+        out.append(("model1", space.params_for({}, default=1.0)))
+    if warm.model2:
+        out.append(("model2", space.params_for({}, default=0.0)))
+    for u in warm.uniform:
+        out.append((f"uniform {u}", space.params_for({}, default=u)))
+    for name, ratios in warm.presets.items():
+        out.append((f"preset {name}", space.params_for(ratios)))
+    return out

@@ -1,0 +1,222 @@
+"""`mergesearch export` end to end on a tiny SD1 study made with Optuna directly.
+
+The trial's probe images come from the pipeline a study scores (model1's pipeline with the
+candidate written in by MergeEngine); the exported files must reproduce them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from safetensors import safe_open
+
+from merge_backend import Recipe, Source, recipe_from_checkpoint
+from merge_backend.engine import MergeEngine
+from merge_backend.export import png_bytes
+from merge_backend.merge_file import with_hashes
+from merge_backend.pipeline import load_pipeline
+from merge_backend.recipe import uniform_ratios
+from search import cli
+from search.cli_export import add_export_parser
+from search.run_folder import RunFolder, default_storage
+
+PROBES = {"prompts": ["a red apple"], "seeds": [3], "steps": 2, "cfg": 5.0, "width": 64,
+          "height": 64, "scheduler": "euler", "batch_size": 1}
+FP16_TOLERANCE = 0.05  # max |Δpixel| (images in [0, 1]) between fp16 and fp32 weights
+
+
+def export(monkeypatch, *argv: str) -> int:
+    """`mergesearch export …` through the real entry point (registering it if not yet)."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "export" not in sub.choices:
+        add_export_parser(sub)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    return cli.main(["export", *map(str, argv), "--quiet"])
+
+
+def draw(pipe) -> torch.Tensor:
+    from evaluators import ProbeSet, generate
+
+    return generate(pipe, ProbeSet.model_validate(PROBES)).images
+
+
+def _recipe(fam, in04: float, base: float) -> Recipe:
+    ratios = uniform_ratios("sd1", "mbw", 0.6)
+    ratios.update(IN04=in04, OUT02=0.1, BASE=base)
+    models = {"model1": Source(str(fam.a)), "model2": Source(str(fam.b))}
+    return with_hashes(Recipe(arch="sd1", method="weighted_sum", models=models,
+                              vocabulary="mbw", ratios=ratios))
+
+
+def make_run(path: Path, recipes: list[Recipe], values: list, *, directions=("maximize",),
+             grid: bytes | None = None, probe_set: dict | None = PROBES) -> RunFolder:
+    run = RunFolder(path, "tiny-study", default_storage(path))
+    run.save()
+    study = optuna.create_study(study_name=run.study_name, storage=run.storage,
+                                directions=list(directions))
+    if probe_set:
+        study.set_user_attr("probe_set", probe_set)
+    for i, (recipe, value) in enumerate(zip(recipes, values)):
+        trial = study.ask()
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("scores", {"clip": 20.0 + i, "aesthetic": 5.0})
+        if grid is not None and i == 0:
+            png = path / "grid.png"
+            png.write_bytes(grid)
+            artifact = optuna.artifacts.upload_artifact(
+                artifact_store=run.artifact_store(), file_path=str(png), study_or_trial=trial,
+                mimetype="image/png")
+            trial.set_user_attr("artifact:probes", artifact)
+        study.tell(trial, value)
+    return run
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_sd1, tmp_path_factory):
+    """A study whose best trial was scored on these images (MergeEngine in model1's pipeline)."""
+    recipe = _recipe(tiny_sd1, 0.2, 0.4)
+    pipe = load_pipeline(tiny_sd1.a, config_folder=tiny_sd1.config_folder)
+    MergeEngine(pipe, recipe).apply(recipe)
+    images = draw(pipe)
+    run = make_run(tmp_path_factory.mktemp("run"), [recipe, _recipe(tiny_sd1, 0.9, 1.0)],
+                   [2.0, 1.0], grid=png_bytes(images[0]))
+    return run, recipe, images
+
+
+def test_exported_checkpoint_and_folder_reproduce_the_scored_images(scored, tiny_sd1,
+                                                                    monkeypatch, tmp_path):
+    run, recipe, images = scored
+    out = tmp_path / "fp32"
+    assert export(monkeypatch, run.path, "--best", "--to", "checkpoint", "--to", "diffusers",
+                  "--dtype", "fp32", "-o", out, "--config-folder", tiny_sd1.config_folder) == 0
+    ckpt = out / "tiny-study-trial0.safetensors"
+    assert torch.equal(draw(load_pipeline(ckpt, config_folder=tiny_sd1.config_folder)), images)
+    from diffusers import StableDiffusionPipeline
+
+    folder = StableDiffusionPipeline.from_pretrained(out / "tiny-study-trial0-diffusers",
+                                                     local_files_only=True)
+    folder.set_progress_bar_config(disable=True)
+    assert torch.equal(draw(folder), images)
+    # The metadata round-trips to the trial's Recipe and names the study, trial and scores.
+    assert recipe_from_checkpoint(ckpt) == recipe
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata()
+    assert (meta["mergesearch.study"], meta["mergesearch.trial"]) == ("tiny-study", "0")
+    assert json.loads(meta["mergesearch.scores"]) == {"clip": 20.0, "aesthetic": 5.0}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+
+    half = tmp_path / "half.safetensors"
+    assert export(monkeypatch, run.path, "--trial", "0", "--to", "checkpoint", "-o", half) == 0
+    drawn = draw(load_pipeline(half, config_folder=tiny_sd1.config_folder))
+    assert 0 < (drawn - images).abs().max().item() < FP16_TOLERANCE
+
+
+def test_text_exports_and_report(scored, tiny_sd1, monkeypatch, tmp_path):
+    run, recipe, images = scored
+    assert export(monkeypatch, run.path, "--to", "comfyui", "--to", "mbw", "--to", "report",
+                  "--config-folder", tiny_sd1.config_folder, "--device", "cpu") == 0
+    out = run.exports
+    mbw = (out / "tiny-study-trial0.mbw.txt").read_text().strip()
+    assert mbw.split(",")[:6] == ["0.6", "0.4", "0.4", "0.4", "0.4", "0.8"]  # BASE, IN00..IN04
+    api = json.loads((out / "tiny-study-trial0.comfyui.api.json").read_text())
+    ui = json.loads((out / "tiny-study-trial0.comfyui.json").read_text())
+    assert {n["class_type"] for n in api.values()} >= {"ModelMergeSD1", "CLIPMergeSimple"}
+    assert ui["extra"]["mergesearch"]["recipe"] == recipe.to_dict()
+    sampler = next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (3, 2, 5.0)
+    assert "a red apple" in {n["inputs"].get("text") for n in api.values()}
+
+    page = (out / "tiny-study-trial0.report.html").read_text()
+    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(pngs) == 3  # model1, the candidate (the stored probe grid), model2
+    import base64
+
+    assert base64.b64decode(pngs[1]) == png_bytes(images[0])
+    assert len({*pngs}) == 3
+    assert "<svg" in page and "IN04: 0.2" in page and "aesthetic" in page
+    assert json.dumps(recipe.to_dict(), indent=2, sort_keys=True).replace('"', "&quot;") in page
+    assert "src=\"http" not in page and "<script" not in page
+
+
+def test_pareto_exports_k_trials_named_by_number(tiny_sd1, monkeypatch, tmp_path):
+    recipes = [_recipe(tiny_sd1, r, 1.0) for r in (0.1, 0.2, 0.3, 0.4)]
+    run = make_run(tmp_path / "run", recipes, [[1, 4], [2, 3], [0, 0], [3, 1]],
+                   directions=("maximize", "maximize"), probe_set=None)
+    assert export(monkeypatch, run.path, "--pareto", "2", "--to", "mbw", "-o", tmp_path / "o") == 0
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == ["tiny-study-trial0.mbw.txt", "tiny-study-trial1.mbw.txt"]
+    assert (tmp_path / "o" / written[1]).read_text().split(",")[5] == "0.8"  # IN04 = 0.2
+
+
+def test_recipe_and_checkpoint_sources(scored, monkeypatch, tmp_path):
+    _, recipe, _ = scored
+    recipe_file = tmp_path / "my-merge.json"
+    recipe_file.write_text(recipe.to_json())
+    assert export(monkeypatch, recipe_file, "--to", "checkpoint", "--dtype", "fp32") == 0
+    ckpt = tmp_path / "exports" / "my-merge.safetensors"
+    assert recipe_from_checkpoint(ckpt) == recipe
+    assert export(monkeypatch, ckpt, "--to", "mbw", "-o", tmp_path / "from-ckpt.txt") == 0
+    assert export(monkeypatch, recipe_file, "--to", "mbw", "-o", tmp_path / "from-json.txt") == 0
+    assert (tmp_path / "from-ckpt.txt").read_text() == (tmp_path / "from-json.txt").read_text()
+    assert export(monkeypatch, recipe_file, "--to", "mbw", "-o", tmp_path / "from-json.txt") == 1
+
+
+def _stale_run(tiny_sd1, tmp_path: Path) -> Path:
+    copy = tmp_path / "finetune_b.safetensors"
+    shutil.copy(tiny_sd1.b, copy)
+    recipe = _recipe(tiny_sd1, 0.5, 1.0)
+    recipe = recipe.replace(models={**recipe.models, "model2": Source(str(copy))})
+    run = make_run(tmp_path / "run", [with_hashes(recipe)], [1.0])
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF  # the file changes after the study ran
+    copy.write_bytes(bytes(data))
+    return run.path
+
+
+def _no_trial_run(tiny_sd1, tmp_path: Path) -> Path:
+    run = make_run(tmp_path / "run", [], [])
+    study = run.study()
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    return run.path
+
+
+def _missing_source(tiny_sd1, tmp_path: Path) -> Path:
+    recipe = _recipe(tiny_sd1, 0.5, 1.0)
+    recipe = recipe.replace(models={**recipe.models, "model2": Source(str(tmp_path / "gone.st"))})
+    path = tmp_path / "recipe.json"
+    path.write_text(recipe.to_json())
+    return path
+
+
+@pytest.mark.parametrize("make,message", [
+    (_no_trial_run, "no completed trial"),
+    (_missing_source, r"model2: source .*gone.st is missing"),
+    (_stale_run, r"model2: .*finetune_b.safetensors changed since the merge was scored"),
+])
+def test_refusals_write_nothing(make, message, tiny_sd1, monkeypatch, tmp_path, capsys):
+    source = make(tiny_sd1, tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / "out"
+    code = export(monkeypatch, source, "--to", "checkpoint", "--to", "comfyui", "--to", "mbw",
+                  "-o", out)
+    assert code == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists() and sorted(tmp_path.rglob("*")) == before
+
+
+def test_png_bytes_round_trip():
+    # png_bytes writes a PNG PIL reads back pixel for pixel.
+    from PIL import Image
+
+    image = torch.rand(3, 8, 16)
+    back = torch.tensor(list(Image.open(io.BytesIO(png_bytes(image))).getdata()))
+    assert torch.equal(back.T.reshape(3, 8, 16), (image * 255).round().to(torch.uint8).long())

@@ -1,0 +1,213 @@
+"""The exported ComfyUI workflow rebuilds the exported checkpoint, by ComfyUI's own formulas.
+
+The evaluator below is written from ComfyUI's node definitions (REFERENCE §1), not from our
+merge code: a merge node clones model1 and patches every ``diffusion_model.`` key of model2
+with ``W = strength_model*W1 + strength_patch*W2`` in float32 (ModelMergeSimple / Blocks /
+SD1 / SDXL: ratio, 1-ratio with the longest matching slider name, else the first slider;
+Subtract: m, -m; Add: 1, 1); CLIPMerge* do the same on the text encoder, skipping
+``position_ids`` / ``logit_scale``; CheckpointSave keeps the VAE of the loader it is wired to.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_backend import ClipMerge, Recipe, Source, merge_to_file
+from merge_backend.export import ComfyExportError, ComfyPrompt, comfy_workflow
+
+UNET = "model.diffusion_model."
+TEXT = ("cond_stage_model.", "conditioner.")
+VAE = "first_stage_model."
+SKIP = (".position_ids", ".logit_scale")
+
+# ComfyUI's ModelMergeSD1 / SDXL slider names, in INPUT_TYPES order (written out here on purpose).
+SD1_SLIDERS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}." for i in range(12)]
+               + [f"middle_block.{i}." for i in range(3)]
+               + [f"output_blocks.{i}." for i in range(12)] + ["out."])
+SDXL_SLIDERS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}" for i in range(9)]
+                + [f"middle_block.{i}" for i in range(3)]
+                + [f"output_blocks.{i}" for i in range(9)] + ["out."])
+
+
+# ---------------------------------------------------------------------------- the evaluator
+
+
+def _load(path) -> tuple[dict, dict, dict]:
+    sd = load_file(str(path))
+    return ({k: v for k, v in sd.items() if k.startswith(UNET)},
+            {k: v for k, v in sd.items() if k.startswith(TEXT)},
+            {k: v for k, v in sd.items() if k.startswith(VAE)})
+
+
+def _patch(w1: torch.Tensor, w2: torch.Tensor, strength_model: float, strength_patch: float):
+    return w1.float() * strength_model + strength_patch * w2.float()
+
+
+def _strengths(class_type: str, key: str, widgets: dict) -> tuple[float, float]:
+    if class_type in ("ModelMergeSubtract", "CLIPMergeSubtract"):
+        return widgets["multiplier"], -widgets["multiplier"]
+    if class_type in ("ModelMergeAdd", "CLIPMergeAdd"):
+        return 1.0, 1.0
+    if class_type in ("ModelMergeSimple", "CLIPMergeSimple"):
+        return widgets["ratio"], 1.0 - widgets["ratio"]
+    ratio, longest = next(iter(widgets.values())), 0  # ModelMergeBlocks and its subclasses
+    for name, value in widgets.items():
+        if key[len(UNET):].startswith(name) and len(name) > longest:
+            ratio, longest = value, len(name)
+    return ratio, 1.0 - ratio
+
+
+def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
+    """Run the merge part of an API-format workflow; the state dict CheckpointSave gets."""
+    done: dict[str, tuple] = {}
+
+    def get(link) -> object:
+        return run(link[0])[link[1]]
+
+    def run(node_id: str) -> tuple:
+        if node_id in done:
+            return done[node_id]
+        node = api[node_id]
+        kind, inputs = node["class_type"], node["inputs"]
+        widgets = {k: v for k, v in inputs.items() if not isinstance(v, list)}
+        if kind == "CheckpointLoaderSimple":
+            result = _load(files[inputs["ckpt_name"]])
+        elif kind.startswith(("ModelMerge", "CLIPMerge")):
+            first, second = ("model1", "model2") if kind.startswith("Model") else ("clip1", "clip2")
+            a, b = get(inputs[first]), get(inputs[second])
+            merged = dict(a)
+            for key in b:
+                if kind.startswith("CLIP") and key.endswith(SKIP):
+                    continue
+                merged[key] = _patch(a[key], b[key], *_strengths(kind, key, widgets))
+            result = (merged,)
+        elif kind == "CheckpointSave":
+            result = (get(inputs["model"]), get(inputs["clip"]), get(inputs["vae"]))
+        else:
+            raise AssertionError(f"unexpected node {kind} upstream of CheckpointSave")
+        done[node_id] = result
+        return result
+
+    save = next(i for i, n in api.items() if n["class_type"] == "CheckpointSave")
+    model, clip, vae = run(save)
+    return {**model, **clip, **vae}
+
+
+# ---------------------------------------------------------------------------- recipes
+
+
+def _ratios(names, seed: int) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: round(float(v), 3) for n, v in zip(names, torch.rand(len(names), generator=g))}
+
+
+def _recipe(fam, method: str, vocabulary: str, clip: ClipMerge | None, seed: int = 0) -> Recipe:
+    from merge_backend.recipe import uniform_ratios
+
+    models = {"model1": Source(str(fam.a)), "model2": Source(str(fam.b))}
+    if method == "add_difference":
+        models["base"] = Source(str(fam.base))
+    ratios = {}
+    if method in ("weighted_sum", "add_difference"):
+        ratios = _ratios(uniform_ratios(fam.arch, vocabulary, 0), seed)
+    return Recipe(arch=fam.arch, method=method, models=models, vocabulary=vocabulary,
+                  ratios=ratios, multiplier=0.7, clip=clip)
+
+
+CASES = [
+    ("sd1", "weighted_sum", "comfy", ClipMerge("weighted_sum", 0.3)),
+    ("sd1", "weighted_sum", "mbw", None),  # BASE merges the text encoder (CLIPMergeSimple)
+    ("sd1", "weighted_sum", "blocks", ClipMerge("subtract", multiplier=0.5)),
+    ("sd1", "subtract", "single", ClipMerge("add")),  # (ModelMergeAdd: in add_difference)
+    ("sd1", "add_difference", "comfy", None),
+    ("sdxl", "weighted_sum", "mbw", None),  # BASE -> CLIPMergeSimple over both encoders
+]
+
+
+@pytest.mark.parametrize("arch,method,vocabulary,clip", CASES)
+def test_workflow_rebuilds_the_checkpoint(arch, method, vocabulary, clip, tiny_sd1, tiny_sdxl,
+                                          tmp_path):
+    fam = {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+    recipe = _recipe(fam, method, vocabulary, clip)
+    out = tmp_path / "merged.safetensors"
+    merge_to_file(recipe, out, dtype="fp32")
+    api = comfy_workflow(recipe).api()
+    files = {p.name: p for p in (fam.a, fam.b, fam.base)}
+    rebuilt = evaluate_workflow(api, files)
+    exported = load_file(str(out))
+    keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT) and not k.endswith(SKIP)]
+    assert len(keys) > 600 and set(keys) <= set(rebuilt)
+    assert not [k for k in rebuilt if k.startswith(UNET) and k not in exported]
+    if method == "add_difference":
+        # ComfyUI chains Subtract -> Add -> blend: the same sum in another float32 order.
+        worst = max((rebuilt[k].float() - exported[k]).abs().max().item() for k in keys)
+        assert worst < 2e-6
+    else:
+        differ = [k for k in keys if not torch.equal(rebuilt[k].to(exported[k].dtype), exported[k])]
+        assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    model1 = load_file(str(fam.a))
+    merged_te = [k for k in keys if k.startswith(TEXT) and not torch.equal(exported[k], model1[k])]
+    assert bool(merged_te) == (recipe.effective_clip() is not None)
+
+
+def test_node_names_and_widgets_are_comfyuis(tiny_sd1, tiny_sdxl):
+    for fam, sliders, node in ((tiny_sd1, SD1_SLIDERS, "ModelMergeSD1"),
+                               (tiny_sdxl, SDXL_SLIDERS, "ModelMergeSDXL")):
+        recipe = _recipe(fam, "add_difference", "mbw", None)
+        api = comfy_workflow(recipe).api()
+        kinds = [n["class_type"] for n in api.values()]
+        assert kinds[:6] == ["CheckpointLoaderSimple"] * 3 + ["ModelMergeSubtract",
+                                                               "ModelMergeAdd", node]
+        blend = api["6"]["inputs"]
+        assert list(blend) == ["model1", "model2", *sliders]
+        assert blend["model1"] == ["1", 0] and blend["model2"] == ["5", 0]
+        # IN04 of the mbw recipe lands on input_blocks.4 and out. takes the last OUT's ratio.
+        dot = "." if fam.arch == "sd1" else ""
+        assert blend[f"input_blocks.4{dot}"] == recipe.ratios["IN04"]
+        assert blend["out."] == recipe.ratios["OUT08" if fam.arch == "sdxl" else "OUT11"]
+        assert blend["time_embed."] == blend["label_emb."] == recipe.ratios["IN00"]
+        assert api["4"]["inputs"] == {"model1": ["2", 0], "model2": ["3", 0], "multiplier": 0.7}
+
+
+def test_ui_format_agrees_with_api_format(tiny_sd1):
+    recipe = _recipe(tiny_sd1, "weighted_sum", "comfy", ClipMerge("weighted_sum", 0.3))
+    prompt = ComfyPrompt("a red apple", negative="blurry", seed=7, steps=4, cfg=5.0,
+                         width=64, height=64, sampler_name="euler_ancestral")
+    wf = comfy_workflow(recipe, prompt=prompt, name="trial7")
+    api, ui = wf.api(), wf.ui()
+    assert ui["version"] == 0.4 and ui["last_node_id"] == len(ui["nodes"]) == len(api)
+    assert ui["extra"]["mergesearch"]["recipe"] == recipe.to_dict()
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for link_id, src, slot, dst, dst_slot, kind in ui["links"]:
+        target = by_id[dst]["inputs"][dst_slot]
+        assert target["link"] == link_id and target["type"] == kind
+        assert api[str(dst)]["inputs"][target["name"]] == [str(src), slot]
+        assert link_id in by_id[src]["outputs"][slot]["links"]
+    for node in ui["nodes"]:
+        widgets = [v for v in api[str(node["id"])]["inputs"].values() if not isinstance(v, list)]
+        values = list(node["widgets_values"])
+        if node["type"] == "KSampler":
+            assert values.pop(1) == "fixed"  # the editor's control_after_generate
+        assert values == widgets, node["type"]
+    sampler = next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"],
+            sampler["scheduler"], sampler["denoise"]) == (7, 4, 5.0, "euler_ancestral", "normal", 1.0)
+    texts = {n["inputs"]["text"] for n in api.values() if n["class_type"] == "CLIPTextEncode"}
+    assert texts == {"a red apple", "blurry"}
+    save = next(n for n in api.values() if n["class_type"] == "CheckpointSave")["inputs"]
+    assert save["filename_prefix"] == "checkpoints/trial7"
+    clip_node = api[save["clip"][0]]
+    assert clip_node == {"class_type": "CLIPMergeSimple", "_meta": clip_node["_meta"],
+                         "inputs": {"clip1": ["1", 1], "clip2": ["2", 1], "ratio": 0.3}}
+
+
+def test_workflow_refuses_what_comfyui_sliders_cannot_hold(tiny_sd1):
+    recipe = _recipe(tiny_sd1, "weighted_sum", "single", None)
+    past = recipe.replace(ratios={"all": 1.5}, allow_extrapolation=True)
+    with pytest.raises(ComfyExportError, match=r"recipe.ratios.*\[0, 1\]"):
+        comfy_workflow(past)
+    far = _recipe(tiny_sd1, "subtract", "single", None).replace(multiplier=12.0)
+    with pytest.raises(ComfyExportError, match="recipe.multiplier = 12.0"):
+        comfy_workflow(far)

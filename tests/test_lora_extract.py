@@ -1,0 +1,127 @@
+"""Extraction: full rank reproduces model1 - model2, rank r loses exactly the SVD tail, and the
+files have ComfyUI's / kohya's layout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from merge_backend.checkpoint import open_checkpoint
+from merge_backend.lora import (
+    LoraError,
+    LoraUse,
+    extract_lora,
+    lora_deltas_for_key,
+    name_table,
+    read_lora,
+)
+from merge_backend.lora.svd import as_matrix, clamp_factors, factorize, threads_for
+
+
+def _differences(fam):
+    """Original key -> float32 finetune_a - base of every LoRA-able UNet weight."""
+    a, b = open_checkpoint(fam.a), open_checkpoint(fam.base)
+    keys = {t.key for t in name_table(fam.arch).components(["unet"]) if t.lora_able and t.key in b}
+    return {k: a.get(k).float() - b.get(k).float() for k in keys}
+
+
+def _relative_error(fam, path):
+    """||Δ - LoRA|| / ||Δ|| over the keys the LoRA file changes, read back from the file."""
+    lora = read_lora(path)
+    use = LoraUse(lora)
+    base, a = open_checkpoint(fam.base), open_checkpoint(fam.a)
+    err = norm = 0.0
+    for key in use.keys():
+        diff = a.get(key).float() - base.get(key).float()
+        got = lora_deltas_for_key([use], key, diff.shape)
+        err += (diff - got).double().pow(2).sum().item()
+        norm += diff.double().pow(2).sum().item()
+    return math.sqrt(err / norm)
+
+
+def test_full_rank_without_clamp_reproduces_the_difference(tmp_path, tiny_sd1):
+    out = tmp_path / "full.safetensors"
+    result = extract_lora(tiny_sd1.a, tiny_sd1.base, out, rank=4096, clamp=False, dtype="fp32",
+                          text_encoder=True, svd="exact")
+    assert result.table.overall < 1e-5
+    assert _relative_error(tiny_sd1, out) < 1e-5
+    # every changed block is reported; blocks the fine-tune left alone have no difference
+    rows = {b: (e, n) for b, _, e, n in result.table.rows()}
+    assert rows["IN04"][1] > 0 and rows["OUT03"][1] == 0 and "BASE" in rows
+    lora = read_lora(out)
+    te = [m for m in lora.modules.values() if m.target.component == "te"]
+    assert te and all(m.alpha == 4096 for m in lora.modules.values())
+
+
+def _svd_tail(fam, rank):
+    """sqrt(Σ dropped σ²) / ||Δ|| over every LoRA-able UNet weight."""
+    dropped = total = 0.0
+    for diff in _differences(fam).values():
+        with threads_for(diff):
+            s = torch.linalg.svdvals(as_matrix(diff).double())
+        dropped += s[rank:].pow(2).sum().item()
+        total += s.pow(2).sum().item()
+    return math.sqrt(dropped / total)
+
+
+def test_rank_r_error_is_the_svd_tail(tmp_path, tiny_sdxl):
+    rank = 6
+    tail = _svd_tail(tiny_sdxl, rank)
+    exact = extract_lora(tiny_sdxl.a, tiny_sdxl.base, tmp_path / "e.safetensors", rank=rank,
+                         clamp=False, dtype="fp32", svd="exact")
+    assert exact.table.overall == pytest.approx(tail, rel=1e-4)
+    low = extract_lora(tiny_sdxl.a, tiny_sdxl.base, tmp_path / "l.safetensors", rank=rank,
+                       clamp=False, dtype="fp32", svd="lowrank")
+    assert tail * (1 - 1e-5) <= low.table.overall <= tail * 1.02
+    assert low.svd_methods == {"lowrank": exact.svd_methods["exact"]}
+
+
+def test_comfyui_format_clamp_and_bias_diff(tmp_path, tiny_sd1):
+    out = tmp_path / "comfy.safetensors"
+    extract_lora(tiny_sd1.a, tiny_sd1.base, out, rank=8, fmt="comfyui", bias_diff=True,
+                 text_encoder=True)
+    tensors = load_file(str(out))
+    assert all(v.dtype == torch.float16 for v in tensors.values())
+    assert not any(k.endswith(".alpha") for k in tensors)
+    key = "diffusion_model.input_blocks.7.0.in_layers.2"  # a 3x3 conv, 32 -> 64 channels
+    assert tensors[f"{key}.lora_down.weight"].shape == (8, 32, 3, 3)
+    assert tensors[f"{key}.lora_up.weight"].shape == (64, 8, 1, 1)
+    assert f"{key}.diff_b" in tensors
+    assert "diffusion_model.input_blocks.7.0.in_layers.0.diff" in tensors  # a norm's weight
+    assert any(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.") for k in tensors)
+    # the clamp is ComfyUI's: both factors within ± the 0.99 quantile of their values
+    a, b = open_checkpoint(tiny_sd1.a), open_checkpoint(tiny_sd1.base)
+    diff = a.get(f"model.{key}.weight").float() - b.get(f"model.{key}.weight").float()
+    up, down = factorize(diff, 8, method="exact")
+    hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.99)
+    cu, cd = clamp_factors(up, down)
+    assert cu.abs().max() <= hi + 1e-6 and cd.abs().max() <= hi + 1e-6
+    torch.testing.assert_close(tensors[f"{key}.lora_up.weight"].float().flatten(1), cu,
+                               atol=2e-3, rtol=2e-3)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["mergesearch.arch"] == "sd1" and "ss_network_dim" not in meta
+
+
+def test_full_diff_type_stores_whole_differences(tmp_path, tiny_sd1):
+    out = tmp_path / "full_diff.safetensors"
+    result = extract_lora(tiny_sd1.a, tiny_sd1.base, out, rank=4, lora_type="full_diff",
+                          bias_diff=True)
+    keys = load_file(str(out)).keys()
+    assert keys and all(k.endswith((".diff", ".diff_b")) for k in keys)
+    assert result.table.overall < 1e-3  # fp16 rounding only
+    assert _relative_error(tiny_sd1, out) < 1e-3
+
+
+def test_extract_refuses_mismatched_models(tmp_path, tiny_sd1, tiny_sdxl):
+    with pytest.raises(LoraError, match="is Stable Diffusion XL but .* is Stable Diffusion 1.x"):
+        extract_lora(tiny_sdxl.a, tiny_sd1.base, tmp_path / "x.safetensors", rank=4)
+    with pytest.raises(LoraError, match="rank must be at least 1"):
+        extract_lora(tiny_sd1.a, tiny_sd1.base, tmp_path / "x.safetensors", rank=0)
+    with pytest.raises(LoraError, match="is a source model"):
+        extract_lora(tiny_sd1.a, tiny_sd1.base, tiny_sd1.a, rank=4, overwrite=True)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,0 +1,172 @@
+"""LoRA files in and out: every spelling resolves to the right original key, the formats agree
+on the delta, and bad files fail with messages that name the file and the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_backend.checkpoint import open_checkpoint
+from merge_backend.lora import (
+    LoraError,
+    LoraUse,
+    check_loras,
+    lora_deltas_for_key,
+    name_table,
+    random_lora,
+    read_lora,
+    save_lora,
+)
+from merge_backend.lora.svd import quantile
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_every_spelling_of_every_module_resolves_to_it(arch):
+    table = name_table(arch)
+    for target in table.targets:
+        for fmt in ("kohya", "comfyui", "peft"):
+            if fmt == "comfyui" and target.component == "unet" and table.original_path(target) is None:
+                continue
+            assert table.resolve(table.name(target, fmt)) == target, (fmt, target)
+
+
+def test_kohya_names_follow_kohya_layout():
+    sd1, sdxl = name_table("sd1"), name_table("sdxl")
+    t = sd1.resolve("lora_unet_down_blocks_0_attentions_0_proj_in")
+    assert t.key == "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    # ComfyUI also reads SD1 files named by original paths
+    assert sd1.resolve("lora_unet_input_blocks_1_1_proj_in") == t
+    assert sd1.resolve("lora_te_text_model_encoder_layers_0_self_attn_q_proj").key == (
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight")
+    x = sdxl.resolve("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q")
+    assert x.key == "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    assert sdxl.name(x, "kohya") == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    v = sdxl.resolve("lora_te2_text_model_encoder_layers_3_self_attn_v_proj")
+    assert (v.key, v.index, v.parts) == (
+        "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight", 2, 3)
+    assert sdxl.resolve("lora_unet_label_emb_0_0").key == "model.diffusion_model.label_emb.0.0.weight"
+    assert sdxl.resolve("lora_unet_input_blocks_3_0_op").kind == "conv"
+
+
+def _all_deltas(uses, ckpt):
+    keys = sorted({k for u in uses for k in u.keys()})
+    return {k: lora_deltas_for_key(uses, k, ckpt.shape(k)) for k in keys}
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_written_files_read_back_to_the_same_deltas(tmp_path, tiny_sdxl, fmt):
+    ckpt = open_checkpoint(tiny_sdxl.base)
+    lora = random_lora(ckpt, rank=4, components=("unet", "te1", "te2"), vary_alpha=True, seed=1)
+    path = save_lora(lora, tmp_path / f"{fmt}.safetensors", fmt=fmt, dtype=torch.float32)
+    back = read_lora(path)
+    assert back.arch.name == "sdxl" and back.format == fmt and len(back.modules) == len(lora.modules)
+    want, got = _all_deltas([LoraUse(lora)], ckpt), _all_deltas([LoraUse(back)], ckpt)
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    keys = load_file(str(path)).keys()
+    if fmt == "comfyui":
+        assert not any(k.endswith(".alpha") for k in keys)
+        assert any(k.startswith("diffusion_model.input_blocks.") for k in keys)
+        assert any(k.startswith("text_encoders.clip_g.transformer.text_model.") for k in keys)
+    else:  # one alpha for every module: diffusers reads other alphas wrongly
+        alphas = {float(v) for k, v in load_file(str(path)).items() if k.endswith(".alpha")}
+        assert len(alphas) == 1
+
+
+def test_peft_file_with_diffusers_alpha_metadata(tmp_path, tiny_sd1):
+    ckpt = open_checkpoint(tiny_sd1.base)
+    lora = random_lora(ckpt, rank=4, components=("unet", "te"), every=7, seed=2)
+    table = name_table("sd1")
+    tensors = {}
+    for m in lora.modules.values():
+        name = table.name(m.target, "peft")
+        tensors[f"{name}.lora_A.weight"] = m.down
+        tensors[f"{name}.lora_B.weight"] = m.up
+    meta = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 8, "unet.r": 4,
+                                                 "text_encoder.lora_alpha": 2})}
+    save_file(tensors, str(tmp_path / "peft.safetensors"), metadata=meta)
+    back = read_lora(tmp_path / "peft.safetensors")
+    assert back.format == "peft" and back.arch.name == "sd1"
+    for slot, m in lora.modules.items():
+        expect = 2.0 if m.target.component == "unet" else 0.5
+        torch.testing.assert_close(back.modules[slot].delta(), m.delta() * expect)
+
+
+def test_missing_alpha_means_alpha_equals_rank(tmp_path, tiny_sd1):
+    ckpt = open_checkpoint(tiny_sd1.base)
+    lora = random_lora(ckpt, rank=4, every=5, alpha=1.0)
+    path = save_lora(lora, tmp_path / "a.safetensors", dtype=torch.float32)
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".alpha")}
+    save_file(tensors, str(tmp_path / "no_alpha.safetensors"))
+    back = read_lora(tmp_path / "no_alpha.safetensors")
+    m = next(iter(back.modules.values()))
+    assert m.alpha is None and m.scale == 1.0
+    up, down = m.up.flatten(1), m.down.flatten(1)
+    torch.testing.assert_close(m.delta().flatten(1), up @ down)
+
+
+def test_conv3x3_delta_is_up_times_flattened_down():
+    table = name_table("sd1")
+    target = table.resolve("lora_unet_down_blocks_1_resnets_0_conv1")
+    up, down = torch.randn(64, 4, 1, 1), torch.randn(4, 32, 3, 3)
+    from merge_backend.lora import LoraModule
+
+    delta = LoraModule(target, up, down, alpha=2.0).delta()
+    expect = (up.reshape(64, 4) @ down.reshape(4, 32 * 9)).reshape(64, 32, 3, 3) * 0.5
+    torch.testing.assert_close(delta, expect)
+
+
+def test_lora_for_another_architecture_is_refused(tmp_path, tiny_sd1, tiny_sdxl):
+    xl = random_lora(open_checkpoint(tiny_sdxl.base), rank=2, components=("unet", "te1", "te2"))
+    path = save_lora(xl, tmp_path / "xl.safetensors")
+    with pytest.raises(LoraError, match=r"xl\.safetensors.*match no Stable Diffusion 1\.x module, "
+                                         r"e\.g\. lora_te1_.*looks like a LoRA for Stable Diffusion XL"):
+        read_lora(path, "sd1")
+    # without an architecture it is read as what it is
+    assert read_lora(path).arch.name == "sdxl"
+    with pytest.raises(LoraError, match="is a LoRA for Stable Diffusion XL"):
+        check_loras([LoraUse(read_lora(path))], open_checkpoint(tiny_sd1.base))
+
+
+def test_wrong_shapes_name_the_key_and_both_shapes(tmp_path, tiny_sd1):
+    ckpt = open_checkpoint(tiny_sd1.base)
+    lora = random_lora(ckpt, rank=2, every=9)
+    module = next(m for m in lora.modules.values() if m.up.ndim == 2)
+    module.up = torch.randn(module.up.shape[0] + 3, 2)
+    path = save_lora(lora, tmp_path / "bad.safetensors")
+    use = LoraUse(read_lora(path))
+    key = module.target.key
+    with pytest.raises(LoraError, match=rf"bad\.safetensors.*changes {key} with shape "
+                                        rf"\[{module.up.shape[0]}, .*has \[{ckpt.shape(key)[0]}, "):
+        check_loras([use], ckpt)
+    with pytest.raises(LoraError, match=rf"changes {key} with shape"):
+        lora_deltas_for_key([use], key, ckpt.shape(key))
+
+
+def test_unsupported_and_broken_files(tmp_path, tiny_sd1):
+    save_file({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(LoraError, match=r"loha\.safetensors.*hada_w1_a.*LyCORIS"):
+        read_lora(tmp_path / "loha.safetensors")
+    save_file({"lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(LoraError, match=r"half\.safetensors.*'lora_unet_conv_in' has only a lora_up"):
+        read_lora(tmp_path / "half.safetensors")
+    with pytest.raises(LoraError, match="not understood"):
+        read_lora(tiny_sd1.base)  # a checkpoint, not a LoRA
+    with pytest.raises(LoraError, match="no such LoRA file"):
+        read_lora(tmp_path / "missing.safetensors")
+
+
+def test_quantile_matches_torch_and_handles_huge_inputs():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000, 12345):
+        x = torch.randn(n, generator=gen)
+        for q in (0.0, 0.5, 0.99, 1.0):
+            torch.testing.assert_close(quantile(x, q), torch.quantile(x, q))
+    # torch.quantile refused inputs over 2**24 elements before torch 2.14 (and may on CUDA)
+    big = torch.randn((1 << 24) + 5, generator=gen)
+    value = quantile(big, 0.99)
+    assert abs(value.item() - 2.3263) < 0.01  # the normal distribution's 0.99 quantile
