@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/mergesearch demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check merge_backend evaluators search tests benchmarks

@@ -23,6 +23,9 @@ from evaluators.scorer import ScorerConfig, ScorerError, check_images, register_
 class LaionAestheticConfig(OpenClipFiles, ScorerConfig):
     """Config for ``laion_aesthetic``: the CLIP model files plus the head ``.pth``.
 
+    ``weights`` is OpenAI ViT-L/14 in a file open_clip reads (``.safetensors``, ``.bin``,
+    ``.pt``); the default ``model`` gives it the QuickGELU activations it was trained with.
+
     Example:
         >>> LaionAestheticConfig(weights="ViT-L-14.pt",
         ...                      head="sac+logos+ava1-l14-linearMSE.pth")  # doctest: +SKIP

@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any hub call fails at once instead of hanging
+# Tiny models gain nothing from a second thread, and two OpenMP threads per process collapse
+# when the cores are shared (pytest-xdist runs one worker per core instead).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from merge_backend.tiny import TinyFamily, write_tiny_family  # noqa: E402
 

@@ -30,7 +30,7 @@ from search.run_folder import RunFolder, default_storage
 
 PROBES = {"prompts": ["a red apple"], "seeds": [3], "steps": 2, "cfg": 5.0, "width": 64,
           "height": 64, "scheduler": "euler", "batch_size": 1}
-FP16_TOLERANCE = 0.05  # max |Δpixel| (images in [0, 1]) between fp16 and fp32 weights
+FP16_TOLERANCE = 5e-3  # max |Δpixel|, images in [0, 1] (~1.3 of 255); measured 1.1e-3
 
 
 def export(monkeypatch, *argv: str) -> int:
@@ -44,8 +44,20 @@ def export(monkeypatch, *argv: str) -> int:
 
 
 def draw(pipe) -> torch.Tensor:
+    """The probe images, drawn after every weight is copied to fresh memory.
+
+    A pipeline loaded from a file holds its weights at the file's byte offsets (4-byte aligned),
+    the engine's at 64-byte aligned ones; some CPU kernels (seen with one thread) take another
+    path on unaligned data and round differently, so the same bits could draw images that differ
+    in the last place. The copy changes no value.
+    """
     from evaluators import ProbeSet, generate
 
+    with torch.no_grad():
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                for tensor in (*module.parameters(), *module.buffers()):
+                    tensor.data = tensor.data.clone()
     return generate(pipe, ProbeSet.model_validate(PROBES)).images
 
 
@@ -78,6 +90,16 @@ def make_run(path: Path, recipes: list[Recipe], values: list, *, directions=("ma
             trial.set_user_attr("artifact:probes", artifact)
         study.tell(trial, value)
     return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny pipelines gain nothing from a second thread, and on a shared 2-core machine its
+    spinning makes each image ~10x slower. (Exactness holds with 1 and 2 threads alike.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +152,7 @@ def test_text_exports_and_report(scored, tiny_sd1, monkeypatch, tmp_path):
     api = json.loads((out / "tiny-study-trial0.comfyui.api.json").read_text())
     ui = json.loads((out / "tiny-study-trial0.comfyui.json").read_text())
     assert {n["class_type"] for n in api.values()} >= {"ModelMergeSD1", "CLIPMergeSimple"}
-    assert ui["extra"]["mergesearch"]["recipe"] == recipe.to_dict()
+    assert ui["extra"]["mergesearch"]["recipe"] == json.loads(recipe.to_json())
     sampler = next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
     assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (3, 2, 5.0)
     assert "a red apple" in {n["inputs"].get("text") for n in api.values()}

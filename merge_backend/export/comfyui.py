@@ -300,9 +300,13 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
     recipe.validate()
     _check_ranges(recipe)
     wf = ComfyWorkflow([], {"mergesearch": {"recipe": recipe.to_dict(), **(extra or {})}})
-    loaders = {role: wf.add("CheckpointLoaderSimple", f"{role}: {Path(src.path).name}", {},
-                            {"ckpt_name": Path(src.path).name})
-               for role, src in recipe.models.items() if role in recipe.spec.roles}
+    names = {role: Path(recipe.models[role].path).name for role in recipe.spec.roles}
+    paths = {Path(recipe.models[role].path) for role in recipe.spec.roles}
+    if len(set(names.values())) < len(paths):
+        raise ComfyExportError(f"recipe.models: sources share a file name ({names}); ComfyUI "
+                               "finds checkpoints by name, so rename one")
+    loaders = {role: wf.add("CheckpointLoaderSimple", f"{role}: {name}", {}, {"ckpt_name": name})
+               for role, name in names.items()}
     model = _model_nodes(wf, recipe, loaders)
     clip = _clip_nodes(wf, recipe, loaders)
     vae = (loaders["model1"], 2)

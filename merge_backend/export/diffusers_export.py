@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.pipeline import load_pipeline
@@ -37,9 +38,23 @@ def export_diffusers(recipe: Recipe, folder: Path, *, dtype: str = "fp16",
         if source is None:
             source = tmp / "merged.safetensors"
             merge_to_file(recipe, source, dtype=dtype, extra_metadata=extra_metadata)
-        pipe = load_pipeline(source, arch=recipe.arch, config_folder=config_folder,
-                             dtype=DTYPES[dtype])
+        pipe = _load_quietly(source, recipe.arch, config_folder, dtype)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        del pipe  # its weights may still map the merged file
         if checkpoint is None:
             source.unlink()
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
     return folder
+
+
+def _load_quietly(checkpoint: Path, arch: str, config_folder: Path | None, dtype: str) -> Any:
+    # An fp16 pipeline on the CPU makes diffusers warn that it cannot *run* there; it is only
+    # being saved, so the warning would mislead.
+    from diffusers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return load_pipeline(checkpoint, arch=arch, config_folder=config_folder,
+                             dtype=DTYPES[dtype])
+    finally:
+        logging.set_verbosity(previous)

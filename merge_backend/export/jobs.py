@@ -176,6 +176,9 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     output = Path(output)
     as_file = (len(items) == 1 and len(formats) == 1
                and output.suffix.lower() == _FILE_SUFFIX.get(formats[0]))
+    if not as_file and output.suffix.lower() in (*_FILE_SUFFIX.values(), ".htm"):
+        raise ExportError(f"-o {output} names a file, but {len(items)} item(s) x "
+                          f"{len(formats)} format(s) are written; give a folder")
     if output.exists() and not output.is_dir() and not as_file:
         raise ExportError(f"-o {output} is a file; give a folder (or one format and one trial "
                           "with a matching suffix)")
@@ -222,7 +225,9 @@ def report_images(item: ExportItem, draw: Draw | None, *, config_folder: Path | 
     images = [ReportImage(f"model1: {names['model1']}", drawn["model1"]),
               ReportImage(f"candidate: {item.title}", candidate),
               ReportImage(f"model2: {names['model2']}", drawn["model2"])]
-    return images, []
+    stored = ["the candidate is the trial's stored probe grid; the parents were drawn for this "
+              f"report ({device}) with the same probe set"] if item.probe_png is not None else []
+    return images, stored
 
 
 def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str], Path],
@@ -244,8 +249,9 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
         atomic_write_text(out.paths[0], mbw_string(recipe, lossy=plan.mbw_lossy) + "\n")
     elif out.format == "report":
         images, notes = report_images(item, draw, config_folder=config_folder, device=device)
+        notes += [n for n in plan.notes if n.startswith(f"{item.title}: ")]
         page = render_report(recipe, title=item.title, scores=item.scores, details=item.details,
-                             images=images, notes=notes + plan.notes)
+                             images=images, notes=notes)
         atomic_write_text(out.paths[0], page)
 
 

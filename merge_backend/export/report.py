@@ -77,7 +77,7 @@ def ratio_chart_svg(recipe: Recipe) -> str:
     def y(value: float) -> float:
         return _PAD / 2 + (hi - value) / (hi - lo) * _CHART_H
 
-    width = _PAD + _BAR * len(bars) + 10
+    width = _PAD + _BAR * len(bars) + 60  # room for the last rotated labels
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
              f'height="{_CHART_H + 130}" font-family="sans-serif" font-size="10">']
     for tick in sorted({lo, 0.0, 0.5, 1.0, hi}):
@@ -136,9 +136,11 @@ def render_report(recipe: Recipe, *, title: str, scores: Mapping[str, object] | 
     if images:
         body += ["<h2>Probe images</h2>", '<div class="images">',
                  *(_figure(i) for i in images), "</div>"]
+    zero = ("model1 + multiplier·(model2 − base)" if recipe.method == "add_difference"
+            else "model2")
     body += ["<h2>Ratios</h2>",
-             "<p>ComfyUI's convention: ratio = model1's share (1 = model1, 0 = model2).</p>",
-             ratio_chart_svg(recipe)]
+             f"<p>ComfyUI's convention: ratio = model1's share (1 = model1, 0 = "
+             f"{html.escape(zero)}).</p>", ratio_chart_svg(recipe)]
     if scores:
         body += ["<h2>Scores</h2>", _table(scores)]
     if notes:

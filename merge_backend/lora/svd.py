@@ -26,9 +26,10 @@ SVD_METHODS = ("exact", "lowrank", "auto")
 CLAMP_QUANTILE = 0.99
 LOWRANK_NITER = 4
 LOWRANK_SEED = 0
-# "auto" picks the randomized SVD when the wanted rank (plus oversampling) is a small part of
-# the matrix: measured on 2 CPU cores (benchmarks/lora_extract.py), exact wins above ~1/6.
-AUTO_LOWRANK_FRACTION = 1 / 6
+# "auto" picks the randomized SVD when the components it computes (rank + oversampling) are at
+# most this share of the matrix's smaller side: on SD1.5 shapes on 2 CPU cores it was as fast
+# as the exact SVD at ~0.6 and 10-100x faster below 0.15 (benchmarks/lora_extract.py).
+AUTO_LOWRANK_FRACTION = 0.5
 # Below this many elements CPU work on a matrix runs on one thread: LAPACK and small matmuls
 # synchronise threads at every step, which made 64 x 576 SVDs 5-70x slower on a busy 2-core
 # machine (and never helps at that size).

@@ -1,0 +1,69 @@
+"""`mergesearch lora apply|add|extract` end to end on the tiny SD1 family."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from merge_backend.checkpoint import open_checkpoint
+from merge_backend.lora import LoraError, LoraUse, lora_deltas_for_key, random_lora, read_lora, save_lora
+from search.cli_lora import add_lora_parser, parse_lora_arg
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mergesearch")
+    add_lora_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_parse_lora_arg():
+    assert parse_lora_arg("a.safetensors:0.5") == (__import__("pathlib").Path("a.safetensors"), 0.5)
+    assert parse_lora_arg("dir:x/a.safetensors")[1] == 1.0
+    assert parse_lora_arg("a.safetensors:-1")[1] == -1.0
+
+
+def test_extract_add_apply_on_the_command_line(tmp_path, tiny_sd1, capsys):
+    lora = tmp_path / "diff.safetensors"
+    assert run(["lora", "extract", str(tiny_sd1.a), str(tiny_sd1.base), "-o", str(lora),
+                "--rank", "8", "--svd", "exact", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "IN04" in out and "overall" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["rank"] == 8 and 0 < summary["overall_error"] < 1
+    assert all(v.dtype == torch.float16 for v in load_file(str(lora)).values())
+
+    doubled = tmp_path / "doubled.safetensors"
+    assert run(["lora", "add", f"{lora}:0.5", f"{lora}:1.5", "-o", str(doubled), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_rank"] == 16
+
+    model = tmp_path / "model.safetensors"
+    assert run(["lora", "apply", str(tiny_sd1.base), f"{doubled}:0.5", "-o", str(model),
+                "--block-strength", "OUT03=0", "--dtype", "fp32", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] > 0
+    made, base = open_checkpoint(model), open_checkpoint(tiny_sd1.base)
+    use = LoraUse(read_lora(lora))
+    key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    expect = base.get(key).float() + lora_deltas_for_key([use], key, base.shape(key))
+    torch.testing.assert_close(made.get(key), expect, rtol=1e-3, atol=1e-3)
+
+
+def test_cli_errors_are_value_errors_naming_the_file(tmp_path, tiny_sd1, tiny_sdxl):
+    xl = save_lora(random_lora(open_checkpoint(tiny_sdxl.base), rank=2, components=("te1",)),
+                   tmp_path / "xl.safetensors")
+    with pytest.raises(LoraError, match=r"xl\.safetensors.*Stable Diffusion XL"):
+        run(["lora", "apply", str(tiny_sd1.base), str(xl), "-o", str(tmp_path / "o.safetensors")])
+    with pytest.raises(LoraError, match="--block-strength 'IN04': write NAME=VALUE"):
+        run(["lora", "apply", str(tiny_sd1.base), str(xl), "-o", str(tmp_path / "o.safetensors"),
+             "--block-strength", "IN04"])
+    with pytest.raises(LoraError, match="not all block names"):
+        run(["lora", "apply", str(tiny_sd1.base), str(xl), "-o", str(tmp_path / "o.safetensors"),
+             "--block-strength", "IN99=1"])
+    with pytest.raises(LoraError, match="is Stable Diffusion XL but"):
+        run(["lora", "extract", str(tiny_sdxl.a), str(tiny_sd1.base), "-o",
+             str(tmp_path / "e.safetensors"), "--rank", "4"])
+    assert not list(tmp_path.glob("o.safetensors")) and not list(tmp_path.glob("e.safetensors"))

@@ -1,0 +1,182 @@
+"""Studies end to end on the tiny family: SQLite storage, artifacts, resume, failures, seeds."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+import torch
+
+from evaluators import register_scorer
+from evaluators.sanity import SanityConfig
+from evaluators.testing import write_tiny_open_clip
+from search import run_folder as rf
+from search.config import ConfigError, parse_config
+from search.study import optimize, prepare
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    return write_tiny_open_clip(tmp_path_factory.mktemp("clip"), name="study-clip", seed=0)
+
+
+def study_config(fam, clip_files, tmp_path, name="s", **over):
+    data = {
+        "name": name,
+        "models": {"model1": str(fam.a), "model2": str(fam.b)},
+        "config_folder": str(fam.config_folder),
+        "merge": {"vocabulary": "blocks", "arithmetic": "fast"},
+        "probes": {"prompts": ["a red apple"], "seeds": [1, 2], "steps": 2, "cfg": 4.0,
+                   "width": 64, "height": 64},
+        "scorers": [{"kind": "clip", "model": str(clip_files[0]), "weights": str(clip_files[1])},
+                    {"kind": "sanity"}],
+        "sampler": {"name": "tpe", "seed": 3},
+        "warm_start": {"model1": True, "model2": False, "uniform": []},
+        "trials": 4,
+        "output": str(tmp_path / "runs"),
+        "device": "cpu",
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+def run(cfg, trials=None):
+    study, ctx = prepare(cfg, log=lambda m: None)
+    optimize(study, ctx, trials=trials, log=lambda m: None)
+    return study, ctx
+
+
+def test_study_records_scores_timings_and_images(tiny_sd1, clip_files, tmp_path):
+    cfg = study_config(tiny_sd1, clip_files, tmp_path)
+    study, ctx = run(cfg)
+    done = rf.completed(study)
+    assert len(done) == 4
+    assert done[0].user_attrs["warm_start"] == "model1"
+    assert done[0].params == {"input": 1.0, "middle": 1.0, "out": 1.0}
+    for t in done:
+        assert set(t.user_attrs[rf.ATTR_SCORES]) == {"clip", "sanity"}
+        assert set(t.user_attrs[rf.ATTR_TIMINGS]) >= {"apply", "generate", "score", "bookkeeping"}
+        recipe = rf.trial_recipe(t)
+        assert recipe.ratios["middle"] == pytest.approx(t.params["middle"])
+        for attr in (rf.ARTIFACT_PROBES, rf.ARTIFACT_RATIOS):
+            png = ctx.run.artifact_dir / t.user_attrs[attr]
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    folder = rf.RunFolder.load(cfg.run_folder)
+    assert folder.study().study_name == "s" and folder.config_path.exists()
+
+
+class _Interrupt:
+    def __init__(self, after):
+        self.after = after
+
+    def __call__(self, study, trial):
+        if len(rf.completed(study)) >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_resume_keeps_completed_trials(tiny_sd1, clip_files, tmp_path):
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=5)
+    study, ctx = prepare(cfg, log=lambda m: None)
+    optimize(study, ctx, callbacks=[_Interrupt(2)], log=lambda m: None)  # "Ctrl-C" after 2
+    first = {t.number: (t.params, t.value) for t in rf.completed(study)}
+    assert len(first) == 2
+    study, _ = run(cfg)  # the same command again resumes
+    done = {t.number: (t.params, t.value) for t in rf.completed(study)}
+    assert len(done) == 5
+    assert all(done[n] == first[n] for n in first)
+
+
+def test_failing_trial_is_recorded_and_study_completes(tiny_sd1, clip_files, tmp_path):
+    calls = {"n": 0}
+
+    class Flaky:
+        name = "flaky"
+
+        def score(self, images, prompts):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("CUDA out of memory (simulated by a flaky scorer)")
+            return torch.zeros(images.shape[0])
+
+    class FlakyConfig(SanityConfig):
+        kind: str = "flaky"
+
+    register_scorer("flaky", FlakyConfig, lambda c, d, t: Flaky())
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, scorers=[{"kind": "flaky"}])
+    study, _ = run(cfg)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and "out of memory" in failed[0].user_attrs[rf.ATTR_FAIL]
+    assert len(rf.completed(study)) == 3  # 4 finished trials, one of them failed
+
+
+def test_same_config_and_seed_same_sequence(tiny_sd1, clip_files, tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        study, _ = run(study_config(tiny_sd1, clip_files, tmp_path / name, name="same"))
+        runs.append([(t.params, t.value) for t in study.trials])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"trials": 0}, "trials"),
+    ({"merge": {"vocabulary": "nope"}}, "merge.vocabulary"),
+    ({"merge": {"bounds": [0.2, 1.5]}}, "allow_extrapolation"),
+    ({"merge": {"method": "add_difference"}}, "models.base"),
+    ({"sampler": {"name": "annealing"}}, "sampler.name"),
+    ({"probes": {"width": 65}}, "probes.width"),
+    ({"models": {"model2": "/nonexistent.safetensors"}}, "models.model2"),
+    ({"scorers": [{"kind": "clip", "model": "ViT-B-32", "weights": "/missing.pt"}]}, "/missing.pt"),
+    ({"name": "has space"}, "name"),
+    ({"objective": "multi", "sampler": {"name": "cmaes"}}, "single-objective"),
+])
+def test_each_invalid_field_has_its_own_message(tiny_sd1, clip_files, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        study_config(tiny_sd1, clip_files, tmp_path, **change)
+
+
+def test_unknown_block_names_fail_before_loading(tiny_sd1, clip_files, tmp_path):
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, merge={"vocabulary": "mbw",
+                                                             "fixed": {"IN42": 0.5}})
+    with pytest.raises(ConfigError, match="merge.fixed.IN42"):
+        prepare(cfg)
+    assert not (tmp_path / "runs").exists()  # nothing created before the checks passed
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_trial_image(tiny_sd1, clip_files, tmp_path):
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=1)
+    study, ctx = run(cfg)
+    trial = rf.completed(study)[0]
+    artifact = trial.user_attrs[rf.ARTIFACT_PROBES]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", str(cfg.run_folder),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/artifacts/{study._study_id}/{trial._trial_id}/{artifact}"
+        body = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    body = response.read()
+                break
+            except OSError:
+                time.sleep(0.25)
+        assert body == (ctx.run.artifact_dir / artifact).read_bytes()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+            assert "s" in json.dumps(json.loads(r.read()))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
