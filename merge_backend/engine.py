@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine_kernels as kernels
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK
 from .engine_memory import MemoryPlan, plan_memory
 from .merge_file import open_sources
 from .naming import convert_value, key_maps
@@ -41,6 +41,7 @@ class BlockGroup:
     numel: int
     live: torch.Tensor
     sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    loras: dict[int, torch.Tensor] = field(default_factory=dict)  # LoRA index -> flat delta
     last: tuple | None = None
 
 
@@ -71,10 +72,12 @@ class MergeEngine:
         layout = self._layout(by_key)
         self.memory: MemoryPlan = plan_memory(memory, self.device, *self._bytes(layout))
         self.groups = [self._bind_group(name, params, sources) for name, params in layout.items()]
+        self._bind_loras(layout, sources)
         self._keep_model1_text_encoders(sources)
         largest = max(g.numel for g in self.groups)
         self.runner = kernels.Runner(self.device, self.live_dtype, min(self.chunk, largest))
-        self.runner.allocate(self._needs_staging(), self._needs_scratch())
+        scratch = self._needs_scratch()
+        self.runner.allocate(self._needs_staging(), 4 if recipe.loras else scratch)
 
     # ------------------------------------------------------------------ binding
     def _needs_staging(self) -> int:
@@ -183,6 +186,51 @@ class MergeEngine:
             return target.pin_memory() if self.device.type == "cuda" else target
         return target.to(self.device)
 
+    def _bind_loras(self, layout: Mapping[str, list], sources) -> None:
+        """Dense float32 deltas of each LoRA, laid out like the block buffers they change."""
+        if not self.bound.loras:
+            return
+        from .lora.apply import LoraUse, check_loras, uses_from_recipe
+
+        uses = uses_from_recipe(self.bound)
+        check_loras(uses, sources["model1"])
+        unit = [LoraUse(u.lora, 1.0, None, None, self.bound.vocabulary) for u in uses]
+        device = torch.device("cpu") if self.memory.mode == "offload" else self.device
+        for group, items in zip(self.groups, layout.values(), strict=True):
+            for index, use in enumerate(unit):
+                flat = self._flat_lora(items, use, sources["model1"])
+                if flat is not None:
+                    group.loras[index] = flat.to(device)
+
+    def _flat_lora(self, items: list, use, model1) -> torch.Tensor | None:
+        from .lora.apply import lora_deltas_for_key
+
+        flat, offset = None, 0
+        for _, param, km, _ in items:
+            n = param.numel()
+            delta = lora_deltas_for_key([use], km.original, model1.shape(km.original))
+            if delta is not None:
+                if flat is None:
+                    flat = torch.zeros(sum(p.numel() for _, p, _, _ in items))
+                flat[offset:offset + n].copy_(convert_value(km, delta).reshape(-1))
+            offset += n
+        return flat
+
+    def lora_strengths(self, recipe: Recipe, group: BlockGroup) -> tuple[float, ...]:
+        """Each LoRA's strength on a group (0.0 where it changes nothing there)."""
+        out = []
+        for index, spec in enumerate(recipe.loras):
+            blocks = spec.block_strengths or {}
+            if index not in group.loras:
+                out.append(0.0)
+            elif group.component == "unet":
+                out.append(spec.strength * blocks.get(group.block, 1.0))
+            elif spec.te_strength is not None:
+                out.append(spec.te_strength)
+            else:
+                out.append(spec.strength * blocks.get(MBW_TEXT_ENCODER_BLOCK, 1.0))
+        return tuple(out)
+
     def _keep_model1_text_encoders(self, sources) -> None:
         """Text encoders the Recipe does not merge hold model1's weights, as in ComfyUI."""
         merged = self.merged_components(self.bound)
@@ -204,28 +252,29 @@ class MergeEngine:
         recipe.validate()
         b = self.bound
         same = (recipe.arch, recipe.method, recipe.vocabulary, recipe.arithmetic,
-                {r: s.path for r, s in recipe.models.items()})
+                {r: s.path for r, s in recipe.models.items()}, [x.path for x in recipe.loras])
         bound = (b.arch, b.method, b.vocabulary, b.arithmetic,
-                 {r: s.path for r, s in b.models.items()})
+                 {r: s.path for r, s in b.models.items()}, [x.path for x in b.loras])
         if same != bound:
-            raise RecipeError("this recipe needs a new MergeEngine: only ratios, multipliers and "
-                              "the text-encoder ratio may change between candidates")
+            raise RecipeError("this recipe needs a new MergeEngine: only ratios, multipliers, "
+                              "LoRA strengths and the text-encoder ratio may change between "
+                              "candidates")
         if set(self.merged_components(recipe)) - set(self.merged_components(b)):
             raise RecipeError("this recipe merges text encoders the engine was not bound with; "
                               "bind with a recipe whose clip is set")
 
-    def targets(self, recipe: Recipe) -> dict[str, tuple[str, float, float]]:
-        """Group name -> (op, ratio, multiplier) the recipe asks for."""
+    def targets(self, recipe: Recipe) -> dict[str, tuple]:
+        """Group name -> (op, ratio, multiplier, LoRA strengths) the recipe asks for."""
         out = {}
         clip = recipe.effective_clip()
         for g in self.groups:
             if g.component == "unet":
-                op = recipe.method
-                out[g.name] = (op, recipe.unet_ratio(g.block), recipe.multiplier)
+                target = (recipe.method, recipe.unet_ratio(g.block), recipe.multiplier)
             elif clip is None:
-                out[g.name] = ("copy", 1.0, 1.0)
+                target = ("copy", 1.0, 1.0)
             else:
-                out[g.name] = (clip.method, clip.ratio, clip.multiplier)
+                target = (clip.method, clip.ratio, clip.multiplier)
+            out[g.name] = (*target, self.lora_strengths(recipe, g))
         return out
 
     @torch.no_grad()
@@ -240,8 +289,9 @@ class MergeEngine:
             if not force and group.last == target:
                 skipped += 1
                 continue
-            op, ratio, multiplier = target
-            self.runner.run(group, op, ratio, multiplier, recipe.arithmetic)
+            op, ratio, multiplier, strengths = target
+            loras = [(group.loras[i], k) for i, k in enumerate(strengths) if k != 0.0]
+            self.runner.run(group, op, ratio, multiplier, recipe.arithmetic, loras)
             group.last = target
             applied += 1
         self.runner.synchronize()

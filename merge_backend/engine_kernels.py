@@ -77,23 +77,51 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ running
-    def run(self, group, op: str, ratio: float, multiplier: float, arithmetic: str) -> None:
+    def run(self, group, op: str, ratio: float, multiplier: float, arithmetic: str,
+            loras: list[tuple[torch.Tensor, float]] = ()) -> None:
+        """Write one block's candidate; ``loras`` = [(flat float32 delta, strength)] added in
+        float32 before the final rounding, as the file merge does."""
         kind = _kind(op, arithmetic)
         sources = [group.sources[r] for r in _roles(kind)]
         direct = all(s.device == self.device and s.dtype == self.live_dtype for s in sources)
         if kind in FAST_OPS and direct:
             _compute(self, kind, group.live, sources, ratio, multiplier)
-            return
-        for slot, (s, e) in enumerate(_chunks(group.numel, self.chunk)):
-            self._run_chunk(slot % 2, kind, group.live[s:e], [x[s:e] for x in sources],
-                            ratio, multiplier)
+        else:
+            for slot, (s, e) in enumerate(_chunks(group.numel, self.chunk)):
+                terms = [(d[s:e], k) for d, k in loras]
+                self._run_chunk(slot % 2, kind, group.live[s:e], [x[s:e] for x in sources],
+                                ratio, multiplier, terms)
+        if kind in FAST_OPS and loras:
+            # fast ops round into the live dtype first (the file merge rounds to its working
+            # dtype the same way), then the LoRAs are added in float32
+            for s, e in _chunks(group.numel, self.chunk):
+                w = self.scratch(0, e - s)
+                w.copy_(group.live[s:e])
+                w.add_(self.lora_total([(d[s:e], k) for d, k in loras], e - s))
+                group.live[s:e].copy_(w)
+
+    def lora_total(self, terms: list[tuple[torch.Tensor, float]], n: int) -> torch.Tensor:
+        """Σ strength · delta in float32, in the order and with the ops the file merge uses."""
+        total = self.scratch(1, n)
+        delta = self.scratch(2, n)
+        for i, (d, k) in enumerate(terms):
+            if d.device != self.device:
+                delta.copy_(d, non_blocking=False)
+                d = delta
+            if i == 0:
+                torch.mul(d, k, out=total)
+            else:
+                total.add_(d, alpha=k)
+        return total
 
     def _run_chunk(self, slot: int, kind: str, live: torch.Tensor, parts: list[torch.Tensor],
-                   ratio: float, multiplier: float) -> None:
+                   ratio: float, multiplier: float, terms=()) -> None:
         n = live.numel()
         if kind not in FAST_OPS:
             # Exact ops copy (and convert) straight into float32 scratch; no staging needed.
-            _compute(self, kind, live, parts, ratio, multiplier)
+            post = (lambda w, s, e: w.add_(self.lora_total([(d[s:e], k) for d, k in terms], e - s))
+                    ) if terms else None
+            _compute(self, kind, live, parts, ratio, multiplier, post)
             return
         if not self.cuda:
             staged = [_staged(self._stage_buffer(slot, i)[:n], p) for i, p in enumerate(parts)]
@@ -123,7 +151,7 @@ def _chunks(n: int, chunk: int):
 
 
 def _compute(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
-             ratio: float, multiplier: float) -> None:
+             ratio: float, multiplier: float, post=None) -> None:
     if kind == "copy":
         live.copy_(src[0])
     elif kind == "weighted_sum_fast":
@@ -131,15 +159,15 @@ def _compute(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tens
     elif kind == "add_difference_fast":
         torch.lerp(src[0], src[1], (1.0 - ratio) * multiplier, out=live)
     elif kind == "add_difference":
-        _exact_add_difference(runner, live, src, (1.0 - ratio) * multiplier)
+        _exact_add_difference(runner, live, src, (1.0 - ratio) * multiplier, post)
     else:
         a, b = {"weighted_sum": (ratio, 1.0 - ratio), "subtract": (multiplier, -multiplier),
                 "add": (1.0, 1.0)}[kind]
-        _exact_patch(runner, live, src, a, b)
+        _exact_patch(runner, live, src, a, b, post)
 
 
 def _exact_patch(runner: Runner, live: torch.Tensor, src: list[torch.Tensor], a: float,
-                 b: float) -> None:
+                 b: float, post=None) -> None:
     # ComfyUI's sequence, chunk by chunk: w = W1.float(); w *= a; w += b * W2.float()
     for s, e in _chunks(live.numel(), runner.chunk):
         w = runner.scratch(0, e - s)
@@ -150,11 +178,13 @@ def _exact_patch(runner: Runner, live: torch.Tensor, src: list[torch.Tensor], a:
         t.copy_(src[1][s:e])
         t.mul_(b)
         w.add_(t)
+        if post is not None:
+            post(w, s, e)
         live[s:e].copy_(w)
 
 
 def _exact_add_difference(runner: Runner, live: torch.Tensor, src: list[torch.Tensor],
-                          k: float) -> None:
+                          k: float, post=None) -> None:
     # w = W1.float(); w += k * (W2.float() - W3.float())
     for s, e in _chunks(live.numel(), runner.chunk):
         w = runner.scratch(0, e - s)
@@ -166,4 +196,6 @@ def _exact_add_difference(runner: Runner, live: torch.Tensor, src: list[torch.Te
         d.mul_(k)
         w.copy_(src[0][s:e])
         w.add_(d)
+        if post is not None:
+            post(w, s, e)
         live[s:e].copy_(w)

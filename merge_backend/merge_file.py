@@ -62,6 +62,19 @@ def with_hashes(recipe: Recipe, sources: Mapping[str, Checkpoint] | None = None)
     return recipe.replace(models=models)
 
 
+def with_lora_hashes(recipe: Recipe) -> Recipe:
+    """The Recipe with each LoRA's sha256 recorded (a changed LoRA file is refused)."""
+    if not recipe.loras:
+        return recipe
+    from dataclasses import replace
+
+    from .lora.apply import uses_from_recipe
+
+    uses_from_recipe(recipe)  # checks recorded hashes and that each file reads
+    return recipe.replace(loras=tuple(replace(spec, sha256=sha256_of(spec.path))
+                                      for spec in recipe.loras))
+
+
 def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
     output = Path(output)
     for role, src in recipe.models.items():
@@ -88,6 +101,8 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     check_output_path(output, recipe, overwrite)
     sources = open_sources(recipe)
     plan = plan_merge(recipe, sources)
+    recipe = with_lora_hashes(recipe)
+    plan.recipe = recipe
     # Hash the sources on background threads while the merge streams (hashlib releases the
     # GIL); the header carries equal-length placeholders until the digests are known.
     hashing = SourceHashes(recipe)
@@ -141,26 +156,50 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
     defaults = _checkpoint_save_defaults(model1, out_dtype)
     planned += [PlannedTensor(key, t.dtype, tuple(t.shape)) for key, t in defaults.items()]
 
+    loras = _lora_uses(recipe, model1)
+
     def values() -> Iterator[torch.Tensor]:
         total = len(plan.keys)
         for i, k in enumerate(plan.keys):
             if k.op == "copy":
                 merged = model1.get(k.key)
+                use = ("model1",)
             else:
                 # Text-encoder keys merge model1 with model2 whatever the UNet method is.
                 use = clip_roles if k.block in _text_encoder_names(recipe.arch) else roles
                 tensors = [sources[r].get(k.key, check_finite=False) for r in use]
                 merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
                                   arithmetic=recipe.arithmetic, work_dtype=out_dtype)
-                merged = merged.to(_out_dtype(merged.dtype, out_dtype))
-                if not all_finite(merged):  # NaN in a source propagates; find which
-                    _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
-            yield merged.to(_out_dtype(merged.dtype, out_dtype))
+            merged = _add_loras(merged, loras, k.key, model1.shape(k.key))
+            merged = merged.to(_out_dtype(merged.dtype, out_dtype))
+            if k.op != "copy" and not all_finite(merged):  # NaN in a source propagates
+                _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
+            yield merged
             if progress and (i % 64 == 0 or i == total - 1):
                 progress(i + 1, total, k.key)
         yield from defaults.values()
 
     return planned, values()
+
+
+def _lora_uses(recipe: Recipe, model1: Checkpoint) -> list:
+    if not recipe.loras:
+        return []
+    from .lora.apply import check_loras, uses_from_recipe
+
+    uses = uses_from_recipe(recipe)
+    check_loras(uses, model1)
+    return uses
+
+
+def _add_loras(merged: torch.Tensor, uses: list, key: str, shape) -> torch.Tensor:
+    """LoRA deltas go onto the merged weight in float32, before the final cast."""
+    if not uses or not merged.is_floating_point():
+        return merged
+    from .lora.apply import lora_deltas_for_key
+
+    delta = lora_deltas_for_key(uses, key, shape)
+    return merged if delta is None else merged.float() + delta
 
 
 def _explain_non_finite(key: str, sources: list[Checkpoint], out_dtype: torch.dtype) -> None:

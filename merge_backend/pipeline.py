@@ -248,4 +248,20 @@ def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
     pipe = cls.from_single_file(str(checkpoint), config=str(config_folder), torch_dtype=dtype,
                                 local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    _own_aligned_storage(pipe)
+    return pipe
+
+
+def _own_aligned_storage(pipe) -> None:
+    """Give every weight its own freshly allocated (aligned) storage.
+
+    Weights loaded from a single file can sit at the file's 4-byte offsets; some CPU kernels
+    then take another code path and round differently, so the same bits would draw a slightly
+    different image than the merge engine's aligned buffers do.
+    """
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                    tensor.data = tensor.data.clone()

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from .cli_export import add_export_parser
+from .cli_lora import add_lora_parser
 from .cli_merge import add_merge_parser
 from .cli_study import add_study_parsers
 from .cli_tiny import add_tiny_parser
@@ -18,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_study_parsers(sub)
     add_merge_parser(sub)
+    add_export_parser(sub)
+    add_lora_parser(sub)
     add_tiny_parser(sub)
     return parser
 

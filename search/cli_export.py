@@ -103,11 +103,12 @@ def _probe_artifact(run: RunFolder, trial: optuna.trial.FrozenTrial) -> bytes | 
     if not artifact_id or not run.artifact_dir.is_dir():
         return None
     from optuna.artifacts import FileSystemArtifactStore
+    from optuna.artifacts.exceptions import ArtifactNotFound
 
     try:
         with FileSystemArtifactStore(str(run.artifact_dir)).open_reader(artifact_id) as f:
             return f.read()
-    except Exception:  # a missing artifact only costs the report its stored grid
+    except (ArtifactNotFound, OSError):  # it only costs the report its stored grid
         return None
 
 

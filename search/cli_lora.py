@@ -37,6 +37,7 @@ def add_lora_parser(sub: argparse._SubParsersAction) -> None:
                    help="a UNet block's strength factor (mbw names like IN04, or ComfyUI names "
                         "like input_blocks.4.); repeatable; other blocks keep 1.0")
     p.add_argument("--te-strength", type=float, help="text-encoder strength (default: STRENGTH)")
+    p.add_argument("--device", default="cpu", help="where the deltas are computed")
     _common(p)
     p.set_defaults(func=run_apply)
 
@@ -120,7 +121,7 @@ def run_apply(args: argparse.Namespace) -> int:
     specs = [LoraSpec(str(path), strength, blocks or None, args.te_strength)
              for path, strength in map(parse_lora_arg, args.loras)]
     result = apply_to_file(args.checkpoint, specs, args.output, vocabulary=vocabulary,
-                           dtype=args.dtype, overwrite=args.overwrite,
+                           dtype=args.dtype, overwrite=args.overwrite, device=args.device,
                            progress=_progress(args, "writing"))
     print(json.dumps({"output": str(result.output), "tensors": result.tensors,
                       "changed": result.merged, "seconds": round(result.seconds, 2)}))

@@ -92,16 +92,6 @@ def make_run(path: Path, recipes: list[Recipe], values: list, *, directions=("ma
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny pipelines gain nothing from a second thread, and on a shared 2-core machine its
-    spinning makes each image ~10x slower. (Exactness holds with 1 and 2 threads alike.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def scored(tiny_sd1, tmp_path_factory):
     """A study whose best trial was scored on these images (MergeEngine in model1's pipeline)."""

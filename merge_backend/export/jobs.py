@@ -120,9 +120,9 @@ def _check_item(item: ExportItem, formats: Sequence[str], mbw_lossy: bool,
         item.recipe.validate()
     except RecipeError as exc:
         raise ExportError(f"{item.title}: {exc}") from None
-    if item.recipe.loras:
-        raise ExportError(f"{item.title}: recipe.loras: exporting recipes with LoRAs is not "
-                          "supported yet")
+    if item.recipe.loras and set(formats) & {"comfyui", "mbw"}:
+        raise ExportError(f"{item.title}: recipe.loras: the comfyui and mbw exports do not carry "
+                          "LoRAs yet; export --to checkpoint / diffusers / report instead")
     check_sources(item.recipe, hashes)
     if "mbw" in formats:
         try:

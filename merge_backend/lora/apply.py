@@ -134,8 +134,7 @@ def _compatible(delta: tuple[int, ...], stored: tuple[int, ...]) -> bool:
     return delta == stored or strip(tuple(delta)) == strip(tuple(stored))
 
 
-def _key_delta(entries: list[tuple[LoraModule, str]], key: str,
-               device: torch.device | str | None) -> Tensor:
+def _key_delta(entries: list[tuple[LoraModule, str]], device: torch.device | str | None) -> Tensor:
     total: Tensor | None = None
     for module, role in entries:
         t = module.target
@@ -149,7 +148,7 @@ def _key_delta(entries: list[tuple[LoraModule, str]], key: str,
             full = torch.zeros((rows * t.parts, *part.shape[1:]), device=part.device)
             full[t.index * rows:(t.index + 1) * rows] = part
             part = full
-        total = part if total is None else total + part
+        total = part if total is None else total + part.reshape(total.shape)
     return total
 
 
@@ -166,7 +165,7 @@ def lora_deltas_for_key(uses: Sequence[LoraUse], key: str, shape: Sequence[int] 
         strength = use.strength_for(key) if entries else 0.0
         if not entries or strength == 0.0:
             continue
-        delta = _key_delta(entries, key, device)
+        delta = _key_delta(entries, device)
         if shape is not None:
             if not _compatible(tuple(delta.shape), tuple(shape)):
                 raise LoraError(f"{use.lora.source}: module {entries[0][0].name!r} changes {key} "
@@ -201,10 +200,12 @@ def check_loras(uses: Sequence[LoraUse], checkpoint: Checkpoint) -> None:
 
 def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str | Path, *,
                   vocabulary: str = "mbw", dtype: str = "fp16", overwrite: bool = False,
-                  progress: Progress | None = None) -> MergeResult:
+                  device: str | torch.device = "cpu", progress: Progress | None = None
+                  ) -> MergeResult:
     """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed, like ``mergesearch merge``.
 
-    The file carries the Recipe (model1 unchanged + ``loras``) so it can be rebuilt.
+    Deltas are computed in float32 on ``device``. The file carries the Recipe (model1 merged
+    with itself at ratio 1.0, i.e. unchanged, plus ``loras``) so it can be rebuilt.
     """
     start = time.perf_counter()
     output = Path(output)
@@ -236,9 +237,11 @@ def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str
     def values():
         for i, kp in enumerate(plan.keys):
             value = ckpt.get(kp.key)
-            delta = lora_deltas_for_key(uses, kp.key, value.shape) if value.is_floating_point() else None
+            delta = None
+            if value.is_floating_point():
+                delta = lora_deltas_for_key(uses, kp.key, value.shape, device=device)
             if delta is not None:
-                value = value.float() + delta
+                value = (value.to(delta.device, torch.float32) + delta).cpu()
                 changed[0] += 1
             yield value.to(_cast(value.dtype, out_dtype))
             if progress and (i % 64 == 0 or i == len(plan.keys) - 1):

@@ -97,6 +97,14 @@ class ErrorTable:
 
 @dataclass
 class ExtractResult:
+    """What ``extract_lora`` wrote and how well the LoRA reproduces the difference.
+
+    Example:
+        >>> r = extract_lora("a.safetensors", "b.safetensors", "d.safetensors")  # doctest: +SKIP
+        >>> r.table.overall, r.svd_methods                                       # doctest: +SKIP
+        (0.41, {'lowrank': 270, 'exact': 11})
+    """
+
     output: Path
     rank: int
     table: ErrorTable

@@ -45,6 +45,7 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora_linear_layer.up.weight": ("up", "peft"), ".lora_linear_layer.down.weight": ("down", "peft"),
     ".alpha": ("alpha", "kohya"), ".diff": ("diff", "kohya"), ".diff_b": ("diff_b", "kohya"),
 }
+_SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 _UNSUPPORTED = (".lora_mid.weight", ".hada_w1_a", ".lokr_w1", ".dora_scale", ".oft_blocks",
                 ".lora_B.bias", ".w_norm", ".b_norm")
 _SHOW = 4
@@ -120,6 +121,7 @@ class LoraFile:
     path: Path | None = None
     format: str = "kohya"
     metadata: dict[str, str] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)  # module names left out (strict=False)
 
     @property
     def source(self) -> str:
@@ -159,7 +161,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _split(key: str) -> tuple[str, str, str] | None:
     """(module name, role, format) of a file key, or None for an unknown suffix."""
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+    for suffix in _SUFFIX_ORDER:
         if key.endswith(suffix):
             role, fmt = _SUFFIXES[suffix]
             name = key[: -len(suffix)].removeprefix("base_model.model.")
@@ -180,16 +182,14 @@ def _group(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str, dict[st
             continue
         name, role, fmt = parts
         groups.setdefault(name, {})[role] = value
-        if role in ("up", "down"):
-            formats[fmt] = formats.get(fmt, 0) + 1
+        formats[fmt] = formats.get(fmt, 0) + 1
     if unknown:
         odd = [k for k in unknown if k.endswith(_UNSUPPORTED)]
         what = ("LyCORIS / DoRA / OFT modules are not supported" if odd else
                 "these keys are not LoRA weights (is it a checkpoint or an embedding?)")
         raise LoraError(f"{path}: {len(unknown)} key(s) are not understood: "
                         f"{', '.join(sorted(unknown)[:_SHOW])}; {what}")
-    fmt = max(formats, key=formats.get) if formats else "comfyui"
-    return groups, fmt
+    return groups, max(formats, key=formats.get) if formats else "kohya"
 
 
 def detect_lora_arch(names: list[str], metadata: Mapping[str, str], tensors: Mapping[str, Tensor]
@@ -256,12 +256,14 @@ def _module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
     return LoraModule(target, up, down, alpha, parts.get("diff"), parts.get("diff_b"), name)
 
 
-def read_lora(path: str | Path, arch: str | Architecture | None = None) -> LoraFile:
+def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
+              strict: bool = True) -> LoraFile:
     """Read a LoRA file of any supported format (see module docstring).
 
     ``arch`` is the architecture it must fit (detected from names and metadata when None).
     Raises ``LoraError`` naming the file and example keys when modules match nothing of
-    ``arch`` — a LoRA for another architecture — or when a module's tensors disagree.
+    ``arch`` — a LoRA for another architecture — or when a module's tensors disagree. With
+    ``strict=False`` unmatched modules are left out and listed in ``LoraFile.unmatched``.
     """
     path = Path(path)
     tensors, metadata = _load_tensors(path)
@@ -282,9 +284,9 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None) -> LoraF
             unmatched.append(name)
             continue
         modules[target.slot] = _module(path, name, parts, target, _peft_alpha(peft, name))
-    if unmatched:
+    if unmatched and (strict or not modules):
         raise _unmatched_error(path, arch_obj, unmatched, len(names), detected, scores)
-    return LoraFile(arch_obj, modules, path, fmt, dict(metadata))
+    return LoraFile(arch_obj, modules, path, fmt, dict(metadata), sorted(unmatched))
 
 
 def _unmatched_error(path: Path, arch: Architecture, unmatched: list[str],

@@ -49,6 +49,11 @@ class Target:
     ``in_proj_weight``, so a module can be chunk ``index`` of ``parts`` rows of it, and
     ``text_projection`` is stored transposed. ``module`` is the diffusers / transformers path.
     ``kind``: "linear", "conv" (LoRA-able) or "other" (norms, embeddings).
+
+    Example:
+        >>> t = name_table("sdxl").resolve("lora_te2_text_model_encoder_layers_0_self_attn_k_proj")
+        >>> t.key, t.index, t.parts
+        ('conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight', 1, 3)
     """
 
     component: str
@@ -71,7 +76,13 @@ class Target:
 
 
 class NameTable:
-    """Every spelling of every module name of one architecture -> its ``Target``."""
+    """Every spelling of every module name of one architecture -> its ``Target``.
+
+    Example:
+        >>> table = name_table("sdxl")
+        >>> table.name(table.resolve("lora_unet_input_blocks_4_1_proj_in"), "comfyui")
+        'diffusion_model.input_blocks.4.1.proj_in'
+    """
 
     def __init__(self, arch: Architecture, targets: list[Target]):
         self.arch = arch
