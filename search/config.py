@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evaluators import ProbeSet, ScorerConfig, scorer_config
 from merge_backend.architectures import ARCHITECTURES, block_names
@@ -65,6 +73,24 @@ class TextEncoderPolicy(_Strict):
     ratio: float | Searched = 1.0
 
 
+class LoraSearch(_Strict):
+    """A LoRA added on top of every candidate; its strength fixed or searched, globally or for
+    chosen blocks (each block's strength multiplies the global one)."""
+
+    path: Path
+    strength: float | Searched = 1.0
+    blocks: list[str] = Field(default_factory=list)
+    block_range: tuple[float, float] = (0.0, 1.0)
+    te_strength: float | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        return path
+
+
 class MergeSpace(_Strict):
     method: Literal["weighted_sum", "add_difference"] = "weighted_sum"
     vocabulary: Literal["single", "blocks", "comfy", "mbw"] = "mbw"
@@ -76,6 +102,7 @@ class MergeSpace(_Strict):
     text_encoder: TextEncoderPolicy = TextEncoderPolicy()
     arithmetic: Literal["comfy", "fast"] = "fast"
     allow_extrapolation: bool = False
+    loras: list[LoraSearch] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _bounds(self) -> MergeSpace:
@@ -109,7 +136,7 @@ class StudyConfig(_Strict):
     models: Models
     merge: MergeSpace = MergeSpace()
     probes: ProbeSet
-    scorers: list[ScorerConfig] = Field(min_length=1)
+    scorers: list[SerializeAsAny[ScorerConfig]] = Field(min_length=1)
     objective: Literal["weighted", "multi"] = "weighted"
     sampler: SamplerConfig = SamplerConfig()
     warm_start: WarmStart = WarmStart()
@@ -158,6 +185,8 @@ def check_blocks(cfg: StudyConfig, arch_name: str) -> None:
     problems = []
     places = {"merge.block_bounds": cfg.merge.block_bounds, "merge.fixed": cfg.merge.fixed}
     places.update({f"warm_start.presets.{k}": v for k, v in cfg.warm_start.presets.items()})
+    places.update({f"merge.loras[{i}].blocks": dict.fromkeys(lora.blocks)
+                   for i, lora in enumerate(cfg.merge.loras)})
     for where, mapping in places.items():
         problems += [f"{where}.{n}" for n in mapping if n not in names]
     seen: set[str] = set()
@@ -207,6 +236,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
     if isinstance(data.get("models"), dict):
         data["models"] = {k: fix(v) for k, v in data["models"].items()}
+    merge = data.get("merge")
+    if isinstance(merge, dict) and isinstance(merge.get("loras"), list):
+        data["merge"] = {**merge, "loras": [{**x, "path": fix(x.get("path"))} if isinstance(x, dict)
+                                            else x for x in merge["loras"]]}
     for key in ("output", "config_folder"):
         if key in data:
             data[key] = fix(data[key])

@@ -19,6 +19,7 @@ from optuna.distributions import FloatDistribution
 
 from merge_backend import ClipMerge, Recipe, Source
 from merge_backend.architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, block_names
+from merge_backend.recipe import LoraSpec
 
 from .config import Searched, StudyConfig
 
@@ -66,6 +67,11 @@ class SearchSpace:
         te = merge.text_encoder
         if te.mode == "merge" and isinstance(te.ratio, Searched):
             self.extra.append(Param(TEXT_ENCODER, (), te.ratio.low, te.ratio.high))
+        for i, lora in enumerate(merge.loras):
+            if isinstance(lora.strength, Searched):
+                self.extra.append(Param(f"lora{i}", (), lora.strength.low, lora.strength.high))
+            for block in lora.blocks:
+                self.extra.append(Param(f"lora{i}:{block}", (), *lora.block_range))
 
     def _bounds(self, group: tuple[str, ...]) -> tuple[float, float]:
         bounds = [self.cfg.merge.block_bounds.get(b, self.cfg.merge.bounds) for b in group]
@@ -113,7 +119,17 @@ class SearchSpace:
         return Recipe(arch=self.arch_name, method=merge.method, models=models,
                       vocabulary=merge.vocabulary, ratios={n: ratios[n] for n in self.names},
                       multiplier=float(multiplier), clip=clip, arithmetic=merge.arithmetic,
-                      allow_extrapolation=merge.allow_extrapolation)
+                      allow_extrapolation=merge.allow_extrapolation,
+                      loras=self._loras(params))
+
+    def _loras(self, params: dict[str, float]) -> tuple[LoraSpec, ...]:
+        specs = []
+        for i, lora in enumerate(self.cfg.merge.loras):
+            strength = params.get(f"lora{i}", lora.strength)
+            blocks = {b: float(params.get(f"lora{i}:{b}", 1.0)) for b in lora.blocks}
+            specs.append(LoraSpec(str(lora.path), float(strength), blocks or None,
+                                  lora.te_strength))
+        return tuple(specs)
 
     def _te_ratio(self, params: dict[str, float]) -> float | None:
         te = self.cfg.merge.text_encoder

@@ -180,3 +180,37 @@ def test_dashboard_serves_trial_image(tiny_sd1, clip_files, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_lora_strength_is_searched_alongside_ratios(tiny_sd1, clip_files, tmp_path):
+    from merge_backend import open_checkpoint
+    from merge_backend.lora import random_lora, save_lora
+
+    lora = random_lora(open_checkpoint(tiny_sd1.base), rank=4, seed=5, scale=0.2)
+    path = save_lora(lora, tmp_path / "style.safetensors")
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=3, merge={
+        "vocabulary": "blocks", "arithmetic": "fast",
+        "loras": [{"path": str(path), "strength": {"low": 0.0, "high": 1.0}, "blocks": ["out"]}]})
+    study, _ = run(cfg)
+    done = rf.completed(study)
+    assert {"lora0", "lora0:out"} <= set(done[-1].params)
+    for t in done:
+        spec = rf.trial_recipe(t).loras[0]
+        assert spec.strength == pytest.approx(t.params["lora0"])
+        assert spec.block_strengths == {"out": pytest.approx(t.params["lora0:out"])}
+    values = {t.value for t in done}
+    assert len(values) == len(done)  # different strengths, different images
+
+
+def test_validate_command_prints_resolved_config(tiny_sd1, clip_files, tmp_path, capsys):
+    import yaml as _yaml
+
+    from search.cli import main
+
+    cfg = study_config(tiny_sd1, clip_files, tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(_yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    assert main(["validate", str(path)]) == 0
+    out = _yaml.safe_load(capsys.readouterr().out)
+    assert out["searched_parameters"] == {"input": [0.0, 1.0], "middle": [0.0, 1.0],
+                                          "out": [0.0, 1.0]}
