@@ -79,6 +79,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mbw-lossy", action="store_true",
                    help="write the SuperMerger string even where ComfyUI sliders that share one "
                         "SuperMerger weight differ (noted in the report)")
+    p.add_argument("--base", type=Path, help="--to lora: the checkpoint the LoRA is relative to")
+    p.add_argument("--rank", type=int, default=32,
+                   help="--to lora: rank (8-32 for a style, 64+ for a solid difference)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_export)
 
@@ -225,7 +228,7 @@ def run_export(args: argparse.Namespace) -> int:
     output = args.output if args.output is not None else loaded.default_output
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,
                         overwrite=args.overwrite, mbw_lossy=args.mbw_lossy,
-                        protected=loaded.protected)
+                        protected=loaded.protected, lora_base=args.base, lora_rank=args.rank)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
 

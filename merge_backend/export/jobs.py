@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_backend.checkpoint import sha256_of
+from merge_backend.checkpoint import CheckpointError, sha256_of
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.recipe import Recipe, RecipeError
 
@@ -34,7 +34,7 @@ from .diffusers_export import export_diffusers
 from .mbw import mbw_ratios, mbw_string
 from .report import ReportImage, render_report
 
-FORMATS = ("checkpoint", "diffusers", "comfyui", "mbw", "report")
+FORMATS = ("checkpoint", "diffusers", "comfyui", "mbw", "report", "lora")
 _FILE_SUFFIX = {"checkpoint": ".safetensors", "comfyui": ".json", "mbw": ".txt",
                 "report": ".html"}
 Draw = Callable[[Any], bytes]  # a live pipeline -> PNG bytes of its probe grid
@@ -77,6 +77,8 @@ class ExportPlan:
     overwrite: bool = False
     mbw_lossy: bool = False
     notes: list[str] = field(default_factory=list)
+    lora_base: Path | None = None  # --to lora: the merge minus this checkpoint, as a LoRA
+    lora_rank: int = 32
 
 
 # ---------------------------------------------------------------------------- planning
@@ -90,7 +92,8 @@ def output_paths(item: ExportItem, fmt: str, output: Path, as_file: bool) -> tup
         return (output,)
     names = {"checkpoint": (f"{item.stem}.safetensors",), "diffusers": (f"{item.stem}-diffusers",),
              "comfyui": (f"{item.stem}.comfyui.json", f"{item.stem}.comfyui.api.json"),
-             "mbw": (f"{item.stem}.mbw.txt",), "report": (f"{item.stem}.report.html",)}[fmt]
+             "mbw": (f"{item.stem}.mbw.txt",), "report": (f"{item.stem}.report.html",),
+             "lora": (f"{item.stem}.lora.safetensors",)}[fmt]
     return tuple(output / n for n in names)
 
 
@@ -160,7 +163,8 @@ def _check_paths(outputs: Sequence[PlannedOutput], overwrite: bool,
 
 def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Path, *,
                  dtype: str = "fp16", overwrite: bool = False, mbw_lossy: bool = False,
-                 protected: Sequence[Path] = ()) -> ExportPlan:
+                 protected: Sequence[Path] = (), lora_base: Path | None = None,
+                 lora_rank: int = 32) -> ExportPlan:
     """Check everything and decide every output path; raise ExportError, writing nothing.
 
     ``protected``: further paths no output may take (the export's own source file).
@@ -186,10 +190,28 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     hashes: dict[str, str] = {}
     for item in items:
         _check_item(item, formats, mbw_lossy, hashes, notes)
+        if "lora" in formats:
+            _check_lora_base(item, lora_base, lora_rank)
     outputs = [PlannedOutput(item, fmt, output_paths(item, fmt, output, as_file))
                for item in items for fmt in formats]
-    _check_paths(outputs, overwrite, protected)
-    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes)
+    _check_paths(outputs, overwrite, [*protected, *([lora_base] if lora_base else [])])
+    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes, lora_base, lora_rank)
+
+
+def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
+    from merge_backend.checkpoint import open_checkpoint
+
+    if base is None:
+        raise ExportError("--to lora exports the merge as a difference LoRA against a base: "
+                          "pass --base FILE")
+    if rank < 1:
+        raise ExportError(f"--rank {rank}: a LoRA rank is a positive whole number")
+    try:
+        arch = open_checkpoint(base).arch
+    except (CheckpointError, OSError) as exc:
+        raise ExportError(f"--base {base}: {exc}") from None
+    if arch.name != item.recipe.arch:
+        raise ExportError(f"--base {base} is {arch.title}; {item.title} is {item.recipe.arch}")
 
 
 # ---------------------------------------------------------------------------- running
@@ -247,12 +269,29 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
         write_comfy_workflow(workflow, *out.paths)
     elif out.format == "mbw":
         atomic_write_text(out.paths[0], mbw_string(recipe, lossy=plan.mbw_lossy) + "\n")
+    elif out.format == "lora":
+        _export_lora(plan, item, out.paths[0], written.get((item.stem, "checkpoint")))
     elif out.format == "report":
         images, notes = report_images(item, draw, config_folder=config_folder, device=device)
         notes += [n for n in plan.notes if n.startswith(f"{item.title}: ")]
         page = render_report(recipe, title=item.title, scores=item.scores, details=item.details,
                              images=images, notes=notes)
         atomic_write_text(out.paths[0], page)
+
+
+def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Path | None) -> None:
+    """The merge minus ``plan.lora_base`` as a kohya LoRA (UNet and text encoders)."""
+    import tempfile
+
+    from merge_backend.lora import extract_lora
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        merged = checkpoint
+        if merged is None:
+            merged = Path(tmp) / "merged.safetensors"
+            merge_to_file(item.recipe, merged, dtype="fp32")
+        extract_lora(merged, plan.lora_base, path, rank=plan.lora_rank, text_encoder=True,
+                     overwrite=plan.overwrite)
 
 
 def run_exports(plan: ExportPlan, *, draw: Draw | None = None, config_folder: Path | None = None,

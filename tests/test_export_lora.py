@@ -1,0 +1,38 @@
+"""`mergesearch export … --to lora --base FILE`: the best merge as a difference LoRA."""
+
+import torch
+from safetensors.torch import load_file
+
+from merge_backend import Recipe, Source
+from merge_backend.lora import LoraUse, lora_deltas_for_key, read_lora
+from merge_backend.recipe import uniform_ratios
+from search.cli import main
+
+
+def test_export_best_merge_as_difference_lora(tiny_sd1, tmp_path, capsys):
+    recipe = Recipe(arch="sd1", method="weighted_sum", vocabulary="mbw",
+                    ratios=uniform_ratios("sd1", "mbw", 0.4),
+                    models={"model1": Source(str(tiny_sd1.a)), "model2": Source(str(tiny_sd1.b))})
+    path = tmp_path / "best.json"
+    path.write_text(recipe.to_json())
+    out = tmp_path / "out"
+    assert main(["export", str(path), "--to", "lora", "--to", "checkpoint", "--base",
+                 str(tiny_sd1.base), "--rank", "512", "--dtype", "fp32", "-o", str(out)]) == 0
+    lora_path = out / "best.lora.safetensors"
+    merged, base = load_file(out / "best.safetensors"), load_file(tiny_sd1.base)
+    uses = [LoraUse(read_lora(lora_path, "sd1"), 1.0)]
+    key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    delta = lora_deltas_for_key(uses, key, merged[key].shape)
+    want = merged[key] - base[key]
+    # full rank here; the clamp at the 0.99 quantile keeps it from being exact
+    assert torch.linalg.norm(delta - want) / torch.linalg.norm(want) < 0.25
+
+
+def test_export_lora_needs_base(tiny_sd1, tmp_path, capsys):
+    recipe = Recipe(arch="sd1", method="weighted_sum", vocabulary="single", ratios={"all": 0.5},
+                    models={"model1": Source(str(tiny_sd1.a)), "model2": Source(str(tiny_sd1.b))})
+    path = tmp_path / "r.json"
+    path.write_text(recipe.to_json())
+    assert main(["export", str(path), "--to", "lora", "-o", str(tmp_path / "o")]) == 1
+    assert "--base" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
