@@ -13,6 +13,7 @@ check that estimate. Errors are over the 33 measured layers (relative Frobenius,
 the SVD tail sqrt(sum of dropped sigma^2) / ||delta||, and clamped as written).
 
     .venv/bin/python benchmarks/lora_extract.py [--ranks 8 32 128] [--device cpu|cuda] [--quick]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--device", default=None, help="default: cpu, and cuda when available")
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a busy 2-core machine two threads made "
+                             "LAPACK 2-6x slower and the timings erratic)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
     layers = unet_layers()

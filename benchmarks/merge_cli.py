@@ -52,10 +52,17 @@ def main() -> None:
         ratios.write_text("".join(f"IN{i:02d}: 0.3\n" for i in range(12)) + "M00: 0.7\n")
         rows = {}
         runs = (("plain", PLAIN, ""), ("fast", OURS, "fast"), ("comfy", OURS, "comfy"))
-        for name, code, arith in runs:
-            out = str(Path(tmp) / f"{name}.safetensors")
-            rows[name] = run_measured(code.format(a=str(a), b=str(b), out=out, ratios=str(ratios),
-                                                  arith=arith))
+        # Two rounds, interleaved, best of each: one run's dirty pages being flushed must not
+        # be billed to the next.
+        for _ in range(2):
+            for name, code, arith in runs:
+                out = Path(tmp) / f"{name}.safetensors"
+                out.unlink(missing_ok=True)
+                got = run_measured(code.format(a=str(a), b=str(b), out=str(out),
+                                               ratios=str(ratios), arith=arith))
+                if name not in rows or got[0] < rows[name][0]:
+                    rows[name] = got
+        for name, _, _ in runs:
             print(f"{name:6s} wall {rows[name][0]:7.2f} s  peak RSS {rows[name][1] / 2**30:6.2f} GiB"
                   f"  ({rows[name][0] / rows['plain'][0]:.2f}x time, "
                   f"{rows[name][1] / size:.2f}x file size)")

@@ -21,7 +21,7 @@ import torch
 from .architectures import ARCHITECTURES
 from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint, sha256_of
 from .methods import apply_op
-from .plan import MergePlan, plan_merge
+from .plan import KeyPlan, MergePlan, plan_merge
 from .recipe import Recipe, Source
 from .safetensors_io import PlannedTensor, stream_safetensors
 
@@ -109,7 +109,14 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     planned, values = _execute(plan, sources, DTYPES[dtype], progress)
     metadata = checkpoint_metadata(hashing.placeholder_recipe, output, sources["model1"],
                                    extra_metadata)
-    stream_safetensors(output, planned, values, metadata, finalize=hashing.replacements)
+    # One core is hashing: torch's other threads would only wait on it (OpenMP threads stall
+    # badly when a core they need is busy), so the tensor work takes the remaining cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        stream_safetensors(output, planned, values, metadata, finalize=hashing.replacements)
+    finally:
+        torch.set_num_threads(threads)
     return MergeResult(output, hashing.final_recipe, len(planned), len(plan.merged()),
                        time.perf_counter() - start, plan.notes)
 
@@ -119,7 +126,7 @@ class SourceHashes:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.pool = ThreadPoolExecutor(max_workers=len(recipe.models))
+        self.pool = ThreadPoolExecutor(max_workers=1)  # one core hashes, file after file
         self.futures = {role: self.pool.submit(sha256_of, src.path)
                         for role, src in recipe.models.items()}
         self.placeholders = {role: f"pending-sha256-{role}-".ljust(64, "0")
@@ -158,25 +165,38 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
 
     loras = _lora_uses(recipe, model1)
 
+    def roles_of(k: KeyPlan) -> tuple[str, ...]:
+        if k.op == "copy":
+            return ("model1",)
+        # Text-encoder keys merge model1 with model2 whatever the UNet method is.
+        return clip_roles if k.block in _text_encoder_names(recipe.arch) else roles
+
+    def read(k: KeyPlan) -> list[torch.Tensor]:
+        return [sources[r].get(k.key, check_finite=k.op == "copy") for r in roles_of(k)]
+
     def values() -> Iterator[torch.Tensor]:
         total = len(plan.keys)
-        for i, k in enumerate(plan.keys):
-            if k.op == "copy":
-                merged = model1.get(k.key)
-                use = ("model1",)
-            else:
-                # Text-encoder keys merge model1 with model2 whatever the UNet method is.
-                use = clip_roles if k.block in _text_encoder_names(recipe.arch) else roles
-                tensors = [sources[r].get(k.key, check_finite=False) for r in use]
-                merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
-                                  arithmetic=recipe.arithmetic, work_dtype=out_dtype)
-            merged = _add_loras(merged, loras, k.key, model1.shape(k.key))
-            merged = merged.to(_out_dtype(merged.dtype, out_dtype))
-            if k.op != "copy" and not all_finite(merged):  # NaN in a source propagates
-                _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
-            yield merged
-            if progress and (i % 64 == 0 or i == total - 1):
-                progress(i + 1, total, k.key)
+        # Reads run one key ahead on a thread (file reads release the GIL), so the disk, the
+        # arithmetic and the writer overlap.
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(read, plan.keys[0]) if plan.keys else None
+            for i, k in enumerate(plan.keys):
+                tensors = ahead.result()
+                if i + 1 < total:
+                    ahead = reader.submit(read, plan.keys[i + 1])
+                use = roles_of(k)
+                if k.op == "copy":
+                    merged = tensors[0]
+                else:
+                    merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
+                                      arithmetic=recipe.arithmetic, work_dtype=out_dtype)
+                merged = _add_loras(merged, loras, k.key, model1.shape(k.key))
+                merged = merged.to(_out_dtype(merged.dtype, out_dtype))
+                if k.op != "copy" and not all_finite(merged):  # NaN in a source propagates
+                    _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
+                yield merged
+                if progress and (i % 64 == 0 or i == total - 1):
+                    progress(i + 1, total, k.key)
         yield from defaults.values()
 
     return planned, values()

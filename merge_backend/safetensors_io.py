@@ -86,15 +86,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     """Read one tensor with a positioned read (no memory map, nothing kept resident)."""
-    buf = bytearray(info.nbytes)
-    with open(path, "rb") as f:
-        f.seek(info.start)
-        got = f.readinto(buf)
-    if got != info.nbytes:
-        raise SafetensorsError(f"{path}: truncated while reading a tensor at byte {info.start}")
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled, unlike bytearray
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(info.start)
+        got = f.readinto(memoryview(raw.numpy()))
+    if got != info.nbytes:
+        raise SafetensorsError(f"{path}: truncated while reading a tensor at byte {info.start}")
+    return raw.view(info.dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True)

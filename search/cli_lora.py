@@ -55,10 +55,13 @@ def add_lora_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--rank", type=int, required=True, help="8-32 for a style, 64+ for a whole model")
     p.add_argument("--text-encoder", action="store_true", help="also extract the text encoder(s)")
-    p.add_argument("--type", choices=LORA_TYPES, default="standard", dest="lora_type")
+    p.add_argument("--type", choices=LORA_TYPES, default="standard", dest="lora_type",
+                   help="standard: low-rank factors; full_diff: whole differences (.diff keys, "
+                        "which ComfyUI reads and diffusers does not)")
     p.add_argument("--no-clamp", action="store_true", help="keep the factors unclamped")
     p.add_argument("--bias-diff", action="store_true",
-                   help="also store 1-D weight (.diff) and bias (.diff_b) differences")
+                   help="also store 1-D weight (.diff) and bias (.diff_b) differences, as "
+                        "ComfyUI's LoraSave does (diffusers cannot read them)")
     _lora_output(p)
     p.set_defaults(func=run_extract)
 

@@ -283,17 +283,21 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
         if target is None:
             unmatched.append(name)
             continue
+        if target.slot in modules:
+            raise LoraError(f"{path}: modules {modules[target.slot].name!r} and {name!r} both "
+                            f"change {target.key}; the file holds one module twice")
         modules[target.slot] = _module(path, name, parts, target, _peft_alpha(peft, name))
     if unmatched and (strict or not modules):
-        raise _unmatched_error(path, arch_obj, unmatched, len(names), detected, scores)
+        raise _unmatched_error(path, arch_obj, unmatched, len(names), scores)
     return LoraFile(arch_obj, modules, path, fmt, dict(metadata), sorted(unmatched))
 
 
 def _unmatched_error(path: Path, arch: Architecture, unmatched: list[str],
-                     total: int, detected: str, scores: Mapping[str, int]) -> LoraError:
+                     total: int, scores: Mapping[str, int]) -> LoraError:
+    best = max(scores, key=scores.get)
     hint = ""
-    if detected != arch.name and scores[detected] > scores[arch.name]:
-        hint = (f" It looks like a LoRA for {ARCHITECTURES[detected].title} ({scores[detected]} of "
+    if best != arch.name and scores[best] > scores[arch.name]:
+        hint = (f" It looks like a LoRA for {ARCHITECTURES[best].title} ({scores[best]} of "
                 f"{total} modules match that), not {arch.title}.")
     return LoraError(f"{path}: {len(unmatched)} of {total} LoRA modules match no {arch.title} "
                      f"module, e.g. {', '.join(sorted(unmatched)[:_SHOW])}.{hint}")
