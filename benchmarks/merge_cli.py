@@ -11,6 +11,7 @@ peak RSS <= 2.5x one model file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +59,7 @@ def main() -> None:
             for name, code, arith in runs:
                 out = Path(tmp) / f"{name}.safetensors"
                 out.unlink(missing_ok=True)
+                os.sync()  # flush the previous run's writes outside anyone's clock
                 got = run_measured(code.format(a=str(a), b=str(b), out=str(out),
                                                ratios=str(ratios), arith=arith))
                 if name not in rows or got[0] < rows[name][0]:

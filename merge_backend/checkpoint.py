@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .architectures import Architecture, canonical_key, detect_architecture, is_model_key
-from .safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from .safetensors_io import MappedFile, SafetensorsError, TensorInfo, read_header
 
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -34,7 +34,8 @@ class Checkpoint:
     """A read-only view of one checkpoint: keys, shapes, dtypes and tensors on demand."""
 
     def __init__(self, path: Path, arch: Architecture, shapes: Mapping[str, tuple[int, ...]],
-                 dtypes: Mapping[str, torch.dtype], loader, metadata: Mapping[str, str]):
+                 dtypes: Mapping[str, torch.dtype], loader, metadata: Mapping[str, str],
+                 releaser=None):
         self.path = path
         self.arch = arch
         # Keys are exposed in their canonical (CheckpointSave) spelling; old-layout files keep
@@ -43,6 +44,7 @@ class Checkpoint:
         self._shapes = {c: tuple(shapes[k]) for c, k in self._stored.items()}
         self._dtypes = {c: dtypes[k] for c, k in self._stored.items()}
         self._loader = loader
+        self._releaser = releaser
         self.metadata = dict(metadata)
 
     def keys(self) -> list[str]:
@@ -82,6 +84,11 @@ class Checkpoint:
                                   "the file is damaged or was saved from a diverged model")
         return tensor
 
+    def release(self, key: str) -> None:
+        """Done with ``key`` for now: let its memory go (a no-op for in-memory sources)."""
+        if self._releaser is not None:
+            self._releaser(self._stored[key])
+
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, arch={self.arch.name}, keys={len(self._shapes)})"
 
@@ -116,15 +123,17 @@ def _open_safetensors(path: Path) -> Checkpoint:
     except SafetensorsError as exc:
         raise CheckpointError(str(exc)) from None
     arch = _detect(table.keys(), path)
+    mapped = MappedFile(path)
 
     def load(key: str, _t: Mapping[str, TensorInfo] = table) -> torch.Tensor:
         try:
-            return read_tensor(path, _t[key])
+            return mapped.tensor(_t[key])
         except SafetensorsError as exc:
             raise CheckpointError(str(exc)) from None
 
     return Checkpoint(path, arch, {k: v.shape for k, v in table.items()},
-                      {k: v.dtype for k, v in table.items()}, load, metadata)
+                      {k: v.dtype for k, v in table.items()}, load, metadata,
+                      releaser=lambda key: mapped.release(table[key]))
 
 
 def _open_pickle(path: Path) -> Checkpoint:

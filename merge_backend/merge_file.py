@@ -195,6 +195,8 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                 if k.op != "copy" and not all_finite(merged):  # NaN in a source propagates
                     _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
                 yield merged
+                for r in use:
+                    sources[r].release(k.key)
                 if progress and (i % 64 == 0 or i == total - 1):
                     progress(i + 1, total, k.key)
         yield from defaults.values()

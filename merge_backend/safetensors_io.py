@@ -84,6 +84,40 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return table, {str(k): str(v) for k, v in metadata.items()}
 
 
+class MappedFile:
+    """A copy-on-write memory map of a safetensors file: tensors are views of the page cache
+    (no read copy), and ``release`` hands a tensor's pages back so they stop counting as
+    this process's memory. A released range reads again from the file if touched; writes to a
+    view go to private pages and never reach the file."""
+
+    def __init__(self, path: Path):
+        import mmap
+
+        self.path = path
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._page = mmap.PAGESIZE
+        self._dontneed = getattr(mmap, "MADV_DONTNEED", None)
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if info.end > len(self.map):
+            raise SafetensorsError(f"{self.path}: truncated while reading a tensor at byte "
+                                   f"{info.start}")
+        numel = info.nbytes // info.dtype.itemsize
+        if info.start % info.dtype.itemsize:  # an odd offset cannot be viewed as this dtype
+            return read_tensor(self.path, info)
+        return torch.frombuffer(self.map, dtype=info.dtype, count=numel,
+                                offset=info.start).reshape(info.shape)
+
+    def release(self, info: TensorInfo) -> None:
+        if self._dontneed is None or info.nbytes == 0:
+            return
+        start = info.start - info.start % self._page
+        self.map.madvise(self._dontneed, start, info.end - start)
+
+
 def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     """Read one tensor with a positioned read (no memory map, nothing kept resident)."""
     raw = torch.empty(info.nbytes, dtype=torch.uint8)  # not zero-filled, unlike bytearray
