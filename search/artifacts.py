@@ -7,7 +7,7 @@ import io
 import torch
 from PIL import Image, ImageDraw
 
-BAR_W, CHART_H, PAD = 18, 160, 24
+BAR_W, CHART_H, PAD = 24, 160, 24
 
 
 def grid_png(grid: torch.Tensor) -> bytes:
@@ -17,6 +17,18 @@ def grid_png(grid: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+_SHORT = (("input_blocks.", "i"), ("output_blocks.", "o"), ("middle_block.", "m"),
+          ("time_embed.", "time"), ("label_emb.", "label"))
+
+
+def short_label(name: str) -> str:
+    """A block name in at most 5 characters (IN04, OUT11, i4, o11, m1, time, out)."""
+    for long, short in _SHORT:
+        if name.startswith(long):
+            name = short + name[len(long):]
+    return name.rstrip(".")[:5]
 
 
 def ratio_chart_png(ratios: dict[str, float], title: str = "") -> bytes:
@@ -33,8 +45,7 @@ def ratio_chart_png(ratios: dict[str, float], title: str = "") -> bytes:
         value = min(max(ratios[name], 0.0), 1.0)
         x = PAD + i * BAR_W
         draw.rectangle([x + 2, bottom - value * CHART_H, x + BAR_W - 2, bottom], fill=(52, 101, 164))
-        label = name.replace("input_blocks.", "i").replace("output_blocks.", "o")
-        draw.text((x + 1, bottom + 4 + (i % 2) * 10), label[:4], fill=(0, 0, 0))
+        draw.text((x + 1, bottom + 4 + (i % 2) * 12), short_label(name), fill=(0, 0, 0))
     draw.text((PAD, 4), title or "ratio = model1's share", fill=(0, 0, 0))
     buf = io.BytesIO()
     image.save(buf, format="PNG")

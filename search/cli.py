@@ -34,6 +34,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+
+    logging.getLogger("optuna").setLevel(logging.WARNING)  # our progress line says it all
+    logging.getLogger("root").setLevel(logging.ERROR)
     try:
         import diffusers.utils.logging as dlog
 

@@ -48,4 +48,4 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 def _fmt(values) -> str:
     if not values:
         return "-"
-    return "/".join(f"{v:.4f}" for v in values)
+    return "/".join(f"{v:.6g}" for v in values)

@@ -46,7 +46,7 @@ def status_lines(study: optuna.Study) -> list[str]:
     try:
         if len(study.directions) == 1:
             best = study.best_trial
-            lines.append(f"best: trial {best.number}, value {best.value:.5f}")
+            lines.append(f"best: trial {best.number}, value {best.value:.6g}")
         else:
             lines.append(f"Pareto front: trials {[t.number for t in study.best_trials]}")
     except ValueError:

@@ -71,7 +71,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         trial.set_user_attr(rf.ATTR_RECIPE, recipe.to_dict())
         trial.set_user_attr(rf.ATTR_SCORES, card.means())
         trial.set_user_attr(rf.ATTR_SCORE, value)
-        _upload_pictures(trial, ctx, images.grid(), ctx.space.ratio_vector(recipe))
+        _upload_pictures(trial, ctx, images.grid(), recipe.ratios)
         clock.lap("bookkeeping")
         trial.set_user_attr(rf.ATTR_TIMINGS, clock.laps)
         return value

@@ -4,8 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_backend import ClipMerge, IncompatibleSourcesError, Recipe, RecipeError, Source
-from merge_backend import merge_to_file
+from merge_backend import ClipMerge, IncompatibleSourcesError, Recipe, RecipeError, Source, merge_to_file
 from merge_backend.architectures import ARCHITECTURES
 from merge_backend.engine import MergeEngine
 from merge_backend.engine_memory import EngineMemoryError, plan_memory

@@ -5,13 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import live_original
 
 from merge_backend import merge_to_file, open_checkpoint
 from merge_backend.engine import MergeEngine
 from merge_backend.lora import random_lora, save_lora
 from merge_backend.pipeline import load_pipeline
 from merge_backend.recipe import LoraSpec, Recipe, Source, uniform_ratios
-from test_engine import live_original
 
 
 @pytest.fixture(params=["sd1", "sdxl"])
