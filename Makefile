@@ -28,6 +28,8 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/merge_cli.py
 	$(BIN)/python benchmarks/merge_engine.py
+	$(BIN)/python benchmarks/trial_breakdown.py
+	$(BIN)/python benchmarks/lora_extract.py
 
 clean:
 	rm -rf demo_run .pytest_cache
