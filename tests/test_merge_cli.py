@@ -197,3 +197,38 @@ def test_console_script_runs(tiny_sd1, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
+
+
+def test_merged_file_loads_in_diffusers_with_the_expected_weights(fam, tmp_path):
+    from merge_backend.naming import to_original
+    from merge_backend.pipeline import load_pipeline
+
+    out = tmp_path / "m.safetensors"
+    run("merge", "simple", fam.a, fam.b, "-o", out, "--ratio", 0.3, "--dtype", "fp32")
+    pipe = load_pipeline(out, config_folder=fam.config_folder)
+    arch = ARCHITECTURES[fam.arch]
+    loaded = to_original(arch, "unet", pipe.unet.state_dict(), dict(pipe.unet.config))
+    expected = expected_merge(fam, lambda k: 0.3)
+    assert len(loaded) > 600
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.items())
+
+
+def test_diffusers_folder_as_a_source(tiny_sd1, tmp_path):
+    """A diffusers pipeline folder merges like the single file it was made from."""
+    from merge_backend.pipeline import load_pipeline
+
+    folder = tmp_path / "a-diffusers"
+    load_pipeline(tiny_sd1.a, config_folder=tiny_sd1.config_folder).save_pretrained(folder)
+    from_file, from_folder = tmp_path / "f.safetensors", tmp_path / "d.safetensors"
+    run("merge", "simple", tiny_sd1.a, tiny_sd1.b, "-o", from_file, "--ratio", 0.4, "--dtype", "fp32")
+    run("merge", "simple", folder, tiny_sd1.b, "-o", from_folder, "--ratio", 0.4, "--dtype", "fp32")
+    a, b = load_file(from_file), load_file(from_folder)
+    assert set(b) <= set(a)
+    assert all(torch.equal(a[k], b[k]) for k in b if k.startswith(UNET_PREFIX))
+    assert sum(k.startswith(UNET_PREFIX) for k in b) > 600
+
+
+def test_tiny_command_writes_a_family(tmp_path, capsys):
+    assert main(["tiny", str(tmp_path / "t"), "--arch", "sd1"]) == 0
+    assert {p.name for p in (tmp_path / "t").glob("*.safetensors")} == {
+        "base.safetensors", "finetune_a.safetensors", "finetune_b.safetensors"}

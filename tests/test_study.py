@@ -214,3 +214,28 @@ def test_validate_command_prints_resolved_config(tiny_sd1, clip_files, tmp_path,
     out = _yaml.safe_load(capsys.readouterr().out)
     assert out["searched_parameters"] == {"input": [0.0, 1.0], "middle": [0.0, 1.0],
                                           "out": [0.0, 1.0]}
+
+
+@pytest.mark.parametrize("sampler", ["cmaes", "gp", "qmc", "random"])
+def test_every_sampler_runs(tiny_sd1, clip_files, tmp_path, sampler):
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=3, sampler={"name": sampler})
+    study, _ = run(cfg)
+    assert len(rf.completed(study)) == 3
+    assert type(study.sampler).__name__.lower().startswith(sampler[:2])
+
+
+def test_multi_objective_study_has_a_pareto_front(tiny_sd1, clip_files, tmp_path):
+    scorers = [{"kind": "clip", "name": "clip_a", "model": str(clip_files[0]),
+                "weights": str(clip_files[1])},
+               {"kind": "reference", "name": "look", "model": str(clip_files[0]),
+                "weights": str(clip_files[1]), "references": None},
+               {"kind": "sanity"}]
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=4, objective="multi",
+                       scorers=scorers, sampler={"name": "nsga2"})
+    study, ctx = prepare(cfg, log=lambda m: None)
+    ctx.scorers[1].set_references(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    optimize(study, ctx, log=lambda m: None)
+    assert len(study.directions) == 2  # one per objective scorer; sanity is a penalty
+    assert all(len(t.values) == 2 for t in rf.completed(study))
+    assert 1 <= len(study.best_trials) <= 4
+    assert rf.pick_trials(study, pareto=2)
