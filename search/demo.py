@@ -102,8 +102,8 @@ def report(study, ctx, hidden_score: float, out) -> dict:
     for name in GROUPS:
         print(f"  {name:26s} {HIDDEN[name]:6.3f}  {found[name]:6.3f}", file=out)
     print(f"ratio RMSE over the searched blocks: {rmse:.4f} (goal <= 0.1)", file=out)
-    print(f"best score {best.value:.5f} (trial {best.number}); hidden merge's own score "
-          f"{hidden_score:.5f}; gap {gap * 100:.3f}% (goal <= 1%)", file=out)
+    print(f"best score {best.value:.6f} (trial {best.number}); hidden merge's own score "
+          f"{hidden_score:.6f}; gap {gap * 100:.3f}% (goal <= 1%)", file=out)
     run = ctx.run.path
     print("\nnext:", file=out)
     print(f"  mergesearch status {run}", file=out)
