@@ -160,7 +160,7 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
     clip_roles = ("model1", "model2")
     planned = [PlannedTensor(k.key, _out_dtype(model1.dtype(k.key), out_dtype),
                              model1.shape(k.key)) for k in plan.keys]
-    defaults = _checkpoint_save_defaults(model1, out_dtype)
+    defaults = checkpoint_save_defaults(model1, out_dtype)
     planned += [PlannedTensor(key, t.dtype, tuple(t.shape)) for key, t in defaults.items()]
 
     loras = _lora_uses(recipe, model1)
@@ -239,7 +239,7 @@ def _out_dtype(stored: torch.dtype, wanted: torch.dtype) -> torch.dtype:
     return wanted if stored.is_floating_point else stored
 
 
-def _checkpoint_save_defaults(model1: Checkpoint, out_dtype: torch.dtype
+def checkpoint_save_defaults(model1: Checkpoint, out_dtype: torch.dtype
                               ) -> dict[str, torch.Tensor]:
     out = {}
     for key, fill in model1.arch.checkpoint_save_defaults:

@@ -35,9 +35,9 @@ from merge_backend.merge_file import (
     DTYPES,
     MergeResult,
     Progress,
-    _checkpoint_save_defaults,
     check_output_path,
     checkpoint_metadata,
+    checkpoint_save_defaults,
 )
 from merge_backend.naming import convert_value, key_maps
 from merge_backend.plan import plan_merge
@@ -228,7 +228,7 @@ def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str
     digest = sha256_of(checkpoint)
     recipe = recipe.replace(models={r: Source(str(checkpoint), digest) for r in recipe.models})
     out_dtype = DTYPES[dtype]
-    defaults = _checkpoint_save_defaults(ckpt, out_dtype)
+    defaults = checkpoint_save_defaults(ckpt, out_dtype)
     planned = [PlannedTensor(k.key, _cast(ckpt.dtype(k.key), out_dtype), ckpt.shape(k.key))
                for k in plan.keys]
     planned += [PlannedTensor(k, t.dtype, tuple(t.shape)) for k, t in defaults.items()]
