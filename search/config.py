@@ -143,6 +143,8 @@ class StudyConfig(_Strict):
     trials: int = Field(50, ge=1)
     timeout: float | None = Field(None, gt=0)
     storage: str | None = None
+    heartbeat_seconds: int = Field(30, ge=1)  # a running trial's sign of life in RDB storage
+    grace_seconds: int = Field(90, ge=2)  # silence after which another worker marks it FAIL
     output: Path = Path("runs")
     device: str = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"

@@ -11,6 +11,7 @@ Every trial that completes carries, as user attributes:
   ``recipe``   the Recipe it scored (Recipe.to_dict())
   ``scores``   {scorer name: raw value}, ``score`` the combined value
   ``timings``  {phase: seconds}
+  ``worker``   host:pid of the worker process that ran it
   ``artifact:probes`` / ``artifact:ratios``  artifact ids of the probe grid and ratio chart
 so anything downstream (export, dashboard, notebook) needs only the storage and this folder.
 """
@@ -31,6 +32,7 @@ ATTR_SCORES = "scores"
 ATTR_SCORE = "score"
 ATTR_TIMINGS = "timings"
 ATTR_FAIL = "fail_reason"
+ATTR_WORKER = "worker"  # host:pid of the process that ran the trial
 ARTIFACT_PROBES = "artifact:probes"
 ARTIFACT_RATIOS = "artifact:ratios"
 STUDY_ATTR_PROBES = "probe_set"

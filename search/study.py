@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 
 import optuna
@@ -60,9 +61,19 @@ def check_config(cfg: StudyConfig) -> SearchSpace:
 def storage_for(cfg: StudyConfig) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats, so a worker killed mid-trial leaves a FAIL, not a RUNNING."""
     url = cfg.storage or rf.default_storage(cfg.run_folder)
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
-    return optuna.storages.get_storage(url)
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        return optuna.storages.get_storage(url)
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_seconds,
+                                              grace_period=cfg.grace_seconds)
+        except (IntegrityError, ProgrammingError):
+            # Workers started together race to create the schema; the loser retries and
+            # finds it made.
+            time.sleep(0.2 * (attempt + 1))
+    raise ConfigError(f"storage {url}: could not create or open the Optuna schema")
 
 
 def _stored_config(cfg: StudyConfig) -> dict:

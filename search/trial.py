@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,9 @@ from .config import StudyConfig
 from .space import SearchSpace
 
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
 class TrialFailed(RuntimeError):
     """A candidate that cannot be scored (NaN images, out of memory); the study goes on."""
 
@@ -52,6 +57,7 @@ class StudyContext:
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
     """The objective Optuna calls. Failures are recorded with their reason, then re-raised."""
     clock = _Clock()
+    trial.set_user_attr(rf.ATTR_WORKER, WORKER)
     try:
         params = ctx.space.suggest(trial)
         recipe = ctx.space.recipe(params)
