@@ -30,7 +30,6 @@ from .artifacts import grid_png, ratio_chart_png
 from .config import StudyConfig
 from .space import SearchSpace
 
-
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 

@@ -10,9 +10,9 @@ import time
 import optuna
 import pytest
 import yaml
+from postgres_server import PostgresServer, find_bin
 
 from evaluators.testing import write_tiny_open_clip
-from postgres_server import PostgresServer, find_bin
 from search import run_folder as rf
 
 
