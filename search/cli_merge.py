@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from merge_backend import ARCHITECTURES, ClipMerge, Recipe, Source, merge_to_file, open_checkpoint
 from merge_backend.architectures import block_names
 from merge_backend.recipe import RecipeError
@@ -91,12 +89,9 @@ def parse_ratio_pairs(pairs: list[str]) -> dict[str, float]:
 
 
 def load_ratio_file(path: Path) -> dict[str, float]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise RecipeError(f"--ratios-file {path}: cannot read it ({exc})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"--ratios-file {path}: expected a mapping of block name to ratio")
+    from .config import read_yaml_mapping
+
+    data = read_yaml_mapping(path, f"--ratios-file {path}", RecipeError)
     try:
         return {str(k): float(v) for k, v in data.items()}
     except (TypeError, ValueError) as exc:

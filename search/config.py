@@ -205,15 +205,21 @@ def check_blocks(cfg: StudyConfig, arch_name: str) -> None:
                           f"{', '.join(names)}")
 
 
+def read_yaml_mapping(path: Path, where: str, error: type[ValueError]) -> dict[str, Any]:
+    """A YAML (or JSON) file that must hold a mapping; ``error(where: …)`` otherwise."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise error(f"{where}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Read and validate a study config; relative paths resolve next to the YAML file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a YAML mapping")
+    data = read_yaml_mapping(path, f"{path}", ConfigError)
     data.update(overrides or {})
     return parse_config(data, base_dir=path.parent, source=str(path))
 
