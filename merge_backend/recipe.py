@@ -75,7 +75,8 @@ class LoraSpec:
     """A LoRA added on top of the merge: delta * strength (* a per-block strength, if given).
 
     ``block_strengths`` uses the Recipe's vocabulary; blocks not named take 1.0. Text-encoder
-    modules of the LoRA take ``strength`` alone (``te_strength`` when set).
+    modules of the LoRA take ``te_strength`` when set, else ``strength`` (times
+    ``block_strengths['BASE']`` in the mbw vocabulary, where BASE is the text encoder).
     """
 
     path: str
