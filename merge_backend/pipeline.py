@@ -234,6 +234,9 @@ def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
     """
     import diffusers
 
+    if os.environ.get("DIFFUSERS_VERBOSITY") == "error":  # the mergesearch command asks for quiet
+        diffusers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")

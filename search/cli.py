@@ -38,13 +38,8 @@ def quiet_libraries() -> None:
 
     logging.getLogger("optuna").setLevel(logging.WARNING)  # our progress line says it all
     logging.getLogger("root").setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-    except ImportError:
-        pass
+    # diffusers itself is quieted where pipelines are loaded (merge_backend.pipeline): importing
+    # it here would cost every command, `merge` included, a second and a half.
 
 
 def main(argv: list[str] | None = None) -> int:
