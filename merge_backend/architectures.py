@@ -244,7 +244,3 @@ def block_of(arch: Architecture, vocabulary: str, key: str) -> str:
         return _mbw_block(arch, unet_key)
     return _comfy_block(arch, unet_key, block_names(arch, vocabulary))
 
-
-def unet_blocks(arch: Architecture, vocabulary: str) -> tuple[str, ...]:
-    """The names of a vocabulary that can own UNet keys (mbw without BASE)."""
-    return tuple(n for n in block_names(arch, vocabulary) if n != MBW_TEXT_ENCODER_BLOCK)

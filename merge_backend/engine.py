@@ -157,7 +157,8 @@ class MergeEngine:
                 continue
             group.sources[role] = self._flat_source(items, sources[role], on_host)
         if "target" in roles:
-            group.sources["target"] = self._flat_target(items, sources, on_host)
+            group.sources["target"] = self._flat_target(items, sources, group.sources["model1"],
+                                                        on_host)
         return group
 
     def _flat_source(self, items: list, ckpt, on_host: bool) -> torch.Tensor:
@@ -176,12 +177,13 @@ class MergeEngine:
             offset += value.numel()
         return flat
 
-    def _flat_target(self, items: list, sources, on_host: bool) -> torch.Tensor:
+    def _flat_target(self, items: list, sources, model1: torch.Tensor,
+                     on_host: bool) -> torch.Tensor:
         # Fast add-difference: model1 + (model2 - base), rounded once to the source dtype, so
         # each candidate is one lerp(model1, target, (1 - ratio) * multiplier).
-        flats = {r: self._flat_source(items, sources[r], True) for r in ("model1", "model2", "base")}
-        target = kernels.add_difference_target(flats["model1"], flats["model2"], flats["base"],
-                                               self.source_dtype, self.chunk)
+        m2, base = (self._flat_source(items, sources[r], True) for r in ("model2", "base"))
+        target = kernels.add_difference_target(model1.cpu(), m2, base, self.source_dtype,
+                                               self.chunk)
         if on_host:
             return target.pin_memory() if self.device.type == "cuda" else target
         return target.to(self.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,17 +49,11 @@ def open_sources(recipe: Recipe) -> dict[str, Checkpoint]:
     return {role: open_checkpoint(src.path) for role, src in recipe.models.items()}
 
 
-def with_hashes(recipe: Recipe, sources: Mapping[str, Checkpoint] | None = None) -> Recipe:
+def with_hashes(recipe: Recipe) -> Recipe:
     """The Recipe with every source's sha256 filled in (checked against any already there)."""
-    models = {}
-    for role, src in recipe.models.items():
-        digest = sha256_of(src.path)
-        if src.sha256 and src.sha256 != digest:
-            raise CheckpointError(f"{src.path}: sha256 is {digest[:12]}…, the recipe expects "
-                                  f"{src.sha256[:12]}… — the file changed since the recipe was "
-                                  "made")
-        models[role] = Source(src.path, digest)
-    return recipe.replace(models=models)
+    hashing = SourceHashes(recipe)
+    hashing.digests()
+    return hashing.final_recipe
 
 
 def with_lora_hashes(recipe: Recipe) -> Recipe:
@@ -91,8 +85,12 @@ def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
 
 def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
                   overwrite: bool = False, progress: Progress | None = None,
-                  extra_metadata: Mapping[str, str] | None = None) -> MergeResult:
-    """Merge ``recipe`` into one checkpoint at ``output``. All checks run before any tensor."""
+                  extra_metadata: Mapping[str, str] | None = None,
+                  known_sha256: Mapping[str, str] | None = None) -> MergeResult:
+    """Merge ``recipe`` into one checkpoint at ``output``. All checks run before any tensor.
+
+    ``known_sha256``: digests (by resolved path) the caller has already computed.
+    """
     start = time.perf_counter()
     output = Path(output)
     if dtype not in DTYPES:
@@ -105,7 +103,7 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     plan.recipe = recipe
     # Hash the sources on background threads while the merge streams (hashlib releases the
     # GIL); the header carries equal-length placeholders until the digests are known.
-    hashing = SourceHashes(recipe)
+    hashing = SourceHashes(recipe, known_sha256)
     planned, values = _execute(plan, sources, DTYPES[dtype], progress)
     metadata = checkpoint_metadata(hashing.placeholder_recipe, output, sources["model1"],
                                    extra_metadata)
@@ -122,12 +120,19 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
 
 
 class SourceHashes:
-    """sha256 of every source, computed on threads; checked against the Recipe's own."""
+    """sha256 of every source, computed on a thread (each file once; ``known`` digests by
+    resolved path are reused, not recomputed); checked against the Recipe's own."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, known: Mapping[str, str] | None = None):
         self.recipe = recipe
         self.pool = ThreadPoolExecutor(max_workers=1)  # one core hashes, file after file
-        self.futures = {role: self.pool.submit(sha256_of, src.path)
+        by_path: dict[str, Future] = {}
+        for src in recipe.models.values():
+            path = str(Path(src.path).resolve())
+            if path not in by_path:
+                by_path[path] = _done(known[path]) if known and path in known else \
+                    self.pool.submit(sha256_of, src.path)
+        self.futures = {role: by_path[str(Path(src.path).resolve())]
                         for role, src in recipe.models.items()}
         self.placeholders = {role: f"pending-sha256-{role}-".ljust(64, "0")
                              for role in recipe.models}
@@ -222,6 +227,12 @@ def _add_loras(merged: torch.Tensor, uses: list, key: str, shape) -> torch.Tenso
 
     delta = lora_deltas_for_key(uses, key, shape)
     return merged if delta is None else merged.float() + delta
+
+
+def _done(value: str) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _explain_non_finite(key: str, sources: list[Checkpoint], out_dtype: torch.dtype) -> None:

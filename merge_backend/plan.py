@@ -42,12 +42,6 @@ class MergePlan:
     def merged(self) -> list[KeyPlan]:
         return [k for k in self.keys if k.op != "copy"]
 
-    def by_block(self) -> dict[str, list[KeyPlan]]:
-        out: dict[str, list[KeyPlan]] = {}
-        for k in self.merged():
-            out.setdefault(k.block or "", []).append(k)
-        return out
-
 
 def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     """Plan ``recipe`` over opened ``sources`` (role -> Checkpoint). See module docstring."""

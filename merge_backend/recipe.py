@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -126,8 +127,7 @@ class Recipe:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes) -> Recipe:
-        data = {**self.__dict__, **changes}
-        return Recipe(**data)
+        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ meaning
     @property

@@ -152,10 +152,6 @@ class SearchSpace:
             out[p.name] = _clip(ratios.get(p.name, self._extra_default(p)), p)
         return out
 
-    def ratio_vector(self, recipe: Recipe) -> dict[str, float]:
-        """The searched parameters' values in a Recipe (for errors against a target)."""
-        return {p.name: recipe.ratios[p.blocks[0]] for p in self.params}
-
 
 def _clip(value: float, p: Param) -> float:
     return float(min(max(value, p.low), p.high))

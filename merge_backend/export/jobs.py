@@ -79,6 +79,7 @@ class ExportPlan:
     notes: list[str] = field(default_factory=list)
     lora_base: Path | None = None  # --to lora: the merge minus this checkpoint, as a LoRA
     lora_rank: int = 32
+    hashes: dict[str, str] = field(default_factory=dict)  # sha256 by resolved path, checked once
 
 
 # ---------------------------------------------------------------------------- planning
@@ -195,7 +196,7 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     outputs = [PlannedOutput(item, fmt, output_paths(item, fmt, output, as_file))
                for item in items for fmt in formats]
     _check_paths(outputs, overwrite, [*protected, *([lora_base] if lora_base else [])])
-    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes, lora_base, lora_rank)
+    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes, lora_base, lora_rank, hashes)
 
 
 def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
@@ -257,7 +258,7 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
     item, recipe = out.item, out.item.recipe
     if out.format == "checkpoint":
         merge_to_file(recipe, out.paths[0], dtype=plan.dtype, overwrite=plan.overwrite,
-                      extra_metadata=_checkpoint_metadata(item))
+                      extra_metadata=_checkpoint_metadata(item), known_sha256=plan.hashes)
         written[(item.stem, "checkpoint")] = out.paths[0]
     elif out.format == "diffusers":
         export_diffusers(recipe, out.paths[0], dtype=plan.dtype, config_folder=config_folder,
@@ -289,7 +290,7 @@ def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Pat
         merged = checkpoint
         if merged is None:
             merged = Path(tmp) / "merged.safetensors"
-            merge_to_file(item.recipe, merged, dtype="fp32")
+            merge_to_file(item.recipe, merged, dtype="fp32", known_sha256=plan.hashes)
         extract_lora(merged, plan.lora_base, path, rank=plan.lora_rank, text_encoder=True,
                      overwrite=plan.overwrite)
 
