@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
@@ -32,7 +31,7 @@ class OpenClipFiles(BaseModel):
     def check_open_clip_files(self) -> None:
         if self.model.endswith(".json"):
             require_file(Path(self.model), "model config", ["open_clip_config"])
-        elif self.model.replace("/", "-") not in open_clip.list_models():
+        elif self.model.replace("/", "-") not in _open_clip().list_models():
             raise ValueError(f"open_clip has no model named {self.model!r}; give a model name from "
                              "open_clip.list_models() or the path of a model-config .json")
         require_file(self.weights, "weights", ["safetensors", "torch"])
@@ -41,10 +40,18 @@ class OpenClipFiles(BaseModel):
                              f"got {self.resize_mode!r}")
 
 
+def _open_clip():
+    """open_clip, imported on first use: it pulls in torchvision (seconds), which commands that
+    only read a config, such as ``mergesearch merge``, must not pay."""
+    import open_clip
+
+    return open_clip
+
+
 def open_clip_name(model: str) -> str:
     """The registry name for ``model``, registering a model-config JSON path first."""
     if model.endswith(".json"):
-        open_clip.add_model_config(Path(model))
+        _open_clip().add_model_config(Path(model))
         return Path(model).stem
     return model
 
@@ -75,6 +82,7 @@ class OpenClipBackbone:
     def load(cls, model: str, weights: Path, device: torch.device, dtype: torch.dtype,
              resize_mode: str | None = None) -> OpenClipBackbone:
         name = open_clip_name(model)
+        open_clip = _open_clip()
         clip, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(weights),
                                                            weights_only=True)
         clip = clip.to(device=device, dtype=dtype)

@@ -16,7 +16,6 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoTokenizer, CLIPModel
 
 from evaluators._image_ops import ImagePreprocess
 from evaluators.scorer import ScorerConfig, batches, check_images, register_scorer, require_dir
@@ -64,7 +63,7 @@ class PickScoreScorer:
         tensor([21.4, 20.9])
     """
 
-    def __init__(self, name: str, model: CLIPModel, tokenizer: Any, preprocess: ImagePreprocess,
+    def __init__(self, name: str, model: Any, tokenizer: Any, preprocess: ImagePreprocess,
                  device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
         self.name = name
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -78,6 +77,8 @@ class PickScoreScorer:
     @classmethod
     def from_config(cls, config: PickScoreConfig, device: torch.device,
                     dtype: torch.dtype) -> PickScoreScorer:
+        from transformers import AutoTokenizer, CLIPModel
+
         model = CLIPModel.from_pretrained(config.model_dir, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(config.processor_folder, local_files_only=True)
         preprocess = _preprocess_from(config.processor_folder / "preprocessor_config.json")

@@ -18,8 +18,6 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
-import diffusers
-
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -78,5 +76,7 @@ def check_scheduler_name(name: str) -> str:
 def make_scheduler(name: str, current: Any) -> Any:
     """Build scheduler ``name`` from the config of the pipeline's ``current`` scheduler."""
     spec = SCHEDULERS[check_scheduler_name(name)]
+    import diffusers
+
     cls = getattr(diffusers, spec.class_name)
     return cls.from_config(current.config, **spec.kwargs)

@@ -5,7 +5,8 @@ live diffusers pipeline.
 """
 
 from .architectures import ARCHITECTURES, Architecture, UnsupportedModelError, block_names, block_of
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint, sha256_of
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .hashing import sha256_of
 from .merge_file import MergeResult, merge_to_file, recipe_from_checkpoint
 from .plan import IncompatibleSourcesError, KeyPlan, MergePlan, plan_merge
 from .recipe import METHODS, ClipMerge, Recipe, RecipeError, Source

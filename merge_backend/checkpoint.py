@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -161,13 +160,3 @@ def _detect(keys, path: Path) -> Architecture:
         raise CheckpointError(str(exc)) from None
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 24) -> str:
-    """sha256 of a file's bytes (of every file, sorted, for a folder)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .architectures import ARCHITECTURES
-from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint, sha256_of
+from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint
+from .hashing import sha256_of
 from .methods import apply_op
 from .plan import KeyPlan, MergePlan, plan_merge
 from .recipe import Recipe, Source
@@ -110,7 +111,7 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     # One core is hashing: torch's other threads would only wait on it (OpenMP threads stall
     # badly when a core they need is busy), so the tensor work takes the remaining cores.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))
+    torch.set_num_threads(max(1, threads - 1) if hashing.pending else threads)
     try:
         stream_safetensors(output, planned, values, metadata, finalize=hashing.replacements)
     finally:
@@ -134,6 +135,7 @@ class SourceHashes:
                     self.pool.submit(sha256_of, src.path)
         self.futures = {role: by_path[str(Path(src.path).resolve())]
                         for role, src in recipe.models.items()}
+        self.pending = any(not f.done() for f in self.futures.values())
         self.placeholders = {role: f"pending-sha256-{role}-".ljust(64, "0")
                              for role in recipe.models}
         self.placeholder_recipe = recipe.replace(models={

@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from .cli_export import add_export_parser
-from .cli_lora import add_lora_parser
-from .cli_merge import add_merge_parser
-from .cli_study import add_study_parsers
-from .cli_tiny import add_tiny_parser
+# The module that defines each command (its ``add_parsers(sub)``). Only the module a command
+# line names is imported: `mergesearch merge` does not load optuna and pandas, which cost a
+# third of a second at start and as much again at exit. --help and unknown commands load all.
+COMMANDS = {
+    "run": "cli_study", "validate": "cli_study", "status": "cli_study", "best": "cli_study",
+    "dashboard": "cli_study", "demo": "cli_study", "merge": "cli_merge", "export": "cli_export",
+    "lora": "cli_lora", "tiny": "cli_tiny",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for every command, or only for ``command`` when it is a known one."""
     parser = argparse.ArgumentParser(
         prog="mergesearch",
         description="Find good Stable Diffusion block merges automatically.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_study_parsers(sub)
-    add_merge_parser(sub)
-    add_export_parser(sub)
-    add_lora_parser(sub)
-    add_tiny_parser(sub)
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in modules:
+        importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
     return parser
 
 
@@ -45,7 +48,8 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

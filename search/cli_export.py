@@ -49,7 +49,7 @@ from .run_folder import (
 META_STUDY, META_TRIAL, META_SCORES = "mergesearch.study", "mergesearch.trial", "mergesearch.scores"
 
 
-def add_export_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write a merge as a checkpoint, diffusers folder, ComfyUI workflow, "
                        "SuperMerger string or HTML report",

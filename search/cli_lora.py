@@ -24,7 +24,7 @@ from merge_backend.recipe import LoraSpec
 BLOCK_VOCABULARIES = ("mbw", "comfy", "blocks")
 
 
-def add_lora_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     lora = sub.add_parser("lora", help="apply, add and extract LoRAs")
     cmds = lora.add_subparsers(dest="lora_command", required=True, metavar="COMMAND")
 

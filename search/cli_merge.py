@@ -25,7 +25,7 @@ NODES = {
 }
 
 
-def add_merge_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     merge = sub.add_parser("merge", help="merge checkpoints like ComfyUI's model-merge nodes")
     nodes = merge.add_subparsers(dest="node", required=True, metavar="NODE")
     for name, (help_text, _) in NODES.items():

@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 
-def add_study_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run (or resume) the study a config describes")
     p.add_argument("config", type=Path)
     p.add_argument("--trials", type=int, help="finished trials to reach (default: config)")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 
-def add_tiny_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny", help="write a tiny SD1.5/SDXL model family (random weights)")
     p.add_argument("folder", type=Path)
     p.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")

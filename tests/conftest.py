@@ -31,6 +31,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The sha256 cache lives in the session's temporary folder, never in the user's home."""
+    from merge_backend.hashing import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache") / "sha256.json")
+    return os.environ[CACHE_ENV]
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     return write_tiny_family(tmp_path_factory.mktemp("tiny_sd1"), "sd1", seed=0)

@@ -6,13 +6,13 @@ candidate written in by MergeEngine); the exported files must reproduce them.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -25,7 +25,6 @@ from merge_backend.merge_file import with_hashes
 from merge_backend.pipeline import load_pipeline
 from merge_backend.recipe import uniform_ratios
 from search import cli
-from search.cli_export import add_export_parser
 from search.run_folder import RunFolder, default_storage
 
 PROBES = {"prompts": ["a red apple"], "seeds": [3], "steps": 2, "cfg": 5.0, "width": 64,
@@ -33,13 +32,8 @@ PROBES = {"prompts": ["a red apple"], "seeds": [3], "steps": 2, "cfg": 5.0, "wid
 FP16_TOLERANCE = 5e-3  # max |Δpixel|, images in [0, 1] (~1.3 of 255); measured 1.1e-3
 
 
-def export(monkeypatch, *argv: str) -> int:
-    """`mergesearch export …` through the real entry point (registering it if not yet)."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "export" not in sub.choices:
-        add_export_parser(sub)
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+def export(*argv: str) -> int:
+    """`mergesearch export …` through the real entry point."""
     return cli.main(["export", *map(str, argv), "--quiet"])
 
 
@@ -105,10 +99,10 @@ def scored(tiny_sd1, tmp_path_factory):
 
 
 def test_exported_checkpoint_and_folder_reproduce_the_scored_images(scored, tiny_sd1,
-                                                                    monkeypatch, tmp_path):
+                                                                    tmp_path):
     run, recipe, images = scored
     out = tmp_path / "fp32"
-    assert export(monkeypatch, run.path, "--best", "--to", "checkpoint", "--to", "diffusers",
+    assert export(run.path, "--best", "--to", "checkpoint", "--to", "diffusers",
                   "--dtype", "fp32", "-o", out, "--config-folder", tiny_sd1.config_folder) == 0
     ckpt = out / "tiny-study-trial0.safetensors"
     assert torch.equal(draw(load_pipeline(ckpt, config_folder=tiny_sd1.config_folder)), images)
@@ -127,14 +121,14 @@ def test_exported_checkpoint_and_folder_reproduce_the_scored_images(scored, tiny
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
 
     half = tmp_path / "half.safetensors"
-    assert export(monkeypatch, run.path, "--trial", "0", "--to", "checkpoint", "-o", half) == 0
+    assert export(run.path, "--trial", "0", "--to", "checkpoint", "-o", half) == 0
     drawn = draw(load_pipeline(half, config_folder=tiny_sd1.config_folder))
     assert 0 < (drawn - images).abs().max().item() < FP16_TOLERANCE
 
 
-def test_text_exports_and_report(scored, tiny_sd1, monkeypatch, tmp_path):
+def test_text_exports_and_report(scored, tiny_sd1, tmp_path):
     run, recipe, images = scored
-    assert export(monkeypatch, run.path, "--to", "comfyui", "--to", "mbw", "--to", "report",
+    assert export(run.path, "--to", "comfyui", "--to", "mbw", "--to", "report",
                   "--config-folder", tiny_sd1.config_folder, "--device", "cpu") == 0
     out = run.exports
     mbw = (out / "tiny-study-trial0.mbw.txt").read_text().strip()
@@ -159,27 +153,27 @@ def test_text_exports_and_report(scored, tiny_sd1, monkeypatch, tmp_path):
     assert "src=\"http" not in page and "<script" not in page
 
 
-def test_pareto_exports_k_trials_named_by_number(tiny_sd1, monkeypatch, tmp_path):
+def test_pareto_exports_k_trials_named_by_number(tiny_sd1, tmp_path):
     recipes = [_recipe(tiny_sd1, r, 1.0) for r in (0.1, 0.2, 0.3, 0.4)]
     run = make_run(tmp_path / "run", recipes, [[1, 4], [2, 3], [0, 0], [3, 1]],
                    directions=("maximize", "maximize"), probe_set=None)
-    assert export(monkeypatch, run.path, "--pareto", "2", "--to", "mbw", "-o", tmp_path / "o") == 0
+    assert export(run.path, "--pareto", "2", "--to", "mbw", "-o", tmp_path / "o") == 0
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
     assert written == ["tiny-study-trial0.mbw.txt", "tiny-study-trial1.mbw.txt"]
     assert (tmp_path / "o" / written[1]).read_text().split(",")[5] == "0.8"  # IN04 = 0.2
 
 
-def test_recipe_and_checkpoint_sources(scored, monkeypatch, tmp_path):
+def test_recipe_and_checkpoint_sources(scored, tmp_path):
     _, recipe, _ = scored
     recipe_file = tmp_path / "my-merge.json"
     recipe_file.write_text(recipe.to_json())
-    assert export(monkeypatch, recipe_file, "--to", "checkpoint", "--dtype", "fp32") == 0
+    assert export(recipe_file, "--to", "checkpoint", "--dtype", "fp32") == 0
     ckpt = tmp_path / "exports" / "my-merge.safetensors"
     assert recipe_from_checkpoint(ckpt) == recipe
-    assert export(monkeypatch, ckpt, "--to", "mbw", "-o", tmp_path / "from-ckpt.txt") == 0
-    assert export(monkeypatch, recipe_file, "--to", "mbw", "-o", tmp_path / "from-json.txt") == 0
+    assert export(ckpt, "--to", "mbw", "-o", tmp_path / "from-ckpt.txt") == 0
+    assert export(recipe_file, "--to", "mbw", "-o", tmp_path / "from-json.txt") == 0
     assert (tmp_path / "from-ckpt.txt").read_text() == (tmp_path / "from-json.txt").read_text()
-    assert export(monkeypatch, recipe_file, "--to", "mbw", "-o", tmp_path / "from-json.txt") == 1
+    assert export(recipe_file, "--to", "mbw", "-o", tmp_path / "from-json.txt") == 1
 
 
 def _stale_run(tiny_sd1, tmp_path: Path) -> Path:
@@ -214,11 +208,11 @@ def _missing_source(tiny_sd1, tmp_path: Path) -> Path:
     (_missing_source, r"model2: source .*gone.st is missing"),
     (_stale_run, r"model2: .*finetune_b.safetensors changed since the merge was scored"),
 ])
-def test_refusals_write_nothing(make, message, tiny_sd1, monkeypatch, tmp_path, capsys):
+def test_refusals_write_nothing(make, message, tiny_sd1, tmp_path, capsys):
     source = make(tiny_sd1, tmp_path)
     before = sorted(tmp_path.rglob("*"))
     out = tmp_path / "out"
-    code = export(monkeypatch, source, "--to", "checkpoint", "--to", "comfyui", "--to", "mbw",
+    code = export(source, "--to", "checkpoint", "--to", "comfyui", "--to", "mbw",
                   "-o", out)
     assert code == 1
     assert re.search(message, capsys.readouterr().err)
@@ -230,5 +224,5 @@ def test_png_bytes_round_trip():
     from PIL import Image
 
     image = torch.rand(3, 8, 16)
-    back = torch.tensor(list(Image.open(io.BytesIO(png_bytes(image))).getdata()))
-    assert torch.equal(back.T.reshape(3, 8, 16), (image * 255).round().to(torch.uint8).long())
+    back = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png_bytes(image)))))  # HWC
+    assert torch.equal(back.permute(2, 0, 1), (image * 255).round().to(torch.uint8))

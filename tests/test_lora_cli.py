@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,13 +10,13 @@ from safetensors.torch import load_file
 
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.lora import LoraError, LoraUse, lora_deltas_for_key, random_lora, read_lora, save_lora
-from search.cli_lora import add_lora_parser, parse_lora_arg
+from search.cli import build_parser
+from search.cli_lora import parse_lora_arg
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mergesearch")
-    add_lora_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The command's own function, so that its errors reach the test as exceptions."""
+    args = build_parser(argv[0]).parse_args(argv)
     return args.func(args)
 
 

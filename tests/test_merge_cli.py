@@ -232,3 +232,28 @@ def test_tiny_command_writes_a_family(tmp_path, capsys):
     assert main(["tiny", str(tmp_path / "t"), "--arch", "sd1"]) == 0
     assert {p.name for p in (tmp_path / "t").glob("*.safetensors")} == {
         "base.safetensors", "finetune_a.safetensors", "finetune_b.safetensors"}
+
+
+def test_each_command_loads_only_its_module_and_help_lists_all(tiny_sd1, tmp_path):
+    """`COMMANDS` is the truth about who defines what: a missing or stale entry fails here."""
+    import argparse
+
+    from search import cli
+
+    def commands(parser: argparse.ArgumentParser) -> set[str]:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return set(sub.choices)
+
+    assert commands(cli.build_parser()) == set(cli.COMMANDS)
+    for command, module in cli.COMMANDS.items():
+        defined = {c for c, m in cli.COMMANDS.items() if m == module}
+        assert commands(cli.build_parser(command)) == defined
+    (tmp_path / "ratios.yaml").write_text("IN00: 0.25\n")
+    argv = ["merge", "layers", str(tiny_sd1.a), str(tiny_sd1.b), "-o", str(tmp_path / "m.safetensors"),
+            "--vocabulary", "mbw", "--ratios-file", str(tmp_path / "ratios.yaml"), "--quiet"]
+    code = (f"import sys; from search.cli import main; assert main({argv!r}) == 0; "
+            "print(sorted(m for m in ('optuna', 'pandas', 'open_clip', 'diffusers', 'transformers') "
+            "if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip().splitlines()[-1]
+    assert loaded == "[]"  # a merge runs without the study and scoring stacks

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_backend.checkpoint import CheckpointError, sha256_of
+from merge_backend.checkpoint import CheckpointError
+from merge_backend.hashing import sha256_of
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.recipe import Recipe, RecipeError
 

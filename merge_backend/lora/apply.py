@@ -30,7 +30,8 @@ from merge_backend.architectures import (
     block_names,
     block_of,
 )
-from merge_backend.checkpoint import Checkpoint, open_checkpoint, sha256_of
+from merge_backend.checkpoint import Checkpoint, open_checkpoint
+from merge_backend.hashing import sha256_of
 from merge_backend.merge_file import (
     DTYPES,
     MergeResult,

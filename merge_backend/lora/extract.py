@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from merge_backend.architectures import MBW_TEXT_ENCODER_BLOCK, UNET_PREFIX, block_of
-from merge_backend.checkpoint import Checkpoint, open_checkpoint, sha256_of
+from merge_backend.checkpoint import Checkpoint, open_checkpoint
+from merge_backend.hashing import sha256_of
 from merge_backend.merge_file import DTYPES
 from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
 
