@@ -43,6 +43,7 @@ class MergeResult:
     merged: int
     seconds: float
     notes: list[str]
+    lora_changed: int = 0  # tensors the Recipe's LoRAs changed
 
 
 def open_sources(recipe: Recipe) -> dict[str, Checkpoint]:
@@ -78,6 +79,9 @@ def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
                 output.exists() and src_path.exists() and output.samefile(src_path)):
             raise OutputPathError(f"output {output} is the {role} source; choose another path "
                                   "(sources are never modified)")
+    for spec in recipe.loras:
+        if Path(spec.path).resolve() == output.resolve():
+            raise OutputPathError(f"output {output} is one of the LoRAs; choose another path")
     if output.exists() and not overwrite:
         raise OutputPathError(f"output {output} exists; pass --overwrite to replace it")
     if output.suffix != ".safetensors":
@@ -87,10 +91,12 @@ def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
 def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
                   overwrite: bool = False, progress: Progress | None = None,
                   extra_metadata: Mapping[str, str] | None = None,
-                  known_sha256: Mapping[str, str] | None = None) -> MergeResult:
+                  known_sha256: Mapping[str, str] | None = None,
+                  lora_device: str | torch.device = "cpu") -> MergeResult:
     """Merge ``recipe`` into one checkpoint at ``output``. All checks run before any tensor.
 
     ``known_sha256``: digests (by resolved path) the caller has already computed.
+    ``lora_device``: where the Recipe's LoRA deltas are computed (in float32).
     """
     start = time.perf_counter()
     output = Path(output)
@@ -105,7 +111,8 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     # Hash the sources on background threads while the merge streams (hashlib releases the
     # GIL); the header carries equal-length placeholders until the digests are known.
     hashing = SourceHashes(recipe, known_sha256)
-    planned, values = _execute(plan, sources, DTYPES[dtype], progress)
+    changed = [0]
+    planned, values = _execute(plan, sources, DTYPES[dtype], progress, lora_device, changed)
     metadata = checkpoint_metadata(hashing.placeholder_recipe, output, sources["model1"],
                                    extra_metadata)
     # One core is hashing: torch's other threads would only wait on it (OpenMP threads stall
@@ -117,7 +124,7 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     finally:
         torch.set_num_threads(threads)
     return MergeResult(output, hashing.final_recipe, len(planned), len(plan.merged()),
-                       time.perf_counter() - start, plan.notes)
+                       time.perf_counter() - start, plan.notes, changed[0])
 
 
 class SourceHashes:
@@ -160,7 +167,10 @@ class SourceHashes:
 
 
 def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torch.dtype,
-             progress: Progress | None) -> tuple[list[PlannedTensor], Iterator[torch.Tensor]]:
+             progress: Progress | None, lora_device: str | torch.device, changed: list[int]
+             ) -> tuple[list[PlannedTensor], Iterator[torch.Tensor]]:
+    """The tensors to write and an iterator of their values; ``changed[0]`` counts the ones
+    LoRAs changed."""
     recipe = plan.recipe
     model1 = sources["model1"]
     roles = recipe.spec.roles
@@ -197,7 +207,9 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                 else:
                     merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
                                       arithmetic=recipe.arithmetic, work_dtype=out_dtype)
-                merged = _add_loras(merged, loras, k.key, model1.shape(k.key))
+                with_loras = _add_loras(merged, loras, k.key, model1.shape(k.key), lora_device)
+                changed[0] += with_loras is not merged
+                merged = with_loras
                 merged = merged.to(_out_dtype(merged.dtype, out_dtype))
                 if k.op != "copy" and not all_finite(merged):  # NaN in a source propagates
                     _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
@@ -221,14 +233,17 @@ def _lora_uses(recipe: Recipe, model1: Checkpoint) -> list:
     return uses
 
 
-def _add_loras(merged: torch.Tensor, uses: list, key: str, shape) -> torch.Tensor:
+def _add_loras(merged: torch.Tensor, uses: list, key: str, shape,
+               device: str | torch.device) -> torch.Tensor:
     """LoRA deltas go onto the merged weight in float32, before the final cast."""
     if not uses or not merged.is_floating_point():
         return merged
     from .lora.apply import lora_deltas_for_key
 
-    delta = lora_deltas_for_key(uses, key, shape)
-    return merged if delta is None else merged.float() + delta
+    delta = lora_deltas_for_key(uses, key, shape, device=device)
+    if delta is None:
+        return merged
+    return (merged.to(delta.device, torch.float32) + delta).to(merged.device)
 
 
 def _done(value: str) -> Future:

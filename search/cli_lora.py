@@ -127,7 +127,7 @@ def run_apply(args: argparse.Namespace) -> int:
                            dtype=args.dtype, overwrite=args.overwrite, device=args.device,
                            progress=_progress(args, "writing"))
     print(json.dumps({"output": str(result.output), "tensors": result.tensors,
-                      "changed": result.merged, "seconds": round(result.seconds, 2)}))
+                      "changed": result.lora_changed, "seconds": round(result.seconds, 2)}))
     return 0
 
 

@@ -123,13 +123,22 @@ def test_block_and_text_encoder_strengths(tmp_path, tiny_sd1):
     use = LoraUse(read_lora(lora_path))
     unchanged = [k for k in use.keys() if "input_blocks.4." in k or k.startswith("cond_stage_model")]
     doubled = [k for k in use.keys() if "output_blocks.3." in k]
-    assert unchanged and doubled and result.merged > 0
+    assert unchanged and doubled
+    assert result.lora_changed == len(set(use.keys()) - set(unchanged))
     for key in unchanged:
         assert torch.equal(made.get(key), base.get(key).float()), key
     for key in doubled:
         delta = lora_deltas_for_key([use], key, base.shape(key))
         torch.testing.assert_close(made.get(key) - base.get(key).float(), 2 * delta,
                                    rtol=1e-4, atol=1e-6)
+    untouched = [k for k in base.keys() if k not in use.keys() and base.dtype(k).is_floating_point
+                 and not k.endswith("position_ids")]
+    for key in untouched:  # the checkpoint merged with itself at 1.0 is the checkpoint
+        assert torch.equal(made.get(key), base.get(key).float()), key
+    lora_before = lora_path.read_bytes()
+    with pytest.raises(ValueError, match="is one of the LoRAs"):
+        apply_to_file(tiny_sd1.base, [spec], lora_path, dtype="fp32", overwrite=True)
+    assert lora_path.read_bytes() == lora_before
 
 
 def test_pipeline_apply_then_subtract_restores_the_weights(tiny_sdxl):

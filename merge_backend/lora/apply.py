@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +31,9 @@ from merge_backend.architectures import (
 )
 from merge_backend.checkpoint import Checkpoint, open_checkpoint
 from merge_backend.hashing import sha256_of
-from merge_backend.merge_file import (
-    DTYPES,
-    MergeResult,
-    Progress,
-    check_output_path,
-    checkpoint_metadata,
-    checkpoint_save_defaults,
-)
+from merge_backend.merge_file import MergeResult, Progress, merge_to_file
 from merge_backend.naming import convert_value, key_maps
-from merge_backend.plan import plan_merge
 from merge_backend.recipe import LoraSpec, Recipe, Source, uniform_ratios
-from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
 
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 
@@ -203,61 +193,19 @@ def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str
                   vocabulary: str = "mbw", dtype: str = "fp16", overwrite: bool = False,
                   device: str | torch.device = "cpu", progress: Progress | None = None
                   ) -> MergeResult:
-    """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed, like ``mergesearch merge``.
+    """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed by ``merge_to_file``.
 
-    Deltas are computed in float32 on ``device``. The file carries the Recipe (model1 merged
-    with itself at ratio 1.0, i.e. unchanged, plus ``loras``) so it can be rebuilt.
+    The Recipe is the checkpoint merged with itself at ratio 1.0 — model1 unchanged, as
+    ComfyUI's ModelMergeSimple at 1.0 — plus ``loras``; the file carries it so it can be
+    rebuilt. Deltas are computed in float32 on ``device``; ``result.lora_changed`` counts the
+    tensors the LoRAs changed.
     """
-    start = time.perf_counter()
-    output = Path(output)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    ckpt = open_checkpoint(checkpoint)
-    arch = ckpt.arch.name
-    specs = tuple(LoraSpec(str(s.path), s.strength, s.block_strengths, s.te_strength,
-                           s.sha256 or sha256_of(s.path)) for s in loras)
+    arch = open_checkpoint(checkpoint).arch.name
     recipe = Recipe(arch, "weighted_sum", {"model1": Source(str(checkpoint)),
                                            "model2": Source(str(checkpoint))},
-                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=specs)
-    recipe.validate()
-    check_output_path(output, recipe, overwrite)
-    if any(Path(s.path).resolve() == output.resolve() for s in specs):
-        raise LoraError(f"output {output} is one of the LoRAs; choose another path")
-    uses = uses_from_recipe(recipe)
-    check_loras(uses, ckpt)
-    plan = plan_merge(recipe, {"model1": ckpt, "model2": ckpt})
-    digest = sha256_of(checkpoint)
-    recipe = recipe.replace(models={r: Source(str(checkpoint), digest) for r in recipe.models})
-    out_dtype = DTYPES[dtype]
-    defaults = checkpoint_save_defaults(ckpt, out_dtype)
-    planned = [PlannedTensor(k.key, _cast(ckpt.dtype(k.key), out_dtype), ckpt.shape(k.key))
-               for k in plan.keys]
-    planned += [PlannedTensor(k, t.dtype, tuple(t.shape)) for k, t in defaults.items()]
-    changed = [0]
-
-    def values():
-        for i, kp in enumerate(plan.keys):
-            value = ckpt.get(kp.key)
-            delta = None
-            if value.is_floating_point():
-                delta = lora_deltas_for_key(uses, kp.key, value.shape, device=device)
-            if delta is not None:
-                value = (value.to(delta.device, torch.float32) + delta).cpu()
-                changed[0] += 1
-            yield value.to(_cast(value.dtype, out_dtype))
-            if progress and (i % 64 == 0 or i == len(plan.keys) - 1):
-                progress(i + 1, len(plan.keys), kp.key)
-        yield from defaults.values()
-
-    # the stored recipe is model1 merged with itself at ratio 1.0 (= model1) plus the LoRAs
-    metadata = checkpoint_metadata(recipe, output, ckpt, {"mergesearch.kind": "lora_apply"})
-    stream_safetensors(output, planned, values(), metadata)
-    return MergeResult(output, recipe, len(planned), changed[0], time.perf_counter() - start,
-                       plan.notes)
-
-
-def _cast(stored: torch.dtype, wanted: torch.dtype) -> torch.dtype:
-    return wanted if stored.is_floating_point else stored
+                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=tuple(loras))
+    return merge_to_file(recipe, output, dtype=dtype, overwrite=overwrite, progress=progress,
+                         extra_metadata={"mergesearch.kind": "lora_apply"}, lora_device=device)
 
 
 # ---------------------------------------------------------------------------- to a pipeline
