@@ -5,17 +5,25 @@ merge code: a merge node clones model1 and patches every ``diffusion_model.`` ke
 with ``W = strength_model*W1 + strength_patch*W2`` in float32 (ModelMergeSimple / Blocks /
 SD1 / SDXL: ratio, 1-ratio with the longest matching slider name, else the first slider;
 Subtract: m, -m; Add: 1, 1); CLIPMerge* do the same on the text encoder, skipping
-``position_ids`` / ``logit_scale``; CheckpointSave keeps the VAE of the loader it is wired to.
+``position_ids`` / ``logit_scale``; LoraLoader adds ``strength_model`` times each LoRA delta to
+the model's weights and ``strength_clip`` times it to the text encoder's, in float32 (the delta
+itself, up @ down * alpha / rank, comes from merge_backend.lora, which is checked against
+diffusers' own fuse in test_lora_apply); CheckpointSave keeps the VAE of the loader it is wired to.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from merge_backend import ClipMerge, Recipe, Source, merge_to_file
+from merge_backend.checkpoint import open_checkpoint
 from merge_backend.export import ComfyExportError, ComfyPrompt, comfy_workflow
+from merge_backend.lora import LoraUse, lora_deltas_for_key, random_lora, read_lora, save_lora
+from merge_backend.recipe import LoraSpec
 
 UNET = "model.diffusion_model."
 TEXT = ("cond_stage_model.", "conditioner.")
@@ -59,6 +67,15 @@ def _strengths(class_type: str, key: str, widgets: dict) -> tuple[float, float]:
     return ratio, 1.0 - ratio
 
 
+def _add_lora(state: dict, lora: list, strength: float) -> dict:
+    out = dict(state)
+    for key, weight in state.items():
+        delta = lora_deltas_for_key(lora, key, weight.shape)
+        if delta is not None and strength != 0.0:
+            out[key] = weight.float() + strength * delta
+    return out
+
+
 def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
     """Run the merge part of an API-format workflow; the state dict CheckpointSave gets."""
     done: dict[str, tuple] = {}
@@ -83,6 +100,11 @@ def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
                     continue
                 merged[key] = _patch(a[key], b[key], *_strengths(kind, key, widgets))
             result = (merged,)
+        elif kind == "LoraLoader":
+            lora = [LoraUse(read_lora(files[inputs["lora_name"]]))]
+            result = tuple(_add_lora(get(inputs[part]), lora, widgets[strength])
+                           for part, strength in (("model", "strength_model"),
+                                                  ("clip", "strength_clip")))
         elif kind == "CheckpointSave":
             result = (get(inputs["model"]), get(inputs["clip"]), get(inputs["vae"]))
         else:
@@ -211,3 +233,61 @@ def test_workflow_refuses_what_comfyui_sliders_cannot_hold(tiny_sd1):
     far = _recipe(tiny_sd1, "subtract", "single", None).replace(multiplier=12.0)
     with pytest.raises(ComfyExportError, match="recipe.multiplier = 12.0"):
         comfy_workflow(far)
+
+
+def _with_loras(fam, recipe: Recipe, tmp_path, *strengths: tuple[float, float | None]) -> Recipe:
+    base = open_checkpoint(fam.base)
+    components = ("unet", "te") if fam.arch == "sd1" else ("unet", "te1", "te2")
+    specs = []
+    for i, (strength, te_strength) in enumerate(strengths):
+        lora = random_lora(base, rank=3, components=components, vary_alpha=True, every=2 + i,
+                           seed=20 + i)
+        path = save_lora(lora, tmp_path / f"lora{i}.safetensors", dtype=torch.float32)
+        specs.append(LoraSpec(str(path), strength, None, te_strength))
+    return recipe.replace(loras=tuple(specs))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_workflow_with_loras_rebuilds_the_checkpoint(arch, tiny_sd1, tiny_sdxl, tmp_path):
+    fam = {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+    recipe = _with_loras(fam, _recipe(fam, "weighted_sum", "mbw", None), tmp_path,
+                         (0.8, None), (-0.6, 1.3))
+    out = tmp_path / "merged.safetensors"
+    merge_to_file(recipe, out, dtype="fp32")
+    api = comfy_workflow(recipe).api()
+    loaders = [n["inputs"] for n in api.values() if n["class_type"] == "LoraLoader"]
+    assert [(n["lora_name"], n["strength_model"], n["strength_clip"]) for n in loaders] == [
+        ("lora0.safetensors", 0.8, 0.8), ("lora1.safetensors", -0.6, 1.3)]
+    save = next(n for n in api.values() if n["class_type"] == "CheckpointSave")["inputs"]
+    sampler = next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
+    last = [i for i, n in api.items() if n["class_type"] == "LoraLoader"][-1]
+    assert save["model"] == sampler["model"] == [last, 0] and save["clip"] == [last, 1]
+    files = {p.name: p for p in (fam.a, fam.b, fam.base)}
+    files.update({Path(spec.path).name: Path(spec.path) for spec in recipe.loras})
+    rebuilt = evaluate_workflow(api, files)
+    exported = load_file(str(out))
+    plain = load_file(str(merge_to_file(recipe.replace(loras=()), tmp_path / "plain.safetensors",
+                                        dtype="fp32").output))
+    keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT) and not k.endswith(SKIP)]
+    changed = [k for k in keys if not torch.equal(exported[k], plain[k])]
+    assert any(k.startswith(UNET) for k in changed) and any(k.startswith(TEXT) for k in changed)
+    # ComfyUI adds one LoRA after the other, mergesearch their sum: float32 rounding apart.
+    worst = max((rebuilt[k].float() - exported[k]).abs().max().item() for k in keys)
+    assert worst < 1e-6
+
+
+def test_workflow_refuses_loras_loraloader_cannot_hold(tiny_sd1, tmp_path):
+    recipe = _with_loras(tiny_sd1, _recipe(tiny_sd1, "weighted_sum", "mbw", None), tmp_path,
+                         (1.0, None))
+    spec = recipe.loras[0]
+    with pytest.raises(ComfyExportError, match=r"recipe.loras\[0\].block_strengths"):
+        comfy_workflow(recipe.replace(loras=(LoraSpec(spec.path, 1.0, {"IN04": 0.5}),)))
+    comfy_workflow(recipe.replace(loras=(LoraSpec(spec.path, 1.0, {"IN04": 1.0}),)))  # all 1.0
+    with pytest.raises(ComfyExportError, match=r"recipe.loras\[0\].te_strength = 150"):
+        comfy_workflow(recipe.replace(loras=(LoraSpec(spec.path, 1.0, None, 150.0),)))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    twin = other / Path(spec.path).name
+    twin.write_bytes(Path(spec.path).read_bytes())
+    with pytest.raises(ComfyExportError, match="LoRAs share a file name"):
+        comfy_workflow(recipe.replace(loras=(spec, LoraSpec(str(twin)))))

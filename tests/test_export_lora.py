@@ -36,3 +36,26 @@ def test_export_lora_needs_base(tiny_sd1, tmp_path, capsys):
     assert main(["export", str(path), "--to", "lora", "-o", str(tmp_path / "o")]) == 1
     assert "--base" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_recipe_with_loras_to_comfyui_and_not_to_mbw(tiny_sd1, tmp_path, capsys):
+    import json
+
+    from merge_backend.checkpoint import open_checkpoint
+    from merge_backend.lora import random_lora, save_lora
+    from merge_backend.recipe import LoraSpec
+
+    lora = save_lora(random_lora(open_checkpoint(tiny_sd1.base), rank=2, seed=3),
+                     tmp_path / "style.safetensors")
+    recipe = Recipe(arch="sd1", method="weighted_sum", vocabulary="mbw",
+                    ratios=uniform_ratios("sd1", "mbw", 0.4), loras=(LoraSpec(str(lora), 0.7),),
+                    models={"model1": Source(str(tiny_sd1.a)), "model2": Source(str(tiny_sd1.b))})
+    path = tmp_path / "best.json"
+    path.write_text(recipe.to_json())
+    out = tmp_path / "out"
+    assert main(["export", str(path), "--to", "mbw", "--to", "comfyui", "-o", str(out)]) == 1
+    assert "recipe.loras" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(path), "--to", "comfyui", "-o", str(out), "--quiet"]) == 0
+    api = json.loads(next(out.glob("*api*.json")).read_text())
+    loaders = [n["inputs"] for n in api.values() if n["class_type"] == "LoraLoader"]
+    assert [(n["lora_name"], n["strength_model"]) for n in loaders] == [("style.safetensors", 0.7)]

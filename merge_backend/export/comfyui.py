@@ -10,6 +10,10 @@ The workflow uses only ComfyUI's own nodes, with input names exactly as they def
                          -> the ratio node(model1, .): ratio r gives A + (1-r)*m*(B - C)
       -> CLIPMergeSimple / Subtract / Add when the recipe merges the text encoders
          (mbw BASE -> CLIPMergeSimple)
+      -> LoraLoader per LoRA of the recipe, in order (lora_name = the file name; strength_model
+         = its strength, strength_clip = its text-encoder strength). ComfyUI adds LoRA patches
+         after the merge patches, in float32, as mergesearch does. Per-block LoRA strengths
+         need custom nodes, so recipes with them are refused.
       -> CheckpointSave
     plus the probe prompt: CLIPTextEncode x2 -> KSampler -> VAEDecode -> PreviewImage.
 
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_backend.architectures import ARCHITECTURES, block_names
-from merge_backend.recipe import Recipe
+from merge_backend.recipe import LoraSpec, Recipe
 
 from ._files import atomic_write_text
 from .mbw import mbw_to_comfy
@@ -52,6 +56,7 @@ NODE_IO: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...
                                     "ModelMergeSD2", "ModelMergeSDXL", "ModelMergeSubtract",
                                     "ModelMergeAdd")},
     **{name: _CLIP_IO for name in ("CLIPMergeSimple", "CLIPMergeSubtract", "CLIPMergeAdd")},
+    "LoraLoader": ((("model", "MODEL"), ("clip", "CLIP")), (("MODEL", "MODEL"), ("CLIP", "CLIP"))),
     "CheckpointSave": ((("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")), ()),
     "CLIPTextEncode": ((("clip", "CLIP"),), (("CONDITIONING", "CONDITIONING"),)),
     "EmptyLatentImage": ((), (("LATENT", "LATENT"),)),
@@ -66,6 +71,7 @@ _CONTROL_AFTER = {"KSampler": "seed"}
 _CLIP_NODES = {"weighted_sum": "CLIPMergeSimple", "subtract": "CLIPMergeSubtract",
                "add": "CLIPMergeAdd"}
 MULTIPLIER_RANGE = (-10.0, 10.0)
+LORA_STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip
 
 # Probe-set scheduler names (evaluators.schedulers) -> ComfyUI (sampler_name, scheduler).
 SAMPLERS: dict[str, tuple[str, str]] = {
@@ -223,9 +229,32 @@ def blend_node(recipe: Recipe) -> tuple[str, dict[str, float]]:
     return arch.comfy_node, mbw_to_comfy(arch, r)
 
 
+def lora_strengths(spec: LoraSpec) -> tuple[float, float]:
+    """LoraLoader's (strength_model, strength_clip) for one of the recipe's LoRAs."""
+    return spec.strength, spec.strength if spec.te_strength is None else spec.te_strength
+
+
+def _check_loras(recipe: Recipe) -> None:
+    names = [Path(spec.path).name for spec in recipe.loras]
+    if len(set(names)) < len(names):
+        raise ComfyExportError(f"recipe.loras: LoRAs share a file name ({names}); ComfyUI finds "
+                               "LoRAs by name, so rename one")
+    for i, spec in enumerate(recipe.loras):
+        blocks = {k: v for k, v in (spec.block_strengths or {}).items() if v != 1.0}
+        if blocks:
+            raise ComfyExportError(
+                f"recipe.loras[{i}].block_strengths: {blocks}: ComfyUI's LoraLoader has one "
+                "strength for the model and one for the text encoders (per-block LoRA weights "
+                "need custom nodes); export the checkpoint instead")
+        lo, hi = LORA_STRENGTH_RANGE
+        for what, value in zip(("strength", "te_strength"), lora_strengths(spec)):
+            if not lo <= value <= hi:
+                raise ComfyExportError(f"recipe.loras[{i}].{what} = {value} is outside "
+                                       f"LoraLoader's range [{lo}, {hi}]")
+
+
 def _check_ranges(recipe: Recipe) -> None:
-    if recipe.loras:
-        raise ComfyExportError("recipe.loras: baking LoRAs into a workflow is not supported yet")
+    _check_loras(recipe)
     if recipe.spec.uses_ratio:
         bad = {k: v for k, v in recipe.ratios.items() if not 0.0 <= v <= 1.0}
         if bad:
@@ -309,6 +338,13 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
                for role, name in names.items()}
     model = _model_nodes(wf, recipe, loaders)
     clip = _clip_nodes(wf, recipe, loaders)
+    for spec in recipe.loras:
+        lora_name = Path(spec.path).name
+        strength_model, strength_clip = lora_strengths(spec)
+        lora = wf.add("LoraLoader", f"LoRA: {lora_name}", {"model": model, "clip": clip},
+                      {"lora_name": lora_name, "strength_model": strength_model,
+                       "strength_clip": strength_clip})
+        model, clip = (lora, 0), (lora, 1)
     vae = (loaders["model1"], 2)
     wf.add("CheckpointSave", "save the merge", {"model": model, "clip": clip, "vae": vae},
            {"filename_prefix": f"checkpoints/{name}"})

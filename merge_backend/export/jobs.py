@@ -125,9 +125,10 @@ def _check_item(item: ExportItem, formats: Sequence[str], mbw_lossy: bool,
         item.recipe.validate()
     except RecipeError as exc:
         raise ExportError(f"{item.title}: {exc}") from None
-    if item.recipe.loras and set(formats) & {"comfyui", "mbw"}:
-        raise ExportError(f"{item.title}: recipe.loras: the comfyui and mbw exports do not carry "
-                          "LoRAs yet; export --to checkpoint / diffusers / report instead")
+    if item.recipe.loras and "mbw" in formats:
+        raise ExportError(f"{item.title}: recipe.loras: a SuperMerger block-weight line holds "
+                          "ratios only, not LoRAs; export --to checkpoint / diffusers / comfyui "
+                          "instead")
     check_sources(item.recipe, hashes)
     if "mbw" in formats:
         try:
