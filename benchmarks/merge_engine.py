@@ -74,12 +74,14 @@ def bench_engine(pipe, files, arch, device, dtype, memory, arithmetic, repeat):
     return engine, seconds, numel
 
 
-def flat_floor(numel: int, dtype, device, repeat: int) -> float:
-    """One torch.lerp over contiguous buffers of the same bytes: the memory-speed floor."""
+def flat_floor(numel: int, dtype, device, repeat: int) -> tuple[float, float]:
+    """(one torch.lerp over contiguous buffers of the same bytes: the memory-speed floor;
+    one copy of the same bytes: the device's memory bandwidth, for scale)."""
     a = torch.randn(numel, device=device).to(dtype)
     b = torch.randn(numel, device=device).to(dtype)
     out = torch.empty_like(a)
-    return timed(lambda: torch.lerp(b, a, 0.3, out=out), device, repeat)
+    lerp = timed(lambda: torch.lerp(b, a, 0.3, out=out), device, repeat)
+    return lerp, timed(lambda: out.copy_(a), device, repeat)
 
 
 def python_loop(unet_state, device, repeat: int) -> float:
@@ -143,12 +145,16 @@ def main() -> None:
               f"({numel / 1e6:.0f} M params; {engine.memory.describe()}; "
               f"peak RSS so far {peak_rss_gib():.2f} GiB)")
         del engine
-    floor = flat_floor(numel, dtype, device, args.repeat)
+    floor, copy = flat_floor(numel, dtype, device, args.repeat)
+    nbytes = numel * dtype.itemsize
     loop = python_loop(pipe.unet.state_dict(), device, max(1, args.repeat // 2))
     with tempfile.TemporaryDirectory(dir=files[0].parent) as tmp:
         unet_only, disk = save_and_load(pipe, args.arch, device, dtype, Path(tmp))
     apply = results[("device", "fast")]
-    print(f"floor (one flat lerp, same bytes): {floor * 1e3:9.2f} ms")
+    print(f"floor (one flat lerp, same bytes): {floor * 1e3:9.2f} ms "
+          f"({3 * nbytes / floor / 1e9:.0f} GB/s: two sources read, one result written)")
+    print(f"copy of the same bytes:            {copy * 1e3:9.2f} ms "
+          f"({2 * nbytes / copy / 1e9:.0f} GB/s)")
     print(f"per-key python a*(1-r)+b*r:        {loop * 1e3:9.2f} ms ({loop / apply:.1f}x apply)")
     print(f"save + load, UNet state dict only: {unet_only * 1e3:9.2f} ms "
           f"({unet_only / apply:.1f}x apply; a lower bound, page cache, no pipeline)")

@@ -50,6 +50,19 @@ def sha256_of(path: str | Path) -> str:
     return value
 
 
+def cached_sha256(paths) -> bool:
+    """Whether every file's digest is in the cache (so hashing them costs nothing)."""
+    cache = cache_path()
+    if cache is None:
+        return False
+    entries = _read(cache)
+    for path in map(Path, paths):
+        entry = entries.get(str(path.resolve()))
+        if not (isinstance(entry, dict) and path.is_file() and entry.get("stamp") == _stamp(path)):
+            return False
+    return True
+
+
 def cache_path() -> Path | None:
     """The cache file, or None when ``MERGESEARCH_HASH_CACHE=off``."""
     setting = os.environ.get(CACHE_ENV, "")

@@ -47,6 +47,9 @@ class SearchSpace:
     def __init__(self, cfg: StudyConfig, arch_name: str):
         self.cfg = cfg
         self.arch_name = arch_name
+        # sha256 by file path (as the config gives it), recorded into every Recipe once the
+        # study has checked them (search.study.record_sources)
+        self.digests: dict[str, str] = {}
         merge = cfg.merge
         self.names = block_names(ARCHITECTURES[arch_name], merge.vocabulary)
         self.fixed = dict(merge.fixed)
@@ -112,15 +115,26 @@ class SearchSpace:
             clip = ClipMerge("weighted_sum", ratio=te_ratio)
         multiplier = params.get(MULTIPLIER, merge.multiplier if isinstance(merge.multiplier, float)
                                 else 1.0)
-        models = {"model1": Source(str(self.cfg.models.model1)),
-                  "model2": Source(str(self.cfg.models.model2))}
-        if merge.method == "add_difference":
-            models["base"] = Source(str(self.cfg.models.base))
+        models = {role: self._source(path) for role, path in self.source_files().items()}
         return Recipe(arch=self.arch_name, method=merge.method, models=models,
                       vocabulary=merge.vocabulary, ratios={n: ratios[n] for n in self.names},
                       multiplier=float(multiplier), clip=clip, arithmetic=merge.arithmetic,
                       allow_extrapolation=merge.allow_extrapolation,
                       loras=self._loras(params))
+
+    def source_files(self) -> dict[str, str]:
+        """The checkpoints a candidate is built from, by Recipe role."""
+        models = self.cfg.models
+        files = {"model1": str(models.model1), "model2": str(models.model2)}
+        if self.cfg.merge.method == "add_difference":
+            files["base"] = str(models.base)
+        return files
+
+    def lora_files(self) -> dict[str, str]:
+        return {f"lora{i}": str(lora.path) for i, lora in enumerate(self.cfg.merge.loras)}
+
+    def _source(self, path: str) -> Source:
+        return Source(path, self.digests.get(path))
 
     def _loras(self, params: dict[str, float]) -> tuple[LoraSpec, ...]:
         specs = []
@@ -128,7 +142,7 @@ class SearchSpace:
             strength = params.get(f"lora{i}", lora.strength)
             blocks = {b: float(params.get(f"lora{i}:{b}", 1.0)) for b in lora.blocks}
             specs.append(LoraSpec(str(lora.path), float(strength), blocks or None,
-                                  lora.te_strength))
+                                  lora.te_strength, self.digests.get(str(lora.path))))
         return tuple(specs)
 
     def _te_ratio(self, params: dict[str, float]) -> float | None:

@@ -20,6 +20,7 @@ import yaml
 from evaluators import build_scorer, score_norms
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.engine import MergeEngine
+from merge_backend.hashing import cached_sha256, sha256_of
 from merge_backend.merge_file import open_sources
 from merge_backend.pipeline import load_pipeline
 from merge_backend.plan import plan_merge
@@ -31,6 +32,7 @@ from .space import SearchSpace, warm_start_params
 from .trial import StudyContext, TrialFailed, run_trial
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STUDY_ATTR_SOURCES = "sources_sha256"
 Log = Callable[[str], None]
 
 
@@ -109,6 +111,28 @@ def open_study(cfg: StudyConfig, space: SearchSpace) -> tuple[optuna.Study, rf.R
     return study, run
 
 
+def record_sources(study: optuna.Study, space: SearchSpace, log: Log = _stderr) -> None:
+    """Every source checkpoint and LoRA's sha256, recorded by the first worker and checked by
+    each later one: a worker whose files differ (another machine, a file changed since the
+    study began) stops before scoring candidates of another merge. Recipes carry the digests,
+    so an export refuses a source that changed after the trial was scored."""
+    files = {**space.source_files(), **space.lora_files()}
+    if not cached_sha256(files.values()):
+        log(f"hashing {len(files)} source file(s) once (remembered for later runs)")
+    digests = {role: sha256_of(path) for role, path in files.items()}
+    stored = study.user_attrs.get(STUDY_ATTR_SOURCES)
+    if stored is None:
+        study.set_user_attr(STUDY_ATTR_SOURCES, digests)
+    else:
+        for role, digest in digests.items():
+            if stored.get(role) != digest:
+                raise ConfigError(
+                    f"{files[role]} ({role}): its sha256 is {digest[:12]}…, but study "
+                    f"{study.study_name!r} was started with {str(stored.get(role))[:12]}…; every "
+                    "worker needs the same files, unchanged since the study began")
+    space.digests = {files[role]: digest for role, digest in digests.items()}
+
+
 def enqueue_warm_starts(study: optuna.Study, space: SearchSpace) -> None:
     for label, params in warm_start_params(space):
         study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
@@ -119,6 +143,7 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
     space = check_config(cfg)
     configs = list(cfg.scorers)  # files were checked when the config was parsed
     study, run = open_study(cfg, space)
+    record_sources(study, space, log)
     device, dtype = resolve_device(cfg)
     pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
                          dtype=dtype)

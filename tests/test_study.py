@@ -94,6 +94,32 @@ def test_resume_keeps_completed_trials(tiny_sd1, clip_files, tmp_path):
     assert all(done[n] == first[n] for n in first)
 
 
+def test_sources_are_hashed_once_recorded_and_checked_by_every_worker(tiny_sd1, clip_files,
+                                                                      tmp_path):
+    import shutil
+
+    from merge_backend.hashing import sha256_of
+    from search.study import STUDY_ATTR_SOURCES
+
+    model2 = tmp_path / "model2.safetensors"
+    shutil.copyfile(tiny_sd1.b, model2)
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=2,
+                       models={"model1": str(tiny_sd1.a), "model2": str(model2)})
+    study, _ = run(cfg)
+    digests = {"model1": sha256_of(tiny_sd1.a), "model2": sha256_of(model2)}
+    assert study.user_attrs[STUDY_ATTR_SOURCES] == digests
+    for t in rf.completed(study):  # an export can tell whether a source changed since
+        assert {r: s.sha256 for r, s in rf.trial_recipe(t).models.items()} == digests
+    data = bytearray(model2.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: another file to this study
+    model2.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"model2\.safetensors \(model2\): its sha256"):
+        prepare(study_config(tiny_sd1, clip_files, tmp_path, trials=3,
+                             models={"model1": str(tiny_sd1.a), "model2": str(model2)}),
+                log=lambda m: None)
+    assert len(rf.completed(rf.RunFolder.load(cfg.run_folder).study())) == 2
+
+
 def test_failing_trial_is_recorded_and_study_completes(tiny_sd1, clip_files, tmp_path):
     calls = {"n": 0}
 
