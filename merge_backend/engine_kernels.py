@@ -24,7 +24,7 @@ def add_difference_target(m1: torch.Tensor, m2: torch.Tensor, base: torch.Tensor
     return out
 
 
-def _kind(op: str, arithmetic: str) -> str:
+def op_kind(op: str, arithmetic: str) -> str:
     if op in ("weighted_sum", "add_difference") and arithmetic == "fast":
         return f"{op}_fast"
     return op
@@ -81,11 +81,11 @@ class Runner:
             loras: list[tuple[torch.Tensor, float]] = ()) -> None:
         """Write one block's candidate; ``loras`` = [(flat float32 delta, strength)] added in
         float32 before the final rounding, as the file merge does."""
-        kind = _kind(op, arithmetic)
+        kind = op_kind(op, arithmetic)
         sources = [group.sources[r] for r in _roles(kind)]
         direct = all(s.device == self.device and s.dtype == self.live_dtype for s in sources)
         if kind in FAST_OPS and direct:
-            _compute(self, kind, group.live, sources, ratio, multiplier)
+            compute(self, kind, group.live, sources, ratio, multiplier)
         else:
             for slot, (s, e) in enumerate(_chunks(group.numel, self.chunk)):
                 terms = [(d[s:e], k) for d, k in loras]
@@ -121,11 +121,11 @@ class Runner:
             # Exact ops copy (and convert) straight into float32 scratch; no staging needed.
             post = (lambda w, s, e: w.add_(self.lora_total([(d[s:e], k) for d, k in terms], e - s))
                     ) if terms else None
-            _compute(self, kind, live, parts, ratio, multiplier, post)
+            compute(self, kind, live, parts, ratio, multiplier, post)
             return
         if not self.cuda:
             staged = [_staged(self._stage_buffer(slot, i)[:n], p) for i, p in enumerate(parts)]
-            _compute(self, kind, live, staged, ratio, multiplier)
+            compute(self, kind, live, staged, ratio, multiplier)
             return
         compute_stream = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
@@ -134,7 +134,7 @@ class Runner:
                       for i, p in enumerate(parts)]
             self.ready[slot].record(self.copy_stream)
         compute_stream.wait_event(self.ready[slot])
-        _compute(self, kind, live, staged, ratio, multiplier)
+        compute(self, kind, live, staged, ratio, multiplier)
         self.free[slot].record(compute_stream)
 
 
@@ -150,7 +150,7 @@ def _chunks(n: int, chunk: int):
         yield s, min(s + chunk, n)
 
 
-def _compute(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
+def compute(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
              ratio: float, multiplier: float, post=None) -> None:
     if kind == "copy":
         live.copy_(src[0])

@@ -20,8 +20,8 @@ import torch
 
 from .architectures import ARCHITECTURES
 from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint
+from .file_kernels import KeyArithmetic
 from .hashing import sha256_of
-from .methods import apply_op
 from .plan import KeyPlan, MergePlan, plan_merge
 from .recipe import Recipe, Source
 from .safetensors_io import PlannedTensor, stream_safetensors
@@ -170,7 +170,8 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
              progress: Progress | None, lora_device: str | torch.device, changed: list[int]
              ) -> tuple[list[PlannedTensor], Iterator[torch.Tensor]]:
     """The tensors to write and an iterator of their values; ``changed[0]`` counts the ones
-    LoRAs changed."""
+    LoRAs changed. A merged value lives in a reused buffer: it must be written before the next
+    one is asked for (``stream_safetensors`` does)."""
     recipe = plan.recipe
     model1 = sources["model1"]
     roles = recipe.spec.roles
@@ -181,6 +182,7 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
     planned += [PlannedTensor(key, t.dtype, tuple(t.shape)) for key, t in defaults.items()]
 
     loras = _lora_uses(recipe, model1)
+    arithmetic = KeyArithmetic(out_dtype, recipe.arithmetic)
 
     def roles_of(k: KeyPlan) -> tuple[str, ...]:
         if k.op == "copy":
@@ -202,15 +204,13 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                 if i + 1 < total:
                     ahead = reader.submit(read, plan.keys[i + 1])
                 use = roles_of(k)
+                delta = _lora_delta(loras, k.key, tensors[0], lora_device)
+                changed[0] += delta is not None
                 if k.op == "copy":
-                    merged = tensors[0]
-                else:
-                    merged = apply_op(k.op, tensors, k.ratio, k.multiplier,
-                                      arithmetic=recipe.arithmetic, work_dtype=out_dtype)
-                with_loras = _add_loras(merged, loras, k.key, model1.shape(k.key), lora_device)
-                changed[0] += with_loras is not merged
-                merged = with_loras
-                merged = merged.to(_out_dtype(merged.dtype, out_dtype))
+                    merged = tensors[0] if delta is None else tensors[0].float() + delta
+                    merged = merged.to(_out_dtype(merged.dtype, out_dtype))
+                else:  # into a buffer reused for the next key, once this one is written
+                    merged = arithmetic.merge(k.op, tensors, k.ratio, k.multiplier, delta)
                 if k.op != "copy" and not all_finite(merged):  # NaN in a source propagates
                     _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
                 yield merged
@@ -233,17 +233,16 @@ def _lora_uses(recipe: Recipe, model1: Checkpoint) -> list:
     return uses
 
 
-def _add_loras(merged: torch.Tensor, uses: list, key: str, shape,
-               device: str | torch.device) -> torch.Tensor:
-    """LoRA deltas go onto the merged weight in float32, before the final cast."""
-    if not uses or not merged.is_floating_point():
-        return merged
+def _lora_delta(uses: list, key: str, stored: torch.Tensor,
+                device: str | torch.device) -> torch.Tensor | None:
+    """Σ strength · delta of the LoRAs on ``key`` (float32, on the CPU; computed on
+    ``device``), added to the merged weight before its final cast; None when none changes it."""
+    if not uses or not stored.is_floating_point():
+        return None
     from .lora.apply import lora_deltas_for_key
 
-    delta = lora_deltas_for_key(uses, key, shape, device=device)
-    if delta is None:
-        return merged
-    return (merged.to(delta.device, torch.float32) + delta).to(merged.device)
+    delta = lora_deltas_for_key(uses, key, stored.shape, device=device)
+    return None if delta is None else delta.cpu()
 
 
 def _done(value: str) -> Future:
