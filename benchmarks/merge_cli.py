@@ -81,7 +81,8 @@ def main() -> None:
         # cancels in the ratio; the medians over rounds are reported.
         for _ in range(args.rounds):
             for name in runs:
-                (Path(tmp) / f"{name}.safetensors").unlink(missing_ok=True)
+                for other in runs:  # every run starts from the same disk and page cache
+                    (Path(tmp) / f"{other}.safetensors").unlink(missing_ok=True)
                 cold.unlink(missing_ok=True)
                 os.sync()  # flush the previous run's writes outside anyone's clock
                 wall, peak, _ = run_measured(code[name])

@@ -88,9 +88,9 @@ def _hash_into(digest, path: Path) -> None:
         if size == 0:
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            # No MADV_SEQUENTIAL: it lets the kernel drop pages soon after they are read, and
+            # the merge that hashes a source reads the same pages again right after.
             dontneed = getattr(mmap, "MADV_DONTNEED", None)
-            if hasattr(mmap, "MADV_SEQUENTIAL"):
-                mapped.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(mapped) as view:
                 for start in range(0, size, _WINDOW):
                     with view[start:start + _WINDOW] as window:
