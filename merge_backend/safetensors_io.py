@@ -147,6 +147,9 @@ class PlannedTensor:
         return numel * self.dtype.itemsize
 
 
+_datasync = getattr(os, "fdatasync", os.fsync)  # macOS and Windows have no fdatasync
+
+
 class _Flusher:
     """Sends a file's data to the disk on a thread while the file is still being written, so
     the fsync that makes it durable before the rename has only the tail left to wait for (the
@@ -175,7 +178,7 @@ class _Flusher:
             if self.done:
                 return
             try:
-                os.fdatasync(self.file.fileno())  # releases the GIL; writing goes on
+                _datasync(self.file.fileno())  # releases the GIL; writing goes on
             except OSError:
                 return  # the final fsync reports any real error
             self.wake.clear()
