@@ -5,7 +5,8 @@ busy for 1–4 s. Users merge the same sources again and again, and every worker
 opens them, so a digest is kept in a small JSON cache (A1111 keeps one for the same reason)
 and reused only while the file's identity and change stamps are those it was computed from:
 device, inode, size, mtime and ctime in nanoseconds. ctime moves on every write and cannot be
-set back by a user, so an edited or replaced file is hashed anew.
+set back by a user, so an edited or replaced file is hashed anew. (On Windows ctime is the
+creation time; there mtime and size are what catch an edit.)
 
 ``MERGESEARCH_HASH_CACHE`` names the cache file, or ``off`` to hash every time; the default is
 ``$XDG_CACHE_HOME/mergesearch/sha256.json`` (``~/.cache/…``). A cache that cannot be read or
