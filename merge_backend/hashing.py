@@ -39,10 +39,9 @@ def sha256_of(path: str | Path) -> str:
     if cache is None:
         return _file_digest(path)
     key, stamp = str(path.resolve()), _stamp(path)
-    entries = _read(cache)
-    entry = entries.get(key)
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and _is_digest(entry.get("sha256")):
-        return entry["sha256"]
+    cached = _cached(_read(cache), key, stamp)
+    if cached is not None:
+        return cached
     value = _file_digest(path)
     if _stamp(path) == stamp:  # unchanged while it was read: the digest is the file's
         entries = _read(cache)  # another process may have added entries meanwhile
@@ -57,11 +56,8 @@ def cached_sha256(paths) -> bool:
     if cache is None:
         return False
     entries = _read(cache)
-    for path in map(Path, paths):
-        entry = entries.get(str(path.resolve()))
-        if not (isinstance(entry, dict) and path.is_file() and entry.get("stamp") == _stamp(path)):
-            return False
-    return True
+    return all(path.is_file() and _cached(entries, str(path.resolve()), _stamp(path)) is not None
+               for path in map(Path, paths))
 
 
 def cache_path() -> Path | None:
@@ -105,8 +101,14 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _is_digest(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+def _cached(entries: dict, key: str, stamp: list[int]) -> str | None:
+    """The cached digest of the file at ``key`` if it was computed from this very ``stamp``."""
+    entry = entries.get(key)
+    if not isinstance(entry, dict) or entry.get("stamp") != stamp:
+        return None
+    value = entry.get("sha256")
+    ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return value if ok else None
 
 
 def _read(cache: Path) -> dict:

@@ -47,8 +47,14 @@ class MergeResult:
 
 
 def open_sources(recipe: Recipe) -> dict[str, Checkpoint]:
-    """Open every source of a Recipe (headers only)."""
-    return {role: open_checkpoint(src.path) for role, src in recipe.models.items()}
+    """Open every source of a Recipe (headers only), each file once: roles that name the same
+    file (a LoRA apply merges model1 with itself) share one Checkpoint and its mapping."""
+    opened: dict[str, Checkpoint] = {}
+    for src in recipe.models.values():
+        key = str(Path(src.path).resolve())
+        if key not in opened:
+            opened[key] = open_checkpoint(src.path)
+    return {role: opened[str(Path(src.path).resolve())] for role, src in recipe.models.items()}
 
 
 def with_hashes(recipe: Recipe) -> Recipe:

@@ -168,8 +168,9 @@ class _Flusher:
         self.thread.start()
 
     def poke(self) -> None:
-        if self.file.tell() - self.flushed >= self.EVERY and not self.wake.is_set():
-            self.flushed = self.file.tell()
+        position = self.file.tell()
+        if position - self.flushed >= self.EVERY and not self.wake.is_set():
+            self.flushed = position
             self.wake.set()
 
     def _run(self) -> None:

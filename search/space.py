@@ -115,7 +115,8 @@ class SearchSpace:
             clip = ClipMerge("weighted_sum", ratio=te_ratio)
         multiplier = params.get(MULTIPLIER, merge.multiplier if isinstance(merge.multiplier, float)
                                 else 1.0)
-        models = {role: self._source(path) for role, path in self.source_files().items()}
+        models = {role: Source(path, self.digests.get(path))
+                  for role, path in self.source_files().items()}
         return Recipe(arch=self.arch_name, method=merge.method, models=models,
                       vocabulary=merge.vocabulary, ratios={n: ratios[n] for n in self.names},
                       multiplier=float(multiplier), clip=clip, arithmetic=merge.arithmetic,
@@ -132,9 +133,6 @@ class SearchSpace:
 
     def lora_files(self) -> dict[str, str]:
         return {f"lora{i}": str(lora.path) for i, lora in enumerate(self.cfg.merge.loras)}
-
-    def _source(self, path: str) -> Source:
-        return Source(path, self.digests.get(path))
 
     def _loras(self, params: dict[str, float]) -> tuple[LoraSpec, ...]:
         specs = []
