@@ -2,20 +2,23 @@
 
 The safetensors library maps whole files into memory, so every tensor touched stays resident.
 A merge streams: it reads one tensor from each source, writes one tensor out, and forgets both.
-This module does that with plain positioned reads and a header written up front, so peak memory
-stays near the size of the largest tensor group rather than the size of the files.
+This module does that with a copy-on-write map whose pages are handed back after each tensor,
+and a header written up front, so peak memory stays near the size of the largest tensor group
+rather than the size of the files. The bytes go out through ``file_sinks`` (atomic, on the disk
+before the file appears, O_DIRECT where the file system allows it).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .file_sinks import AtomicWriter
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -147,86 +150,6 @@ class PlannedTensor:
         return numel * self.dtype.itemsize
 
 
-_datasync = getattr(os, "fdatasync", os.fsync)  # macOS and Windows have no fdatasync
-
-
-class _Flusher:
-    """Sends a file's data to the disk on a thread while the file is still being written, so
-    the fsync that makes it durable before the rename has only the tail left to wait for (the
-    kernel itself would start only once dirty pages pass a tenth of memory)."""
-
-    EVERY = 256 << 20  # bytes written between flushes
-
-    def __init__(self, file):
-        import threading
-
-        self.file = file
-        self.flushed = 0
-        self.wake = threading.Event()
-        self.done = False
-        self.thread = threading.Thread(target=self._run, name="flusher", daemon=True)
-        self.thread.start()
-
-    def poke(self) -> None:
-        position = self.file.tell()
-        if position - self.flushed >= self.EVERY and not self.wake.is_set():
-            self.flushed = position
-            self.wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self.wake.wait()
-            if self.done:
-                return
-            try:
-                _datasync(self.file.fileno())  # releases the GIL; writing goes on
-            except OSError:
-                return  # the final fsync reports any real error
-            self.wake.clear()
-
-    def stop(self) -> None:
-        self.done = True
-        self.wake.set()
-        self.thread.join()
-
-
-class AtomicWriter:
-    """Write a file under a temporary name and move it into place only when complete.
-
-    Used as a context manager: on any exception the temporary file is removed and the target
-    is untouched.
-    """
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-        self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.partial")
-        self.file = None
-        self.flusher: _Flusher | None = None
-
-    def __enter__(self):
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")
-        self.flusher = _Flusher(self.file)
-        return self.file
-
-    def written(self) -> None:
-        """Bytes went out: what is written so far goes to the disk meanwhile, on a thread."""
-        self.flusher.poke()
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.flusher.stop()
-            if exc_type is None:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-        finally:
-            self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
 def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Iterator[torch.Tensor],
                        metadata: Mapping[str, str],
                        finalize: Callable[[], Mapping[str, str]] | None = None) -> None:
@@ -243,18 +166,15 @@ def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Itera
         offset += p.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    writer = AtomicWriter(target)
-    with writer as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    with AtomicWriter(target, direct=True) as sink:
+        sink.write(struct.pack("<Q", len(blob)) + blob)
         count = 0
         for p, value in zip(planned, values, strict=True):
             if value.dtype != p.dtype or tuple(value.shape) != p.shape:
                 raise ValueError(f"internal: {p.key} planned {p.dtype}{list(p.shape)}, "
                                  f"got {value.dtype}{list(value.shape)}")
             if p.nbytes:
-                f.write(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                writer.written()
+                sink.write_tensor(value)
             count += 1
         if count != len(planned):
             raise ValueError("internal: fewer tensors than planned")
@@ -264,5 +184,5 @@ def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Itera
                 if len(placeholder) != len(value):
                     raise ValueError("internal: a header placeholder changes length")
                 final = final.replace(placeholder.encode(), value.encode())
-            f.seek(8)
-            f.write(final)
+            if final != blob:
+                sink.patch(8, final)

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from merge_backend.safetensors_io import AtomicWriter
+from merge_backend.file_sinks import AtomicWriter
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
