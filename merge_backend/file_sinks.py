@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -177,7 +178,7 @@ class DirectSink:
         with memoryview(scratch) as view:
             got = os.preadv(self.fd, [view], start)
             if got != end - start:
-                raise OSError(f"short read while patching at byte {offset}")
+                raise OSError(errno.EIO, f"short read while patching byte {offset}")
             view[offset - start:offset - start + len(data)] = data
             _pwrite_all(self.fd, view, start)
 
