@@ -91,7 +91,7 @@ def main() -> None:
             code[name] = OURS.format(a=str(a), b=str(b), out=str(Path(tmp) / f"{name}.safetensors"),
                                      ratios=str(ratios), arith=arith, cache=cache,
                                      prelude=BUFFERED if name == "fast-buffered" else "")
-        # Rounds of all four back to back; each run is compared with the plain script of its own
+        # Rounds of every run back to back; each one is compared with the plain script of its own
         # round, so the VM's drift (its page cache and disk change speed by half within minutes)
         # cancels in the ratio; the medians over rounds are reported.
         for _ in range(args.rounds):

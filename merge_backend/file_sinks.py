@@ -11,7 +11,7 @@ in two page-aligned buffers, and a thread writes each full buffer straight to th
   memory, followed by a write-back that the final sync has to wait for anyway;
 - the sources' cached pages are not evicted to make room for the output, so the next merge of
   the same files reads them from memory.
-Where the file system refuses ``O_DIRECT`` (tmpfs; macOS and Windows have no such flag), the
+Where the file system refuses ``O_DIRECT`` (tmpfs before Linux 6.6; macOS and Windows have no such flag), the
 file is written through the page cache and sent to the disk on a thread every 256 MB, so the
 final sync has only the tail left to wait for.
 
@@ -214,7 +214,7 @@ def open_sink(path: Path, direct: bool) -> BufferedSink | DirectSink:
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return DirectSink(path)
-        except OSError:  # EINVAL: tmpfs and others refuse O_DIRECT
+        except OSError:  # EINVAL: older tmpfs and others refuse O_DIRECT
             Path(path).unlink(missing_ok=True)
     return BufferedSink(path)
 
