@@ -10,10 +10,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor
 
-from evaluators._image_ops import ImagePreprocess
+from evaluators._image_ops import RESIZE_MODES, ImagePreprocess
 from evaluators.scorer import batches, require_file
-
-_RESIZE_MODES = ("shortest", "longest", "squash")
 
 
 class OpenClipFiles(BaseModel):
@@ -35,8 +33,8 @@ class OpenClipFiles(BaseModel):
             raise ValueError(f"open_clip has no model named {self.model!r}; give a model name from "
                              "open_clip.list_models() or the path of a model-config .json")
         require_file(self.weights, "weights", ["safetensors", "torch"])
-        if self.resize_mode is not None and self.resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, "
+        if self.resize_mode is not None and self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, "
                              f"got {self.resize_mode!r}")
 
 
@@ -54,6 +52,19 @@ def open_clip_name(model: str) -> str:
         _open_clip().add_model_config(Path(model))
         return Path(model).stem
     return model
+
+
+def open_clip_preprocess(cfg: dict, resize_mode: str | None = None) -> ImagePreprocess:
+    """The tensor twin of the eval transform open_clip builds from a model's ``preprocess_cfg``
+    (``create_model_and_transforms(..., image_resize_mode=resize_mode)``)."""
+    size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
+    return ImagePreprocess(
+        size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+        # open_clip maps every interpolation but 'bilinear' (including 'random') to bicubic
+        interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
+        resize_mode=resize_mode or cfg.get("resize_mode", "shortest"),
+        fill=int(cfg.get("fill_color", 0)), reference="open_clip",
+    )
 
 
 class OpenClipBackbone:
@@ -86,14 +97,7 @@ class OpenClipBackbone:
         clip, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(weights),
                                                            weights_only=True)
         clip = clip.to(device=device, dtype=dtype)
-        cfg = clip.visual.preprocess_cfg
-        size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"],) * 2
-        preprocess = ImagePreprocess(
-            size=tuple(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-            interpolation=cfg.get("interpolation", "bicubic"),
-            resize_mode=resize_mode or cfg.get("resize_mode", "shortest"),
-            fill=cfg.get("fill_color", 0) / 255.0,
-        )
+        preprocess = open_clip_preprocess(clip.visual.preprocess_cfg, resize_mode)
         return cls(clip, open_clip.get_tokenizer(name), preprocess, device, dtype)
 
     @property

@@ -3,7 +3,8 @@
 Score = ``logit_scale.exp() · cos(image_emb, text_emb)``; typical SD range 18–23, comparable
 only within one prompt. The model loads from a local folder; preprocessing reads the folder's
 ``preprocessor_config.json`` (shortest-edge resize, centre crop, mean/std) and repeats what
-``CLIPImageProcessor`` does with torch ops on tensors, so batches are preprocessed exactly.
+``CLIPImageProcessor`` does to the same 8-bit image, with tensor ops on the scorer's device
+(``evaluators._image_ops``): the pixel values are the processor's to the bit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from evaluators.scorer import ScorerConfig, batches, check_images, register_scor
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample codes CLIPImageProcessor stores
+# CLIPImageProcessor's defaults (OpenAI CLIP's), for configs that leave them out
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class PickScoreConfig(ScorerConfig):
@@ -51,6 +55,7 @@ class PickScoreConfig(ScorerConfig):
         if not any((self.processor_folder / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"processor folder {self.processor_folder} holds no tokenizer "
                              f"({' or '.join(_TOKENIZER_FILES)})")
+        _preprocess_from(self.processor_folder / "preprocessor_config.json")
 
 
 class PickScoreScorer:
@@ -121,17 +126,38 @@ def _features(output: Any) -> Tensor:
 
 
 def _preprocess_from(path: Path) -> ImagePreprocess:
+    """``CLIPImageProcessor``'s steps as its ``preprocessor_config.json`` sets them (missing
+    keys take the processor's defaults); settings it could not match are refused, naming the
+    file and the key."""
     config = json.loads(path.read_text(encoding="utf-8"))
-    size, crop = config.get("size", {}), config.get("crop_size", {})
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
-    if isinstance(crop, dict):
-        crop_hw = (crop.get("height", shortest), crop.get("width", shortest))
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        if not config.get(key, True):
+            raise ValueError(f"{path}: {key}=false is not supported (CLIP processors resize, "
+                             "rescale and normalise)")
+    resample = config.get("resample", 3)
+    if resample not in _RESAMPLE:
+        raise ValueError(f"{path}: resample={resample} is not supported; use 2 (bilinear) or "
+                         "3 (bicubic)")
+    size = config.get("size", {"shortest_edge": 224})
+    size = {"shortest_edge": size} if isinstance(size, int) else size
+    crop = config.get("crop_size", {"height": 224, "width": 224})
+    crop_hw = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+    center_crop = bool(config.get("do_center_crop", True))
+    if "shortest_edge" in size:
+        mode, shortest, model_hw = "shortest", size["shortest_edge"], crop_hw
+    elif "height" in size and "width" in size and (not center_crop or
+                                                   crop_hw == (size["height"], size["width"])):
+        mode, shortest, model_hw = "squash", None, (size["height"], size["width"])
     else:
-        crop_hw = (crop, crop)
+        raise ValueError(f"{path}: size {size} with crop_size {crop} is not supported; give "
+                         "shortest_edge, or height and width equal to the crop")
     return ImagePreprocess(
-        size=crop_hw, mean=tuple(config["image_mean"]), std=tuple(config["image_std"]),
-        interpolation=_RESAMPLE.get(config.get("resample", 3), "bicubic"),
-        resize_mode="shortest", shortest_edge=shortest,
+        size=model_hw,
+        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+        interpolation=_RESAMPLE[resample], resize_mode=mode, shortest_edge=shortest,
+        reference="transformers", center_crop=center_crop,
+        rescale_factor=float(config.get("rescale_factor", 1 / 255)),
     )
 
 
