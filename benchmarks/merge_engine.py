@@ -8,6 +8,9 @@ load run interleaved, round by round (medians), so drift of the machine cancels 
 ratios. Goals: apply <= 1.15x the floor; >= 20x faster than save + load.
 
     .venv/bin/python benchmarks/merge_engine.py [--device cuda] [--arch sd1] [--repeat 5]
+
+``--dry-run`` runs every job once on the tiny family instead (seconds, no goal judged): the
+plumbing check ``benchmarks/gpu_check.py --dry-run`` runs on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def python_loop_job(unet_state):
     return lambda: [x * (1 - 0.3) + y * 0.3 for x, y in pairs]
 
 
-def save_load_jobs(pipe, arch: str, device, dtype, folder: Path) -> tuple:
+def save_load_jobs(pipe, arch: str, device, dtype, folder: Path, config_folder=None) -> tuple:
     """(the UNet state dict saved and loaded back into the live UNet: a lower bound;
     the whole candidate checkpoint saved and loaded as a pipeline: what disk-based tools pay
     per trial)."""
@@ -122,7 +125,7 @@ def save_load_jobs(pipe, arch: str, device, dtype, folder: Path) -> tuple:
             part = to_original(spec, component, module.state_dict(), config)
             state.update({k: v.detach().contiguous().cpu() for k, v in part.items()})
         save_file(state, str(path))
-        reloaded = load_pipeline(path, device=device, dtype=dtype)
+        reloaded = load_pipeline(path, device=device, dtype=dtype, config_folder=config_folder)
         del reloaded
 
     return unet_only, full
@@ -133,12 +136,25 @@ def main() -> None:
     parser.add_argument("--arch", default="sd1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the tiny family, one round: plumbing only, no goal judged")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.dry_run:
+            from merge_backend.tiny import write_tiny_family
+
+            fam = write_tiny_family(Path(tmp), args.arch)
+            args.repeat, files, config_folder, size = 1, [fam.a, fam.b], fam.config_folder, "tiny"
+        else:
+            files, config_folder, size = full_size_files(args.arch, 2), None, "full size"
+        run(args, files, config_folder, size)
+
+
+def run(args, files: list[Path], config_folder, size: str) -> None:
     device = torch.device(args.device)
     dtype = torch.float16
-    files = full_size_files(args.arch, 2)
-    print(f"machine: {machine()}; device {device}; {args.arch} full size, fp16 sources and live")
-    pipe = load_pipeline(files[0], device=device, dtype=dtype)
+    print(f"machine: {machine()}; device {device}; {args.arch} {size}, fp16 sources and live")
+    pipe = load_pipeline(files[0], device=device, dtype=dtype, config_folder=config_folder)
     for memory, arithmetic in (("device", "comfy"), ("offload", "fast")):
         engine, job, numel = engine_job(pipe, files, args.arch, device, dtype, memory, arithmetic)
         seconds = interleaved({"apply": job}, device, args.repeat)["apply"]
@@ -157,7 +173,8 @@ def main() -> None:
     # right after it, and the two passes around it bracket the machine's drift.
     before = memory_speed()
     with tempfile.TemporaryDirectory(dir=files[0].parent) as tmp:
-        unet_only, full = save_load_jobs(pipe, args.arch, device, dtype, Path(tmp))
+        unet_only, full = save_load_jobs(pipe, args.arch, device, dtype, Path(tmp),
+                                         config_folder)
         disk_times = interleaved({"unet_only": unet_only, "disk": full}, device, args.repeat)
     after = memory_speed()
     t = {k: (before[k] + after[k]) / 2 for k in before} | disk_times
@@ -176,6 +193,9 @@ def main() -> None:
     print(f"save + load of the candidate file: {t['disk'] * 1e3:9.2f} ms "
           f"({t['disk'] / apply:.1f}x apply; what disk-based tools pay: checkpoint written, "
           "pipeline loaded from it)")
+    if args.dry_run:
+        print("dry run: goals are judged at full size only")
+        return
     disk = t["disk"]
     goal("engine_apply_vs_floor", apply / floor, 1.15)
     goal("engine_speedup_vs_save_load", disk / apply, 20.0, higher_is_better=True, fmt="{:.1f}")

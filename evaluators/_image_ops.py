@@ -134,8 +134,10 @@ def quantise(images: Tensor) -> tuple[Tensor, Tensor]:
     ``[N]`` marking images that hold NaN or inf, which are quantised as 0 there)."""
     x = images.to(torch.float32)
     bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    return (x.clamp(0.0, 1.0) * 255).round().to(torch.int32), bad
+    x = x.clamp(0.0, 1.0)
+    if bad.any():
+        x = torch.nan_to_num(x, nan=0.0)  # infinities were clamped already
+    return x.mul_(255).round_().to(torch.int32), bad
 
 
 def _shortest_side(hw: tuple[int, int], target: int) -> tuple[int, int]:

@@ -55,22 +55,21 @@ def resize_uint8(images: Tensor, size: tuple[int, int], filter: str, style: str)
     # (seen against Image.resize; the tests pin it); torch always runs horizontal first.
     vertical_first = style == "pil" and out_h < height and out_w > width
     if vertical and vertical_first:
-        x = _apply(x, _taps(height, out_h, filter, style, str(x.device)), dim=-2)
-    if horizontal:
-        x = _apply(x, _taps(width, out_w, filter, style, str(x.device)), dim=-1)
+        x = _rows(x, _taps(height, out_h, filter, style, str(x.device)))
+    if horizontal:  # on the transpose: gathering whole rows is ~10x faster than columns
+        taps = _taps(width, out_w, filter, style, str(x.device))
+        x = _rows(x.transpose(-1, -2).contiguous(), taps).transpose(-1, -2).contiguous()
     if vertical and not vertical_first:
-        x = _apply(x, _taps(height, out_h, filter, style, str(x.device)), dim=-2)
+        x = _rows(x, _taps(height, out_h, filter, style, str(x.device)))
     return x
 
 
-def _apply(x: Tensor, taps: _Taps, dim: int) -> Tensor:
-    out_size, n_taps = taps.index.shape
-    shape = list(x.shape)
-    shape[dim] = out_size
+def _rows(x: Tensor, taps: _Taps) -> Tensor:
+    """Resample along dim -2 of an int32 ``[..., H, W]`` tensor."""
+    shape = (*x.shape[:-2], taps.index.shape[0], x.shape[-1])
     acc = torch.full(shape, 1 << (taps.bits - 1), dtype=torch.int32, device=x.device)
-    for t in range(n_taps):
-        weight = taps.weight[:, t] if dim == -1 else taps.weight[:, t, None]
-        acc += x.index_select(dim, taps.index[:, t]) * weight
+    for t in range(taps.index.shape[1]):
+        acc.addcmul_(x.index_select(-2, taps.index[:, t]), taps.weight[:, t, None])
     # Both libraries clip the arithmetic shift of the sum into 0..255.
     return torch.bitwise_right_shift(acc, taps.bits).clamp_(0, 255)
 
