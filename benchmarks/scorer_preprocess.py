@@ -5,7 +5,8 @@ our batched tensor preprocessing on ``--device`` (probes already there, as a pip
 them) against the reference path a PIL-based scorer takes — probes to the host, 8-bit PIL
 images, open_clip's eval transform (ViT-L/14's 224 px) or transformers' ``CLIPImageProcessor``
 (224 px, PickScore's settings) one image at a time, the stack back to the device. Prints the
-largest difference of the model inputs (goal: 0, bit-identical) and the time ratio.
+largest difference of the model inputs (goal <= 1e-6: the 8-bit stage is bit-identical; only
+the float32 normalisation may round differently on CUDA) and the time ratio.
 
     .venv/bin/python benchmarks/scorer_preprocess.py [--device cuda] [--repeat 5] [--dry-run]
 """
@@ -85,7 +86,10 @@ def main() -> None:
             ours_total, pil_total = ours_total + t_ours, pil_total + t_pil
             print(f"{name:12s} {w}x{h}: ours {t_ours * 1e3:8.2f} ms, PIL path {t_pil * 1e3:8.2f} "
                   f"ms ({t_ours / t_pil:.2f}x); max |ours - reference| {diff:.3g}")
-    goal("preprocess_max_abs_diff_vs_reference", worst, 0.0, fmt="{:.3g}")
+    # The 8-bit resize is integer arithmetic and exact everywhere; the last step, (x / 255 - mean)
+    # / std in float32, may round differently on CUDA (fused multiply-add): 2.4e-7 was seen on
+    # an H200, i.e. one float32 step at these magnitudes. A real preprocessing error is >= 1/255.
+    goal("preprocess_max_abs_diff_vs_reference", worst, 1e-6, fmt="{:.3g}")
     goal("preprocess_time_vs_pil_path", ours_total / pil_total, 1.0)
 
 

@@ -277,12 +277,15 @@ def test_an_image_with_nan_scores_nan_and_leaves_the_others_alone(scorers):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reference", ["open_clip", "transformers"])
-def test_preprocessing_on_cuda_equals_cpu_to_the_bit(reference):
+def test_preprocessing_on_cuda_equals_cpu(reference):
     preprocess = ImagePreprocess(size=(224, 224), mean=(0.48, 0.46, 0.41),
                                  std=(0.27, 0.26, 0.28), reference=reference)
     for hw in PROBE_SIZES:
         images = _probes(*hw, n=4)
         on_gpu = preprocess(images.cuda().half())  # fp16 probes, as a half pipeline draws them
         assert on_gpu.device.type == "cuda"
-        assert torch.equal(on_gpu.cpu(), preprocess(images.half()))
+        # The 8-bit resize is integer arithmetic; only the float32 normalisation may round
+        # differently on CUDA (fused multiply-add: 2.4e-7 seen on an H200). One 8-bit level
+        # is 1/255 / std ~ 0.015, so 1e-6 still catches any real preprocessing difference.
+        assert (on_gpu.cpu() - preprocess(images.half())).abs().max() <= 1e-6
 
