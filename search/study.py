@@ -22,7 +22,7 @@ import optuna
 import torch
 import yaml
 
-from evaluators import build_scorer, score_norms
+from evaluators import ScorerError, build_scorer, score_norms
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.engine import MergeEngine
 from merge_backend.hashing import cached_sha256, sha256_of
@@ -246,9 +246,15 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
                          source_dtype=dtype)
     log(engine.memory.describe())
     scorers = []
-    for config in cfg.scorers:
+    for i, config in enumerate(cfg.scorers):
         log(f"loading scorer {config.label!r} ({config.kind})")
-        scorers.append(build_scorer(config, device=device))
+        try:
+            scorers.append(build_scorer(config, device=device))
+        except ScorerError as exc:
+            detail = " ".join(str(exc).split())
+            detail = detail if len(detail) <= 400 else detail[:400] + " …"
+            raise ConfigError(f"scorers[{i}]: {detail}; check that its files hold the model "
+                              "its config names") from None
     log(f"opening study {cfg.name!r} in {url}")
     if storage is None:
         cfg.run_folder.mkdir(parents=True, exist_ok=True)
