@@ -106,6 +106,10 @@ class RunFolder:
 
     def study(self) -> optuna.Study:
         """The study, through a storage that knows the heartbeat settings (for stale trials)."""
+        db = sqlite_file(self.storage)
+        if db is not None and not db.is_file():  # opening it would make an empty one
+            raise RunError(f"{self.path / RUN_FILE}: its storage {db} does not exist; the "
+                           "study's database was moved or deleted")
         try:
             storage = open_storage(self.storage, self.heartbeat_seconds, self.grace_seconds)
         except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds

@@ -280,6 +280,13 @@ def test_run_json_naming_another_study(check, run_copy):
     check(["status", run_copy], "has no study 'other'")
 
 
+def test_run_folder_whose_database_is_gone(check, run_copy):
+    meta = json.loads((run_copy / rf.RUN_FILE).read_text())
+    gone = run_copy / "gone.db"
+    (run_copy / rf.RUN_FILE).write_text(json.dumps({**meta, "storage": f"sqlite:///{gone}"}))
+    check(["best", run_copy], str(gone), "does not exist")
+
+
 def test_export_of_a_trial_that_does_not_exist(check, done):
     check(["export", done, "--trial", "99", "--to", "mbw"], "has no trial 99")
 

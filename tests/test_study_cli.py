@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -302,3 +303,17 @@ def test_export_help_lists_every_format_without_internal_modules(capsys):
     text = capsys.readouterr().out
     assert all(re.search(rf"^  {fmt}\s", text, re.M) for fmt in FORMATS)
     assert "lora" in FORMATS and "merge_backend" not in text and "jobs" not in text
+
+
+def test_an_error_after_a_progress_line_starts_on_a_line_of_its_own(monkeypatch, capsys):
+    """Commands draw `\\r` progress lines without a newline; the error must not join them."""
+    import search.cli_tiny
+
+    def half_done(args):
+        print("\r  merging 3/964 tensors", end="", file=sys.stderr, flush=True)
+        raise ValueError("/x/model.safetensors: key k: truncated")
+
+    monkeypatch.setattr(search.cli_tiny, "run_tiny", half_done)
+    assert main(["tiny", "somewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("tensors\nmergesearch: error: /x/model.safetensors: key k: truncated\n")
