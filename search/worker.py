@@ -67,20 +67,18 @@ def count(study: optuna.Study, state: TrialState) -> int:
 
 
 @contextmanager
-def _no_interrupt() -> Iterator[None]:
-    """Hold SIGINT while the storage is written (ask, tell), then deliver it: a Ctrl-C never
-    leaves a trial half-recorded."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _held_interrupts() -> Iterator[list[int]]:
+    """Hold SIGINT while the storage is written (ask, tell): a Ctrl-C never leaves a trial
+    half-recorded. Yields the list of signals held; the caller acts on them afterwards."""
     pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
-        yield
+        yield pending
     finally:
         signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
 
 
 def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
@@ -109,6 +107,9 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
     fails = duplicates = 0
     waiting = False
     _report_stale(study, log)
+    if count(study, TrialState.COMPLETE) >= result.target:
+        log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
+            f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
     try:
         while count(study, TrialState.COMPLETE) < result.target:
             if time.monotonic() >= deadline:
@@ -155,31 +156,32 @@ def _report_stale(study: optuna.Study, log: Log) -> None:
 def _one_trial(study: optuna.Study, ctx: StudyContext,
                result: WorkerResult) -> optuna.trial.FrozenTrial | None:
     """Ask, run, tell one trial; None when it was handed back to the queue unstarted."""
-    with _no_interrupt(), warnings.catch_warnings():
+    with _held_interrupts() as held, warnings.catch_warnings():
         # Optuna suggests study.optimize for heartbeats; the worker beats itself (Heartbeat)
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         trial = study.ask()
         mark_worker(trial)
-        if _surplus(study, trial, result.target):
+        if not held and _surplus(study, trial, result.target):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             return None
     value = None
     state = TrialState.COMPLETE
-    error: BaseException | None = None
-    with Heartbeat(study, trial):
-        try:
-            value = run_trial(trial, ctx)
-        except DuplicateTrial:
-            state = TrialState.PRUNED
-        except KeyboardInterrupt as exc:
-            state, error = TrialState.FAIL, exc
-        except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised unless CAUGHT
-            state, error = TrialState.FAIL, exc
-    with _no_interrupt():
+    error: BaseException | None = KeyboardInterrupt() if held else None
+    if error is None:
+        with Heartbeat(study, trial):
+            try:
+                value = run_trial(trial, ctx)
+            except DuplicateTrial:
+                state = TrialState.PRUNED
+            except BaseException as exc:  # noqa: BLE001 - recorded, re-raised unless CAUGHT
+                error = exc
+    with _held_interrupts() as held:
         if isinstance(error, KeyboardInterrupt):
             trial.set_user_attr(rf.ATTR_FAIL, INTERRUPTED)
             _requeue_warm_start(study, trial)
-        frozen = _tell(study, trial, state, value)
+        frozen = _tell(study, trial, TrialState.FAIL if error else state, value)
+    if held and error is None:
+        error = KeyboardInterrupt()
     if frozen.state == TrialState.FAIL:
         result.failures.append((frozen.number, frozen.user_attrs.get(rf.ATTR_FAIL, "")))
     elif frozen.state == TrialState.COMPLETE:
