@@ -26,7 +26,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
     for name in modules:
         importlib.import_module(f"{__package__}.{name}").add_parsers(sub)
+    show_defaults(parser)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option of every command says its default in --help (or that it is required), so
+    no command module has to remember to."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                show_defaults(child)
+        elif action.option_strings and action.help is not argparse.SUPPRESS \
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            action.help = _with_default(action)
+
+
+def _with_default(action: argparse.Action) -> str:
+    text = action.help or ""
+    if "default" in text.lower() or "required" in text.lower():
+        return text
+    if action.required:
+        said = "required"
+    elif isinstance(action, argparse._StoreTrueAction):
+        said = "default: off"
+    elif isinstance(action, argparse._StoreFalseAction):
+        said = "default: on"
+    elif action.default in (None, [], ()):
+        said = "default: none"
+    else:
+        said = f"default: {str(action.default).replace('%', '%%')}"
+    return f"{text} ({said})" if text else f"({said})"
 
 
 def quiet_libraries() -> None:
@@ -45,20 +75,47 @@ def quiet_libraries() -> None:
     # it here would cost every command, `merge` included, a second and a half.
 
 
+class _LineTracker:
+    """stderr, remembering whether the last write left a line open (a ``\r`` progress line):
+    an error message then starts on a line of its own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.open_line = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.open_line = not text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    stderr = sys.stderr
+    sys.stderr = tracker = _LineTracker(stderr)
+
+    def error(message: str) -> None:
+        print(("\n" if tracker.open_line else "") + message, file=stderr, flush=True)
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("mergesearch: interrupted", file=sys.stderr)
+        error("mergesearch: interrupted")
         return 130
     except (ValueError, OSError) as exc:
         # Our errors are ValueError subclasses whose message names the file, key or field.
-        print(f"mergesearch: error: {exc}", file=sys.stderr)
+        if os.environ.get("MERGESEARCH_DEBUG"):
+            raise
+        error(f"mergesearch: error: {exc}")
         return 1
+    finally:
+        sys.stderr = stderr
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """`mergesearch export SOURCE --to FORMAT …`: a scored merge as files other tools read.
 
 SOURCE is a run folder (pick trials with --trial N, --best or --pareto K), a Recipe .json,
-or a checkpoint mergesearch wrote (its embedded Recipe). Formats: checkpoint, diffusers,
-comfyui, mbw, report (see merge_backend.export.jobs). Every check runs before anything is
+or a checkpoint mergesearch wrote (its embedded Recipe). Every check runs before anything is
 written: a study with no completed trial, a missing source or a source whose sha256 changed
-since the study ran stop the export with a message and exit status 1.
+since the study ran stop the export with a message and exit status 1. A run folder's sources
+are found from any working directory (runs store absolute paths; older ones are resolved
+from the folder the run was started in).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +52,15 @@ META_STUDY, META_TRIAL, META_SCORES = "mergesearch.study", "mergesearch.trial", 
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    formats = "\n".join(textwrap.fill(f"{name:<11} {' + '.join(f.names).format(stem='STEM')}: "
+                                       f"{f.what}", 90, initial_indent="  ",
+                                       subsequent_indent=" " * 14)
+                         for name, f in FORMATS.items())
     p = sub.add_parser(
         "export", help="write a merge as a checkpoint, diffusers folder, ComfyUI workflow, "
-                       "SuperMerger string or HTML report",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "SuperMerger string, LoRA or HTML report",
+        description=f"{__doc__}\nformats (--to; STEM is e.g. mystudy-trial7):\n{formats}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", type=Path,
                    help="a run folder, a Recipe .json, or a checkpoint mergesearch wrote")
     pick = p.add_mutually_exclusive_group()
@@ -61,12 +68,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pick.add_argument("--best", action="store_true", help="export the best trial (default)")
     pick.add_argument("--pareto", type=int, metavar="K",
                       help="export the first K trials of the Pareto front")
-    p.add_argument("--to", dest="formats", action="append", choices=FORMATS, required=True,
-                   help="what to write; repeat for several")
+    p.add_argument("--to", dest="formats", action="append", choices=list(FORMATS),
+                   required=True, metavar="FORMAT",
+                   help=f"what to write, one of {', '.join(FORMATS)} (see above); repeat for "
+                        "several")
     p.add_argument("-o", "--output", type=Path,
                    help="folder to write into (default RUN/exports, or exports/ beside the "
                         "source); with one trial and one format, a file name with the format's "
-                        "suffix (.safetensors, .json, .txt, .html)")
+                        "suffix (.safetensors, .json, .txt, .html; lora: .safetensors)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="checkpoint and diffusers weights (default fp16)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -75,14 +84,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "(default: the study's probe set)")
     p.add_argument("--config-folder", type=Path,
                    help="diffusers config folder to load checkpoints with (default: built in)")
-    p.add_argument("--device", help="where the report draws images (default cuda if present)")
+    p.add_argument("--device", help="where the report draws images (default: cuda if present, "
+                                    "else cpu)")
     p.add_argument("--mbw-lossy", action="store_true",
                    help="write the SuperMerger string even where ComfyUI sliders that share one "
                         "SuperMerger weight differ (noted in the report)")
-    p.add_argument("--base", type=Path, help="--to lora: the checkpoint the LoRA is relative to")
+    p.add_argument("--base", type=Path,
+                   help="--to lora: the checkpoint the LoRA is relative to (required with lora)")
     p.add_argument("--rank", type=int, default=32,
                    help="--to lora: rank (8-32 for a style, 64+ for a solid difference)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="print only the written paths")
     p.set_defaults(func=run_export)
 
 
@@ -117,7 +128,7 @@ def _probe_artifact(run: RunFolder, trial: optuna.trial.FrozenTrial) -> bytes | 
 
 def _trial_item(run: RunFolder, study: optuna.Study, trial: optuna.trial.FrozenTrial,
                 prompt: ComfyPrompt | None) -> ExportItem:
-    recipe = trial_recipe(trial)
+    recipe = run.portable(trial_recipe(trial))
     scores = dict(trial.user_attrs.get(ATTR_SCORES) or {})
     if ATTR_SCORE in trial.user_attrs:
         scores[ATTR_SCORE] = trial.user_attrs[ATTR_SCORE]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,59 +14,108 @@ import yaml
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run (or resume) the study a config describes")
-    p.add_argument("config", type=Path)
-    p.add_argument("--trials", type=int, help="finished trials to reach (default: config)")
-    p.add_argument("--timeout", type=float, help="seconds this worker may run")
+    p.add_argument("config", type=Path, help="the study config (YAML)")
+    p.add_argument("--trials", type=int,
+                   help="COMPLETE trials to reach; failed and interrupted ones do not count "
+                        "(default: the config's trials)")
+    p.add_argument("--timeout", type=float,
+                   help="seconds this worker may run (default: the config's timeout, or none)")
     p.set_defaults(func=run_study_cmd)
 
     p = sub.add_parser("validate", help="check a study config and print it resolved")
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, help="the study config (YAML)")
     p.set_defaults(func=validate_cmd)
 
-    p = sub.add_parser("status", help="trial counts and the best trial of a run")
-    p.add_argument("run", type=Path)
+    p = sub.add_parser("status", help="trial counts, running and stale trials, the best trial")
+    p.add_argument("run", type=Path, help="a run folder (output/NAME)")
+    p.add_argument("--fail-stale", action="store_true",
+                   help="mark RUNNING trials whose worker stopped (killed, no heartbeat within "
+                        "grace_seconds) FAIL")
     p.set_defaults(func=status_cmd)
 
     p = sub.add_parser("best", help="a table of the best trials of a run")
-    p.add_argument("run", type=Path)
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("run", type=Path, help="a run folder (output/NAME)")
+    p.add_argument("--top", type=int, default=5, help="how many trials to list")
     p.set_defaults(func=best_cmd)
 
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 with the run's images")
-    p.add_argument("run", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("run", type=Path, help="a run folder (output/NAME)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.set_defaults(func=dashboard_cmd)
 
     p = sub.add_parser("demo", help="find a hidden merge of the built-in tiny models")
-    p.add_argument("--folder", type=Path, default=Path("demo_run"))
-    p.add_argument("--trials", type=int, default=None)
+    p.add_argument("--folder", type=Path, default=Path("demo_run"),
+                   help="where the tiny models and the run go")
+    p.add_argument("--trials", type=int, default=None,
+                   help="COMPLETE trials to reach (default: 150)")
     p.add_argument("--fresh", action="store_true", help="start over (delete the folder first)")
     p.set_defaults(func=demo_cmd)
+
+
+def quiet_optuna() -> None:
+    """Optuna's own INFO lines ("A new study created", "Trial N finished") would double ours."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def run_study_cmd(args: argparse.Namespace) -> int:
     from .config import load_config
     from .progress import Progress
     from .study import optimize, prepare
-    from .tables import status_lines
 
+    quiet_optuna()
     cfg = load_config(args.config)
     study, ctx = prepare(cfg)
-    optimize(study, ctx, trials=args.trials, timeout=args.timeout,
-             callbacks=[Progress(args.trials or cfg.trials)])
+    target = args.trials or cfg.trials
+    result = optimize(study, ctx, trials=target, timeout=args.timeout,
+                      callbacks=[Progress(target)])
+    return report_run(study, result, cfg.run_folder)
+
+
+def report_run(study, result, run_folder: Path) -> int:
+    """The end of `run`: the study's status, what to do next, and the exit status (130 after
+    Ctrl-C, 1 when this run's trials all failed or too many failed in a row)."""
+    from .tables import status_lines
+
     for line in status_lines(study):
         print(line)
-    print(f"review: mergesearch best {cfg.run_folder} | mergesearch dashboard {cfg.run_folder}")
-    return 0
+    complete = f"{result.completed} of {result.target} trials are complete"
+    first = result.failures[0] if result.failures else None
+    first_text = f"trial {first[0]}: {first[1] or 'no reason recorded'}" if first else ""
+    if result.interrupted:
+        print(f"interrupted: {complete} and stored; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    status = 0
+    if result.all_failed:
+        print(f"error: every trial of this run failed ({len(result.failures)}); the first, "
+              f"{first_text}", file=sys.stderr)
+        status = 1
+    elif result.stopped:
+        print(f"stopped: {result.stopped}; {complete}"
+              + (f"; the first failure, {first_text}" if "failed" in result.stopped else "")
+              + "; run the same command to go on", file=sys.stderr)
+        status = 1 if "failed" in result.stopped else 0
+    run = shlex.quote(str(run_folder))
+    print("next:")
+    print(f"  mergesearch best {run} --top 5")
+    print(f"  mergesearch dashboard {run}      # http://127.0.0.1:8080")
+    print(f"  mergesearch export {run} --best --to checkpoint --to comfyui")
+    return status
 
 
 def validate_cmd(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .study import check_config
+    from .config import ConfigError, load_config
+    from .study import check_config, resolve_device
 
     cfg = load_config(args.config)
     space = check_config(cfg)
+    try:
+        resolve_device(cfg)
+    except ConfigError as exc:  # the config may be meant for another machine
+        print(f"note: {exc} (on this machine)", file=sys.stderr)
     resolved = json.loads(cfg.model_dump_json())
     resolved["searched_parameters"] = {p.name: [p.low, p.high] for p in space.all_params()}
     print(yaml.safe_dump(resolved, sort_keys=False))
@@ -73,10 +123,16 @@ def validate_cmd(args: argparse.Namespace) -> int:
 
 
 def status_cmd(args: argparse.Namespace) -> int:
+    from .liveness import fail_stale_trials
     from .run_folder import RunFolder
     from .tables import status_lines
 
-    for line in status_lines(RunFolder.load(args.run).study()):
+    study = RunFolder.load(args.run).study()
+    if args.fail_stale:
+        failed = fail_stale_trials(study)
+        print(f"marked FAIL: {', '.join(f'trial {n}' for n in failed)}" if failed else
+              "no stale trial: every RUNNING trial has a live worker")
+    for line in status_lines(study):
         print(line)
     return 0
 
@@ -106,5 +162,6 @@ def dashboard_cmd(args: argparse.Namespace) -> int:
 def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
-    run_demo(args.folder, trials=args.trials or DEFAULT_TRIALS, fresh=args.fresh)
-    return 0
+    quiet_optuna()
+    result = run_demo(args.folder, trials=args.trials or DEFAULT_TRIALS, fresh=args.fresh)
+    return 130 if result.get("interrupted") else 0

@@ -11,6 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,15 +24,20 @@ from pydantic import (
     Field,
     SerializeAsAny,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from evaluators import ProbeSet, ScorerConfig, scorer_config
+from evaluators import SCORERS, ProbeSet, ScorerConfig, scorer_config
 from merge_backend.architectures import ARCHITECTURES, block_names
+
+from .config_errors import nearest, problems
 
 SAMPLERS = ("tpe", "cmaes", "gp", "qmc", "random", "nsga2")
 WARM_STARTS = ("model1", "model2", "uniform")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one plain path component: output/NAME
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -49,7 +57,8 @@ class Models(_Strict):
     @classmethod
     def _exists(cls, path: Path | None) -> Path | None:
         if path is not None and not path.exists():
-            raise ValueError(f"{path} does not exist")
+            raise ValueError(f"{path} does not exist; give the checkpoint's path (relative to "
+                             "the config file's folder, or absolute)")
         return path
 
 
@@ -87,7 +96,7 @@ class LoraSearch(_Strict):
     @classmethod
     def _exists(cls, path: Path) -> Path:
         if not path.exists():
-            raise ValueError(f"{path} does not exist")
+            raise ValueError(f"{path} does not exist; give the LoRA file's path")
         return path
 
 
@@ -106,20 +115,36 @@ class MergeSpace(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> MergeSpace:
+        problems = []
         for name, (low, high) in {"bounds": self.bounds, **{
                 f"block_bounds.{k}": v for k, v in self.block_bounds.items()}}.items():
             if not low < high:
-                raise ValueError(f"{name}: low ({low}) must be below high ({high})")
-            if not self.allow_extrapolation and not (0 <= low and high <= 1):
-                raise ValueError(f"{name}: ({low}, {high}) leaves [0, 1]; set "
-                                 "merge.allow_extrapolation: true to extrapolate")
+                problems.append(f"{name}: low ({low}) must be below high ({high})")
+            elif not self.allow_extrapolation and not (0 <= low and high <= 1):
+                problems.append(f"{name}: ({low}, {high}) leaves [0, 1]; set "
+                                "merge.allow_extrapolation: true to extrapolate")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 
 class SamplerConfig(_Strict):
+    """``seed`` makes a single uninterrupted worker reproducible; each trial's random draws are
+    seeded with (seed, trial number), so resumes and other workers draw new points."""
+
     name: Literal["tpe", "cmaes", "gp", "qmc", "random", "nsga2"] = "tpe"
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from .samplers import option_problems  # imports optuna: only when a study is read
+
+        found = option_problems(info.data.get("name", "tpe"), options)
+        if found:
+            raise ValueError("\n".join(found))
+        return options
 
 
 class WarmStart(_Strict):
@@ -132,7 +157,7 @@ class WarmStart(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str
     models: Models
     merge: MergeSpace = MergeSpace()
     probes: ProbeSet
@@ -158,22 +183,45 @@ class StudyConfig(_Strict):
             raise ValueError("a list of scorer mappings, each with a `kind`")
         return [scorer_config(v) for v in value]
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a plain folder name: the run folder is "
+                             "output/NAME, so use letters, digits, '_', '-' and '.', starting "
+                             "with a letter or digit (no '/', no '..')")
+        return value
+
+    @field_validator("grace_seconds")
+    @classmethod
+    def _grace(cls, grace: int, info: ValidationInfo) -> int:
+        heartbeat = info.data.get("heartbeat_seconds")
+        if heartbeat is not None and grace < 2 * heartbeat:
+            raise ValueError(f"{grace} is less than twice heartbeat_seconds ({heartbeat}): "
+                             "other workers would mark live trials FAIL and lose their scores; "
+                             f"use grace_seconds >= {2 * heartbeat}")
+        return grace
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value != "auto" and value.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"{value!r}: use auto, cpu, cuda or cuda:N")
+        if not DEVICE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N (N a GPU "
+                             "number, e.g. cuda:0) or mps")
         return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:
+        problems = []
         if self.merge.method == "add_difference" and self.models.base is None:
-            raise ValueError("merge.method add_difference needs models.base")
+            problems.append("models.base: merge.method add_difference needs a base model")
         if self.objective == "multi" and self.sampler.name in ("cmaes", "gp"):
-            raise ValueError(f"sampler.name {self.sampler.name} is single-objective; use tpe, "
-                             "nsga2, qmc or random with objective: multi")
+            problems.append(f"sampler.name: {self.sampler.name} is single-objective; use tpe, "
+                            "nsga2, qmc or random with objective: multi")
         if len({s.label for s in self.scorers}) != len(self.scorers):
-            raise ValueError("scorers: two scorers share a name; give each a distinct `name`")
+            problems.append("scorers: two scorers share a name; give each a distinct `name`")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -226,47 +274,112 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
 
 def parse_config(data: dict[str, Any], base_dir: Path = Path("."), source: str = "config"
                  ) -> StudyConfig:
+    """Validate a config mapping; every problem is reported at once, each with its field path.
+
+    Relative paths resolve against ``base_dir`` and are stored absolute, so a run folder names
+    its sources the same from any working directory."""
+    base_dir = Path(os.path.abspath(base_dir))
     data = _resolve_paths(dict(data), base_dir)
+    found: list[tuple[str, str]] = []
+    if isinstance(data.get("scorers"), list):
+        scorers, found = _scorer_configs(data["scorers"])
+        # the rest is validated with the scorers that are valid (a stand-in when none is), so
+        # their problems and everyone else's are reported together
+        data["scorers"] = scorers if scorers or not found else [scorer_config({"kind": "sanity"})]
     try:
-        return StudyConfig.model_validate(data, context={"base_dir": base_dir})
+        cfg = StudyConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            message = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {where}: {message}")
-        raise ConfigError(f"{source}: invalid study config:\n" + "\n".join(lines)) from None
+        found += problems(exc, StudyConfig)
+        cfg = None
+    if found:
+        order = list(StudyConfig.model_fields)
+        found.sort(key=lambda p: order.index(p[0].split(".")[0].split("[")[0])
+                   if p[0].split(".")[0].split("[")[0] in order else len(order))
+        lines = "\n".join(f"  {path}: {message}" for path, message in found)
+        count = f"{len(found)} problems" if len(found) > 1 else "1 problem"
+        raise ConfigError(f"{source}: invalid study config ({count}):\n{lines}")
+    assert cfg is not None
+    return cfg
+
+
+def _scorer_configs(items: list[Any]) -> tuple[list[ScorerConfig], list[tuple[str, str]]]:
+    """Each scorer validated by its own kind's config class, problems named ``scorers[i].field``."""
+    configs: list[ScorerConfig] = []
+    found: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        where = f"scorers[{i}]"
+        if not isinstance(item, dict):
+            found.append((where, "expected a mapping with a `kind` (e.g. kind: clip)"))
+            continue
+        kind = item.get("kind")
+        if kind not in SCORERS:
+            near = nearest(str(kind), list(SCORERS))
+            hint = f" (did you mean {near}?)" if near else ""
+            found.append((f"{where}.kind", f"unknown scorer kind {kind!r}{hint}; known: "
+                                           f"{', '.join(sorted(SCORERS))}"))
+            continue
+        config_class = SCORERS[kind].config
+        try:
+            configs.append(config_class.model_validate(item))
+        except ValidationError as exc:
+            for path, message in problems(exc, config_class, ("scorers", i)):
+                found.append(_file_field(path, message, item))
+    return configs, found
+
+
+def _file_field(path: str, message: str, item: dict[str, Any]) -> tuple[str, str]:
+    """A scorer's file check reports its scorer, not its field: name the field whose path the
+    message quotes (``scorers[0]`` -> ``scorers[0].weights``)."""
+    if "." in path.rsplit("]", 1)[-1]:
+        return path, message
+    message = re.sub(r"^scorer '[^']*'(?: \([^)]*\))?: ", "", message)
+    field = message.split(" ", 1)[0]
+    if field in item and message.startswith(f"{field} "):
+        return f"{path}.{field}", message
+    quoted = [(len(str(v)), k) for k, v in item.items()
+              if isinstance(v, str) and len(v) > 1 and str(v) in message]
+    return (f"{path}.{max(quoted)[1]}", message) if quoted else (path, message)
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     def fix(value: Any) -> Any:
-        return str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value
+        return os.path.normpath(base / os.path.expanduser(value)) \
+            if isinstance(value, str) and value else value
 
-    if isinstance(data.get("models"), dict):
-        data["models"] = {k: fix(v) for k, v in data["models"].items()}
-    merge = data.get("merge")
-    if isinstance(merge, dict) and isinstance(merge.get("loras"), list):
-        data["merge"] = {**merge, "loras": [{**x, "path": fix(x.get("path"))} if isinstance(x, dict)
-                                            else x for x in merge["loras"]]}
+    data = map_paths(data, fix)
     for key in ("output", "config_folder"):
         if key in data:
             data[key] = fix(data[key])
+    data.setdefault("output", os.path.abspath("runs"))  # the default: runs/ where `run` starts
     if isinstance(data.get("probes"), dict) and isinstance(data["probes"].get("prompts"), str):
         data["probes"] = {**data["probes"], "prompts": fix(data["probes"]["prompts"])}
-    if isinstance(data.get("scorers"), list):
-        data["scorers"] = [_resolve_scorer_paths(s, fix) for s in data["scorers"]]
     return data
 
 
-_SCORER_PATH_FIELDS = ("weights", "head", "model_dir", "processor_dir", "references", "model")
+SCORER_PATH_FIELDS = ("weights", "head", "model_dir", "processor_dir", "references", "model")
 
 
-def _resolve_scorer_paths(scorer: Any, fix) -> Any:
+def map_paths(data: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """``data`` (a config mapping) with ``fn`` applied to every source and scorer file path:
+    ``models.*``, ``merge.loras[].path`` and the scorers' files."""
+    data = dict(data)
+    if isinstance(data.get("models"), dict):
+        data["models"] = {k: fn(v) for k, v in data["models"].items()}
+    merge = data.get("merge")
+    if isinstance(merge, dict) and isinstance(merge.get("loras"), list):
+        data["merge"] = {**merge, "loras": [{**x, "path": fn(x.get("path"))} if isinstance(x, dict)
+                                            else x for x in merge["loras"]]}
+    if isinstance(data.get("scorers"), list):
+        data["scorers"] = [_map_scorer_paths(s, fn) for s in data["scorers"]]
+    return data
+
+
+def _map_scorer_paths(scorer: Any, fn: Callable[[Any], Any]) -> Any:
     if not isinstance(scorer, dict):
         return scorer
     out = dict(scorer)
-    for key in _SCORER_PATH_FIELDS:
+    for key in SCORER_PATH_FIELDS:
         value = out.get(key)
         if isinstance(value, str) and (key != "model" or value.endswith(".json")):
-            out[key] = fix(value)
+            out[key] = fn(value)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from evaluators import combine, generate, score_images
 from evaluators.testing import write_tiny_open_clip
 from merge_backend.tiny import write_tiny_family
 
+from . import run_folder as rf
 from .config import StudyConfig, parse_config
 from .progress import Progress
 from .study import optimize, prepare
@@ -89,12 +91,17 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
     reference = generate(ctx.pipe, ctx.probes)
     ctx.scorers[0].set_references(reference.images)
     hidden_score = combine(score_images(reference, ctx.scorers), ctx.norms)
-    optimize(study, ctx, callbacks=[Progress(cfg.trials)])
+    result = optimize(study, ctx, callbacks=[Progress(cfg.trials)])
+    if result.interrupted or rf.best_trial(study) is None:
+        print(f"\n{'interrupted' if result.interrupted else 'no trial completed'}: "
+              f"{result.completed} of {result.target} trials are complete; `mergesearch demo` "
+              "again resumes", file=sys.stderr)
+        return {"interrupted": result.interrupted, "trials": result.completed}
     return report(study, ctx, hidden_score, out)
 
 
 def report(study, ctx, hidden_score: float, out) -> dict:
-    best = study.best_trial
+    best = rf.best_trial(study)
     found = {name: best.params[name] for name in GROUPS}
     rmse = math.sqrt(sum((found[n] - HIDDEN[n]) ** 2 for n in GROUPS) / len(GROUPS))
     gap = (hidden_score - best.value) / abs(hidden_score)
@@ -104,7 +111,7 @@ def report(study, ctx, hidden_score: float, out) -> dict:
     print(f"ratio RMSE over the searched blocks: {rmse:.4f} (goal <= 0.1)", file=out)
     print(f"best score {best.value:.6f} (trial {best.number}); hidden merge's own score "
           f"{hidden_score:.6f}; gap {gap * 100:.3f}% (goal <= 1%)", file=out)
-    run = ctx.run.path
+    run = shlex.quote(str(Path(ctx.run.path).absolute()))
     print("\nnext:", file=out)
     print(f"  mergesearch status {run}", file=out)
     print(f"  mergesearch dashboard {run}      # http://127.0.0.1:8080", file=out)

@@ -1,4 +1,11 @@
-"""A one-line-per-trial progress bar: trials done, this score, the best so far and its ratios."""
+"""One line per trial: COMPLETE trials against the target, this trial, the best trial, an ETA.
+
+    [######..................] 5/20 complete | trial 6: score 0.7123 (1.4 s) | best: trial 4,
+    score 0.7456, input=0.55 middle=0.72 out=0.60 | 9 s elapsed, ETA 27 s
+
+(one line in the terminal). Each line ends with a newline: nothing is ever printed over it,
+and an error message that follows starts on a line of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +15,72 @@ import time
 import optuna
 
 from . import run_folder as rf
+from .trial import ATTR_DUPLICATE
+
+_SHOWN_PARAMS = 8
 
 
 class Progress:
-    """An Optuna callback printing `[n/N] trial k: score s | best b (trial j): IN00=.. ...`."""
+    """A callback ``(study, trial)`` for ``search.worker.optimize`` printing the line above.
 
-    def __init__(self, total: int, stream=sys.stderr, width: int = 24):
+    The ETA is the remaining COMPLETE trials times this worker's own pace so far (every trial
+    it ran, failed and skipped ones included, over the time since its first trial started).
+    """
+
+    def __init__(self, total: int, stream=None, width: int = 24):
         self.total = total
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.width = width
-        self.start = time.perf_counter()
+        self.first_start: float | None = None
+        self.seen = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-        done = len(study.get_trials(deepcopy=False, states=states))
+        now = time.time()
+        if self.first_start is None:
+            started = trial.datetime_start.timestamp() if trial.datetime_start else now
+            self.first_start = min(started, now)
+        self.seen += 1
+        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         filled = int(self.width * min(done, self.total) / max(self.total, 1))
-        bar = "#" * filled + "." * (self.width - filled)
-        if trial.state == optuna.trial.TrialState.FAIL:
-            this = f"FAILED ({trial.user_attrs.get(rf.ATTR_FAIL, 'see log')})"
-        else:
-            this = f"score {_fmt(trial.values)}"
-        line = f"[{bar}] {done}/{self.total} trial {trial.number}: {this}"
-        best = _best(study)
-        if best is not None:
-            ratios = " ".join(f"{k}={v:.2f}" for k, v in list(best.params.items())[:8])
-            more = " …" if len(best.params) > 8 else ""
-            line += f" | best {_fmt(best.values)} (trial {best.number}) {ratios}{more}"
-        elapsed = time.perf_counter() - self.start
-        print(f"{line} [{elapsed:.0f}s]", file=self.stream, flush=True)
+        parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} complete",
+                 f"trial {trial.number}: {_outcome(trial)}"]
+        best = rf.best_trial(study)
+        if best is not None and len(study.directions) == 1:
+            parts.append(f"best: trial {best.number}, score {_fmt(best.values)}, "
+                         f"{_params(best.params)}")
+        elif best is not None:
+            parts.append(f"Pareto front: {len(rf.ranked(study))} trial(s)")
+        elapsed = now - self.first_start
+        remaining = max(self.total - done, 0)
+        eta = _duration(elapsed / self.seen * remaining) if remaining else "done"
+        parts.append(f"{_duration(elapsed)} elapsed, ETA {eta}")
+        print(" | ".join(parts), file=self.stream, flush=True)
 
 
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial if len(study.directions) == 1 else None
-    except ValueError:
-        return None
+def _outcome(trial: optuna.trial.FrozenTrial) -> str:
+    seconds = ""
+    if trial.datetime_start and trial.datetime_complete:
+        seconds = f" ({(trial.datetime_complete - trial.datetime_start).total_seconds():.1f} s)"
+    if trial.state == optuna.trial.TrialState.FAIL:
+        return f"FAILED{seconds}: {trial.user_attrs.get(rf.ATTR_FAIL) or 'no reason recorded'}"
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        return (f"skipped, same parameters as trial {trial.user_attrs.get(ATTR_DUPLICATE)} "
+                "(not evaluated again)")
+    return f"score {_fmt(trial.values)}{seconds}"
+
+
+def _params(params: dict[str, float]) -> str:
+    shown = " ".join(f"{k}={v:.2f}" for k, v in list(params.items())[:_SHOWN_PARAMS])
+    return shown + (" …" if len(params) > _SHOWN_PARAMS else "")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _fmt(values) -> str:

@@ -1,28 +1,36 @@
 """A run folder: where a study's config, storage, artifacts and exports live.
 
     RUN/
-      run.json        study name, storage URL, artifact folder (written when the study starts)
-      config.yaml     the resolved study config
+      run.json        study name, storage URL, heartbeat and grace seconds (written when the
+                      study starts)
+      config.yaml     the resolved study config (absolute paths)
       study.db        SQLite storage (default; any Optuna RDB URL may be used instead)
       artifacts/      optuna FileSystemArtifactStore: probe grids, ratio charts
       exports/        what `mergesearch export` writes by default
 
 Every trial that completes carries, as user attributes:
-  ``recipe``   the Recipe it scored (Recipe.to_dict())
+  ``recipe``   the Recipe it scored (Recipe.to_dict(), absolute source paths and their sha256)
   ``scores``   {scorer name: raw value}, ``score`` the combined value
   ``timings``  {phase: seconds}
   ``worker``   host:pid of the worker process that ran it
   ``artifact:probes`` / ``artifact:ratios``  artifact ids of the probe grid and ratio chart
 so anything downstream (export, dashboard, notebook) needs only the storage and this folder.
+A failed trial carries ``fail_reason`` (``interrupted`` after Ctrl-C); a trial skipped because
+its parameters were already evaluated is PRUNED with ``duplicate_of``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
+import yaml
 
 from merge_backend import Recipe
 
@@ -37,6 +45,7 @@ ARTIFACT_PROBES = "artifact:probes"
 ARTIFACT_RATIOS = "artifact:ratios"
 STUDY_ATTR_PROBES = "probe_set"
 STUDY_ATTR_SCORERS = "scorers"
+DEFAULT_HEARTBEAT, DEFAULT_GRACE = 30, 90
 
 
 class RunError(ValueError):
@@ -48,6 +57,8 @@ class RunFolder:
     path: Path
     study_name: str
     storage: str
+    heartbeat_seconds: int = DEFAULT_HEARTBEAT
+    grace_seconds: int = DEFAULT_GRACE
 
     @property
     def artifact_dir(self) -> Path:
@@ -63,22 +74,50 @@ class RunFolder:
 
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / RUN_FILE).write_text(json.dumps(
-            {"study_name": self.study_name, "storage": self.storage}, indent=2))
+        data = {"study_name": self.study_name, "storage": self.storage,
+                "heartbeat_seconds": self.heartbeat_seconds, "grace_seconds": self.grace_seconds}
+        tmp = self.path / f".{RUN_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.path / RUN_FILE)
 
     @classmethod
     def load(cls, path: str | Path) -> RunFolder:
         path = Path(path)
         meta = path / RUN_FILE
-        if not meta.exists():
+        if not path.is_dir():
+            raise RunError(f"{path}: no such run folder; pass the folder `mergesearch run` "
+                           "made (output/NAME)")
+        if not meta.is_file():
             raise RunError(f"{path}: not a mergesearch run folder (no {RUN_FILE}); pass the "
                            "output folder of `mergesearch run`")
-        data = json.loads(meta.read_text())
-        return cls(path, data["study_name"], data["storage"])
+        redo = "run the study's config again (`mergesearch run CONFIG`) to rewrite it"
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RunError(f"{meta}: not valid JSON ({exc}); {redo}") from None
+        if not isinstance(data, dict):
+            raise RunError(f"{meta}: expected a JSON object; {redo}")
+        missing = [k for k in ("study_name", "storage") if not isinstance(data.get(k), str)]
+        if missing:
+            raise RunError(f"{meta}: lacks {' and '.join(missing)}; {redo}")
+        timing = {k: data[k] for k in ("heartbeat_seconds", "grace_seconds")
+                  if isinstance(data.get(k), int)}
+        return cls(path, data["study_name"], data["storage"], **timing)
 
     def study(self) -> optuna.Study:
+        """The study, through a storage that knows the heartbeat settings (for stale trials)."""
+        db = sqlite_file(self.storage)
+        if db is not None and not db.is_file():  # opening it would make an empty one
+            raise RunError(f"{self.path / RUN_FILE}: its storage {db} does not exist; the "
+                           "study's database was moved or deleted")
         try:
-            return optuna.load_study(study_name=self.study_name, storage=self.storage)
+            storage = open_storage(self.storage, self.heartbeat_seconds, self.grace_seconds)
+        except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds
+            raise RunError(f"{self.path / RUN_FILE}: cannot open storage {self.storage}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+                           ) from None
+        try:
+            return optuna.load_study(study_name=self.study_name, storage=storage)
         except KeyError:
             raise RunError(f"{self.path}: storage {self.storage} has no study "
                            f"{self.study_name!r}") from None
@@ -88,6 +127,69 @@ class RunFolder:
 
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         return FileSystemArtifactStore(str(self.artifact_dir))
+
+    # ------------------------------------------------------------------ portable sources
+    def _started_in(self) -> Path | None:
+        """The folder `run` was started in, for run folders whose config.yaml holds relative
+        paths (made before paths were stored absolute): the run folder is OUTPUT/NAME there."""
+        try:
+            config = yaml.safe_load(self.config_path.read_text())
+            output = Path(os.path.normpath(config["output"])) / config["name"]
+        except (OSError, yaml.YAMLError, TypeError, KeyError):
+            return None
+        here = self.path.absolute()
+        if output.is_absolute() or ".." in output.parts or here.parts[-len(output.parts):] \
+                != output.parts:
+            return None
+        return Path(*here.parts[:-len(output.parts)])
+
+    def resolve(self, path: str) -> str:
+        """A source path a trial recorded, as an absolute path that exists where possible."""
+        if os.path.isabs(path):
+            return path
+        started = self._started_in()
+        for base in ([started] if started else []) + [Path.cwd()]:
+            candidate = os.path.normpath(base / path)
+            if os.path.exists(candidate):
+                return candidate
+        return os.path.abspath(path)
+
+    def portable(self, recipe: Recipe) -> Recipe:
+        """``recipe`` with every source and LoRA path resolved (``resolve``)."""
+        models = {role: dataclasses.replace(src, path=self.resolve(src.path))
+                  for role, src in recipe.models.items()}
+        loras = tuple(dataclasses.replace(lora, path=self.resolve(lora.path))
+                      for lora in recipe.loras)
+        return recipe.replace(models=models, loras=loras)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for other storages)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    name = url.removeprefix("sqlite:///").split("?")[0]
+    return Path(name) if name and name != ":memory:" else None
+
+
+def open_storage(url: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT,
+                 grace_seconds: int = DEFAULT_GRACE) -> Any:
+    """Optuna storage for ``url``: RDB URLs with heartbeats (a killed worker's trial can be
+    found), anything else as Optuna opens it."""
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        return optuna.storages.get_storage(url)
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds,
+                                              grace_period=grace_seconds)
+        except (IntegrityError, ProgrammingError):
+            # Workers started together race to create the schema; the loser retries and
+            # finds it made.
+            if attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def default_storage(path: Path) -> str:
@@ -105,6 +207,22 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """COMPLETE trials best first: the one order ``best``, ``status``, ``export --best`` and the
+    progress line share. Single objective: by value (the study's direction), equal values by
+    trial number (the earlier trial first). Several objectives: the Pareto front by number."""
+    if len(study.directions) > 1:
+        return sorted(study.best_trials, key=lambda t: t.number)
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return sorted(completed(study), key=lambda t: (sign * t.value, t.number))
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best trial by ``ranked``'s rule (None before one completes)."""
+    order = ranked(study)
+    return order[0] if order else None
+
+
 def pick_trials(study: optuna.Study, *, number: int | None = None, best: bool = False,
                 pareto: int | None = None) -> list[optuna.trial.FrozenTrial]:
     """The trials an export names: one by number, the best, or the first K of the Pareto front."""
@@ -118,8 +236,5 @@ def pick_trials(study: optuna.Study, *, number: int | None = None, best: bool = 
         if match[0].state != optuna.trial.TrialState.COMPLETE:
             raise RunError(f"trial {number} is {match[0].state.name}, not COMPLETE")
         return match
-    if pareto is not None:
-        return list(study.best_trials)[:pareto]
-    if len(study.directions) > 1:
-        return list(study.best_trials)[:1]
-    return [study.best_trial]
+    order = ranked(study)
+    return order[:pareto] if pareto is not None and len(study.directions) > 1 else order[:1]

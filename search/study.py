@@ -1,23 +1,28 @@
 """Launching and resuming a study: the only module that knows all three wings.
 
-``prepare(cfg)`` checks everything cheap first (config, files, block names, source
-compatibility — headers only), then opens the storage, loads the pipeline, binds the engine
-and loads the scorers. ``optimize(ctx)`` runs trials until the study holds ``cfg.trials``
-finished trials; a second worker with the same config and storage URL joins the same study.
+``prepare(cfg)`` does every start-up check before it creates anything: the config, the files
+and block names (headers only), the device, the storage, an existing study's config and
+sources; then loads the pipeline, binds the engine and loads the scorers, one line per phase.
+Only when all of that worked does it create the run folder, the study and ``run.json``, so a
+failed start leaves nothing behind. ``optimize`` (``search.worker``) runs the trials; a second
+worker with the same config and storage URL joins the same study.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
 import yaml
 
-from evaluators import build_scorer, score_norms
+from evaluators import ScorerError, build_scorer, score_norms
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.engine import MergeEngine
 from merge_backend.hashing import cached_sha256, sha256_of
@@ -26,13 +31,17 @@ from merge_backend.pipeline import load_pipeline
 from merge_backend.plan import plan_merge
 
 from . import run_folder as rf
-from .config import ConfigError, StudyConfig, check_blocks
+from .config import ConfigError, StudyConfig, check_blocks, map_paths
 from .samplers import make_sampler
 from .space import SearchSpace, warm_start_params
-from .trial import StudyContext, TrialFailed, run_trial
+from .trial import StudyContext
+from .worker import WorkerResult, optimize
+
+__all__ = ["WorkerResult", "check_config", "optimize", "prepare", "resolve_device"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STUDY_ATTR_SOURCES = "sources_sha256"
+STUDY_ATTR_WARM = "warm_starts_enqueued"
 Log = Callable[[str], None]
 
 
@@ -41,8 +50,21 @@ def _stderr(message: str) -> None:
 
 
 def resolve_device(cfg: StudyConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    """The device and dtype the config asks for; ConfigError when this machine lacks it."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            why = "this torch has no CUDA support" if torch.version.cuda is None else \
+                "no CUDA GPU is visible"
+            raise ConfigError(f"device: {cfg.device}, but {why}; use device: cpu (or auto)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device: {cfg.device}, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...); pick one "
+                              "of them")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device: mps is not available here; use device: cpu (or auto)")
     if cfg.dtype == "auto":
         return device, torch.float32 if device.type == "cpu" else torch.float16
     return device, DTYPES[cfg.dtype]
@@ -54,28 +76,37 @@ def check_config(cfg: StudyConfig) -> SearchSpace:
     check_blocks(cfg, arch)
     space = SearchSpace(cfg, arch)
     if not space.all_params():
-        raise ConfigError("nothing to search: every block is fixed")
+        raise ConfigError("merge.fixed: nothing to search: every block is fixed")
     template = space.template()
     plan_merge(template, open_sources(template))  # architecture, keys and shapes agree
     return space
 
 
-def storage_for(cfg: StudyConfig) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeats, so a worker killed mid-trial leaves a FAIL, not a RUNNING."""
-    url = cfg.storage or rf.default_storage(cfg.run_folder)
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
-        return optuna.storages.get_storage(url)
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+# ---------------------------------------------------------------------------- storage
 
-    for attempt in range(6):
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_seconds,
-                                              grace_period=cfg.grace_seconds)
-        except (IntegrityError, ProgrammingError):
-            # Workers started together race to create the schema; the loser retries and
-            # finds it made.
-            time.sleep(0.2 * (attempt + 1))
-    raise ConfigError(f"storage {url}: could not create or open the Optuna schema")
+
+def storage_url(cfg: StudyConfig) -> str:
+    return cfg.storage or rf.default_storage(cfg.run_folder)
+
+
+def storage_for(cfg: StudyConfig) -> optuna.storages.BaseStorage:
+    """The study's storage (RDB with heartbeats, so a killed worker's trial can be found);
+    ConfigError naming ``storage`` when it cannot be opened."""
+    url = storage_url(cfg)
+    try:
+        return rf.open_storage(url, cfg.heartbeat_seconds, cfg.grace_seconds)
+    except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds; all mean "cannot open"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "storage" if cfg.storage else f"the run folder's database {url}"
+        raise ConfigError(f"{where}: cannot open {url}: {detail}; check the URL, that the "
+                          "server runs and accepts this user, and that the driver is installed "
+                          "(pip install 'mergesearch[postgres]')") from None
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with file paths cut to their names: workers may keep the same files in
+    other folders (the sources' sha256 say whether they are the same files)."""
+    return map_paths(config, lambda p: Path(p).name if isinstance(p, str) else p)
 
 
 def _stored_config(cfg: StudyConfig) -> dict:
@@ -84,46 +115,88 @@ def _stored_config(cfg: StudyConfig) -> dict:
     return {k: data[k] for k in ("models", "merge", "probes", "scorers", "objective")}
 
 
-def open_study(cfg: StudyConfig, space: SearchSpace) -> tuple[optuna.Study, rf.RunFolder]:
-    folder = cfg.run_folder
-    folder.mkdir(parents=True, exist_ok=True)
-    storage = storage_for(cfg)
-    url = cfg.storage or rf.default_storage(folder)
-    run = rf.RunFolder(folder, cfg.name, url)
-    multi = cfg.objective == "multi"
-    directions = ["maximize"] * (len([s for s in cfg.scorers if not s.penalty]) if multi else 1)
-    study = optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True,
-                                sampler=make_sampler(cfg.sampler, multi), directions=directions)
+def _existing_study(cfg: StudyConfig, storage, log: Log) -> optuna.Study | None:
+    """The study of this name in ``storage``, checked against ``cfg``; None when there is none
+    (or it never ran a trial and was made with another config: then it is made again)."""
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=_sampler(cfg))
+    except KeyError:
+        return None
+    if _same_config(study, cfg):
+        return study
+    ran = [t for t in study.get_trials(deepcopy=False)
+           if t.state != optuna.trial.TrialState.WAITING]
+    if ran:
+        raise _other_config(cfg, len(ran))
+    log(f"study {cfg.name!r} never ran a trial; making it again with this config")
+    optuna.delete_study(study_name=cfg.name, storage=storage)
+    return None
+
+
+def _same_config(study: optuna.Study, cfg: StudyConfig) -> bool:
     stored = study.user_attrs.get("config")
-    if stored is not None and stored != _stored_config(cfg):
-        raise ConfigError(f"study {cfg.name!r} in {url} was started with a different models / "
-                          "merge / probes / scorers config; give the new config another name")
-    if stored is None:
-        study.set_user_attr("config", _stored_config(cfg))
+    return stored is None or _comparable(stored) == _comparable(_stored_config(cfg))
+
+
+def _other_config(cfg: StudyConfig, trials: int) -> ConfigError:
+    return ConfigError(f"name: study {cfg.name!r} in {storage_url(cfg)} was started with another "
+                       "models / merge / probes / scorers / objective config and holds "
+                       f"{trials} trial(s); give the new config another name")
+
+
+def _sampler(cfg: StudyConfig):
+    return make_sampler(cfg.sampler.name, cfg.sampler.seed, cfg.sampler.options)
+
+
+def _directions(cfg: StudyConfig) -> list[str]:
+    objectives = [s for s in cfg.scorers if not s.penalty]
+    return ["maximize"] * (len(objectives) if cfg.objective == "multi" else 1)
+
+
+def _create_study(cfg: StudyConfig, storage, space: SearchSpace) -> optuna.Study:
+    study = optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True,
+                                sampler=_sampler(cfg), directions=_directions(cfg))
+    if not _same_config(study, cfg):  # another worker made it a moment ago, differently
+        raise _other_config(cfg, len(study.get_trials(deepcopy=False)))
+    if "config" not in study.user_attrs:
         study.set_user_attr(rf.STUDY_ATTR_PROBES, json.loads(cfg.probes.model_dump_json()))
         study.set_user_attr(rf.STUDY_ATTR_SCORERS, [s.label for s in cfg.scorers])
         study.set_user_attr("arch", space.arch_name)
         study.set_user_attr("params", {p.name: list(p.blocks) for p in space.all_params()})
+        study.set_user_attr("config", _stored_config(cfg))  # last: it marks the study complete
+    return study
+
+
+def _write_run_folder(cfg: StudyConfig) -> rf.RunFolder:
+    run = rf.RunFolder(cfg.run_folder, cfg.name, storage_url(cfg), cfg.heartbeat_seconds,
+                       cfg.grace_seconds)
     run.save()
-    if not run.config_path.exists():
-        run.config_path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()),
-                                                  sort_keys=False))
-    return study, run
+    text = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    tmp = run.config_path.with_name(f".{run.config_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, run.config_path)
+    return run
 
 
-def record_sources(study: optuna.Study, space: SearchSpace, log: Log = _stderr) -> None:
-    """Every source checkpoint and LoRA's sha256, recorded by the first worker and checked by
-    each later one: a worker whose files differ (another machine, a file changed since the
-    study began) stops before scoring candidates of another merge. Recipes carry the digests,
-    so an export refuses a source that changed after the trial was scored."""
+# ---------------------------------------------------------------------------- sources
+
+
+def hash_sources(space: SearchSpace, log: Log = _stderr) -> dict[str, str]:
+    """Every source checkpoint's and LoRA's sha256, by role (remembered across runs)."""
     files = {**space.source_files(), **space.lora_files()}
     if not cached_sha256(files.values()):
         log(f"hashing {len(files)} source file(s) once (remembered for later runs)")
-    digests = {role: sha256_of(path) for role, path in files.items()}
+    return {role: sha256_of(path) for role, path in files.items()}
+
+
+def check_sources(study: optuna.Study, space: SearchSpace, digests: dict[str, str]) -> None:
+    """The first worker records the sources' sha256; each later one must have the same files:
+    a worker whose files differ (another machine, a file changed since the study began) stops
+    before scoring candidates of another merge. Recipes carry the digests, so an export refuses
+    a source that changed after the trial was scored."""
+    files = {**space.source_files(), **space.lora_files()}
     stored = study.user_attrs.get(STUDY_ATTR_SOURCES)
-    if stored is None:
-        study.set_user_attr(STUDY_ATTR_SOURCES, digests)
-    else:
+    if stored is not None:
         for role, digest in digests.items():
             if stored.get(role) != digest:
                 raise ConfigError(
@@ -133,52 +206,67 @@ def record_sources(study: optuna.Study, space: SearchSpace, log: Log = _stderr) 
     space.digests = {files[role]: digest for role, digest in digests.items()}
 
 
-def enqueue_warm_starts(study: optuna.Study, space: SearchSpace) -> None:
-    for label, params in warm_start_params(space):
+def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, log: Log = _stderr) -> None:
+    """Warm starts go into the queue once per study (not again on resume or in other workers)."""
+    if study.user_attrs.get(STUDY_ATTR_WARM):
+        return
+    starts = warm_start_params(space)
+    for label, params in starts:
         study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
+    study.set_user_attr(STUDY_ATTR_WARM, True)
+    if starts:
+        log(f"queued {len(starts)} warm start(s): {', '.join(label for label, _ in starts)}")
+
+
+# ---------------------------------------------------------------------------- start-up
 
 
 def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyContext]:
-    """Validate, open the study, load the pipeline, bind the engine, load the scorers."""
+    """Check, load, then open the study (see the module docstring)."""
+    started = time.perf_counter()
+    log(f"checking the config, the sources and the device for study {cfg.name!r}")
     space = check_config(cfg)
-    configs = list(cfg.scorers)  # files were checked when the config was parsed
-    study, run = open_study(cfg, space)
-    record_sources(study, space, log)
     device, dtype = resolve_device(cfg)
+    url = storage_url(cfg)
+    db_file = rf.sqlite_file(url)
+    if cfg.storage and db_file is not None and not db_file.parent.is_dir():
+        raise ConfigError(f"storage: {url}: folder {db_file.parent} does not exist; create it "
+                          "or use another path")
+    # a new SQLite database (the run folder's) is made last; a server is reached now
+    storage = None if db_file is not None and not db_file.exists() else storage_for(cfg)
+    study = _existing_study(cfg, storage, log) if storage is not None else None
+    digests = hash_sources(space, log)
+    if study is not None:
+        check_sources(study, space, digests)
+    log(f"loading {Path(cfg.models.model1).name} into a pipeline on {device} "
+        f"({str(dtype).removeprefix('torch.')})")
     pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
                          dtype=dtype)
     engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory,
                          source_dtype=dtype)
     log(engine.memory.describe())
-    scorers = [build_scorer(c, device=device) for c in configs]
-    ctx = StudyContext(cfg, space, engine, pipe, cfg.probes, scorers, score_norms(configs), run,
-                       run.artifact_store())
-    enqueue_warm_starts(study, space)
+    scorers = []
+    for i, config in enumerate(cfg.scorers):
+        log(f"loading scorer {config.label!r} ({config.kind})")
+        try:
+            scorers.append(build_scorer(config, device=device))
+        except ScorerError as exc:
+            detail = " ".join(str(exc).split())
+            detail = detail if len(detail) <= 400 else detail[:400] + " …"
+            raise ConfigError(f"scorers[{i}]: {detail}; check that its files hold the model "
+                              "its config names") from None
+    log(f"opening study {cfg.name!r} in {url}")
+    if storage is None:
+        cfg.run_folder.mkdir(parents=True, exist_ok=True)
+        storage = storage_for(cfg)
+    if study is None:
+        study = _create_study(cfg, storage, space)
+    if STUDY_ATTR_SOURCES not in study.user_attrs:
+        study.set_user_attr(STUDY_ATTR_SOURCES, digests)
+    check_sources(study, space, digests)
+    run = _write_run_folder(cfg)
+    enqueue_warm_starts(study, space, log)
+    ctx = StudyContext(cfg, space, engine, pipe, cfg.probes, scorers, score_norms(cfg.scorers),
+                       run, run.artifact_store())
+    log(f"ready in {time.perf_counter() - started:.1f} s")
     return study, ctx
-
-
-def finished(study: optuna.Study) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
-def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = None,
-             timeout: float | None = None, callbacks=(), log: Log = _stderr) -> int:
-    """Run trials until the study holds ``trials`` finished ones (or ``timeout``); returns how
-    many this call ran. Ctrl-C stops after recording what finished."""
-    target = trials or ctx.cfg.trials
-    remaining = target - finished(study)
-    if remaining <= 0:
-        log(f"study {study.study_name!r} already holds {finished(study)} finished trials")
-        return 0
-    before = finished(study)
-    stop = optuna.study.MaxTrialsCallback(
-        target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))
-    try:
-        study.optimize(lambda t: run_trial(t, ctx), n_trials=remaining,
-                       timeout=timeout or ctx.cfg.timeout, catch=(TrialFailed, RuntimeError, ValueError),
-                       callbacks=[stop, *callbacks], gc_after_trial=False)
-    except KeyboardInterrupt:
-        log(f"\ninterrupted: {finished(study)} finished trials are stored; run the same command "
-            "to resume")
-    return finished(study) - before

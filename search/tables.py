@@ -30,25 +30,35 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def best_table(study: optuna.Study, top: int = 5) -> pd.DataFrame:
+    """The ``top`` best COMPLETE trials, best first (``run_folder.ranked``'s order)."""
+    order = [t.number for t in rf.ranked(study)][:top]
     table = trials_table(study)
-    if table.empty or "value" not in table:
-        return table
-    done = table[table["state"] == "COMPLETE"]
-    return done.sort_values("value", ascending=False).head(top).reset_index(drop=True)
+    if table.empty or not order:
+        return table.iloc[0:0]
+    return table.set_index("trial", drop=False).loc[order].reset_index(drop=True)
 
 
 def status_lines(study: optuna.Study) -> list[str]:
+    """Trial counts by state, the RUNNING trials (and which are stale), the best trial."""
+    from .liveness import stale_trials
+
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    lines = [f"study {study.study_name}: " + ", ".join(f"{n} {s.lower()}" for s, n in
-                                                      sorted(counts.items())) or "no trials"]
-    try:
-        if len(study.directions) == 1:
-            best = study.best_trial
-            lines.append(f"best: trial {best.number}, value {best.value:.6g}")
-        else:
-            lines.append(f"Pareto front: trials {[t.number for t in study.best_trials]}")
-    except ValueError:
+    lines = [f"study {study.study_name}: " + (", ".join(
+        f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials")]
+    stale = {t.number for t in stale_trials(study)}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        since = t.datetime_start.strftime("%Y-%m-%d %H:%M:%S") if t.datetime_start else "?"
+        worker = t.user_attrs.get(rf.ATTR_WORKER, "an unknown worker")
+        what = "STALE: its worker stopped (mergesearch status RUN --fail-stale marks it FAIL)" \
+            if t.number in stale else "running"
+        lines.append(f"  trial {t.number}: {what}; on {worker} since {since}")
+    best = rf.best_trial(study)
+    if best is None:
         lines.append("no completed trial yet")
+    elif len(study.directions) == 1:
+        lines.append(f"best: trial {best.number}, value {best.value:.6g}")
+    else:
+        lines.append(f"Pareto front: trials {[t.number for t in rf.ranked(study)]}")
     return lines

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,11 +29,16 @@ from .artifacts import grid_png, ratio_chart_png
 from .config import StudyConfig
 from .space import SearchSpace
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
+ATTR_DUPLICATE = "duplicate_of"
 
 
 class TrialFailed(RuntimeError):
     """A candidate that cannot be scored (NaN images, out of memory); the study goes on."""
+
+
+class DuplicateTrial(Exception):
+    """The sampler proposed the parameters of a trial already evaluated (or being evaluated):
+    the trial is recorded PRUNED with ``duplicate_of`` and costs no budget."""
 
 
 @dataclass
@@ -54,11 +58,14 @@ class StudyContext:
 
 
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
-    """The objective Optuna calls. Failures are recorded with their reason, then re-raised."""
+    """One candidate, scored. Failures are recorded with their reason, then re-raised."""
     clock = _Clock()
-    trial.set_user_attr(rf.ATTR_WORKER, WORKER)
     try:
         params = ctx.space.suggest(trial)
+        twin = evaluated_twin(trial, params)
+        if twin is not None:  # never pay twice for one point
+            trial.set_user_attr(ATTR_DUPLICATE, twin)
+            raise DuplicateTrial(f"same parameters as trial {twin}")
         recipe = ctx.space.recipe(params)
         clock.lap("suggest")
         ctx.engine.apply(recipe)
@@ -72,6 +79,8 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
             value: float | list[float] = objective_vector(card, ctx.norms)
         else:
             value = combine(card, ctx.norms)
+        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise TrialFailed(f"the scorers gave a non-finite value {value}")
         clock.lap("score")
         trial.set_user_attr(rf.ATTR_RECIPE, recipe.to_dict())
         trial.set_user_attr(rf.ATTR_SCORES, card.means())
@@ -80,11 +89,23 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         clock.lap("bookkeeping")
         trial.set_user_attr(rf.ATTR_TIMINGS, clock.laps)
         return value
+    except DuplicateTrial:
+        raise
     except Exception as exc:
         trial.set_user_attr(rf.ATTR_FAIL, f"{type(exc).__name__}: {exc}"[:2000])
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         raise
+
+
+def evaluated_twin(trial: optuna.Trial, params: dict[str, float]) -> int | None:
+    """The number of a COMPLETE trial, or of an earlier RUNNING one, with exactly ``params``."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    for other in trial.study.get_trials(deepcopy=False, states=states):
+        if other.number != trial.number and other.params == params and (
+                other.state == optuna.trial.TrialState.COMPLETE or other.number < trial.number):
+            return other.number
+    return None
 
 
 def _upload_pictures(trial: optuna.Trial, ctx: StudyContext, grid: torch.Tensor,

@@ -5,15 +5,10 @@ Recipe, that every source file exists and still has the sha256 the Recipe record
 SuperMerger conversion is exact (or allowed to be lossy), that no output would overwrite a
 source or (without ``overwrite``) an existing file. ``run_exports`` then writes the outputs.
 
-Formats and their names (``STEM`` is the item's stem, e.g. ``mystudy-trial7``):
-    checkpoint  STEM.safetensors          merge_to_file + study/trial/scores metadata
-    diffusers   STEM-diffusers/           a diffusers pipeline folder (save_pretrained)
-    comfyui     STEM.comfyui.json         the ComfyUI editor format, and
-                STEM.comfyui.api.json     the API format
-    mbw         STEM.mbw.txt              SuperMerger's block-weight line
-    report      STEM.report.html          images, ratio chart, scores and Recipe in one page
-With one item and one format, an output path ending in the format's suffix names the file
-itself (comfyui: ``X.json`` and ``X.api.json``); otherwise it is the folder written into.
+Formats and the names they write are ``FORMATS`` (``STEM`` is the item's stem, e.g.
+``mystudy-trial7``). With one item and one format, an output path ending in the format's
+suffix names the file itself (comfyui: ``X.json`` and ``X.api.json``); otherwise it is the
+folder written into.
 """
 
 from __future__ import annotations
@@ -35,9 +30,33 @@ from .diffusers_export import export_diffusers
 from .mbw import mbw_ratios, mbw_string
 from .report import ReportImage, render_report
 
-FORMATS = ("checkpoint", "diffusers", "comfyui", "mbw", "report", "lora")
-_FILE_SUFFIX = {"checkpoint": ".safetensors", "comfyui": ".json", "mbw": ".txt",
-                "report": ".html"}
+
+@dataclass(frozen=True)
+class Format:
+    """What one export format writes: file names (``{stem}`` is the item's stem) and meaning."""
+
+    names: tuple[str, ...]
+    what: str
+
+
+# in the order they are written: a checkpoint first, so a diffusers folder or a LoRA reuses it
+FORMATS: dict[str, Format] = {
+    "checkpoint": Format(("{stem}.safetensors",),
+                         "the merged checkpoint (ComfyUI, A1111 and diffusers load it) with the "
+                         "Recipe, study, trial and scores in its metadata"),
+    "diffusers": Format(("{stem}-diffusers",), "a diffusers pipeline folder"),
+    "comfyui": Format(("{stem}.comfyui.json", "{stem}.comfyui.api.json"),
+                      "a ComfyUI workflow (editor and API formats) that rebuilds the merge from "
+                      "the source checkpoints"),
+    "mbw": Format(("{stem}.mbw.txt",), "SuperMerger's block-weight line"),
+    "report": Format(("{stem}.report.html",),
+                     "probe images, ratio chart, scores and Recipe on one page"),
+    "lora": Format(("{stem}.lora.safetensors",),
+                   "the merge minus --base as a kohya LoRA of --rank"),
+}
+# the suffix of an -o that names the file itself, for formats that write a file
+_FILE_SUFFIX = {fmt: Path(f.names[0]).suffix for fmt, f in FORMATS.items()
+                if Path(f.names[0]).suffix}
 Draw = Callable[[Any], bytes]  # a live pipeline -> PNG bytes of its probe grid
 
 
@@ -92,11 +111,7 @@ def output_paths(item: ExportItem, fmt: str, output: Path, as_file: bool) -> tup
         if fmt == "comfyui":
             return output, output.with_name(output.stem + ".api.json")
         return (output,)
-    names = {"checkpoint": (f"{item.stem}.safetensors",), "diffusers": (f"{item.stem}-diffusers",),
-             "comfyui": (f"{item.stem}.comfyui.json", f"{item.stem}.comfyui.api.json"),
-             "mbw": (f"{item.stem}.mbw.txt",), "report": (f"{item.stem}.report.html",),
-             "lora": (f"{item.stem}.lora.safetensors",)}[fmt]
-    return tuple(output / n for n in names)
+    return tuple(output / name.format(stem=item.stem) for name in FORMATS[fmt].names)
 
 
 def check_sources(recipe: Recipe, hashes: dict[str, str] | None = None) -> None:
@@ -288,7 +303,8 @@ def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Pat
 
     from merge_backend.lora import extract_lora
 
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)  # RUN/exports of a fresh run
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as tmp:
         merged = checkpoint
         if merged is None:
             merged = Path(tmp) / "merged.safetensors"
@@ -301,7 +317,7 @@ def run_exports(plan: ExportPlan, *, draw: Draw | None = None, config_folder: Pa
                 device: str = "cpu",
                 progress: Callable[[PlannedOutput], None] | None = None) -> list[Path]:
     """Write every planned output (checkpoints first, so a diffusers folder reuses them)."""
-    order = sorted(plan.outputs, key=lambda o: FORMATS.index(o.format))
+    order = sorted(plan.outputs, key=lambda o: list(FORMATS).index(o.format))
     written: dict[tuple[str, str], Path] = {}
     paths: list[Path] = []
     for out in order:

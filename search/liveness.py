@@ -1,0 +1,126 @@
+"""Which RUNNING trials still have a worker, and failing those that do not.
+
+A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING. Two signs say it
+is gone:
+- its process: every trial records the worker (``host:pid``) and the machine's boot id; on the
+  same machine and boot, a pid that no longer exists is a dead worker, known at once;
+- its heartbeat: RDB storages with ``heartbeat_seconds`` hold each running trial's last sign of
+  life; one older than ``grace_seconds`` is stale (the only sign across machines).
+Workers fail such trials when they start, while they wait, and when they stop; ``mergesearch
+status RUN --fail-stale`` does it by hand. Each gets the fail reason ``STALE_REASON``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from . import run_folder as rf
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+ATTR_BOOT = "worker_boot"  # the worker machine's boot id: with host:pid, names one live process
+STALE_REASON = "stale: its worker stopped (killed, or no heartbeat within grace_seconds)"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: only heartbeats tell
+        return ""
+
+
+BOOT_ID = _boot_id()
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Record which process runs ``trial`` (done first, before anything can fail)."""
+    trial.set_user_attr(rf.ATTR_WORKER, WORKER)
+    if BOOT_ID:
+        trial.set_user_attr(ATTR_BOOT, BOOT_ID)
+
+
+def _process_gone(trial: optuna.trial.FrozenTrial) -> bool:
+    worker = str(trial.user_attrs.get(rf.ATTR_WORKER, ""))
+    host, _, pid = worker.rpartition(":")
+    if not BOOT_ID or trial.user_attrs.get(ATTR_BOOT) != BOOT_ID or host != socket.gethostname():
+        return False
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def heartbeat_interval(study: optuna.Study) -> int | None:
+    get = getattr(study._storage, "get_heartbeat_interval", None)
+    return get() if get is not None else None
+
+
+def stale_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials whose worker process is gone or whose heartbeat is past the grace period."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    stale_ids: set[int] = set()
+    if heartbeat_interval(study):
+        # Optuna's own query (what optuna.storages.fail_stale_trials uses), so the rule is the
+        # storage's: last heartbeat older than the grace period
+        stale_ids.update(study._storage._get_stale_trial_ids(study._study_id))
+    return [t for t in running if t._trial_id in stale_ids or _process_gone(t)]
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Mark every stale trial FAIL with ``STALE_REASON``; returns their numbers."""
+    failed = []
+    for trial in stale_trials(study):
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, rf.ATTR_FAIL, STALE_REASON)
+            if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                failed.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker got there first, or it finished after all
+    return failed
+
+
+class Heartbeat:
+    """Records ``trial``'s heartbeat every heartbeat interval while it runs (what
+    ``study.optimize`` does; the worker uses ask and tell)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+        self._storage = study._storage
+        self._trial_id = trial._trial_id
+        self._interval = heartbeat_interval(study)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self._interval:
+            self._beat()  # at once: a worker killed in the first interval is still found stale
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="mergesearch-heartbeat")
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        try:
+            self._storage.record_heartbeat(self._trial_id)
+        except Exception:  # noqa: BLE001 - a missed beat is retried; the trial goes on
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._beat()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,328 @@
+"""Bad input to `validate`, `run`, `status`, `best` and `export`: one clear message naming the
+file or field, the right exit status, no traceback, nothing left behind, sources unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from evaluators.testing import write_tiny_open_clip
+from search import run_folder as rf
+from search.cli import main
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with its content's digest ("dir" for folders)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else sha(p)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_tiny_open_clip(tmp_path_factory.mktemp("clip"), name="bad-input-clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_sd1, tmp_path_factory):
+    """Copies of the tiny models the export cases may change (and put back)."""
+    folder = tmp_path_factory.mktemp("models")
+    return {role: Path(shutil.copy(path, folder / f"{role}.safetensors"))
+            for role, path in (("model1", tiny_sd1.a), ("model2", tiny_sd1.b))}
+
+
+def config_data(fam, clip, sources, out: Path, name: str = "bad", **over) -> dict:
+    data = {
+        "name": name, "models": {k: str(v) for k, v in sources.items()},
+        "config_folder": str(fam.config_folder),
+        "merge": {"vocabulary": "blocks"},
+        "probes": {"prompts": ["a red apple"], "seeds": [1], "steps": 2, "width": 64,
+                   "height": 64},
+        "scorers": [{"kind": "clip", "model": str(clip[0]), "weights": str(clip[1])}],
+        "warm_start": {"model1": True, "model2": False, "uniform": []},
+        "trials": 2, "output": str(out / "runs"), "device": "cpu",
+        "heartbeat_seconds": 1, "grace_seconds": 2,
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+class Check:
+    """Runs one command line and checks everything a refusal must hold."""
+
+    def __init__(self, capsys, watch: Path, sources: list[Path]):
+        self.capsys = capsys
+        self.watch = watch
+        self.sources = sources
+
+    def __call__(self, argv, *needles: str, status: int = 1) -> str:
+        before, digests = tree(self.watch), {p: sha(p) for p in self.sources}
+        self.capsys.readouterr()
+        code = main([str(a) for a in argv])
+        err = self.capsys.readouterr().err
+        assert code == status, err
+        for needle in needles:
+            assert needle in err, err
+        assert "Traceback" not in err
+        assert [line for line in err.splitlines() if "error" in line.lower()][:1] == \
+            [line for line in err.splitlines() if line.startswith("mergesearch: error: ")], err
+        assert tree(self.watch) == before, "something was created or changed"
+        assert {p: sha(p) for p in self.sources} == digests, "a source changed"
+        return err
+
+
+@pytest.fixture
+def check(capsys, tmp_path, tiny_sd1, models, clip):
+    return Check(capsys, tmp_path, [*tiny_sd1.files.values(), *models.values(), *clip])
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+# ---------------------------------------------------------------------------- config and run
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../escape", "/abs", ".hidden"])
+def test_name_that_is_not_one_plain_folder_name_is_refused(check, tmp_path, tiny_sd1, clip,
+                                                           models, name):
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path, name=name))
+    before_parent = tree(tmp_path.parent / "escape")
+    check(["run", config], "name:", "plain folder name")
+    assert tree(tmp_path.parent / "escape") == before_parent
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"trails": 5}, ["trails: unknown key (did you mean trials?)"]),
+    ({"probes": {"widht": 64}}, ["probes.widht: unknown key (did you mean width?)"]),
+    ({"merge": {"vocabulary": "blokcs"}}, ["merge.vocabulary:", "did you mean blocks?"]),
+    ({"sampler": {"name": "tpe", "options": {"n_startup": 3}}},
+     ["sampler.options.n_startup:", "did you mean n_startup_trials?"]),
+    ({"heartbeat_seconds": 30, "grace_seconds": 2}, ["grace_seconds:", "use grace_seconds >= 60"]),
+    ({"device": "cuda:abc"}, ["device: 'cuda:abc' is not a device"]),
+    ({"merge": {"multiplier": "abc"}}, ["merge.multiplier: got 'abc'"]),
+    ({"models": {"model2": "/nonexistent/b.safetensors"}},
+     ["models.model2: /nonexistent/b.safetensors does not exist"]),
+])
+def test_config_field_errors_name_their_full_path(check, tmp_path, tiny_sd1, clip, models,
+                                                  change, needles):
+    config = write(tmp_path / "c.yaml",
+                   config_data(tiny_sd1, clip, models, tmp_path, **change))
+    for command in ("validate", "run"):
+        err = check([command, config], str(config), *needles)
+        assert "errors.pydantic.dev" not in err and "validation error for" not in err
+
+
+def test_every_broken_scorer_is_reported_at_once_with_its_field(check, tmp_path, tiny_sd1, clip,
+                                                                models):
+    scorers = [{"kind": "clip", "model": str(clip[0]), "weights": str(tmp_path / "gone.pt")},
+               {"kind": "clip", "model": str(clip[0]), "weights": str(clip[1]), "batchsize": 2},
+               {"kind": "clp"}]
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    scorers=scorers, trails=3))
+    err = check(["run", config], "(4 problems)",
+                f"scorers[0].weights: weights file {tmp_path / 'gone.pt'} does not exist",
+                "scorers[1].batchsize: unknown key (did you mean batch_size?)",
+                "scorers[2].kind: unknown scorer kind 'clp' (did you mean clip?)",
+                "trails: unknown key (did you mean trials?)")
+    assert "errors.pydantic.dev" not in err
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("- just\n- a list\n", "expected a YAML mapping, got list"),
+    ("name: [unclosed\n", "cannot read it"),
+])
+def test_config_file_that_is_not_a_mapping(check, tmp_path, text, needle):
+    config = write(tmp_path / "c.yaml", text)
+    check(["run", config], str(config), needle)
+
+
+def test_missing_config_file(check, tmp_path):
+    check(["run", tmp_path / "nope.yaml"], str(tmp_path / "nope.yaml"), "cannot read it")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(check, tmp_path, tiny_sd1, clip, models):
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    device="cuda"))
+    check(["run", config], "device: cuda, but", "use device: cpu")
+
+
+def test_unreachable_storage_server(check, tmp_path, tiny_sd1, clip, models):
+    pytest.importorskip("psycopg")
+    url = "postgresql://nobody@127.0.0.1:1/none"  # port 1: refused at once
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    storage=url))
+    check(["run", config], f"storage: cannot open {url}", "check the URL")
+
+
+def test_sqlite_storage_in_a_missing_folder(check, tmp_path, tiny_sd1, clip, models):
+    url = f"sqlite:///{tmp_path}/no/such/folder/s.db"
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    storage=url))
+    check(["run", config], "storage:", "does not exist")
+
+
+def test_unknown_block_name_for_the_checkpoint(check, tmp_path, tiny_sd1, clip, models):
+    config = write(tmp_path / "c.yaml", config_data(
+        tiny_sd1, clip, models, tmp_path, merge={"vocabulary": "mbw", "fixed": {"IN42": 0.5}}))
+    check(["run", config], "merge.fixed.IN42")
+
+
+def test_scorer_that_fails_to_load_leaves_nothing_and_locks_nothing(check, capsys, tmp_path,
+                                                                    tiny_sd1, clip, models):
+    """A scorer whose weights are another model's fails after the pipeline loaded: nothing is
+    created, and the fixed config then runs under the same name."""
+    broken = [{"kind": "clip", "model": str(clip[0]), "weights": str(tiny_sd1.base)}]
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    scorers=broken, trials=1))
+    err = check(["run", config], "scorers[0]: scorer 'clip'", str(tiny_sd1.base))
+    assert len([line for line in err.splitlines() if "error" in line]) == 1  # one line
+    write(config, config_data(tiny_sd1, clip, models, tmp_path, trials=1))
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    assert len(rf.completed(rf.RunFolder.load(tmp_path / "runs" / "bad").study())) == 1
+
+
+def test_study_that_never_ran_a_trial_is_made_again_with_a_fixed_config(tmp_path, tiny_sd1,
+                                                                        clip, models, capsys):
+    """A study locked to a broken config by an older version (made, then start-up failed)."""
+    data = config_data(tiny_sd1, clip, models, tmp_path, trials=1)
+    run = tmp_path / "runs" / "bad"
+    run.mkdir(parents=True)
+    study = optuna.create_study(study_name="bad", storage=rf.default_storage(run))
+    study.set_user_attr("config", {"models": {}, "merge": {}, "probes": {}, "scorers": [],
+                                   "objective": "weighted"})
+    config = write(tmp_path / "c.yaml", data)
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    assert "never ran a trial; making it again" in capsys.readouterr().err
+    assert len(rf.completed(rf.RunFolder.load(run).study())) == 1
+
+
+def test_every_trial_failing_exits_non_zero_with_the_first_reason(tmp_path, tiny_sd1, clip,
+                                                                 models, capsys):
+    """A `reference` scorer without references fails every candidate."""
+    scorers = [{"kind": "reference", "model": str(clip[0]), "weights": str(clip[1])}]
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    scorers=scorers, trials=3))
+    assert main(["run", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "error: every trial of this run failed (5); the first, trial 0:" in err
+    assert "reference" in err.split("the first, trial 0:")[1]
+    assert "Traceback" not in err
+    study = rf.RunFolder.load(tmp_path / "runs" / "bad").study()
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 5
+
+
+# ---------------------------------------------------------------------------- status, export
+
+
+@pytest.fixture(scope="module")
+def done(tiny_sd1, clip, models, tmp_path_factory):
+    """A finished run (3 COMPLETE trials) the status and export cases read."""
+    from search.config import parse_config
+    from search.study import optimize, prepare
+
+    out = tmp_path_factory.mktemp("done")
+    cfg = parse_config(config_data(tiny_sd1, clip, models, out, name="done", trials=3))
+    study, ctx = prepare(cfg, log=lambda m: None)
+    optimize(study, ctx, log=lambda m: None)
+    return cfg.run_folder
+
+
+@pytest.fixture
+def run_copy(done, tmp_path):
+    return Path(shutil.copytree(done, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("command", [["status"], ["best"], ["export", "--to", "mbw"]])
+@pytest.mark.parametrize("content,needle", [
+    ("{}", "lacks study_name and storage"),
+    ("not json {", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_broken_run_json(check, run_copy, command, content, needle):
+    (run_copy / rf.RUN_FILE).write_text(content)
+    check([command[0], run_copy, *command[1:]], str(run_copy / rf.RUN_FILE), needle,
+          "mergesearch run CONFIG")
+
+
+@pytest.mark.parametrize("command", [["status"], ["export", "--to", "mbw"]])
+def test_folder_that_is_not_a_run(check, tmp_path, command):
+    (tmp_path / "plain").mkdir()
+    check([command[0], tmp_path / "plain", *command[1:]], str(tmp_path / "plain"),
+          "run folder")
+
+
+def test_status_of_a_missing_folder(check, tmp_path):
+    check(["status", tmp_path / "nowhere"], str(tmp_path / "nowhere"), "no such run folder")
+
+
+def test_run_json_naming_another_study(check, run_copy):
+    meta = json.loads((run_copy / rf.RUN_FILE).read_text())
+    (run_copy / rf.RUN_FILE).write_text(json.dumps({**meta, "study_name": "other"}))
+    check(["status", run_copy], "has no study 'other'")
+
+
+def test_run_folder_whose_database_is_gone(check, run_copy):
+    meta = json.loads((run_copy / rf.RUN_FILE).read_text())
+    gone = run_copy / "gone.db"
+    (run_copy / rf.RUN_FILE).write_text(json.dumps({**meta, "storage": f"sqlite:///{gone}"}))
+    check(["best", run_copy], str(gone), "does not exist")
+
+
+def test_export_of_a_trial_that_does_not_exist(check, done):
+    check(["export", done, "--trial", "99", "--to", "mbw"], "has no trial 99")
+
+
+def test_export_file_name_for_two_formats(check, done, tmp_path):
+    check(["export", done, "--to", "mbw", "--to", "comfyui", "-o", tmp_path / "x.txt"],
+          "names a file", "give a folder")
+
+
+def test_export_lora_without_base(check, done):
+    check(["export", done, "--to", "lora"], "--base")
+
+
+def test_export_of_a_source_changed_since_the_study(check, done, models):
+    data = models["model2"].read_bytes()
+    try:
+        models["model2"].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        check.sources = [p for p in check.sources if p != models["model2"]]
+        check(["export", done, "--to", "mbw"], "recipe.models.model2", "changed since")
+    finally:
+        models["model2"].write_bytes(data)
+
+
+def test_export_of_a_missing_source(check, done, models):
+    moved = models["model1"].with_suffix(".moved")
+    models["model1"].rename(moved)
+    try:
+        check.sources = [p for p in check.sources if p != models["model1"]]
+        check(["export", done, "--to", "mbw"], "recipe.models.model1", "is missing")
+    finally:
+        moved.rename(models["model1"])
+
+
+def test_study_name_taken_by_another_config(check, done, tiny_sd1, clip, models, tmp_path):
+    data = config_data(tiny_sd1, clip, models, done.parent.parent, name="done",
+                       merge={"vocabulary": "single"})
+    config = write(tmp_path / "c.yaml", data)
+    check.watch = done
+    check(["run", config], "name: study 'done'", "give the new config another name")

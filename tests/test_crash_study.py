@@ -1,0 +1,221 @@
+"""Studies survive what happens to real workers: Ctrl-C, SIGKILL, several workers on one
+PostgreSQL server with one of them killed, two resumers started at once.
+
+Each worker is a real `mergesearch run` process. Afterwards: no COMPLETE trial lost or
+changed, no trial stuck RUNNING, exactly the target of COMPLETE trials, and no parameter set
+evaluated twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from postgres_server import PostgresServer, find_bin
+
+from evaluators.testing import write_tiny_open_clip
+from search import run_folder as rf
+from search.cli import main
+from search.liveness import STALE_REASON
+
+COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                           optuna.trial.TrialState.FAIL)
+# Trials slow enough (about half a second) that a signal sent just after one starts lands in it.
+SLOW_PROBES = {"prompts": ["a red apple"], "seeds": [1, 2], "steps": 8, "width": 64,
+               "height": 64, "batch_size": 1}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_tiny_open_clip(tmp_path_factory.mktemp("clip"), name="crash-clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    if find_bin("initdb") is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql); .ci/run installs it")
+    pytest.importorskip("psycopg")
+    server = PostgresServer()
+    url = server.start()
+    yield url
+    server.stop()
+
+
+def write_config(folder: Path, fam, clip, name: str, trials: int, **extra) -> Path:
+    data = {
+        "name": name, "models": {"model1": str(fam.a), "model2": str(fam.b)},
+        "config_folder": str(fam.config_folder), "merge": {"vocabulary": "blocks"},
+        "probes": SLOW_PROBES,
+        "scorers": [{"kind": "clip", "model": str(clip[0]), "weights": str(clip[1])}],
+        "warm_start": {"model1": True, "model2": False, "uniform": []},
+        "trials": trials, "output": str(folder / "runs"), "device": "cpu",
+        "heartbeat_seconds": 1, "grace_seconds": 2, **extra,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+class Worker:
+    """`mergesearch run CONFIG` in its own process, its output in files."""
+
+    count = 0
+
+    def __init__(self, config: Path):
+        Worker.count += 1
+        self.err_path = config.parent / f"worker{Worker.count}.err"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(config)],
+                                         stdout=subprocess.DEVNULL, stderr=err, env=env)
+
+    @property
+    def tag(self) -> str:  # the `worker` attribute of its trials ends with its pid
+        return f":{self.proc.pid}"
+
+    def finish(self, timeout: float = 300) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+
+def load(url: str, name: str) -> optuna.Study | None:
+    db = rf.sqlite_file(url)
+    if db is not None and not db.exists():  # opening would make the file the worker makes
+        return None
+    try:
+        return optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return None
+
+
+def wait_for_fresh_trial(url: str, name: str, worker: Worker, min_complete: int,
+                         timeout: float = 240) -> int:
+    """Wait until ``worker`` has just started a trial (and the study holds ``min_complete``
+    COMPLETE trials); return its number. A signal sent now lands inside that trial."""
+    seen: set[int] = set()
+    first = True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        study = load(url, name)
+        if study is not None:
+            trials = study.get_trials(deepcopy=False)
+            mine = [t for t in trials if t.state == RUNNING
+                    and str(t.user_attrs.get(rf.ATTR_WORKER, "")).endswith(worker.tag)]
+            done = sum(t.state == COMPLETE for t in trials)
+            fresh = [t.number for t in mine if t.number not in seen and not first]
+            if fresh and done >= min_complete:
+                return fresh[0]
+            seen.update(t.number for t in mine)
+            first = False
+        assert worker.proc.poll() is None, worker.err
+        time.sleep(0.05)
+    raise AssertionError(f"no fresh trial within {timeout} s:\n{worker.err}")
+
+
+def snapshot(study: optuna.Study) -> dict[int, tuple]:
+    return {t.number: (t.params, t.values) for t in study.get_trials() if t.state == COMPLETE}
+
+
+def repeated(study: optuna.Study) -> int:
+    """Evaluated trials (all parameters drawn) whose parameters another one already had."""
+    points = [tuple(sorted(t.params.items())) for t in study.get_trials()
+              if t.state != optuna.trial.TrialState.PRUNED and len(t.params) == 3]
+    return len(points) - len(set(points))
+
+
+def check_end(study: optuna.Study, target: int, kept: dict[int, tuple]) -> None:
+    trials = study.get_trials()
+    assert sum(t.state == COMPLETE for t in trials) == target
+    assert not [t.number for t in trials if t.state == RUNNING]
+    assert repeated(study) == 0
+    assert all(rf.ATTR_RECIPE in t.user_attrs for t in trials if t.state == COMPLETE)
+    now = snapshot(study)
+    assert {n: now.get(n) for n in kept} == kept  # no COMPLETE trial lost or changed
+
+
+def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys):
+    """SIGINT: exit 130, no traceback, the trial FAIL `interrupted`, the budget intact;
+    SIGKILL: the trial found stale on resume; two resumes reach the target exactly."""
+    config = write_config(tmp_path, tiny_sd1, clip, "crash", 6)
+    url = rf.default_storage(tmp_path / "runs" / "crash")
+    first = Worker(config)
+    interrupted = wait_for_fresh_trial(url, "crash", first, min_complete=2)
+    first.proc.send_signal(signal.SIGINT)
+    assert first.finish() == 130, first.err
+    assert "Traceback" not in first.err
+    study = load(url, "crash")
+    done = snapshot(study)
+    assert f"interrupted: {len(done)} of 6 trials are complete and stored" in first.err
+    assert study.trials[interrupted].state == FAIL
+    assert study.trials[interrupted].user_attrs[rf.ATTR_FAIL] == "interrupted"
+
+    second = Worker(config)
+    killed = wait_for_fresh_trial(url, "crash", second, min_complete=len(done) + 1)
+    second.proc.kill()
+    second.finish()
+    kept = snapshot(load(url, "crash"))
+    assert load(url, "crash").trials[killed].state == RUNNING  # what a killed worker leaves
+
+    assert main(["run", str(config)]) == 0  # the second resume, in this process
+    err = capsys.readouterr().err
+    study = load(url, "crash")
+    check_end(study, 6, {**done, **kept})
+    assert study.trials[killed].state == FAIL
+    assert study.trials[killed].user_attrs[rf.ATTR_FAIL] == STALE_REASON
+    assert f"marked FAIL: trial(s) {killed}" in err
+
+
+def test_three_postgres_workers_one_killed(tiny_sd1, clip, tmp_path, postgres_url, capsys):
+    """Two worker processes start together; one is killed mid-trial and a third worker (this
+    test's own process) joins while the other still runs."""
+    config = write_config(tmp_path, tiny_sd1, clip, "pg", 8, storage=postgres_url)
+    workers = [Worker(config) for _ in range(2)]
+    killed = wait_for_fresh_trial(postgres_url, "pg", workers[0], min_complete=1)
+    workers[0].proc.kill()
+    workers[0].finish()
+    kept = snapshot(load(postgres_url, "pg"))
+    mine = {n for n, t in enumerate(load(postgres_url, "pg").trials)
+            if str(t.user_attrs.get(rf.ATTR_WORKER, "")).endswith(workers[0].tag)
+            and t.state == COMPLETE}
+    assert mine  # the killed worker finished trials first; they must survive it
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    assert workers[1].finish() == 0, workers[1].err
+    assert "Traceback" not in workers[1].err
+    study = load(postgres_url, "pg")
+    check_end(study, 8, kept)
+    assert study.trials[killed].state == FAIL
+    by_worker = {str(t.user_attrs.get(rf.ATTR_WORKER)) for t in study.trials
+                 if t.state == COMPLETE}
+    assert len(by_worker) == 3 and mine <= set(snapshot(study))
+
+
+def test_two_resumers_at_once(tiny_sd1, clip, tmp_path):
+    """Two `run`s of one config started together on a study that already holds trials."""
+    from search.config import load_config
+    from search.study import optimize, prepare
+
+    config = write_config(tmp_path, tiny_sd1, clip, "twin", 2)
+    study, ctx = prepare(load_config(config), log=lambda m: None)
+    optimize(study, ctx, log=lambda m: None)
+    kept = snapshot(study)
+    assert len(kept) == 2
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "trials": 7}))
+    workers = [Worker(config), Worker(config)]
+    for worker in workers:
+        assert worker.finish() == 0, worker.err
+        assert "Traceback" not in worker.err
+    study = load(rf.default_storage(tmp_path / "runs" / "twin"), "twin")
+    check_end(study, 7, kept)
+    assert study.user_attrs["warm_starts_enqueued"]
+    assert sum(t.user_attrs.get("warm_start") == "model1" for t in study.trials) == 1
