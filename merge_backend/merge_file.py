@@ -104,7 +104,7 @@ def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
 
 def check_new_output(output: Path, overwrite: bool, error: type[Exception]) -> None:
     """``output`` may be written: absent (or a file ``overwrite`` replaces), in a folder that
-    is one or can be made. Checked up front, so a merge never fails at its last step."""
+    is one or can be made: a bad path fails before the merge, not at its final rename."""
     if output.is_symlink() or output.exists():
         if not overwrite:
             raise error(f"output {output} exists; pass --overwrite to replace it")
