@@ -153,6 +153,15 @@ def test_fifo_source_does_not_hang(case):
     case(["merge", "simple", case.fam.a, fifo], fifo, "FIFO")  # cli() times out if it hangs
 
 
+def test_socket_source(case):
+    import socket
+
+    path = case.bad / "sock.safetensors"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        case(["merge", "simple", case.fam.a, path], path, "socket")
+
+
 def test_character_device_source(case):
     case(["merge", "simple", case.fam.a, "/dev/zero"], "/dev/zero", "character device")
 
