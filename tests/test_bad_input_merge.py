@@ -354,6 +354,12 @@ def test_ratios_file_with_nan(case):
           ratios], ratios, "IN04", "not a finite number")
 
 
+def test_overflow_while_writing_leaves_nothing(case):
+    # The one fault only writing can find: values past float16's range. The partial goes.
+    case(["merge", "simple", case.fam.a, case.fam.b, "--ratio", "1e30", "--allow-extrapolation",
+          "--quiet"], "overflows float16", "model.diffusion_model.")
+
+
 def test_unknown_block_name(case):
     case(["merge", "layers", case.fam.a, case.fam.b, "--ratio", "IN99=0.5", "--vocabulary", "mbw"],
          "IN99", "valid names")
