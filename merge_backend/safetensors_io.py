@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .file_sinks import AtomicWriter, pause_point
+from .file_sinks import AtomicWriter
+from .partial_files import pause_point
 from .source_files import check_source
 
 DTYPES: dict[str, torch.dtype] = {

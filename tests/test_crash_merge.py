@@ -1,7 +1,7 @@
 """SIGKILL a `mergesearch merge` at named moments: the output is absent or complete and valid,
 and the next merge into that folder leaves no stale partial file behind.
 
-The moments come from the one test hook, ``MERGESEARCH_PAUSE_AT`` (merge_backend/file_sinks.py):
+The moments come from the one test hook, ``MERGESEARCH_PAUSE_AT`` (merge_backend/partial_files.py):
 the merge prints that it paused and sleeps until it is killed.
 """
 
