@@ -6,10 +6,11 @@ cannot be read at all, and on Python 3.11 a symlink loop makes ``Path.resolve`` 
 first read, with the caller's error class (``CheckpointError``, ``LoraError``, ...).
 
 Example:
-    >>> check_source("/dev/null")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    merge_backend.source_files.SourceFileError: /dev/null: a character device, not a regular ...
+    >>> try:
+    ...     check_source("/dev/null")
+    ... except SourceFileError as exc:
+    ...     print(exc)
+    /dev/null: a character device, not a regular file; name a weights file
 """
 
 from __future__ import annotations
