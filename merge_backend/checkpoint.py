@@ -13,14 +13,15 @@ Example:
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from .architectures import Architecture, canonical_key, detect_architecture, is_model_key
 from .safetensors_io import MappedFile, SafetensorsError, TensorInfo, read_header
+from .source_files import check_source
 
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -83,6 +84,14 @@ class Checkpoint:
                                   "the file is damaged or was saved from a diverged model")
         return tensor
 
+    def check_finite(self, keys: Iterable[str]) -> None:
+        """Read every tensor of ``keys`` once and raise ``CheckpointError`` naming the first
+        that holds NaN or inf — before a merge writes anything. About 0.25 s per 2 GB of
+        fp16 from the page cache (benchmarks/merge_cli.py measures it inside the merge)."""
+        for key in keys:
+            self.get(key)
+            self.release(key)
+
     def release(self, key: str) -> None:
         """Done with ``key`` for now: let its memory go (a no-op for in-memory sources)."""
         if self._releaser is not None:
@@ -105,9 +114,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint lazily and detect its architecture (see module docstring)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
+    st = check_source(path, error=CheckpointError, folder_ok=True)  # FIFOs, loops, devices
+    if stat.S_ISDIR(st.st_mode):
         from .diffusers_folder import open_diffusers_folder
 
         return open_diffusers_folder(path)
@@ -138,7 +146,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
 def _open_pickle(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile pickle raises
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: refused: this .ckpt is not a plain weights file that loads with "
@@ -147,7 +155,7 @@ def _open_pickle(path: Path) -> Checkpoint:
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     arch = _detect(tensors.keys(), path)
     return Checkpoint(path, arch, {k: tuple(v.shape) for k, v in tensors.items()},
                       {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, {})

@@ -6,20 +6,25 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .architectures import ARCHITECTURES, Architecture
 from .checkpoint import Checkpoint, CheckpointError
 from .naming import to_original
+from .safetensors_io import SafetensorsError, read_header, read_tensor
+from .source_files import check_source
 
 _PIPELINE_ARCH = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": None}
 
 
 def _read_json(path: Path) -> dict:
+    check_source(path, error=CheckpointError)  # a FIFO would block read_text forever
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
 
 
 def _architecture(folder: Path, index: dict) -> Architecture:
@@ -39,8 +44,12 @@ def _component_state(folder: Path, sub: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{folder / sub}: no .safetensors weights (.bin files are pickles; "
                               "convert them first)")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    for file in files:  # the same header checks as single files, tensors read into memory
+        try:
+            table, _ = read_header(file)
+            state.update({key: read_tensor(file, info) for key, info in table.items()})
+        except SafetensorsError as exc:
+            raise CheckpointError(str(exc)) from None
     return state
 
 

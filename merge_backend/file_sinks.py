@@ -4,6 +4,9 @@
 bytes are on the disk (fdatasync), renames the file into place and syncs the folder; on any
 error the temporary file is removed and ``target`` is untouched.
 
+A process killed while writing (SIGKILL, power loss) cannot remove its temporary file; the next
+writer into the folder removes it (``partial_files``).
+
 Large outputs (merged checkpoints: 2–7 GB) ask for ``direct=True``. Their bytes are then staged
 in two page-aligned buffers, and a thread writes each full buffer straight to the device
 (``O_DIRECT``) while the other one fills. Nothing goes through the page cache:
@@ -32,6 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from .partial_files import partial_name, pause_point, remove_stale_partials
 
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS and Windows have no fdatasync
 
@@ -238,17 +243,19 @@ class AtomicWriter:
     and on the disk (see the module docstring).
 
     Used as a context manager that yields the sink: on any exception the temporary file is
-    removed and the target is untouched.
+    removed and the target is untouched. Entering it first removes stale partial files that
+    killed writers left in the folder.
     """
 
     def __init__(self, target: Path, direct: bool = False):
         self.target = Path(target)
         self.direct = direct
-        self.tmp = self.target.with_name(f".{self.target.name}.{os.getpid()}.partial")
+        self.tmp = self.target.with_name(partial_name(self.target.name))
         self.sink: BufferedSink | DirectSink | None = None
 
     def __enter__(self) -> BufferedSink | DirectSink:
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.target.parent)
         self.sink = open_sink(self.tmp, self.direct)
         return self.sink
 
@@ -257,6 +264,7 @@ class AtomicWriter:
         try:
             self.sink.close(ok)
             if ok:
+                pause_point("before-rename")
                 os.replace(self.tmp, self.target)
         except BaseException as error:
             self.tmp.unlink(missing_ok=True)
@@ -265,6 +273,7 @@ class AtomicWriter:
                 raise
             raise named from error
         if ok:
+            pause_point("after-rename")
             _sync_folder(self.target.parent)
             return
         self.tmp.unlink(missing_ok=True)

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from merge_backend.architectures import ARCHITECTURES, Architecture, detect_architecture
 from merge_backend.pipeline_configs import CONFIG_FOLDERS, SIZES, TOKENIZER_FOLDERS
+from merge_backend.safetensors_io import read_header
 
 CACHE_ENV = "MERGESEARCH_CACHE"
 _PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
@@ -206,16 +206,17 @@ def empty_pipeline(arch_name: str, size: str = "full", device: str | torch.devic
 
 
 def checkpoint_keys(checkpoint: Path) -> list[str]:
-    """Tensor names of a .safetensors file, without reading the tensors."""
-    with safe_open(str(checkpoint), framework="pt") as f:
-        return list(f.keys())
+    """Tensor names of a .safetensors file, without reading the tensors (header checked)."""
+    return list(read_header(Path(checkpoint))[0])
 
 
 def infer_size(checkpoint: Path, arch_name: str) -> str:
     """'full' or 'tiny': which known config folder matches the file's UNet width."""
     key = "model.diffusion_model.input_blocks.0.0.weight"
-    with safe_open(str(checkpoint), framework="pt") as f:
-        width = f.get_slice(key).get_shape()[0]
+    table, _ = read_header(Path(checkpoint))
+    if key not in table:
+        raise ValueError(f"{checkpoint}: no tensor {key!r}; not a {arch_name} UNet")
+    width = table[key].shape[0]
     for size in SIZES:
         config = CONFIG_FOLDERS.get((arch_name, size))
         if config and config["unet/config.json"]["block_out_channels"][0] == width:

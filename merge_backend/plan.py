@@ -1,9 +1,10 @@
 """Planning a merge: every output key, its operation, ratio and sources — before any tensor.
 
 ``plan_merge(recipe, sources)`` checks that the sources fit together (same architecture, the
-keys the method touches present in every source with the same shapes) and returns a
-``MergePlan``. Planning reads only file headers, so a bad input fails in milliseconds, before
-the long work starts. The plan is what both the file merge and the in-memory engine execute.
+keys the method touches present in every source — model1 included — with the same shapes and a
+floating-point dtype) and returns a ``MergePlan``. Planning reads only file headers, so a bad
+input fails in milliseconds, before the long work starts. The plan is what both the file merge
+and the in-memory engine execute.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .architectures import UNET_PREFIX, block_of, component_of
+from .architectures import block_of, component_of
 from .checkpoint import Checkpoint
 from .recipe import ClipMerge, Recipe
 
@@ -67,6 +68,8 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
         else:
             plans.append(KeyPlan(key, "copy", component))
     notes = _check_keys(recipe, sources, merged_keys)
+    _check_model1_complete(sources, clip)
+    _check_float(recipe, sources, plans)
     return MergePlan(recipe, plans, notes)
 
 
@@ -104,13 +107,43 @@ def _check_keys(recipe: Recipe, sources: Mapping[str, Checkpoint], merged: list[
                 f"{role} {ckpt.path} differs in shape from model1 {model1.path} at {len(bad)} "
                 f"key(s), e.g. {k}: model1 {list(s1)} vs {role} {list(s2)} (a different model size "
                 "or variant, such as an inpainting UNet)")
-        unet_keys = {k for k in model1.model_keys() if k.startswith(UNET_PREFIX)}
-        extra = [k for k in ckpt.model_keys() if k.startswith(UNET_PREFIX) and k not in unet_keys]
-        if extra:
-            notes.append(f"{role} {ckpt.path}: {len(extra)} extra UNet key(s) ignored, "
-                         f"e.g. {', '.join(extra[:_SHOW])}")
     for role, ckpt in sources.items():
         ignored = len(ckpt.keys()) - len(ckpt.model_keys())
         if ignored:
             notes.append(f"{role} {ckpt.path}: {ignored} non-model key(s) (EMA, schedule) ignored")
     return notes
+
+
+def _check_model1_complete(sources: Mapping[str, Checkpoint], clip: ClipMerge | None) -> None:
+    """A key of a merged component (the UNet; the text encoders when they merge) that another
+    source has and model1 lacks would be left out of the output without a word: refuse it."""
+    model1 = sources["model1"]
+    arch = model1.arch
+    merged = {"unet"} | ({te.name for te in arch.text_encoders} if clip is not None else set())
+    for role, ckpt in sources.items():
+        if ckpt is model1:
+            continue
+        extra = [k for k in ckpt.model_keys() if k not in model1
+                 and component_of(arch, k) in merged and (component_of(arch, k) == "unet"
+                                                          or _clip_merges(clip, arch, k))]
+        if extra:
+            raise IncompatibleSourcesError(
+                f"model1 {model1.path} lacks {len(extra)} key(s) that {role} {ckpt.path} has and "
+                f"the merge combines, e.g. {', '.join(extra[:_SHOW])}; the output would miss "
+                "them (is model1 damaged, or a different variant?)")
+
+
+def _check_float(recipe: Recipe, sources: Mapping[str, Checkpoint], plans: list[KeyPlan]) -> None:
+    """Merged keys hold floating-point weights in every source that takes part."""
+    text_encoders = {te.name for te in sources["model1"].arch.text_encoders}
+    for k in plans:
+        if k.op == "copy":
+            continue  # copied unchanged, whatever the dtype (position_ids are integers)
+        roles = ("model1", "model2") if k.block in text_encoders else recipe.spec.roles
+        for role in roles:
+            dtype = sources[role].dtype(k.key)
+            if not dtype.is_floating_point:
+                raise IncompatibleSourcesError(
+                    f"{sources[role].path}: tensor {k.key} is {str(dtype).removeprefix('torch.')}, "
+                    "not floating point; a merge combines float weights (the file is damaged "
+                    "or this key holds something else)")

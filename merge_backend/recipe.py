@@ -162,6 +162,7 @@ class Recipe:
         extra = [r for r in self.models if r not in self.spec.roles]
         if extra:
             raise RecipeError(f"recipe.models: method {self.method} takes no {', '.join(extra)}")
+        check_finite("recipe.multiplier", self.multiplier)
         self._validate_ratios()
         self._validate_clip()
         self._validate_loras()
@@ -196,26 +197,30 @@ class Recipe:
             raise RecipeError(f"recipe.clip.method: {self.clip.method!r} is not one of "
                               f"{', '.join(CLIP_METHODS)}")
         check_ratio("recipe.clip.ratio", self.clip.ratio, self.allow_extrapolation)
-        if not math.isfinite(self.clip.multiplier):
-            raise RecipeError("recipe.clip.multiplier must be a finite number")
-
+        check_finite("recipe.clip.multiplier", self.clip.multiplier)
 
     def _validate_loras(self) -> None:
         names = block_names(ARCHITECTURES[self.arch], self.vocabulary)
         for i, lora in enumerate(self.loras):
-            for value, where in ((lora.strength, "strength"), (lora.te_strength or 0.0, "te_strength")):
-                if not math.isfinite(value):
-                    raise RecipeError(f"recipe.loras[{i}].{where} must be a finite number")
+            for value, where in ((lora.strength, "strength"), (lora.te_strength or 0.0, "te_strength"),
+                                 *((v, f"block_strengths[{n!r}]")
+                                   for n, v in (lora.block_strengths or {}).items())):
+                check_finite(f"recipe.loras[{i}].{where}", value)
             unknown = [n for n in (lora.block_strengths or {}) if n not in names]
             if unknown:
                 raise RecipeError(f"recipe.loras[{i}].block_strengths: unknown block(s) "
                                   f"{', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
 
 
+def check_finite(where: str, value: float) -> None:
+    """A number a merge multiplies by: NaN or inf would make every merged weight NaN or inf."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"{where} = {value} is not a finite number")
+
+
 def check_ratio(where: str, value: float, allow_extrapolation: bool) -> None:
     """Ratios live in [0, 1] (ComfyUI's sliders) unless extrapolation is asked for explicitly."""
-    if not math.isfinite(value):
-        raise RecipeError(f"{where} = {value} is not a finite number")
+    check_finite(where, value)
     if not allow_extrapolation and not 0.0 <= value <= 1.0:
         raise RecipeError(f"{where} = {value} is outside [0, 1]; pass --allow-extrapolation "
                           "(allow_extrapolation: true) to extrapolate past the two models")

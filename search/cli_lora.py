@@ -19,7 +19,8 @@ from merge_backend.lora import (
 from merge_backend.lora.extract import LORA_TYPES
 from merge_backend.lora.svd import SVD_METHODS
 from merge_backend.merge_file import DTYPES
-from merge_backend.recipe import LoraSpec
+from merge_backend.recipe import LoraSpec, RecipeError, check_finite
+from merge_backend.source_files import resolved
 
 BLOCK_VOCABULARIES = ("mbw", "comfy", "blocks")
 
@@ -84,10 +85,19 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
     path, sep, value = arg.rpartition(":")
     if sep and path:
         try:
-            return Path(path), float(value)
+            strength = float(value)
         except ValueError:
-            pass
+            return Path(arg), 1.0
+        _finite(f"LORA:STRENGTH {arg!r}: the strength", strength)
+        return Path(path), strength
     return Path(arg), 1.0
+
+
+def _finite(where: str, value: float) -> None:
+    try:
+        check_finite(where, value)
+    except RecipeError as exc:
+        raise LoraError(str(exc)) from None
 
 
 def parse_block_strengths(pairs: list[str], arch) -> tuple[str, dict[str, float]]:
@@ -101,6 +111,7 @@ def parse_block_strengths(pairs: list[str], arch) -> tuple[str, dict[str, float]
             values[name] = float(value)
         except ValueError:
             raise LoraError(f"--block-strength {pair!r}: write NAME=VALUE, e.g. IN04=0.5") from None
+        _finite(f"--block-strength {name}", values[name])
     for vocabulary in BLOCK_VOCABULARIES:
         if all(n in block_names(arch, vocabulary) for n in values):
             return vocabulary, values
@@ -119,6 +130,8 @@ def _progress(args: argparse.Namespace, what: str):
 def run_apply(args: argparse.Namespace) -> int:
     from merge_backend.checkpoint import open_checkpoint
 
+    if args.te_strength is not None:
+        _finite("--te-strength", args.te_strength)
     arch = open_checkpoint(args.checkpoint).arch
     vocabulary, blocks = parse_block_strengths(args.block_strength, arch)
     specs = [LoraSpec(str(path), strength, blocks or None, args.te_strength)
@@ -132,7 +145,16 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    loras = [(read_lora(path), strength) for path, strength in map(parse_lora_arg, args.loras)]
+    if args.rank is not None and args.rank < 1:
+        raise LoraError(f"--rank must be at least 1, got {args.rank}")
+    parsed = list(map(parse_lora_arg, args.loras))
+    target = resolved(args.output, LoraError)
+    for path, _ in parsed:  # the output replaces its file: never one of the inputs
+        if resolved(path, LoraError) == target or (
+                target.exists() and path.exists() and target.samefile(path)):
+            raise LoraError(f"output {args.output} is one of the LoRAs added; choose another "
+                            "path (sources are never modified)")
+    loras = [(read_lora(path), strength) for path, strength in parsed]
     merged, table = add_loras(loras, rank=args.rank, svd=args.svd, clamp=args.clamp,
                               device=args.device)
     sources = {str(p): s for p, s in map(parse_lora_arg, args.loras)}

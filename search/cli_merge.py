@@ -12,7 +12,8 @@ from pathlib import Path
 
 from merge_backend import ARCHITECTURES, ClipMerge, Recipe, Source, merge_to_file, open_checkpoint
 from merge_backend.architectures import block_names
-from merge_backend.recipe import RecipeError
+from merge_backend.recipe import RecipeError, check_finite
+from merge_backend.source_files import check_source
 
 NODES = {
     "simple": ("ModelMergeSimple: ratio*model1 + (1-ratio)*model2", "weighted_sum"),
@@ -85,21 +86,34 @@ def parse_ratio_pairs(pairs: list[str]) -> dict[str, float]:
             out[name] = float(value)
         except ValueError:
             raise RecipeError(f"--ratio {pair!r}: {value!r} is not a number") from None
+        check_finite(f"--ratio {name}", out[name])
     return out
 
 
 def load_ratio_file(path: Path) -> dict[str, float]:
     from .config import read_yaml_mapping
 
+    check_source(path, error=RecipeError)  # a FIFO would block the read forever
     data = read_yaml_mapping(path, f"--ratios-file {path}", RecipeError)
     try:
-        return {str(k): float(v) for k, v in data.items()}
+        ratios = {str(k): float(v) for k, v in data.items()}
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"--ratios-file {path}: every ratio must be a number ({exc})") from None
+    for name, value in ratios.items():
+        check_finite(f"--ratios-file {path}: {name}", value)
+    return ratios
+
+
+_NUMBER_FLAGS = ("ratio", "input", "middle", "out", "default", "multiplier", "clip_ratio",
+                 "clip_multiplier")
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The Recipe a `mergesearch merge NODE …` command line describes."""
+    for name in _NUMBER_FLAGS:  # argparse's float() takes "nan" and "inf"
+        value = getattr(args, name, None)
+        if isinstance(value, float):
+            check_finite(f"--{name.replace('_', '-')}", value)
     arch = open_checkpoint(args.model1).arch.name
     method = NODES[args.node][1]
     models = {"model1": Source(str(args.model1)), "model2": Source(str(args.model2))}

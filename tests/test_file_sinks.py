@@ -139,3 +139,13 @@ def test_failed_disk_write_leaves_nothing(tmp_path, mode):
     assert f"writing {tmp_path / 'o.bin'}" in out.stdout  # the message names the output
     assert os.listdir(tmp_path) == []
 
+
+
+def test_a_long_output_name_still_gets_a_partial_file(tmp_path):
+    # The temporary name adds PID, start time and host; the target name must still fit in 255.
+    target = tmp_path / ("m" * 240 + ".safetensors")
+    with AtomicWriter(target) as sink:
+        sink.write(b"data")
+        [partial] = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+        assert len(partial.name.encode()) <= 255 and partial.name.startswith(".mmm")
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path) == [target.name]

@@ -34,6 +34,7 @@ from merge_backend.checkpoint import Checkpoint, open_checkpoint
 from merge_backend.hashing import sha256_of
 from merge_backend.merge_file import DTYPES
 from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
+from merge_backend.source_files import resolved
 
 from .formats import (
     WRITE_FORMATS,
@@ -140,12 +141,20 @@ def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str
     jobs = []
     for target in table.components(components):
         if target.key not in m1:
+            if target.key in m2:  # skipping it would leave a difference out without a word
+                raise LoraError(f"{m1.path} lacks {target.key}, which {m2.path} has; extract a "
+                                "LoRA from two models of the same shape")
             continue
         for key in filter(None, (target.key, target.bias_key)):
             if key not in m2 or m1.shape(key) != m2.shape(key):
                 other = list(m2.shape(key)) if key in m2 else "no such key"
                 raise LoraError(f"{m1.path} and {m2.path} differ at {key}: {list(m1.shape(key))} "
                                 f"vs {other}; extract a LoRA from two models of the same shape")
+            for m in (m1, m2):
+                if not m.dtype(key).is_floating_point:
+                    raise LoraError(f"{m.path}: tensor {key} is "
+                                    f"{str(m.dtype(key)).removeprefix('torch.')}, not floating "
+                                    "point; a LoRA is a difference of float weights")
         shape = _diffusers_shape(target, m1.shape(target.key))
         if lora_type == "full_diff":
             weight = "diff"
@@ -242,7 +251,7 @@ def _differences(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch
 
 def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str) -> None:
     if rank < 1:
-        raise LoraError(f"rank must be at least 1, got {rank}")
+        raise LoraError(f"--rank must be at least 1, got {rank}")
     for value, allowed, what in ((fmt, WRITE_FORMATS, "format"), (lora_type, LORA_TYPES, "type"),
                                  (svd, SVD_METHODS, "svd"), (dtype, tuple(DTYPES), "dtype")):
         if value not in allowed:
@@ -261,7 +270,7 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
     check_lora_output(output, overwrite)
     m1, m2 = open_checkpoint(model1), open_checkpoint(model2)
     for m in (m1, m2):
-        if output.resolve() == Path(m.path).resolve():
+        if resolved(output, LoraError) == resolved(m.path, LoraError):
             raise LoraError(f"output {output} is a source model; choose another path")
     if m1.arch.name != m2.arch.name:
         raise LoraError(f"{m1.path} is {m1.arch.title} but {m2.path} is {m2.arch.title}; "
@@ -269,6 +278,10 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
     table = name_table(m1.arch.name)
     components = ["unet"] + ([te.name for te in m1.arch.text_encoders] if text_encoder else [])
     jobs = _plan(table, m1, m2, components, lora_type, bias_diff)
+    read = [k for job in jobs for k in ((job.target.key,) if job.weight != "none" else ())
+            + ((job.target.bias_key,) if job.bias_rows is not None else ())]
+    for m in (m1, m2):  # NaN / inf found before the long work (the SVDs), not in the middle
+        m.check_finite(dict.fromkeys(read))
     out_dtype = DTYPES[dtype]
     alpha = float(rank) if fmt == "kohya" else None
     planned = [PlannedTensor(k, out_dtype, tuple(v.shape)) for job in jobs

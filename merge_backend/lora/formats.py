@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from merge_backend.architectures import ARCHITECTURES, Architecture
+from merge_backend.checkpoint import all_finite
 from merge_backend.safetensors_io import (
     PlannedTensor,
     SafetensorsError,
@@ -32,6 +32,7 @@ from merge_backend.safetensors_io import (
     read_tensor,
     stream_safetensors,
 )
+from merge_backend.source_files import check_source
 
 from .names import NameTable, Target, name_table
 from .svd import threads_for
@@ -142,21 +143,36 @@ class LoraFile:
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise LoraError(f"{path}: no such LoRA file")
+    check_source(path, error=LoraError, what="LoRA file")  # FIFOs, devices, folders, symlink loops
     if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-            raise LoraError(f"{path}: not a plain weights file ({exc}); mergesearch never "
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile pickle raises
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LoraError(f"{path}: not a plain weights file ({first}); mergesearch never "
                             "unpickles code, convert it to .safetensors") from None
         state = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-        return {k: v for k, v in state.items() if isinstance(v, Tensor)}, {}
-    try:
-        table, metadata = read_header(path)
-        return {k: read_tensor(path, info) for k, info in table.items()}, metadata
-    except SafetensorsError as exc:
-        raise LoraError(str(exc)) from None
+        tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        metadata: dict[str, str] = {}
+    else:
+        try:
+            table, metadata = read_header(path)
+            tensors = {k: read_tensor(path, info) for k, info in table.items()}
+        except SafetensorsError as exc:
+            raise LoraError(str(exc)) from None
+    return tensors, metadata
+
+
+def _check_values(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """A LoRA is small: every value is checked when it is read (floats, no NaN or inf)."""
+    for key, value in tensors.items():
+        if not value.is_floating_point() and not (key.endswith(".alpha") and value.numel() == 1):
+            raise LoraError(f"{path}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')}"
+                            ", not floating point; LoRA weights are floats (only an alpha may "
+                            "be an integer)")
+        if not all_finite(value):
+            raise LoraError(f"{path}: tensor {key!r} holds NaN or infinite values; the LoRA is "
+                            "damaged or was saved from a diverged training run")
 
 
 def _split(key: str) -> tuple[str, str, str] | None:
@@ -270,6 +286,7 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
     groups, fmt = _group(path, tensors)
     if not groups:
         raise LoraError(f"{path}: holds no LoRA modules")
+    _check_values(path, tensors)
     names = list(groups)
     detected, scores = detect_lora_arch(names, metadata, tensors)
     arch_obj = ARCHITECTURES[detected] if arch is None else (
@@ -381,7 +398,8 @@ def save_lora(lora: LoraFile, path: str | Path, *, fmt: str = "kohya",
 
 
 def check_lora_output(path: Path, overwrite: bool) -> None:
+    from merge_backend.merge_file import check_new_output
+
     if path.suffix != ".safetensors":
         raise LoraError(f"output {path} must end in .safetensors")
-    if path.exists() and not overwrite:
-        raise LoraError(f"output {path} exists; pass --overwrite to replace it")
+    check_new_output(path, overwrite, LoraError)
