@@ -29,6 +29,7 @@ from _fullsize import full_size_files, goal, machine  # noqa: E402
 
 from merge_backend import Recipe, Source  # noqa: E402
 from merge_backend.engine import MergeEngine  # noqa: E402
+from merge_backend.dtypes import NAMES  # noqa: E402
 from merge_backend.pipeline import load_pipeline  # noqa: E402
 from merge_backend.recipe import uniform_ratios  # noqa: E402
 
@@ -63,10 +64,12 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def candidates(arch: str, files, arithmetic: str):
+def candidates(arch: str, files, arithmetic: str, dtype: torch.dtype):
+    held = NAMES[dtype]  # sources held in the live dtype, as a study does
     base = Recipe(arch=arch, method="weighted_sum", vocabulary="mbw",
                   ratios=uniform_ratios(arch, "mbw", 0.5), arithmetic=arithmetic,
-                  models={"model1": Source(str(files[0])), "model2": Source(str(files[1]))})
+                  models={"model1": Source(str(files[0])), "model2": Source(str(files[1]))},
+                  unet_dtype=held, text_encoder_dtype=held)
     flip = [0]
 
     def next_recipe():
@@ -78,8 +81,8 @@ def candidates(arch: str, files, arithmetic: str):
 
 def engine_job(pipe, files, arch, device, dtype, memory, arithmetic):
     """(engine, one full apply of a new candidate, merged parameters)."""
-    base, next_recipe = candidates(arch, files, arithmetic)
-    engine = MergeEngine(pipe, base, device=device, memory=memory, source_dtype=dtype)
+    base, next_recipe = candidates(arch, files, arithmetic, dtype)
+    engine = MergeEngine(pipe, base, device=device, memory=memory)
     return engine, lambda: engine.apply(next_recipe()), sum(g.numel for g in engine.groups)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from . import engine_kernels as kernels
 from .architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK
+from .dtypes import DTYPES, held, rounds_to
 from .engine_memory import MemoryPlan, plan_memory
 from .merge_file import open_sources
 from .naming import convert_value, key_maps
@@ -43,6 +44,7 @@ class BlockGroup:
     sources: dict[str, torch.Tensor] = field(default_factory=dict)
     loras: dict[int, torch.Tensor] = field(default_factory=dict)  # LoRA index -> flat delta
     last: tuple | None = None
+    held: torch.dtype | None = None  # the precision the block is held in (sources and result)
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,7 @@ class MergeEngine:
     """Binds a Recipe's sources to a live pipeline; ``apply`` writes candidates in place."""
 
     def __init__(self, pipe, recipe: Recipe, *, device: str | torch.device | None = None,
-                 memory: str = "auto", source_dtype: torch.dtype | None = None,
-                 chunk_elements: int = DEFAULT_CHUNK):
+                 memory: str = "auto", chunk_elements: int = DEFAULT_CHUNK):
         recipe.validate()
         self.pipe = pipe
         self.bound = recipe
@@ -68,7 +69,6 @@ class MergeEngine:
         plan = plan_merge(recipe, sources)  # compatibility and block names fail here, at bind
         by_key = {k.key: k for k in plan.keys}
         self.live_dtype = pipe.unet.dtype
-        self.source_dtype = source_dtype or self.live_dtype
         layout = self._layout(by_key)
         self.memory: MemoryPlan = plan_memory(memory, self.device, *self._bytes(layout))
         self.groups = [self._bind_group(name, params, sources) for name, params in layout.items()]
@@ -76,8 +76,8 @@ class MergeEngine:
         self._keep_model1_text_encoders(sources)
         largest = max(g.numel for g in self.groups)
         self.runner = kernels.Runner(self.device, self.live_dtype, min(self.chunk, largest))
-        scratch = self._needs_scratch()
-        self.runner.allocate(self._needs_staging(), 4 if recipe.loras else scratch)
+        rounding = {g.held for g in self.groups if rounds_to(g.held, self.live_dtype)}
+        self.runner.allocate(self._needs_staging(), self._needs_scratch(), tuple(rounding))
 
     # ------------------------------------------------------------------ binding
     def _needs_staging(self) -> int:
@@ -87,11 +87,13 @@ class MergeEngine:
                            for s in g.sources.values())), default=0)
 
     def _needs_scratch(self) -> int:
-        """float32 scratch buffers the ComfyUI-exact ops need (0 for fast-only recipes)."""
-        exact_unet = self.bound.arithmetic == "comfy" or self.bound.method in ("subtract", "add")
-        if exact_unet:
-            return 3 if self.bound.method == "add_difference" else 2
-        return 2 if len(self.merged_components(self.bound)) > 1 else 0
+        """float32 scratch buffers the exact ops, the held precisions and LoRAs need (0 for
+        fast-only recipes held in the live dtype)."""
+        fast_only = (self.bound.arithmetic == "fast" and not self.bound.loras
+                     and self.bound.method in ("weighted_sum", "add_difference")
+                     and len(self.merged_components(self.bound)) == 1
+                     and all(g.held == self.live_dtype for g in self.groups))
+        return 0 if fast_only else 3
 
     def merged_components(self, recipe: Recipe) -> tuple[str, ...]:
         tes = tuple(te.name for te in self.arch.text_encoders)
@@ -131,10 +133,17 @@ class MergeEngine:
             return ("model1", "target")  # target = model1 + (model2 - base), built at bind
         return self.bound.spec.roles
 
+    def held_dtype(self, component: str) -> torch.dtype:
+        """The dtype a component's sources are held in (the Recipe's precision)."""
+        return DTYPES[self.bound.held_dtype(component)]
+
     def _bytes(self, layout: Mapping[str, list]) -> tuple[int, int]:
-        item = self.source_dtype.itemsize
-        total = sum(p.numel() * len(self._roles(g.split(":")[0])) * item
-                    for g, items in layout.items() for _, p, _, _ in items)
+        total = 0
+        for g, items in layout.items():
+            component = g.split(":")[0]
+            item = self.held_dtype(component).itemsize
+            total += sum(p.numel() for _, p, _, _ in items) * len(self._roles(component)) * item
+        item = max(self.held_dtype(c).itemsize for c in self.merged_components(self.bound))
         staging = 2 * 3 * self.chunk * max(item, self.live_dtype.itemsize)
         return total, staging
 
@@ -149,23 +158,24 @@ class MergeEngine:
             view.copy_(param.data)
             param.data = view
             offset += n
-        group = BlockGroup(name, component, block, numel, live)
+        group = BlockGroup(name, component, block, numel, live, held=self.held_dtype(component))
         roles = self._roles(component)
         on_host = self.memory.mode == "offload"
         for role in roles:
             if role == "target":
                 continue
-            group.sources[role] = self._flat_source(items, sources[role], on_host)
+            group.sources[role] = self._flat_source(items, sources[role], on_host, group.held)
         if "target" in roles:
             group.sources["target"] = self._flat_target(items, sources, group.sources["model1"],
-                                                        on_host)
+                                                        on_host, group.held)
         return group
 
-    def _flat_source(self, items: list, ckpt, on_host: bool) -> torch.Tensor:
+    def _flat_source(self, items: list, ckpt, on_host: bool, dtype: torch.dtype) -> torch.Tensor:
+        """A source's tensors of one block, held in ``dtype`` (rounded once), laid out flat."""
         numel = sum(p.numel() for _, p, _, _ in items)
         device = torch.device("cpu") if on_host else self.device
         pin = on_host and self.device.type == "cuda"
-        flat = torch.empty(numel, dtype=self.source_dtype, device=device, pin_memory=pin)
+        flat = torch.empty(numel, dtype=dtype, device=device, pin_memory=pin)
         offset = 0
         for _, param, km, _ in items:
             value = convert_value(km, ckpt.get(km.original)).reshape(-1)
@@ -177,13 +187,12 @@ class MergeEngine:
             offset += value.numel()
         return flat
 
-    def _flat_target(self, items: list, sources, model1: torch.Tensor,
-                     on_host: bool) -> torch.Tensor:
-        # Fast add-difference: model1 + (model2 - base), rounded once to the source dtype, so
+    def _flat_target(self, items: list, sources, model1: torch.Tensor, on_host: bool,
+                     dtype: torch.dtype) -> torch.Tensor:
+        # Fast add-difference: model1 + (model2 - base), rounded once to the held dtype, so
         # each candidate is one lerp(model1, target, (1 - ratio) * multiplier).
-        m2, base = (self._flat_source(items, sources[r], True) for r in ("model2", "base"))
-        target = kernels.add_difference_target(model1.cpu(), m2, base, self.source_dtype,
-                                               self.chunk)
+        m2, base = (self._flat_source(items, sources[r], True, dtype) for r in ("model2", "base"))
+        target = kernels.add_difference_target(model1.cpu(), m2, base, dtype, self.chunk)
         if on_host:
             return target.pin_memory() if self.device.type == "cuda" else target
         return target.to(self.device)
@@ -246,7 +255,7 @@ class MergeEngine:
             with torch.no_grad():
                 for name, param in module.named_parameters():
                     value = convert_value(maps[name], sources["model1"].get(maps[name].original))
-                    param.data.copy_(value.reshape(param.shape))
+                    param.data.copy_(held(value, self.held_dtype(te.name)).reshape(param.shape))
 
     # ------------------------------------------------------------------ applying
     def check_compatible(self, recipe: Recipe) -> None:
@@ -254,8 +263,9 @@ class MergeEngine:
         recipe.validate()
         b = self.bound
         same = (recipe.arch, recipe.method, recipe.vocabulary, recipe.arithmetic,
+                recipe.unet_dtype, recipe.text_encoder_dtype,
                 {r: s.path for r, s in recipe.models.items()}, [x.path for x in recipe.loras])
-        bound = (b.arch, b.method, b.vocabulary, b.arithmetic,
+        bound = (b.arch, b.method, b.vocabulary, b.arithmetic, b.unet_dtype, b.text_encoder_dtype,
                  {r: s.path for r, s in b.models.items()}, [x.path for x in b.loras])
         if same != bound:
             raise RecipeError("this recipe needs a new MergeEngine: only ratios, multipliers, "
@@ -293,7 +303,7 @@ class MergeEngine:
                 continue
             op, ratio, multiplier, strengths = target
             loras = [(group.loras[i], k) for i, k in enumerate(strengths) if k != 0.0]
-            self.runner.run(group, op, ratio, multiplier, recipe.arithmetic, loras)
+            self.runner.run(group, op, ratio, multiplier, recipe.arithmetic, loras, group.held)
             group.last = target
             applied += 1
         self.runner.synchronize()

@@ -66,5 +66,5 @@ def plan_memory(mode: str, device: torch.device, source_bytes: int, staging_byte
         plans.append(plan)
     raise EngineMemoryError(
         "the merge engine will not fit: " + "; ".join(p.describe() for p in plans)
-        + ". Try memory='offload', a smaller source_dtype (fp16), or fewer merged components "
-        "(keep model1's text encoders)")
+        + ". Try memory='offload', holding the sources in fp16 (the Recipe's unet_dtype / "
+        "text_encoder_dtype), or fewer merged components (keep model1's text encoders)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from . import dtypes
 from . import engine_kernels as kernels
 from .methods import apply_op
 
@@ -37,29 +38,38 @@ class KeyArithmetic:
         return buf[:numel].view(shape)
 
     def merge(self, op: str, tensors: list[torch.Tensor], ratio: float, multiplier: float,
-              delta: torch.Tensor | None = None) -> torch.Tensor:
+              delta: torch.Tensor | None = None, held: torch.dtype | None = None) -> torch.Tensor:
         """``op`` over ``tensors`` (roles in the method's order), cast to the output dtype.
 
+        ``held``: the precision the key's component is held in (sources rounded to it, the
+        result rounded to it before the output dtype; None: no rounding but the output's).
         ``delta`` (float32, the key's shape) is added before the final rounding for the exact
         ops and after rounding to the working dtype for the fast ones, as ``methods`` and the
         engine do.
         """
         kind = kernels.op_kind(op, self.arithmetic)
+        tensors = [dtypes.held(t, held) for t in tensors]
         shape = tensors[0].shape
         if kind not in kernels.FAST_OPS:
             out = self._buffer(self.out_dtype, shape)
-            post = None if delta is None else \
-                (lambda w, s, e: w.add_(delta.reshape(-1)[s:e]))
-            kernels.compute(self.runner, kind, out.view(-1),
-                            [t.reshape(-1) for t in tensors], ratio, multiplier, post)
+            rounds = dtypes.rounds_to(held, self.out_dtype)
+
+            def post(w: torch.Tensor, s: int, e: int) -> None:
+                if delta is not None:
+                    w.add_(delta.reshape(-1)[s:e])
+                if rounds:
+                    self.runner.round_through(w, held)
+            kernels.compute(self.runner, kind, out.view(-1), [t.reshape(-1) for t in tensors],
+                            ratio, multiplier, post if delta is not None or rounds else None)
             return out
+        work = held or self.out_dtype  # the fast ops' working dtype
         if kind == "weighted_sum_fast":
-            out = self._buffer(self.out_dtype, shape)
-            w1, w2 = (t.to(self.out_dtype) for t in tensors)
+            out = self._buffer(work, shape)
+            w1, w2 = (t.to(work) for t in tensors)
             torch.lerp(w2, w1, ratio, out=out)
         else:  # add_difference_fast: rare enough to run the plain function
             out = apply_op(op, tensors, ratio, multiplier, arithmetic=self.arithmetic,
-                           work_dtype=self.out_dtype)
-        if delta is None:
-            return out
-        return (out.float() + delta).to(self.out_dtype)
+                           work_dtype=work)
+        if delta is not None:
+            out = (out.float() + delta).to(work)
+        return out if out.dtype == self.out_dtype else out.to(self.out_dtype)

@@ -25,6 +25,7 @@ import torch
 
 from .architectures import ARCHITECTURES
 from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint
+from .dtypes import DTYPES, held
 from .file_kernels import KeyArithmetic
 from .hashing import sha256_of
 from .plan import KeyPlan, MergePlan, plan_merge
@@ -32,7 +33,6 @@ from .recipe import Recipe, Source
 from .safetensors_io import PlannedTensor, stream_safetensors
 from .source_files import resolved
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SDXL_LOGIT_SCALE = 4.6055  # the value SDXL base 1.0 ships
 Progress = Callable[[int, int, str], None]
 
@@ -229,11 +229,15 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                 use = _roles_of(recipe, k)
                 delta = _lora_delta(loras, k.key, tensors[0], lora_device)
                 changed[0] += delta is not None
+                precision = DTYPES[k.held] if k.held else None
                 if k.op == "copy":
-                    merged = tensors[0] if delta is None else tensors[0].float() + delta
+                    merged = held(tensors[0], precision)
+                    if delta is not None:
+                        merged = held(merged.float() + delta, precision)
                     merged = merged.to(_out_dtype(merged.dtype, out_dtype))
                 else:  # into a buffer reused for the next key, once this one is written
-                    merged = arithmetic.merge(k.op, tensors, k.ratio, k.multiplier, delta)
+                    merged = arithmetic.merge(k.op, tensors, k.ratio, k.multiplier, delta,
+                                              precision)
                 if (k.op != "copy" or delta is not None) and not all_finite(merged):
                     _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
                 yield merged

@@ -3,11 +3,14 @@
 Ratio convention everywhere: ComfyUI's — ``ratio`` is model1's share (1.0 = model1 unchanged).
 
 Two arithmetics, named in the Recipe:
-- ``comfy``: ComfyUI's own float32 sequence, bit-exact with ComfyUI's merge nodes:
-  ``w = W1.float(); w *= a; w += b * W2.float()``.
+- ``comfy``: ComfyUI's own float32 sequence, bit-exact with ComfyUI's merge nodes: each node is
+  a weight patch ``w = W1.float(); w *= a (if a != 1); w += b * W2.float() (if b != 0)``, and
+  add-difference is the node chain the exported workflow builds, step for step (REFERENCE §6).
 - ``fast``: the one-pass form the in-memory engine runs at memory speed: sources are first cast
-  to the working dtype, then ``lerp`` (computed in float32, rounded once). It agrees with
-  ``comfy`` to float32 rounding (~1e-7 relative) and with itself to the bit on every device.
+  to the working dtype (the Recipe's held precision), then ``lerp`` (computed in float32,
+  rounded once to that dtype). With a float32 working dtype it agrees with ``comfy`` to float32
+  rounding (~1e-7 relative); with fp16 each source is rounded before the lerp, as ComfyUI
+  holding the UNet in fp16 does. It agrees with itself to the bit on every device.
 
 Example:
     >>> import torch
@@ -45,30 +48,31 @@ def add(w1: torch.Tensor, w2: torch.Tensor, **_) -> torch.Tensor:
 def add_difference(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, ratio: float,
                    multiplier: float, *, arithmetic: str = "comfy",
                    work_dtype: torch.dtype = F32) -> torch.Tensor:
-    """``w1 + (1 - ratio) * multiplier * (w2 - w3)``: model1 plus what model2 adds to base.
+    """Model1 plus what model2 adds to base: ``A + (1 - ratio) * multiplier * (B - C)``.
 
     With ratio 0 this is the classic add-difference A + m (B - C); a per-block ratio blends
-    each block between A (ratio 1) and A + m (B - C) (ratio 0), as ComfyUI's ModelMergeSD1 over
-    ModelMergeAdd(A, ModelMergeSubtract(B, C, m)) does.
+    each block between A (ratio 1) and A + m (B - C) (ratio 0). ``comfy`` computes it as the
+    exported workflow's nodes do, in float32 and in their order:
+    ModelMergeSubtract(B, C, m) -> ModelMergeAdd(A, .) -> the ratio node (A, ., ratio), i.e.
+    ``ratio*A + (1 - ratio)*(A + (m*B - m*C))`` — the same sum in another rounding order.
     """
-    k = (1.0 - ratio) * multiplier
     if arithmetic == "fast":
         a = w1.to(work_dtype)
         target = (a.float() + (w2.to(work_dtype).float() - w3.to(work_dtype).float())).to(work_dtype)
-        return torch.lerp(a, target, k)
-    diff = w2.to(F32) - w3.to(F32)
-    out = w1.to(F32, copy=True)
-    out += k * diff
-    return out
+        return torch.lerp(a, target, (1.0 - ratio) * multiplier)
+    difference = _comfy_patch(w2, w3, multiplier, -multiplier)  # ModelMergeSubtract(B, C, m)
+    target = _comfy_patch(w1, difference, 1.0, 1.0)  # ModelMergeAdd(A, difference)
+    return _comfy_patch(w1, target, ratio, 1.0 - ratio)  # the ratio node (A, target)
 
 
 def _comfy_patch(w1: torch.Tensor, w2: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    # ComfyUI applies a merge as a weight patch: the model's weight scaled by strength_model,
-    # then strength_patch times the other weight added, all in float32.
+    # ComfyUI applies a merge as a weight patch on model1's weight, in float32: scaled by
+    # strength_model (skipped at 1), plus strength_patch times model2's (skipped at 0).
     out = w1.to(F32, copy=True)
     if a != 1.0:
         out *= a
-    out += b * w2.to(F32)
+    if b != 0.0:
+        out += b * w2.to(F32)
     return out
 
 

@@ -32,6 +32,7 @@ class KeyPlan:
     block: str | None  # the vocabulary block (UNet) or the text encoder's name
     ratio: float = 1.0
     multiplier: float = 1.0
+    held: str | None = None  # the precision the key's component is held in (Recipe.held_dtype)
 
 
 @dataclass
@@ -55,18 +56,19 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     merged_keys: list[str] = []
     for key in model1.model_keys():
         component = component_of(arch, key)
+        held = recipe.held_dtype(component)
         if component == "unet":
             block = block_of(arch, recipe.vocabulary, key)
             plans.append(KeyPlan(key, recipe.method, block, recipe.unet_ratio(block),
-                                 recipe.multiplier))
+                                 recipe.multiplier, held))
             merged_keys.append(key)
         elif component in (te.name for te in arch.text_encoders) and _clip_merges(clip, arch, key):
-            plans.append(KeyPlan(key, clip.method, component, clip.ratio, clip.multiplier))
+            plans.append(KeyPlan(key, clip.method, component, clip.ratio, clip.multiplier, held))
             merged_keys.append(key)
         elif key.endswith("position_ids"):
             continue  # CheckpointSave drops them (SDXL's te1 ones come back as a default)
         else:
-            plans.append(KeyPlan(key, "copy", component))
+            plans.append(KeyPlan(key, "copy", component, held=held))
     notes = _check_keys(recipe, sources, merged_keys)
     _check_model1_complete(sources, clip)
     _check_float(recipe, sources, plans)

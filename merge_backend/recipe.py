@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, VOCABULARIES, block_names
+from .dtypes import DTYPES
 
 ARITHMETICS = ("comfy", "fast")
 
@@ -43,7 +44,8 @@ class MethodSpec:
 #   weighted_sum    r*W1 + (1-r)*W2                (ModelMergeSimple / Blocks / SD1 / SDXL)
 #   subtract        m*W1 - m*W2                    (ModelMergeSubtract)
 #   add             W1 + W2                        (ModelMergeAdd)
-#   add_difference  W1 + (1-r)*m*(W2 - W3)         (Subtract(B, C, m) -> Add(A, .) -> blocks(A, .))
+#   add_difference  r*W1 + (1-r)*(W1 + (m*W2 - m*W3))   (Subtract(B, C, m) -> Add(A, .) ->
+#                   the ratio node (A, .)); = W1 + (1-r)*m*(W2 - W3) up to float32 rounding
 METHODS: dict[str, MethodSpec] = {
     "weighted_sum": MethodSpec(("model1", "model2"), True, False, "ModelMergeSimple/Blocks/SD1/SDXL"),
     "subtract": MethodSpec(("model1", "model2"), False, True, "ModelMergeSubtract"),
@@ -101,6 +103,12 @@ class Recipe:
     arithmetic: str = "comfy"
     allow_extrapolation: bool = False
     loras: tuple[LoraSpec, ...] = ()
+    # The precision each part is held in while merging, as ComfyUI holds its models (see
+    # merge_backend.dtypes): sources rounded to it, the merge computed from those values, the
+    # result rounded to it before the output dtype. ComfyUI's defaults: the UNet in fp32 on the
+    # CPU (fp16 on most GPUs), the text encoders in fp16; "fp32" keeps every source value.
+    unet_dtype: str = "fp32"
+    text_encoder_dtype: str = "fp32"
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -134,6 +142,15 @@ class Recipe:
     def spec(self) -> MethodSpec:
         return METHODS[self.method]
 
+    def held_dtype(self, component: str) -> str | None:
+        """The precision a component is held in: the UNet's, the text encoders', or None
+        (the VAE, which no merge touches)."""
+        if component == "unet":
+            return self.unet_dtype
+        if component in (te.name for te in ARCHITECTURES[self.arch].text_encoders):
+            return self.text_encoder_dtype
+        return None
+
     def unet_ratio(self, block: str) -> float:
         """The ratio of a UNet block (1.0 for methods without ratios)."""
         return self.ratios[block] if self.spec.uses_ratio else 1.0
@@ -156,6 +173,10 @@ class Recipe:
                               f"choose one of {', '.join(METHODS)}")
         if self.arithmetic not in ARITHMETICS:
             raise RecipeError(f"recipe.arithmetic: {self.arithmetic!r} is not one of {ARITHMETICS}")
+        for where, value in (("unet_dtype", self.unet_dtype),
+                             ("text_encoder_dtype", self.text_encoder_dtype)):
+            if value not in DTYPES:
+                raise RecipeError(f"recipe.{where}: {value!r} is not one of {', '.join(DTYPES)}")
         missing = [r for r in self.spec.roles if r not in self.models]
         if missing:
             raise RecipeError(f"recipe.models: method {self.method} needs {', '.join(missing)}")

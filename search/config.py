@@ -110,6 +110,10 @@ class MergeSpace(_Strict):
     multiplier: float | Searched = 1.0
     text_encoder: TextEncoderPolicy = TextEncoderPolicy()
     arithmetic: Literal["comfy", "fast"] = "fast"
+    # The precision the UNet / text encoders are held in while merging, as ComfyUI holds them
+    # (merge_backend.dtypes); None: the study's dtype. ComfyUI's default text encoder: fp16.
+    unet_dtype: Literal["fp16", "bf16", "fp32"] | None = None
+    text_encoder_dtype: Literal["fp16", "bf16", "fp32"] | None = None
     allow_extrapolation: bool = False
     loras: list[LoraSearch] = Field(default_factory=list)
 
@@ -227,6 +231,20 @@ class StudyConfig(_Strict):
     @property
     def run_folder(self) -> Path:
         return self.output / self.name
+
+    def resolved_device(self) -> str:
+        """``device`` with ``auto`` resolved (CUDA where there is one)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        """``dtype`` with ``auto`` resolved: fp16 on a GPU, fp32 on the CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "fp32" if self.resolved_device() == "cpu" else "fp16"
 
 
 def check_blocks(cfg: StudyConfig, arch_name: str) -> None:

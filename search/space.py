@@ -121,7 +121,14 @@ class SearchSpace:
                       vocabulary=merge.vocabulary, ratios={n: ratios[n] for n in self.names},
                       multiplier=float(multiplier), clip=clip, arithmetic=merge.arithmetic,
                       allow_extrapolation=merge.allow_extrapolation,
-                      loras=self._loras(params))
+                      loras=self._loras(params), **self.held_dtypes())
+
+    def held_dtypes(self) -> dict[str, str]:
+        """The Recipe's held precisions: the configured ones, else the study's dtype (the
+        engine's live weights), so the scored candidate and every export are the same thing."""
+        merge, dtype = self.cfg.merge, self.cfg.resolved_dtype()
+        return {"unet_dtype": merge.unet_dtype or dtype,
+                "text_encoder_dtype": merge.text_encoder_dtype or dtype}
 
     def source_files(self) -> dict[str, str]:
         """The checkpoints a candidate is built from, by Recipe role."""

@@ -24,6 +24,7 @@ import yaml
 
 from evaluators import ScorerError, build_scorer, score_norms
 from merge_backend.checkpoint import open_checkpoint
+from merge_backend.dtypes import DTYPES
 from merge_backend.engine import MergeEngine
 from merge_backend.hashing import cached_sha256, sha256_of
 from merge_backend.merge_file import open_sources
@@ -39,7 +40,6 @@ from .worker import WorkerResult, optimize
 
 __all__ = ["WorkerResult", "check_config", "optimize", "prepare", "resolve_device"]
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STUDY_ATTR_SOURCES = "sources_sha256"
 STUDY_ATTR_WARM = "warm_starts_enqueued"
 Log = Callable[[str], None]
@@ -51,10 +51,8 @@ def _stderr(message: str) -> None:
 
 def resolve_device(cfg: StudyConfig) -> tuple[torch.device, torch.dtype]:
     """The device and dtype the config asks for; ConfigError when this machine lacks it."""
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = torch.device(cfg.resolved_device())
+    if cfg.device != "auto":
         if device.type == "cuda" and not torch.cuda.is_available():
             why = "this torch has no CUDA support" if torch.version.cuda is None else \
                 "no CUDA GPU is visible"
@@ -65,9 +63,7 @@ def resolve_device(cfg: StudyConfig) -> tuple[torch.device, torch.dtype]:
                               "of them")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise ConfigError("device: mps is not available here; use device: cpu (or auto)")
-    if cfg.dtype == "auto":
-        return device, torch.float32 if device.type == "cpu" else torch.float16
-    return device, DTYPES[cfg.dtype]
+    return device, DTYPES[cfg.resolved_dtype()]
 
 
 def check_config(cfg: StudyConfig) -> SearchSpace:
@@ -242,8 +238,7 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
         f"({str(dtype).removeprefix('torch.')})")
     pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
                          dtype=dtype)
-    engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory,
-                         source_dtype=dtype)
+    engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
     log(engine.memory.describe())
     scorers = []
     for i, config in enumerate(cfg.scorers):
