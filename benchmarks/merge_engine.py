@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fullsize import full_size_files, goal, machine  # noqa: E402
 
 from merge_backend import Recipe, Source  # noqa: E402
-from merge_backend.engine import MergeEngine  # noqa: E402
 from merge_backend.dtypes import NAMES  # noqa: E402
+from merge_backend.engine import MergeEngine  # noqa: E402
 from merge_backend.pipeline import load_pipeline  # noqa: E402
 from merge_backend.recipe import uniform_ratios  # noqa: E402
 

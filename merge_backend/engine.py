@@ -96,8 +96,11 @@ class MergeEngine:
         return 0 if fast_only else 3
 
     def merged_components(self, recipe: Recipe) -> tuple[str, ...]:
+        """The components the engine writes: the UNet, and the text encoders when the Recipe
+        merges them or has LoRAs (which may change them)."""
         tes = tuple(te.name for te in self.arch.text_encoders)
-        merges_te = recipe.clip is not None or (recipe.vocabulary == "mbw" and recipe.spec.uses_ratio)
+        merges_te = (recipe.clip is not None or bool(recipe.loras)
+                     or (recipe.vocabulary == "mbw" and recipe.spec.uses_ratio))
         return ("unet",) + (tes if merges_te else ())
 
     def module(self, component: str) -> torch.nn.Module:

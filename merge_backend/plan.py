@@ -56,7 +56,8 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     merged_keys: list[str] = []
     for key in model1.model_keys():
         component = component_of(arch, key)
-        held = recipe.held_dtype(component)
+        # ComfyUI keeps the keys CLIPMerge skips (logit_scale) in float32 on every setting
+        held = None if key.endswith(arch.clip_skip_suffixes) else recipe.held_dtype(component)
         if component == "unet":
             block = block_of(arch, recipe.vocabulary, key)
             plans.append(KeyPlan(key, recipe.method, block, recipe.unet_ratio(block),

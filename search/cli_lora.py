@@ -22,6 +22,8 @@ from merge_backend.merge_file import DTYPES
 from merge_backend.recipe import LoraSpec, RecipeError, check_finite
 from merge_backend.source_files import resolved
 
+from .cli_merge import add_precision_options
+
 BLOCK_VOCABULARIES = ("mbw", "comfy", "blocks")
 
 
@@ -39,6 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "like input_blocks.4.); repeatable; other blocks keep 1.0")
     p.add_argument("--te-strength", type=float, help="text-encoder strength (default: STRENGTH)")
     p.add_argument("--device", default="cpu", help="where the deltas are computed")
+    add_precision_options(p)
     _common(p)
     p.set_defaults(func=run_apply)
 
@@ -138,7 +141,10 @@ def run_apply(args: argparse.Namespace) -> int:
              for path, strength in map(parse_lora_arg, args.loras)]
     result = apply_to_file(args.checkpoint, specs, args.output, vocabulary=vocabulary,
                            dtype=args.dtype, overwrite=args.overwrite, device=args.device,
-                           progress=_progress(args, "writing"))
+                           progress=_progress(args, "writing"), unet_dtype=args.unet_dtype,
+                           text_encoder_dtype=args.text_encoder_dtype)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(json.dumps({"output": str(result.output), "tensors": result.tensors,
                       "changed": result.lora_changed, "seconds": round(result.seconds, 2)}))
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from merge_backend import ARCHITECTURES, ClipMerge, Recipe, Source, merge_to_file, open_checkpoint
 from merge_backend.architectures import block_names
+from merge_backend.dtypes import DTYPES
 from merge_backend.recipe import RecipeError, check_finite
 from merge_backend.source_files import check_source
 
@@ -70,10 +71,22 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-multiplier", type=float, default=1.0)
     p.add_argument("--arithmetic", choices=("comfy", "fast"), default="comfy",
                    help="comfy: bit-exact with ComfyUI (default); fast: the study engine's lerp")
+    add_precision_options(p)
     p.add_argument("--allow-extrapolation", action="store_true",
                    help="accept ratios outside [0, 1]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true")
+
+
+def add_precision_options(p: argparse.ArgumentParser) -> None:
+    """--unet-dtype / --text-encoder-dtype: the precision ComfyUI would hold each part in."""
+    p.add_argument("--unet-dtype", choices=tuple(DTYPES), default="fp32",
+                   help="hold the UNet in this precision while merging, as ComfyUI does: "
+                        "fp32 (default; ComfyUI on the CPU, --fp32-unet) or fp16 / bf16 (ComfyUI "
+                        "on most GPUs, --fp16-unet / --bf16-unet)")
+    p.add_argument("--text-encoder-dtype", choices=tuple(DTYPES), default="fp32",
+                   help="hold the text encoders in this precision while merging: fp32 (default; "
+                        "ComfyUI with --fp32-text-enc) or fp16 (ComfyUI's default) / bf16")
 
 
 def parse_ratio_pairs(pairs: list[str]) -> dict[str, float]:
@@ -126,7 +139,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                          args.clip_ratio, args.clip_multiplier)
     recipe = Recipe(arch=arch, method=method, models=models, vocabulary=vocabulary,
                     ratios=ratios, multiplier=getattr(args, "multiplier", 1.0), clip=clip,
-                    arithmetic=args.arithmetic, allow_extrapolation=args.allow_extrapolation)
+                    arithmetic=args.arithmetic, allow_extrapolation=args.allow_extrapolation,
+                    unet_dtype=args.unet_dtype, text_encoder_dtype=args.text_encoder_dtype)
     recipe.validate()
     return recipe
 

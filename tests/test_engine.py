@@ -1,5 +1,6 @@
 """The in-memory merge engine equals the merged checkpoint, in place, on tiny real pipelines."""
 
+import comfyui_reference
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -154,3 +155,21 @@ def test_memory_plan_refuses_what_does_not_fit():
         plan_memory("device", torch.device("cpu"), 10**15, 0)
     plan = plan_memory("auto", torch.device("cpu"), 10**6, 10**5)
     assert plan.mode == "device" and "GiB" in plan.describe()
+
+
+@pytest.mark.parametrize("multiplier,ratio", [(0.8, 0.3), (0.8, 1.0), (1.0, 0.0), (0.5, 0.6)])
+def test_engine_add_difference_is_the_workflows_node_chain(fam, pipe_of, multiplier, ratio):
+    recipe = Recipe(arch=fam.arch, method="add_difference", vocabulary="single",
+                    ratios={"all": ratio}, multiplier=multiplier,
+                    models={"model1": Source(str(fam.a)), "model2": Source(str(fam.b)),
+                            "base": Source(str(fam.base))})
+    engine = MergeEngine(pipe_of(), recipe, chunk_elements=4096)
+    engine.apply(recipe)
+    a, b, c = load_file(fam.a), load_file(fam.b), load_file(fam.base)
+    live = live_original(engine)
+    unet = [k for k in live if k.startswith("model.diffusion_model.")]
+    assert len(unet) > 600
+    bad = [k for k in unet
+           if not torch.equal(live[k], comfyui_reference.add_difference(a[k], b[k], c[k],
+                                                                   multiplier, ratio))]
+    assert not bad, f"{len(bad)} of {len(unet)} UNet tensors differ, e.g. {bad[:3]}"

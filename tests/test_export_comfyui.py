@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfyui_reference
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -49,10 +50,6 @@ def _load(path) -> tuple[dict, dict, dict]:
             {k: v for k, v in sd.items() if k.startswith(VAE)})
 
 
-def _patch(w1: torch.Tensor, w2: torch.Tensor, strength_model: float, strength_patch: float):
-    return w1.float() * strength_model + strength_patch * w2.float()
-
-
 def _strengths(class_type: str, key: str, widgets: dict) -> tuple[float, float]:
     if class_type in ("ModelMergeSubtract", "CLIPMergeSubtract"):
         return widgets["multiplier"], -widgets["multiplier"]
@@ -76,8 +73,17 @@ def _add_lora(state: dict, lora: list, strength: float) -> dict:
     return out
 
 
-def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
-    """Run the merge part of an API-format workflow; the state dict CheckpointSave gets."""
+def _held(state: dict, dtype: torch.dtype) -> dict:
+    return {k: comfyui_reference.held(v, dtype) for k, v in state.items()}
+
+
+def evaluate_workflow(api: dict, files: dict, unet: torch.dtype = torch.float32,
+                      clip: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Run the merge part of an API-format workflow; the state dict CheckpointSave gets.
+
+    ``unet`` / ``clip``: the precision ComfyUI holds the UNet / text encoders in: weights are
+    rounded to it when a checkpoint is loaded and the patched result once when it is saved
+    (keys CLIPMerge skips stay as they are)."""
     done: dict[str, tuple] = {}
 
     def get(link) -> object:
@@ -90,7 +96,10 @@ def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
         kind, inputs = node["class_type"], node["inputs"]
         widgets = {k: v for k, v in inputs.items() if not isinstance(v, list)}
         if kind == "CheckpointLoaderSimple":
-            result = _load(files[inputs["ckpt_name"]])
+            model, text, vae = _load(files[inputs["ckpt_name"]])
+            text = {k: v if k.endswith(SKIP) else comfyui_reference.held(v, clip)
+                    for k, v in text.items()}
+            result = (_held(model, unet), text, vae)
         elif kind.startswith(("ModelMerge", "CLIPMerge")):
             first, second = ("model1", "model2") if kind.startswith("Model") else ("clip1", "clip2")
             a, b = get(inputs[first]), get(inputs[second])
@@ -98,7 +107,8 @@ def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
             for key in b:
                 if kind.startswith("CLIP") and key.endswith(SKIP):
                     continue
-                merged[key] = _patch(a[key], b[key], *_strengths(kind, key, widgets))
+                merged[key] = comfyui_reference.patch(a[key], b[key],
+                                                      *_strengths(kind, key, widgets))
             result = (merged,)
         elif kind == "LoraLoader":
             lora = [LoraUse(read_lora(files[inputs["lora_name"]]))]
@@ -106,7 +116,9 @@ def evaluate_workflow(api: dict, files: dict) -> dict[str, torch.Tensor]:
                            for part, strength in (("model", "strength_model"),
                                                   ("clip", "strength_clip")))
         elif kind == "CheckpointSave":
-            result = (get(inputs["model"]), get(inputs["clip"]), get(inputs["vae"]))
+            text = {k: v if k.endswith(SKIP) else comfyui_reference.held(v, clip)
+                    for k, v in get(inputs["clip"]).items()}
+            result = (_held(get(inputs["model"]), unet), text, get(inputs["vae"]))
         else:
             raise AssertionError(f"unexpected node {kind} upstream of CheckpointSave")
         done[node_id] = result
@@ -140,6 +152,7 @@ def _recipe(fam, method: str, vocabulary: str, clip: ClipMerge | None, seed: int
 
 CASES = [
     ("sd1", "weighted_sum", "comfy", ClipMerge("weighted_sum", 0.3)),
+    ("sdxl", "add_difference", "comfy", ClipMerge("subtract", multiplier=0.8)),
     ("sd1", "weighted_sum", "mbw", None),  # BASE merges the text encoder (CLIPMergeSimple)
     ("sd1", "weighted_sum", "blocks", ClipMerge("subtract", multiplier=0.5)),
     ("sd1", "subtract", "single", ClipMerge("add")),  # (ModelMergeAdd: in add_difference)
@@ -162,13 +175,8 @@ def test_workflow_rebuilds_the_checkpoint(arch, method, vocabulary, clip, tiny_s
     keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT) and not k.endswith(SKIP)]
     assert len(keys) > 600 and set(keys) <= set(rebuilt)
     assert not [k for k in rebuilt if k.startswith(UNET) and k not in exported]
-    if method == "add_difference":
-        # ComfyUI chains Subtract -> Add -> blend: the same sum in another float32 order.
-        worst = max((rebuilt[k].float() - exported[k]).abs().max().item() for k in keys)
-        assert worst < 2e-6
-    else:
-        differ = [k for k in keys if not torch.equal(rebuilt[k].to(exported[k].dtype), exported[k])]
-        assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    differ = [k for k in keys if not torch.equal(rebuilt[k].to(exported[k].dtype), exported[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
     model1 = load_file(str(fam.a))
     merged_te = [k for k in keys if k.startswith(TEXT) and not torch.equal(exported[k], model1[k])]
     assert bool(merged_te) == (recipe.effective_clip() is not None)
@@ -291,3 +299,24 @@ def test_workflow_refuses_loras_loraloader_cannot_hold(tiny_sd1, tmp_path):
     twin.write_bytes(Path(spec.path).read_bytes())
     with pytest.raises(ComfyExportError, match="LoRAs share a file name"):
         comfy_workflow(recipe.replace(loras=(spec, LoraSpec(str(twin)))))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_workflow_rebuilds_the_checkpoint_held_in_fp16(arch, tiny_sd1, tiny_sdxl, tmp_path):
+    """ComfyUI on a GPU (UNet in fp16) with its default fp16 text encoders."""
+    fam = {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+    recipe = _recipe(fam, "add_difference", "comfy", ClipMerge("weighted_sum", 0.3)).replace(
+        unet_dtype="fp16", text_encoder_dtype="fp16")
+    out = merge_to_file(recipe, tmp_path / "merged.safetensors", dtype="fp32").output
+    wf = comfy_workflow(recipe)
+    assert "--fp16-unet --fp16-text-enc" in wf.ui()["extra"]["mergesearch"]["settings"]
+    files = {p.name: p for p in (fam.a, fam.b, fam.base)}
+    rebuilt = evaluate_workflow(wf.api(), files, unet=torch.float16, clip=torch.float16)
+    exported = load_file(str(out))
+    keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT)]
+    assert len(keys) > 600
+    differ = [k for k in keys if not torch.equal(rebuilt[k].to(exported[k].dtype), exported[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    # the same workflow on float32-held weights is another file
+    fp32 = evaluate_workflow(wf.api(), files)
+    assert sum(not torch.equal(fp32[k], exported[k]) for k in keys if k.startswith(UNET)) > 300

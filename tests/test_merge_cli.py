@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import comfyui_reference
 import pytest
 import torch
 from safetensors import safe_open
@@ -135,16 +136,21 @@ def test_subtract_add_and_clip_nodes(fam, tmp_path):
             assert torch.equal(got[key], a[key].float()), key
 
 
-def test_add_difference(fam, tmp_path):
+@pytest.mark.parametrize("multiplier,ratio", [(0.8, 0.3), (0.6, 0.25), (0.8, 1.0), (1.0, 0.0),
+                                              (0.8, 0.0)])
+def test_add_difference_is_the_workflows_node_chain(fam, tmp_path, multiplier, ratio):
     a, b, c = load_file(fam.a), load_file(fam.b), load_file(fam.base)
     out = tmp_path / "ad.safetensors"
-    run("merge", "add-difference", fam.a, fam.b, fam.base, "-o", out, "--multiplier", 0.6,
-        "--ratio", 0.25, "--dtype", "fp32")
+    run("merge", "add-difference", fam.a, fam.b, fam.base, "-o", out, "--multiplier", multiplier,
+        "--ratio", ratio, "--dtype", "fp32")
     got = load_file(out)
-    k = 0.75 * 0.6
-    for key in got:
-        if key.startswith(UNET_PREFIX):
-            assert torch.equal(got[key], a[key] + k * (b[key] - c[key])), key
+    unet = [key for key in got if key.startswith(UNET_PREFIX)]
+    assert len(unet) > 600
+    bad = [k for k in unet if not torch.equal(got[k], comfyui_reference.add_difference(
+        a[k], b[k], c[k], multiplier, ratio))]
+    assert not bad, f"{len(bad)} of {len(unet)} UNet tensors differ, e.g. {bad[:3]}"
+    if ratio == 1.0:
+        assert all(torch.equal(got[k], a[k]) for k in unet)
 
 
 def test_metadata_round_trips_recipe(fam, tmp_path):

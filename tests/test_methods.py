@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from comfyui_reference import add_difference
 
 from merge_backend import methods
 
@@ -48,32 +49,14 @@ def test_subtract_add(tensors):
     assert torch.equal(methods.add(w1, w2), w1 + w2)
 
 
-def comfy_chain(a, b, c, r, m):
-    """The exported workflow's nodes as ComfyUI patches weights (REFERENCE §6), written out:
-    ModelMergeSubtract(B, C, m) -> ModelMergeAdd(A, .) -> ModelMergeSimple(A, ., r)."""
-    s = b.float().clone()
-    if m != 1.0:
-        s *= m
-    if -m != 0.0:
-        s += (-m) * c.float()
-    t = a.float().clone()
-    t += 1.0 * s
-    w = a.float().clone()
-    if r != 1.0:
-        w *= r
-    if 1.0 - r != 0.0:
-        w += (1.0 - r) * t
-    return w
-
-
 @pytest.mark.parametrize("ratio,multiplier", [(0.0, 1.0), (0.3, 0.8), (0.4, 0.7), (1.0, 0.8),
                                               (0.0, 0.8), (0.5, 0.0), (0.25, 1.5)])
 def test_add_difference_is_comfyuis_node_chain(tensors, ratio, multiplier):
     a, b, c = tensors
-    expected = comfy_chain(a, b, c, ratio, multiplier)
+    expected = add_difference(a, b, c, multiplier, ratio)
     assert torch.equal(methods.add_difference(a, b, c, ratio, multiplier), expected)
     assert torch.equal(methods.add_difference(a.half(), b.half(), c.half(), ratio, multiplier),
-                       comfy_chain(a.half(), b.half(), c.half(), ratio, multiplier))
+                       add_difference(a.half(), b.half(), c.half(), multiplier, ratio))
     # the same sum as A + (1 - r) m (B - C), in another rounding order
     plain = a + (1 - ratio) * multiplier * (b - c)
     torch.testing.assert_close(expected, plain, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ The workflow uses only ComfyUI's own nodes, with input names exactly as they def
          | ModelMergeSubtract | ModelMergeAdd
          add_difference: ModelMergeSubtract(model2, base, multiplier) -> ModelMergeAdd(model1, .)
                          -> the ratio node(model1, .): ratio r gives A + (1-r)*m*(B - C)
+                         (mergesearch's comfy arithmetic runs this chain step for step)
       -> CLIPMergeSimple / Subtract / Add when the recipe merges the text encoders
          (mbw BASE -> CLIPMergeSimple)
       -> LoraLoader per LoRA of the recipe, in order (lora_name = the file name; strength_model
@@ -16,6 +17,10 @@ The workflow uses only ComfyUI's own nodes, with input names exactly as they def
          need custom nodes, so recipes with them are refused.
       -> CheckpointSave
     plus the probe prompt: CLIPTextEncode x2 -> KSampler -> VAEDecode -> PreviewImage.
+
+The checkpoint it saves is the Recipe's when ComfyUI holds the UNet and the text encoders in
+the Recipe's ``unet_dtype`` / ``text_encoder_dtype`` (``comfy_settings`` names the launch flags;
+the editor format carries that line in ``extra.mergesearch.settings``).
 
 ``ComfyWorkflow.api()`` is the API format (``{id: {class_type, inputs}}``, what ComfyUI's
 ``/prompt`` takes); ``ComfyWorkflow.ui()`` is the format the editor saves and loads (nodes,
@@ -90,6 +95,11 @@ SAMPLERS: dict[str, tuple[str, str]] = {
     "lcm": ("lcm", "sgm_uniform"),
 }
 _DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# The ComfyUI launch flags that hold the UNet / text encoders in each precision. ComfyUI's
+# defaults: the UNet in fp32 on the CPU and fp16 on most GPUs; the text encoders in fp16.
+UNET_FLAGS = {"fp32": "--fp32-unet", "fp16": "--fp16-unet", "bf16": "--bf16-unet"}
+TEXT_ENCODER_FLAGS = {"fp32": "--fp32-text-enc", "fp16": "--fp16-text-enc",
+                      "bf16": "--bf16-text-enc"}
 
 
 class ComfyExportError(ValueError):
@@ -328,7 +338,8 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
     """
     recipe.validate()
     _check_ranges(recipe)
-    wf = ComfyWorkflow([], {"mergesearch": {"recipe": recipe.to_dict(), **(extra or {})}})
+    wf = ComfyWorkflow([], {"mergesearch": {"recipe": recipe.to_dict(),
+                                            "settings": comfy_settings(recipe), **(extra or {})}})
     names = {role: Path(recipe.models[role].path).name for role in recipe.spec.roles}
     paths = {Path(recipe.models[role].path) for role in recipe.spec.roles}
     if len(set(names.values())) < len(paths):
@@ -350,6 +361,26 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
            {"filename_prefix": f"checkpoints/{name}"})
     _sampler_nodes(wf, recipe.arch, prompt or ComfyPrompt(), model, clip, vae)
     return wf
+
+
+def comfy_settings(recipe: Recipe) -> str:
+    """Which ComfyUI settings rebuild ``recipe``'s checkpoint from its workflow, and how exactly.
+
+    Example:
+        >>> comfy_settings(recipe)                       # doctest: +SKIP
+        'ComfyUI started with --fp32-unet --fp16-text-enc rebuilds this merge bit for bit'
+    """
+    flags = f"{UNET_FLAGS[recipe.unet_dtype]} {TEXT_ENCODER_FLAGS[recipe.text_encoder_dtype]}"
+    if recipe.arithmetic == "comfy":
+        how = "bit for bit"
+    else:
+        how = (f"to float32 rounding: the fast arithmetic is one lerp per tensor in "
+               f"{recipe.unet_dtype}, the nodes compute the same sum in their own float32 order "
+               "(in an fp16 file about one value in 1,000 may differ by one fp16 step)")
+    if recipe.loras and (len(recipe.loras) > 1 or recipe.arithmetic == "comfy"):
+        how += ("; LoRAs: ComfyUI adds them one after the other, mergesearch their sum "
+                "(float32 rounding apart with more than one, or alpha != rank)")
+    return f"ComfyUI started with {flags} rebuilds this merge {how}"
 
 
 def write_comfy_workflow(workflow: ComfyWorkflow, ui_path: Path, api_path: Path) -> None:

@@ -25,7 +25,7 @@ from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.recipe import Recipe, RecipeError
 
 from ._files import atomic_write_text
-from .comfyui import ComfyPrompt, comfy_workflow, write_comfy_workflow
+from .comfyui import ComfyPrompt, comfy_settings, comfy_workflow, write_comfy_workflow
 from .diffusers_export import export_diffusers
 from .mbw import mbw_ratios, mbw_string
 from .report import ReportImage, render_report
@@ -145,6 +145,11 @@ def _check_item(item: ExportItem, formats: Sequence[str], mbw_lossy: bool,
                           "ratios only, not LoRAs; export --to checkpoint / diffusers / comfyui "
                           "instead")
     check_sources(item.recipe, hashes)
+    if {"checkpoint", "diffusers", "comfyui"} & set(formats):
+        notes.append(f"{item.title}: the checkpoint is the scored candidate ("
+                     f"{item.recipe.arithmetic} arithmetic, UNet held in {item.recipe.unet_dtype}, "
+                     f"text encoders in {item.recipe.text_encoder_dtype}); "
+                     f"{comfy_settings(item.recipe)}")
     if "mbw" in formats:
         try:
             _, lossy_notes = mbw_ratios(item.recipe, lossy=mbw_lossy)
@@ -236,7 +241,8 @@ def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
 
 
 def _checkpoint_metadata(item: ExportItem) -> dict[str, str]:
-    return {k: str(v) for k, v in item.metadata.items()}
+    return {**{k: str(v) for k, v in item.metadata.items()},
+            "mergesearch.comfyui": comfy_settings(item.recipe)}
 
 
 def report_images(item: ExportItem, draw: Draw | None, *, config_folder: Path | None = None,

@@ -191,19 +191,22 @@ def check_loras(uses: Sequence[LoraUse], checkpoint: Checkpoint) -> None:
 
 def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str | Path, *,
                   vocabulary: str = "mbw", dtype: str = "fp16", overwrite: bool = False,
-                  device: str | torch.device = "cpu", progress: Progress | None = None
-                  ) -> MergeResult:
+                  device: str | torch.device = "cpu", progress: Progress | None = None,
+                  unet_dtype: str = "fp32", text_encoder_dtype: str = "fp32") -> MergeResult:
     """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed by ``merge_to_file``.
 
     The Recipe is the checkpoint merged with itself at ratio 1.0 — model1 unchanged, as
     ComfyUI's ModelMergeSimple at 1.0 — plus ``loras``; the file carries it so it can be
-    rebuilt. Deltas are computed in float32 on ``device``; ``result.lora_changed`` counts the
+    rebuilt. Deltas are computed in float32 on ``device`` and added to the weights as held in
+    ``unet_dtype`` / ``text_encoder_dtype`` (``text_encoder_dtype="fp16"`` is what a
+    LoraLoader's clip strength does on ComfyUI's defaults); ``result.lora_changed`` counts the
     tensors the LoRAs changed.
     """
     arch = open_checkpoint(checkpoint).arch.name
     recipe = Recipe(arch, "weighted_sum", {"model1": Source(str(checkpoint)),
                                            "model2": Source(str(checkpoint))},
-                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=tuple(loras))
+                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=tuple(loras),
+                    unet_dtype=unet_dtype, text_encoder_dtype=text_encoder_dtype)
     return merge_to_file(recipe, output, dtype=dtype, overwrite=overwrite, progress=progress,
                          extra_metadata={"mergesearch.kind": "lora_apply"}, lora_device=device)
 
