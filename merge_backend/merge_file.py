@@ -210,6 +210,7 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
     planned += [PlannedTensor(key, t.dtype, tuple(t.shape)) for key, t in defaults.items()]
 
     loras = _lora_uses(recipe, model1)
+    plan.notes += [note for use in loras for note in use.lora.notes()]
     arithmetic = KeyArithmetic(out_dtype, recipe.arithmetic)
 
     def read(k: KeyPlan) -> list[torch.Tensor]:

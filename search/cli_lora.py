@@ -161,6 +161,9 @@ def run_add(args: argparse.Namespace) -> int:
             raise LoraError(f"output {args.output} is one of the LoRAs added; choose another "
                             "path (sources are never modified)")
     loras = [(read_lora(path), strength) for path, strength in parsed]
+    for lora, _ in loras:
+        for note in lora.notes():
+            print(f"note: {note}", file=sys.stderr)
     merged, table = add_loras(loras, rank=args.rank, svd=args.svd, clamp=args.clamp,
                               device=args.device)
     sources = {str(p): s for p, s in map(parse_lora_arg, args.loras)}

@@ -170,3 +170,86 @@ def test_quantile_matches_torch_and_handles_huge_inputs():
     big = torch.randn((1 << 24) + 5, generator=gen)
     value = quantile(big, 0.99)
     assert abs(value.item() - 2.3263) < 0.01  # the normal distribution's 0.99 quantile
+
+
+def _loraSave_sdxl(ckpt, path, rank: int = 3) -> dict[str, tuple[str, str, slice, bool, object]]:
+    """An SDXL file as ComfyUI's "Extract and Save Lora" writes one (fp16, no alpha, LoraSave
+    names, ``.diff`` / ``.diff_b``), with the module it writes for CLIP-L's text_projection
+    (ComfyUI's own identity weight: a zero difference, so up = 0). Hand-built from ComfyUI's
+    key layout: returns file name -> (role, original key, rows, transposed, tensors)."""
+    g = torch.Generator().manual_seed(11)
+    te1, te2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+    d2 = ckpt.shape(te2 + "transformer.resblocks.0.attn.in_proj_weight")[1]
+    plan = {  # LoraSave module -> (kind, original key, rows of it, transposed)
+        "diffusion_model.input_blocks.4.1.proj_in":
+            ("lora", "model.diffusion_model.input_blocks.4.1.proj_in.weight", slice(None), False),
+        "diffusion_model.input_blocks.4.1.proj_in.b":
+            ("diff_b", "model.diffusion_model.input_blocks.4.1.proj_in.bias", slice(None), False),
+        "diffusion_model.input_blocks.4.0.in_layers.0":
+            ("diff", "model.diffusion_model.input_blocks.4.0.in_layers.0.weight", slice(None), False),
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1":
+            ("lora", te1 + "text_model.encoder.layers.0.mlp.fc1.weight", slice(None), False),
+        "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding":
+            ("lora", te1 + "text_model.embeddings.token_embedding.weight", slice(None), False),
+        "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.k_proj":
+            ("lora", te2 + "transformer.resblocks.0.attn.in_proj_weight", slice(d2, 2 * d2), False),
+        "text_encoders.clip_g.transformer.text_projection":
+            ("lora", te2 + "text_projection", slice(None), True),
+    }
+    tensors, out = {}, {}
+    for name, (kind, key, rows, transposed) in plan.items():
+        shape = ckpt.shape(key)
+        shape = tuple(reversed(shape)) if transposed else shape
+        n_rows = len(range(shape[0])[rows])
+        if kind == "lora":
+            up = (torch.randn(n_rows, rank, generator=g) * 0.1).half()
+            down = (torch.randn(rank, *shape[1:], generator=g) * 0.1).half()
+            tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"] = up, down
+            value = (up.float() @ down.float()).reshape(n_rows, *shape[1:])
+        else:
+            value = (torch.randn(shape, generator=g) * 0.01).half()
+            tensors[name.removesuffix(".b") + f".{kind}"] = value
+            value = value.float()
+        out[name] = (key, rows, transposed, value)
+    hidden = ckpt.shape(te1 + "text_model.final_layer_norm.weight")[0]
+    tensors["text_encoders.clip_l.transformer.text_projection.lora_up.weight"] = \
+        torch.zeros(hidden, rank, dtype=torch.float16)
+    tensors["text_encoders.clip_l.transformer.text_projection.lora_down.weight"] = \
+        torch.linalg.qr(torch.randn(hidden, rank, generator=g))[0].T.contiguous().half()
+    save_file(tensors, str(path))
+    return out
+
+
+def test_comfyui_loraSave_file_with_clip_l_text_projection(tmp_path, tiny_sdxl, capsys):
+    from search import cli
+
+    ckpt = open_checkpoint(tiny_sdxl.a)
+    lora_path = tmp_path / "ComfyUI_extracted_lora_00001_.safetensors"
+    modules = _loraSave_sdxl(ckpt, lora_path)
+    lora = read_lora(lora_path)  # ComfyUI loads it; so do we, and say what we left out
+    assert lora.format == "comfyui" and lora.arch.name == "sdxl"
+    assert lora.ignored == ["text_encoders.clip_l.transformer.text_projection"]
+    assert "CLIP-L's text_projection" in lora.notes()[0]
+    out = tmp_path / "styled.safetensors"
+    assert cli.main(["lora", "apply", str(tiny_sdxl.a), f"{lora_path}:0.8", "--dtype", "fp32",
+                     "-o", str(out), "--quiet"]) == 0
+    assert "ignored 1 module(s) (text_encoders.clip_l.transformer.text_projection)" in \
+        capsys.readouterr().err
+    got, a = load_file(str(out)), load_file(str(tiny_sdxl.a))
+    expected = {k: v.clone() for k, v in a.items() if k in got}
+    for key, rows, transposed, value in modules.values():
+        # LoraLoader: weight += strength * (up @ down) (no alpha: scale 1); .diff / .diff_b
+        # patches: weight += strength * diff; ComfyUI's weights are the transposes of OpenCLIP's
+        w = expected[key].T if transposed else expected[key]
+        w[rows] += 0.8 * value
+    bad = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[:3]}"
+    assert sum(not torch.equal(got[k], a[k]) for k in expected) == len(modules)
+    # a module that is neither ComfyUI's own nor SDXL's is still refused, naming it
+    save_file({**load_file(str(lora_path)),
+               "text_encoders.clip_l.transformer.bogus.lora_up.weight": torch.zeros(4, 1),
+               "text_encoders.clip_l.transformer.bogus.lora_down.weight": torch.zeros(1, 4)},
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(LoraError, match="1 of .* match no Stable Diffusion XL module, e.g. "
+                                        "text_encoders.clip_l.transformer.bogus"):
+        read_lora(tmp_path / "bad.safetensors")

@@ -34,7 +34,7 @@ from merge_backend.safetensors_io import (
 )
 from merge_backend.source_files import check_source
 
-from .names import NameTable, Target, name_table
+from .names import COMFY_ONLY_WHY, NameTable, Target, name_table
 from .svd import threads_for
 
 # suffix in the file -> (role, format). Longest suffixes are tried first.
@@ -123,6 +123,14 @@ class LoraFile:
     format: str = "kohya"
     metadata: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # module names left out (strict=False)
+    ignored: list[str] = field(default_factory=list)  # modules left out as ComfyUI ignores them
+
+    def notes(self) -> list[str]:
+        """What reading left out on purpose, to be shown to the user."""
+        if not self.ignored:
+            return []
+        return [f"{self.source}: ignored {len(self.ignored)} module(s) "
+                f"({', '.join(self.ignored)}): {COMFY_ONLY_WHY}"]
 
     @property
     def source(self) -> str:
@@ -294,11 +302,11 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
     table = name_table(arch_obj.name)
     peft = _peft_alphas(metadata)
     modules: dict[tuple[str, int], LoraModule] = {}
-    unmatched = []
+    unmatched, ignored = [], []
     for name, parts in groups.items():
         target = table.resolve(name)
         if target is None:
-            unmatched.append(name)
+            (ignored if table.comfy_only(name) else unmatched).append(name)
             continue
         if target.slot in modules:
             raise LoraError(f"{path}: modules {modules[target.slot].name!r} and {name!r} both "
@@ -306,7 +314,11 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
         modules[target.slot] = _module(path, name, parts, target, _peft_alpha(peft, name))
     if unmatched and (strict or not modules):
         raise _unmatched_error(path, arch_obj, unmatched, len(names), scores)
-    return LoraFile(arch_obj, modules, path, fmt, dict(metadata), sorted(unmatched))
+    if not modules:
+        raise LoraError(f"{path}: holds no module of {arch_obj.title} but "
+                        f"{', '.join(ignored)}, which {COMFY_ONLY_WHY}")
+    return LoraFile(arch_obj, modules, path, fmt, dict(metadata), sorted(unmatched),
+                    sorted(ignored))
 
 
 def _unmatched_error(path: Path, arch: Architecture, unmatched: list[str],

@@ -37,6 +37,13 @@ KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2
 # ComfyUI's CLIP state-dict name of each text encoder (LoraSave writes 'text_encoders.<name>.').
 COMFY_CLIP = {("sd1", "te"): "clip_l", ("sd2", "te"): "clip_h",
               ("sdxl", "te1"): "clip_l", ("sdxl", "te2"): "clip_g"}
+# Modules ComfyUI's text-encoder models hold that no checkpoint stores (CheckpointSave drops
+# them): CLIP-L's text_projection, an identity matrix that SD1 and SDXL conditioning never use.
+# LoraSave writes a module for it (from a zero difference) and ComfyUI applies it to that
+# identity, so leaving it out changes nothing ComfyUI saves or draws. Spellings: LoraSave's, kohya's.
+COMFY_ONLY = {("sd1", "te"): ("text_projection",), ("sdxl", "te1"): ("text_projection",)}
+COMFY_ONLY_WHY = ("ComfyUI applies it to CLIP-L's text_projection, an identity matrix no "
+                  "checkpoint stores and SD1 / SDXL conditioning never uses")
 # kohya names the SDXL UNet by original paths, SD1/SD2 by diffusers paths.
 KOHYA_UNET_ORIGINAL = {"sd1": False, "sd2": False, "sdxl": True}
 
@@ -100,6 +107,18 @@ class NameTable:
     def resolve(self, name: str) -> Target | None:
         """The module a name from a LoRA file means, or None."""
         return self._aliases_map.get(name)
+
+    def comfy_only(self, name: str) -> bool:
+        """True for a module of a weight only ComfyUI's own models hold (see ``COMFY_ONLY``)."""
+        for (arch, component), paths in COMFY_ONLY.items():
+            if arch != self.arch.name:
+                continue
+            clip = COMFY_CLIP[(arch, component)]
+            for path in paths:
+                if name in (f"text_encoders.{clip}.transformer.{path}",
+                            KOHYA_PREFIX[component] + path.replace(".", "_")):
+                    return True
+        return False
 
     def by_slot(self, slot: tuple[str, int]) -> Target | None:
         return self._by_slot.get(slot)
