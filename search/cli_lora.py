@@ -63,9 +63,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="standard: low-rank factors; full_diff: whole differences (.diff keys, "
                         "which ComfyUI reads and diffusers does not)")
     p.add_argument("--no-clamp", action="store_true", help="keep the factors unclamped")
-    p.add_argument("--bias-diff", action="store_true",
-                   help="also store 1-D weight (.diff) and bias (.diff_b) differences, as "
-                        "ComfyUI's LoraSave does (diffusers cannot read them)")
+    p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store norm (.diff) and bias (.diff_b) differences, as ComfyUI's "
+                        "LoraSave does (default: on with --format comfyui, off for kohya files, "
+                        "since diffusers cannot read .diff keys; ComfyUI reads both)")
     _lora_output(p)
     p.set_defaults(func=run_extract)
 
@@ -78,7 +79,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _lora_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("kohya", "comfyui"), default="kohya", dest="fmt")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
-    p.add_argument("--svd", choices=SVD_METHODS, default="auto")
+    p.add_argument("--svd", choices=SVD_METHODS, default="auto",
+                   help="auto (default): the exact SVD's error, randomized where that is as "
+                        "accurate and faster; exact; lowrank: fastest, up to ~0.5%% worse per layer")
     p.add_argument("--device", default="cpu", help="where SVDs run (cpu, cuda, cuda:1, ...)")
     _common(p)
 
@@ -184,6 +187,8 @@ def run_extract(args: argparse.Namespace) -> int:
                           clamp=not args.no_clamp, bias_diff=args.bias_diff, svd=args.svd,
                           device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                           progress=_progress(args, "layers"))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(result.table.format())
     print(json.dumps({"output": str(result.output), "rank": result.rank,
                       "modules": result.modules, "overall_error": result.table.overall,

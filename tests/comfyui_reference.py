@@ -34,3 +34,19 @@ def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, m: float, 
 def held(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A weight as a model held in ``dtype`` holds it (float32 holds fp16/bf16/fp32 exactly)."""
     return t.to(dtype).float() if t.is_floating_point() else t
+
+
+def extract_lora(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """"Extract and Save Lora" on one weight difference (comfy_extras/nodes_lora_extract.py):
+    a 3x3 conv flattened to out x in·9 (1x1 squeezed), the float32 SVD, up = U[:, :r]·diag(S[:r])
+    and down = Vh[:r] with r = min(rank, out, in), both clamped to ± the 0.99 quantile of their
+    concatenated (signed) values, stored as fp16. (ComfyUI asks for the full SVD; its top r
+    triplets are the thin SVD's, which is what this takes, to stay within memory.)"""
+    out_dim, in_dim = diff.shape[:2]
+    r = min(rank, in_dim, out_dim)
+    mat = diff.flatten(start_dim=1) if diff.ndim == 4 else diff
+    u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
+    up = u[:, :r] @ torch.diag(s[:r])
+    down = vh[:r, :]
+    hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.99)
+    return up.clamp(-hi, hi).half(), down.clamp(-hi, hi).half()

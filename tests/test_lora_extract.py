@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import comfyui_reference
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,6 +16,7 @@ from merge_backend.lora import (
     LoraError,
     LoraUse,
     extract_lora,
+    layer_errors,
     lora_deltas_for_key,
     name_table,
     read_lora,
@@ -77,7 +79,8 @@ def test_rank_r_error_is_the_svd_tail(tmp_path, tiny_sdxl):
     low = extract_lora(tiny_sdxl.a, tiny_sdxl.base, tmp_path / "l.safetensors", rank=rank,
                        clamp=False, dtype="fp32", svd="lowrank")
     assert tail * (1 - 1e-5) <= low.table.overall <= tail * 1.02
-    assert low.svd_methods == {"lowrank": exact.svd_methods["exact"]}
+    assert low.svd_methods == {"lowrank": exact.svd_methods["exact"],
+                               "zero": exact.svd_methods["zero"]}
 
 
 def test_comfyui_format_clamp_and_bias_diff(tmp_path, tiny_sd1):
@@ -93,13 +96,18 @@ def test_comfyui_format_clamp_and_bias_diff(tmp_path, tiny_sd1):
     assert f"{key}.diff_b" in tensors
     assert "diffusion_model.input_blocks.7.0.in_layers.0.diff" in tensors  # a norm's weight
     assert any(k.startswith("text_encoders.clip_l.transformer.text_model.encoder.") for k in tensors)
-    # the clamp is ComfyUI's: both factors within ± the 0.99 quantile of their values
+    # the clamp: both factors within ± the 0.99 quantile of their magnitudes, which is never
+    # below ComfyUI's 0.99 quantile of the signed values, whatever signs the SVD gives
     a, b = open_checkpoint(tiny_sd1.a), open_checkpoint(tiny_sd1.base)
     diff = a.get(f"model.{key}.weight").float() - b.get(f"model.{key}.weight").float()
     up, down = factorize(diff, 8, method="exact")
-    hi = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.99)
+    values = torch.cat([up.flatten(), down.flatten()])
+    hi = torch.quantile(values.abs(), 0.99)
     cu, cd = clamp_factors(up, down)
     assert cu.abs().max() <= hi + 1e-6 and cd.abs().max() <= hi + 1e-6
+    assert (cu.abs() >= hi - 1e-6).any() or (cd.abs() >= hi - 1e-6).any()  # it did clip
+    for flip in (1.0, -1.0):
+        assert hi >= torch.quantile(flip * values, 0.99)
     torch.testing.assert_close(tensors[f"{key}.lora_up.weight"].float().flatten(1), cu,
                                atol=2e-3, rtol=2e-3)
     with safe_open(str(out), "pt") as f:
@@ -125,3 +133,45 @@ def test_extract_refuses_mismatched_models(tmp_path, tiny_sd1, tiny_sdxl):
     with pytest.raises(LoraError, match="is a source model"):
         extract_lora(tiny_sd1.a, tiny_sd1.base, tiny_sd1.a, rank=4, overwrite=True)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _comfy_weights(arch: str, key: str, shape) -> list[tuple[slice, bool]]:
+    """How ComfyUI's models hold an original 2-D+ weight: (rows, transposed) per weight.
+    OpenCLIP's in_proj_weight is ComfyUI's q, k and v; its text_projection is transposed."""
+    if arch == "sdxl" and key.startswith("conditioner.embedders.1.model."):
+        if key.endswith("attn.in_proj_weight"):
+            d = shape[0] // 3
+            return [(slice(i * d, (i + 1) * d), False) for i in range(3)]
+        if key.endswith("text_projection"):
+            return [(slice(None), True)]
+    return [(slice(None), False)]
+
+
+@pytest.mark.parametrize("rank", [8, 32])
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_default_extraction_is_never_worse_than_comfyuis(tmp_path, tiny_sd1, tiny_sdxl, arch,
+                                                         rank):
+    fam = {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+    out = tmp_path / "ours.safetensors"
+    extract_lora(fam.a, fam.base, out, rank=rank, fmt="comfyui", text_encoder=True)  # defaults
+    ours = layer_errors(out, fam.a, fam.base)
+    a, b = load_file(str(fam.a)), load_file(str(fam.base))
+    model = ("model.diffusion_model.", "cond_stage_model.", "conditioner.")
+    layers = [k for k, v in a.items() if k.startswith(model) and v.ndim >= 2
+              and v.is_floating_point() and not torch.equal(v, b[k])]
+    assert len(layers) > 100 and any("token_embedding" in k for k in layers)
+    worse = []
+    for key in layers:
+        diff = a[key].float() - b[key].float()
+        err_sq = 0.0
+        for rows, transposed in _comfy_weights(arch, key, diff.shape):
+            d = diff[rows].T if transposed else diff[rows]
+            up, down = comfyui_reference.extract_lora(d, rank)
+            approx = (up.float().flatten(1) @ down.float().flatten(1)).reshape(d.shape)
+            err_sq += (d - approx).double().pow(2).sum().item()
+        norm_sq = diff.double().pow(2).sum().item()
+        comfy, mine = math.sqrt(err_sq / norm_sq), math.sqrt(ours[key][0] / ours[key][1])
+        assert ours[key][1] == pytest.approx(norm_sq, rel=1e-9)
+        if mine > comfy * (1 + 1e-4) + 1e-7:
+            worse.append((key, mine, comfy))
+    assert not worse, f"{len(worse)} of {len(layers)} layers worse than ComfyUI's, e.g. {worse[:3]}"

@@ -20,14 +20,15 @@ from .apply import (
     lora_deltas_for_key,
     uses_from_recipe,
 )
-from .extract import ErrorTable, ExtractResult, extract_lora
+from .extract import ExtractResult, extract_lora
 from .formats import LoraError, LoraFile, LoraModule, read_lora, save_lora
 from .names import NameTable, Target, name_table
+from .quality import ErrorTable, layer_errors
 from .synthetic import random_lora
 
 __all__ = [
     "ErrorTable", "ExtractResult", "LoraError", "LoraFile", "LoraModule", "LoraUse", "NameTable",
     "Target", "add_loras", "apply_to_file", "apply_to_pipeline", "check_loras", "extract_lora",
-    "lora_deltas_for_key", "name_table", "random_lora", "read_lora", "save_lora",
+    "layer_errors", "lora_deltas_for_key", "name_table", "random_lora", "read_lora", "save_lora",
     "uses_from_recipe",
 ]

@@ -23,9 +23,9 @@ from torch import Tensor
 from merge_backend.architectures import MBW_TEXT_ENCODER_BLOCK, UNET_PREFIX, block_of
 
 from .apply import LoraUse, as_uses
-from .extract import ErrorTable
 from .formats import LoraError, LoraFile, LoraModule
-from .svd import choose_method, clamp_factors, factorize, shaped
+from .quality import ErrorTable
+from .svd import clamp_factors, factorize, shaped
 
 
 def _contributions(uses: Sequence[LoraUse]) -> dict[tuple[str, int], list[tuple[float, float, LoraModule]]]:
@@ -82,7 +82,7 @@ def _resize(module: LoraModule, parts, rank: int, svd: str, clamp: bool,
     delta = delta.to(device)
     mat_shape = (delta.shape[0], delta[0].numel())
     r = min(rank, *mat_shape)
-    up, down = factorize(delta, r, method=choose_method(svd, r, mat_shape))
+    up, down = factorize(delta, r, method=svd)
     if clamp:
         up, down = clamp_factors(up, down)
     module.up, module.down = (t.cpu() for t in shaped(up, down, tuple(delta.shape)))

@@ -1,11 +1,15 @@
 """A LoRA from the difference of two checkpoints (model1 - model2), like ComfyUI's LoraSave.
 
 Per layer, in float32 on ``device``: the difference (a 3x3 conv flattened to out x in·9),
-its rank-``r`` SVD with r = min(rank, out, in) (``exact``: ``torch.linalg.svd``; ``lowrank``:
-``torch.svd_lowrank`` with a fixed seed; ``auto``: whichever is faster for the shape),
-``up = U·diag(S)``, ``down = Vh``, both clamped at the 0.99 quantile of their values unless
-``clamp=False``. ``full_diff`` stores every difference whole (``.diff``). ``bias_diff`` adds
-1-D weight differences (``.diff``) and bias differences (``.diff_b``), as ComfyUI does.
+its best rank-``r`` approximation with r = min(rank, out, in) (``svd.py``: ``auto`` reaches the
+exact SVD's error, ``exact`` computes it directly, ``lowrank`` is faster and slightly worse),
+``up = U·diag(S)``, ``down = Vh``, both clamped at the 0.99 quantile of their magnitudes unless
+``clamp=False``. Every 2-D weight ComfyUI's LoraSave factorises is factorised, text-encoder
+token and position embeddings included (in the ComfyUI format: kohya-format readers have no
+name for embeddings, so kohya files leave them out and say so). ``full_diff`` stores every
+difference whole (``.diff``). ``bias_diff`` adds 1-D weight differences (``.diff``: norms) and
+bias differences (``.diff_b``), as LoraSave does by default; it is on by default for the
+ComfyUI format and off for kohya's (diffusers refuses ``.diff`` keys; ComfyUI reads them).
 
 The file streams to disk as layers are factorized (atomic, like every mergesearch output).
 kohya files (default) carry ``alpha = rank`` in every module so diffusers reads them exactly;
@@ -45,56 +49,11 @@ from .formats import (
     lora_metadata,
 )
 from .names import NameTable, Target, name_table
-from .svd import SVD_METHODS, choose_method, clamp_factors, factorize, shaped
+from .quality import ErrorTable
+from .svd import SVD_METHODS, clamp_factors, factorize_with_method, shaped
 
 LORA_TYPES = ("standard", "full_diff")
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass
-class ErrorTable:
-    """Relative Frobenius error ||Δ - LoRA|| / ||Δ|| per block (mbw names; BASE = text encoders).
-
-    Example:
-        >>> t = ErrorTable()
-        >>> t.add("IN01", err_sq=1.0, norm_sq=4.0)
-        >>> t.relative("IN01"), t.overall
-        (0.5, 0.5)
-    """
-
-    err_sq: dict[str, float] = field(default_factory=dict)
-    norm_sq: dict[str, float] = field(default_factory=dict)
-    modules: dict[str, int] = field(default_factory=dict)
-
-    def add(self, block: str, err_sq: float, norm_sq: float) -> None:
-        self.err_sq[block] = self.err_sq.get(block, 0.0) + err_sq
-        self.norm_sq[block] = self.norm_sq.get(block, 0.0) + norm_sq
-        self.modules[block] = self.modules.get(block, 0) + 1
-
-    def relative(self, block: str) -> float:
-        norm = self.norm_sq.get(block, 0.0)
-        return math.sqrt(self.err_sq[block] / norm) if norm > 0 else 0.0
-
-    @property
-    def overall(self) -> float:
-        norm = sum(self.norm_sq.values())
-        return math.sqrt(sum(self.err_sq.values()) / norm) if norm > 0 else 0.0
-
-    def rows(self) -> list[tuple[str, int, float, float]]:
-        """(block, modules, relative error, ||Δ||) in the order blocks were met."""
-        return [(b, self.modules[b], self.relative(b), math.sqrt(self.norm_sq[b]))
-                for b in self.err_sq]
-
-    def format(self) -> str:
-        lines = [f"{'block':<8} {'modules':>7} {'|diff|':>10} {'rel.error':>10}"]
-        lines += [f"{b:<8} {n:>7} {norm:>10.4g} {e:>10.3e}" for b, n, e, norm in self.rows()]
-        lines.append(f"{'overall':<8} {sum(self.modules.values()):>7} "
-                     f"{math.sqrt(sum(self.norm_sq.values())):>10.4g} {self.overall:>10.3e}")
-        return "\n".join(lines)
-
-    def record(self, block: str, delta: Tensor, approx: Tensor | None) -> None:
-        diff = delta if approx is None else delta - approx.reshape(delta.shape)
-        self.add(block, float(diff.double().pow(2).sum()), float(delta.double().pow(2).sum()))
 
 
 @dataclass
@@ -113,6 +72,7 @@ class ExtractResult:
     modules: int
     seconds: float
     svd_methods: dict[str, int]
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -137,8 +97,8 @@ def _diffusers_shape(target: Target, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str],
-          lora_type: str, bias_diff: bool) -> list[_Job]:
-    jobs = []
+          lora_type: str, bias_diff: bool, fmt: str, notes: list[str]) -> list[_Job]:
+    jobs, skipped = [], []
     for target in table.components(components):
         if target.key not in m1:
             if target.key in m2:  # skipping it would leave a difference out without a word
@@ -158,15 +118,21 @@ def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str
         shape = _diffusers_shape(target, m1.shape(target.key))
         if lora_type == "full_diff":
             weight = "diff"
-        elif target.lora_able and len(shape) >= 2:
-            weight = "lora"
+        elif len(shape) >= 2 and (target.lora_able or fmt == "comfyui"):
+            weight = "lora"  # LoraSave factorises every 2-D weight (embeddings too)
+        elif len(shape) >= 2:
+            weight = "none"
+            skipped.append(target.module)
         else:
-            weight = "diff" if bias_diff and len(shape) == 1 else "none"
+            weight = "diff" if bias_diff else "none"
         bias = None
         if bias_diff and target.bias_key and target.bias_key in m1:
             bias = math.prod(m1.shape(target.bias_key)) // target.parts
         if weight != "none" or bias is not None:
             jobs.append(_Job(target, shape, weight, bias))
+    if skipped:
+        notes.append(f"left out {len(skipped)} text-encoder embedding(s) ({', '.join(skipped)}): "
+                     "kohya-format readers have no name for them; --format comfyui holds them")
     return jobs
 
 
@@ -203,9 +169,8 @@ class _Extractor:
     def factor(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         mat_shape = (delta.shape[0], math.prod(delta.shape[1:]))
         r = min(self.rank, *mat_shape)
-        method = choose_method(self.svd, r, mat_shape)
+        up, down, method = factorize_with_method(delta, r, method=self.svd)
         self.methods[method] = self.methods.get(method, 0) + 1
-        up, down = factorize(delta, r, method=method)
         if self.clamp:
             up, down = clamp_factors(up, down)
         if self.alpha is not None:
@@ -260,12 +225,17 @@ def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str) ->
 
 def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, rank: int = 8,
                  text_encoder: bool = False, fmt: str = "kohya", lora_type: str = "standard",
-                 clamp: bool = True, bias_diff: bool = False, svd: str = "auto",
+                 clamp: bool = True, bias_diff: bool | None = None, svd: str = "auto",
                  device: str | torch.device = "cpu", dtype: str = "fp16", overwrite: bool = False,
                  progress: Progress | None = None) -> ExtractResult:
-    """Extract ``model1 - model2`` as a LoRA file at ``output`` (see module docstring)."""
+    """Extract ``model1 - model2`` as a LoRA file at ``output`` (see module docstring).
+
+    ``bias_diff`` None: on for ``fmt="comfyui"`` (as LoraSave), off for kohya (diffusers
+    cannot read ``.diff`` keys)."""
     start = time.perf_counter()
     _check_options(rank, fmt, lora_type, svd, dtype)
+    if bias_diff is None:
+        bias_diff = fmt == "comfyui"
     output, device = Path(output), torch.device(device)
     check_lora_output(output, overwrite)
     m1, m2 = open_checkpoint(model1), open_checkpoint(model2)
@@ -277,7 +247,8 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
                         "a LoRA is the difference of two models of one architecture")
     table = name_table(m1.arch.name)
     components = ["unet"] + ([te.name for te in m1.arch.text_encoders] if text_encoder else [])
-    jobs = _plan(table, m1, m2, components, lora_type, bias_diff)
+    notes: list[str] = []
+    jobs = _plan(table, m1, m2, components, lora_type, bias_diff, fmt, notes)
     read = [k for job in jobs for k in ((job.target.key,) if job.weight != "none" else ())
             + ((job.target.bias_key,) if job.bias_rows is not None else ())]
     for m in (m1, m2):  # NaN / inf found before the long work (the SVDs), not in the middle
@@ -303,4 +274,4 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
                          {"mergesearch.extract": json.dumps(info, sort_keys=True)})
     stream_safetensors(output, planned, values(), meta)
     return ExtractResult(output, rank, work.table, len(jobs), time.perf_counter() - start,
-                         work.methods)
+                         work.methods, notes)
