@@ -93,6 +93,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="--to lora: the checkpoint the LoRA is relative to (required with lora)")
     p.add_argument("--rank", type=int, default=32,
                    help="--to lora: rank (8-32 for a style, 64+ for a solid difference)")
+    p.add_argument("--lora-format", choices=("kohya", "comfyui"), default="kohya",
+                   help="--to lora: kohya (default) or ComfyUI's LoraSave layout")
+    p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
+                   help="--to lora: store norm / bias differences (default: on for comfyui, "
+                        "off for kohya)")
     p.add_argument("--quiet", action="store_true", help="print only the written paths")
     p.set_defaults(func=run_export)
 
@@ -239,7 +244,8 @@ def run_export(args: argparse.Namespace) -> int:
     output = args.output if args.output is not None else loaded.default_output
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,
                         overwrite=args.overwrite, mbw_lossy=args.mbw_lossy,
-                        protected=loaded.protected, lora_base=args.base, lora_rank=args.rank)
+                        protected=loaded.protected, lora_base=args.base, lora_rank=args.rank,
+                        lora_format=args.lora_format, lora_bias_diff=args.bias_diff)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
 

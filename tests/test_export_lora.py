@@ -26,6 +26,13 @@ def test_export_best_merge_as_difference_lora(tiny_sd1, tmp_path, capsys):
     want = merged[key] - base[key]
     # full rank here; the clamp at the 0.99 quantile keeps it from being exact
     assert torch.linalg.norm(delta - want) / torch.linalg.norm(want) < 0.25
+    assert not [k for k in load_file(lora_path) if k.endswith((".diff", ".diff_b"))]
+    # in ComfyUI's layout, with LoraSave's bias and norm differences
+    assert main(["export", str(path), "--to", "lora", "--base", str(tiny_sd1.base), "--rank", "8",
+                 "--lora-format", "comfyui", "-o", str(tmp_path / "c.safetensors")]) == 0
+    keys = load_file(tmp_path / "c.safetensors")
+    assert "diffusion_model.input_blocks.4.1.proj_in.diff_b" in keys
+    assert any(k.startswith("text_encoders.clip_l.") for k in keys)
 
 
 def test_export_lora_needs_base(tiny_sd1, tmp_path, capsys):

@@ -175,3 +175,28 @@ def test_default_extraction_is_never_worse_than_comfyuis(tmp_path, tiny_sd1, tin
         if mine > comfy * (1 + 1e-4) + 1e-7:
             worse.append((key, mine, comfy))
     assert not worse, f"{len(worse)} of {len(layers)} layers worse than ComfyUI's, e.g. {worse[:3]}"
+
+
+def test_defaults_per_format_embeddings_and_bias_differences(tmp_path, tiny_sdxl):
+    comfy = extract_lora(tiny_sdxl.a, tiny_sdxl.base, tmp_path / "c.safetensors", rank=4,
+                         fmt="comfyui", text_encoder=True)
+    keys = load_file(str(comfy.output)).keys()
+    # as LoraSave: embeddings factorised, norms as .diff, biases as .diff_b
+    for name in ("clip_l.transformer.text_model.embeddings.token_embedding",
+                 "clip_l.transformer.text_model.embeddings.position_embedding",
+                 "clip_g.transformer.text_model.embeddings.token_embedding",
+                 "clip_g.transformer.text_model.embeddings.position_embedding"):
+        assert f"text_encoders.{name}.lora_up.weight" in keys, name
+    assert "text_encoders.clip_g.transformer.text_model.final_layer_norm.diff" in keys
+    assert "diffusion_model.input_blocks.4.1.proj_in.diff_b" in keys
+    assert not comfy.notes
+    kohya = extract_lora(tiny_sdxl.a, tiny_sdxl.base, tmp_path / "k.safetensors", rank=4,
+                         text_encoder=True)
+    keys = load_file(str(kohya.output)).keys()
+    assert not [k for k in keys if k.endswith((".diff", ".diff_b")) or "embedding" in k]
+    assert "left out 4 text-encoder embedding(s)" in kohya.notes[0]
+    with_bias = extract_lora(tiny_sdxl.a, tiny_sdxl.base, tmp_path / "kb.safetensors", rank=4,
+                             text_encoder=True, bias_diff=True)
+    keys = load_file(str(with_bias.output)).keys()
+    assert "lora_unet_input_blocks_4_1_proj_in.diff_b" in keys
+    assert "lora_te2_text_model_final_layer_norm.diff" in keys

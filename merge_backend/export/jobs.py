@@ -52,7 +52,8 @@ FORMATS: dict[str, Format] = {
     "report": Format(("{stem}.report.html",),
                      "probe images, ratio chart, scores and Recipe on one page"),
     "lora": Format(("{stem}.lora.safetensors",),
-                   "the merge minus --base as a kohya LoRA of --rank"),
+                   "the merge minus --base as a LoRA of --rank (kohya, or ComfyUI's layout with "
+                   "--lora-format comfyui)"),
 }
 # the suffix of an -o that names the file itself, for formats that write a file
 _FILE_SUFFIX = {fmt: Path(f.names[0]).suffix for fmt, f in FORMATS.items()
@@ -100,6 +101,8 @@ class ExportPlan:
     lora_base: Path | None = None  # --to lora: the merge minus this checkpoint, as a LoRA
     lora_rank: int = 32
     hashes: dict[str, str] = field(default_factory=dict)  # sha256 by resolved path, checked once
+    lora_format: str = "kohya"  # --to lora: kohya or comfyui (LoraSave's layout)
+    lora_bias_diff: bool | None = None  # --to lora: norm / bias differences (None: the format's default)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -187,7 +190,8 @@ def _check_paths(outputs: Sequence[PlannedOutput], overwrite: bool,
 def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Path, *,
                  dtype: str = "fp16", overwrite: bool = False, mbw_lossy: bool = False,
                  protected: Sequence[Path] = (), lora_base: Path | None = None,
-                 lora_rank: int = 32) -> ExportPlan:
+                 lora_rank: int = 32, lora_format: str = "kohya",
+                 lora_bias_diff: bool | None = None) -> ExportPlan:
     """Check everything and decide every output path; raise ExportError, writing nothing.
 
     ``protected``: further paths no output may take (the export's own source file).
@@ -218,7 +222,8 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     outputs = [PlannedOutput(item, fmt, output_paths(item, fmt, output, as_file))
                for item in items for fmt in formats]
     _check_paths(outputs, overwrite, [*protected, *([lora_base] if lora_base else [])])
-    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes, lora_base, lora_rank, hashes)
+    return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes, lora_base, lora_rank, hashes,
+                      lora_format, lora_bias_diff)
 
 
 def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
@@ -304,7 +309,8 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
 
 
 def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Path | None) -> None:
-    """The merge minus ``plan.lora_base`` as a kohya LoRA (UNet and text encoders)."""
+    """The merge minus ``plan.lora_base`` as a LoRA (UNet and text encoders), in
+    ``plan.lora_format`` with the extraction's defaults."""
     import tempfile
 
     from merge_backend.lora import extract_lora
@@ -316,6 +322,7 @@ def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Pat
             merged = Path(tmp) / "merged.safetensors"
             merge_to_file(item.recipe, merged, dtype="fp32", known_sha256=plan.hashes)
         extract_lora(merged, plan.lora_base, path, rank=plan.lora_rank, text_encoder=True,
+                     fmt=plan.lora_format, bias_diff=plan.lora_bias_diff,
                      overwrite=plan.overwrite)
 
 
