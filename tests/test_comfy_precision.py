@@ -134,3 +134,29 @@ def test_lora_clip_strength_on_fp16_text_encoders(fam, tmp_path):
     live = live_original(engine)
     bad = [k for k in expected if k in live and not torch.equal(live[k], expected[k])]
     assert not bad, f"engine: {len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+@pytest.mark.gpu
+def test_engine_on_cuda_equals_the_file_for_exact_chains_and_held_precisions(fam, tmp_path):
+    """The exact chain, fp16-held parts under fp32 live weights and a LoRA, streamed on CUDA."""
+    lora = tmp_path / "style.safetensors"
+    _kohya_lora(fam, lora)
+    from merge_backend.recipe import uniform_ratios
+
+    ratios = {k: round(0.1 + 0.8 * i / 40, 3) for i, k in
+              enumerate(uniform_ratios(fam.arch, "comfy", 0))}
+    recipe = Recipe(arch=fam.arch, method="add_difference", vocabulary="comfy", ratios=ratios,
+                    multiplier=0.8, clip=ClipMerge("weighted_sum", 0.3), unet_dtype="fp16",
+                    text_encoder_dtype="fp16", loras=(LoraSpec(str(lora), 0.7),),
+                    models={"model1": Source(str(fam.a)), "model2": Source(str(fam.b)),
+                            "base": Source(str(fam.base))})
+    for arithmetic in ("comfy", "fast"):
+        r = recipe.replace(arithmetic=arithmetic)
+        pipe = load_pipeline(fam.a, config_folder=fam.config_folder, device="cuda")
+        engine = MergeEngine(pipe, r, device="cuda", memory="offload", chunk_elements=4096)
+        engine.apply(r)
+        live = {k: v.cpu() for k, v in live_original(engine).items()}
+        ref_file = load_file(merge_to_file(r, tmp_path / f"{arithmetic}.safetensors",
+                                           dtype="fp32").output)
+        bad = [k for k in live if k in ref_file and not torch.equal(live[k], ref_file[k])]
+        assert not bad, f"{arithmetic}: {len(bad)} tensors differ, e.g. {bad[:3]}"

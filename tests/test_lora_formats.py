@@ -172,7 +172,7 @@ def test_quantile_matches_torch_and_handles_huge_inputs():
     assert abs(value.item() - 2.3263) < 0.01  # the normal distribution's 0.99 quantile
 
 
-def _loraSave_sdxl(ckpt, path, rank: int = 3) -> dict[str, tuple[str, str, slice, bool, object]]:
+def _lorasave_sdxl(ckpt, path, rank: int = 3) -> dict[str, tuple[str, str, slice, bool, object]]:
     """An SDXL file as ComfyUI's "Extract and Save Lora" writes one (fp16, no alpha, LoraSave
     names, ``.diff`` / ``.diff_b``), with the module it writes for CLIP-L's text_projection
     (ComfyUI's own identity weight: a zero difference, so up = 0). Hand-built from ComfyUI's
@@ -220,12 +220,12 @@ def _loraSave_sdxl(ckpt, path, rank: int = 3) -> dict[str, tuple[str, str, slice
     return out
 
 
-def test_comfyui_loraSave_file_with_clip_l_text_projection(tmp_path, tiny_sdxl, capsys):
+def test_comfyui_lorasave_file_with_clip_l_text_projection(tmp_path, tiny_sdxl, capsys):
     from search import cli
 
     ckpt = open_checkpoint(tiny_sdxl.a)
     lora_path = tmp_path / "ComfyUI_extracted_lora_00001_.safetensors"
-    modules = _loraSave_sdxl(ckpt, lora_path)
+    modules = _lorasave_sdxl(ckpt, lora_path)
     lora = read_lora(lora_path)  # ComfyUI loads it; so do we, and say what we left out
     assert lora.format == "comfyui" and lora.arch.name == "sdxl"
     assert lora.ignored == ["text_encoders.clip_l.transformer.text_projection"]
