@@ -100,7 +100,7 @@ class Runner:
         if kind in FAST_OPS and held != self.live_dtype:
             # the working dtype is not the live one: lerp in float32 scratch, round to it
             post = self._post(loras, held, round_first=True)
-            _float_fast(self, kind, group.live, sources, ratio, multiplier, post)
+            float_fast(self, kind, group.live, sources, ratio, multiplier, post)
             return
         direct = all(s.device == self.device and s.dtype == self.live_dtype for s in sources)
         if kind in FAST_OPS and direct:
@@ -257,7 +257,7 @@ def _exact_add_difference(runner: Runner, live: torch.Tensor, src: list[torch.Te
         live[s:e].copy_(w)
 
 
-def _float_fast(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
+def float_fast(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
                 ratio: float, multiplier: float, post=None) -> None:
     # A fast op whose working dtype is not the live one: the lerp in float32 scratch (a lerp
     # on fp16 / bf16 computes in float32 and rounds once, so rounding this result to the

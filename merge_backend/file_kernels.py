@@ -63,10 +63,24 @@ class KeyArithmetic:
                             ratio, multiplier, post if delta is not None or rounds else None)
             return out
         work = held or self.out_dtype  # the fast ops' working dtype
-        if kind == "weighted_sum_fast":
-            out = self._buffer(work, shape)
+        if kind == "weighted_sum_fast" and work == self.out_dtype:
+            out = self._buffer(work, shape)  # one lerp, straight into the output dtype
             w1, w2 = (t.to(work) for t in tensors)
             torch.lerp(w2, w1, ratio, out=out)
+        elif kind == "weighted_sum_fast":  # chunked through float32 scratch, rounded to work
+            out = self._buffer(self.out_dtype, shape)
+            rounds = dtypes.rounds_to(held, self.out_dtype)
+
+            def post(w: torch.Tensor, s: int, e: int) -> None:
+                if rounds:
+                    self.runner.round_through(w, held)
+                if delta is not None:
+                    w.add_(delta.reshape(-1)[s:e])
+                    if rounds:
+                        self.runner.round_through(w, held)
+            kernels.float_fast(self.runner, kind, out.view(-1), [t.reshape(-1) for t in tensors],
+                               ratio, multiplier, post)
+            return out
         else:  # add_difference_fast: rare enough to run the plain function
             out = apply_op(op, tensors, ratio, multiplier, arithmetic=self.arithmetic,
                            work_dtype=work)

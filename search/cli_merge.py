@@ -70,7 +70,8 @@ def _common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-ratio", type=float, default=1.0)
     p.add_argument("--clip-multiplier", type=float, default=1.0)
     p.add_argument("--arithmetic", choices=("comfy", "fast"), default="comfy",
-                   help="comfy: bit-exact with ComfyUI (default); fast: the study engine's lerp")
+                   help="comfy: bit-exact with ComfyUI (default); fast: the study engine's lerp, "
+                        "in --unet-dtype (fp16: the quickest, one lerp straight into fp16)")
     add_precision_options(p)
     p.add_argument("--allow-extrapolation", action="store_true",
                    help="accept ratios outside [0, 1]")
