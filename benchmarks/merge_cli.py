@@ -1,8 +1,8 @@
 """Benchmark (issue 2): `mergesearch merge layers` on two full-size SD1.5 fp16 files.
 
-Side by side in one run: our streamed per-block merge (fast = one lerp per tensor, as the
-plain script; comfy = ComfyUI's bit-exact float32 sequence) vs a plain script (safetensors
-load_file of both + per-key torch.lerp + save_file). Goals: time <= 1.2x the plain script,
+Side by side in one run: our streamed per-block merge (fast = one fp16 lerp per tensor, as the
+plain script: `--unet-dtype fp16`; comfy = ComfyUI's bit-exact float32 sequence) vs a plain
+script (safetensors load_file of both + per-key torch.lerp + save_file). Goals: time <= 1.2x the plain script,
 peak RSS <= 2.5x one model file.
 
 Our merge also records both sources' sha256, which the plain script does not compute. Hashing
@@ -51,7 +51,8 @@ os.environ["MERGESEARCH_HASH_CACHE"] = {cache!r}
 {prelude}
 from search.cli import main
 rc = main(["merge", "layers", {a!r}, {b!r}, "-o", {out!r}, "--vocabulary", "mbw",
-           "--ratios-file", {ratios!r}, "--quiet", "--overwrite", "--arithmetic", {arith!r}])
+           "--ratios-file", {ratios!r}, "--quiet", "--overwrite", "--arithmetic", {arith!r}]
+          + ([] if {arith!r} == "comfy" else ["--unet-dtype", "fp16"]))  # fast: the fp16 lerp
 assert rc == 0
 """
 
