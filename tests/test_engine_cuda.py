@@ -1,6 +1,7 @@
 """The engine's CUDA staging paths: ``memory: offload`` (sources in pinned host memory, chunks
 copied on a side stream into two staging slots while the other slot computes) and sources
-held in another dtype than the live weights (fp16 sources staged into fp32 weights).
+held in another precision than the live weights (the Recipe's ``unet_dtype``: fp16-held
+sources computed into fp32 weights, rounded to fp16 as ComfyUI holding fp16 does).
 
 Expected values are built independently: the file merge on the CPU for the ComfyUI-exact
 arithmetic (plain IEEE multiplies and adds, the same bits on any device), the formula written
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from test_engine import live_original
 
 from merge_backend import merge_to_file, open_checkpoint
+from merge_backend.dtypes import NAMES
 from merge_backend.engine import MergeEngine
 from merge_backend.lora import random_lora, save_lora
 from merge_backend.pipeline import load_pipeline
@@ -44,9 +46,11 @@ def _recipe(fam, arithmetic: str, ratio: float = 0.3, vocabulary: str = "single"
 
 
 def _engine(fam, recipe, memory, live=torch.float32, source=None):
+    """``source``: the precision the Recipe holds the sources in (default: the live dtype)."""
+    held = NAMES[source or live]
     pipe = load_pipeline(fam.a, config_folder=fam.config_folder, device="cuda", dtype=live)
-    return MergeEngine(pipe, recipe, device="cuda", memory=memory, source_dtype=source,
-                       chunk_elements=CHUNK)
+    return MergeEngine(pipe, recipe.replace(unet_dtype=held, text_encoder_dtype=held),
+                       device="cuda", memory=memory, chunk_elements=CHUNK)
 
 
 def _unet(engine) -> dict[str, torch.Tensor]:
@@ -76,6 +80,7 @@ def test_offload_exact_arithmetic_equals_the_file_merge(fam, tmp_path, method, l
     # fp32 sources (as the files hold them) into fp32 or fp16 weights, as the file merge does
     recipe = _recipe(fam, "comfy", vocabulary="comfy", method=method)
     engine = _engine(fam, recipe, "offload", live=live, source=torch.float32)
+    recipe = engine.bound
     engine.apply(recipe.replace(ratios=uniform_ratios(fam.arch, "comfy", 0.9)))  # another first
     engine.apply(recipe)
     merge_to_file(recipe, tmp_path / "ref.safetensors", dtype=dtype)
@@ -85,20 +90,22 @@ def test_offload_exact_arithmetic_equals_the_file_merge(fam, tmp_path, method, l
 @pytest.mark.parametrize("memory", ["offload", "device"])
 @pytest.mark.parametrize("arithmetic", ["fast", "comfy"])
 def test_fp16_sources_staged_into_fp32_weights_equal_the_formula(fam, memory, arithmetic):
-    # fp16 sources never match the fp32 live dtype, so both memory modes stage every chunk:
-    # offload from pinned host memory, device mode from fp16 copies on the GPU.
+    # fp16-held sources never match the fp32 live dtype, so both memory modes copy every chunk
+    # into float32 scratch (offload from pinned host memory, device mode from fp16 copies on the
+    # GPU) and round the result to fp16 before it is stored.
     ratio = 0.3
     engine = _engine(fam, _recipe(fam, arithmetic, ratio), memory, source=torch.float16)
-    engine.apply(_recipe(fam, arithmetic, 0.8))
-    engine.apply(_recipe(fam, arithmetic, ratio))
+    held = {"unet_dtype": "fp16", "text_encoder_dtype": "fp16"}
+    engine.apply(_recipe(fam, arithmetic, 0.8).replace(**held))
+    engine.apply(_recipe(fam, arithmetic, ratio).replace(**held))
     a, b = load_file(fam.a, device="cuda"), load_file(fam.b, device="cuda")
     expected = {}
     for key in (k for k in a if k.startswith(UNET)):
         w1, w2 = a[key].half().float(), b[key].half().float()  # what the engine holds
         if arithmetic == "fast":
-            expected[key] = torch.lerp(w2, w1, ratio)
-        else:  # ComfyUI: w = W1.float(); w *= r; w += (1 - r) * W2.float()
-            expected[key] = w1 * ratio + w2 * (1.0 - ratio)
+            expected[key] = torch.lerp(w2, w1, ratio).half()
+        else:  # ComfyUI: w = W1.float(); w *= r; w += (1 - r) * W2.float(), held in fp16
+            expected[key] = (w1 * ratio + w2 * (1.0 - ratio)).half()
     _assert_equal(_unet(engine), expected)
 
 
@@ -108,7 +115,7 @@ def test_offload_fast_arithmetic_equals_sources_resident_on_the_gpu(fam, live):
     results = []
     for memory in ("device", "offload"):  # device: one lerp per block; offload: streamed
         engine = _engine(fam, recipe, memory, live=live)
-        engine.apply(recipe)
+        engine.apply(engine.bound)
         results.append(_unet(engine))
     _assert_equal(results[1], results[0])
 
@@ -122,8 +129,8 @@ def test_offload_with_loras_equals_sources_resident_on_the_gpu_and_the_file(fam,
     results = []
     for memory in ("device", "offload"):
         engine = _engine(fam, recipe, memory)
-        engine.apply(recipe.replace(loras=(replace(spec, strength=0.1),)))
-        engine.apply(recipe)
+        engine.apply(engine.bound.replace(loras=(replace(spec, strength=0.1),)))
+        engine.apply(engine.bound)
         results.append(_unet(engine))
     _assert_equal(results[1], results[0])
     merge_to_file(recipe, tmp_path / "ref.safetensors", dtype="fp32")
