@@ -52,10 +52,10 @@ def unet_layers(arch: str) -> list[tuple[str, tuple[int, ...]]]:
     """(name, weight shape) of every Linear / Conv2d of the full-size UNet, built on meta."""
     from merge_backend.architectures import ARCHITECTURES
     from merge_backend.pipeline import build_module
-    from merge_backend.pipeline_configs import CONFIG_FOLDERS
+    from merge_backend.pipeline_configs import config_files
 
     with torch.device("meta"):
-        unet = build_module("unet", CONFIG_FOLDERS[(arch, "full")]["unet/config.json"],
+        unet = build_module("unet", config_files(arch, "full")["unet/config.json"],
                             arch=ARCHITECTURES[arch])
     return [(name, tuple(m.weight.shape)) for name, m in unet.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]

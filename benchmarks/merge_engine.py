@@ -118,7 +118,7 @@ def save_load_jobs(pipe, arch: str, device, dtype, folder: Path, config_folder=N
 
     spec = ARCHITECTURES[arch]
     modules = {"unet": pipe.unet, "vae": pipe.vae}
-    modules.update({te.name: getattr(pipe, te.diffusers_folder) for te in spec.text_encoders})
+    modules.update({te.name: getattr(pipe, te.folder) for te in spec.text_encoders})
 
     def full() -> None:
         path = folder / "candidate.safetensors"

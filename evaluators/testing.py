@@ -2,13 +2,13 @@
 
 Every scorer loads its *real* file format from these files (open_clip ``.safetensors``, the
 LAION head's ``.pth`` with its real key names, an HPS-style ``{'state_dict': ...}`` ``.pt``, a
-transformers CLIP folder for PickScore), and the pipelines have the real SD1.5 / SDXL topology.
-Weights are random and seed-fixed: images are noise, which is fine for plumbing and numbers,
-never for judging quality.
+transformers CLIP folder for PickScore). Weights are random and seed-fixed: images are noise,
+which is fine for plumbing and numbers, never for judging quality. (Tiny diffusion pipelines
+come from the architecture files' tiny configs: ``merge_backend.pipeline.empty_pipeline(arch,
+"tiny")``.)
 
 Example:
     >>> files = write_tiny_scorer_files(tmp_path)            # doctest: +SKIP
-    >>> pipe = tiny_sd15_pipeline(seed=0)                    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -21,23 +21,8 @@ from pathlib import Path
 
 import open_clip
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
 from safetensors.torch import save_file
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from evaluators._aesthetic_head import AestheticHead
 
@@ -158,79 +143,3 @@ def _tiny_open_clip_state(config_path: Path, seed: int) -> dict[str, torch.Tenso
     torch.manual_seed(seed)
     model = open_clip.create_model(config_path.stem, pretrained=None)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
-
-
-# --------------------------------------------------------------------------- pipelines
-
-
-def tiny_sd15_pipeline(
-    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
-    """A tiny SD1.5-topology pipeline (12 input / middle / 12 output blocks), random weights."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    text_encoder = CLIPTextModel(_tiny_text_config(hidden=32, layers=2))
-    pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    # A no-op dtype cast still triggers diffusers' keep-in-float32 warning, so skip it.
-    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
-
-
-def tiny_sdxl_pipeline(
-    seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> StableDiffusionXLPipeline:
-    """A tiny SDXL-topology pipeline (two text encoders of different widths), random weights."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=96,
-        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=64 + 6 * 8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    )
-    te1 = CLIPTextModel(_tiny_text_config(hidden=32, layers=2))
-    te2 = CLIPTextModelWithProjection(
-        _tiny_text_config(hidden=64, layers=2, projection_dim=64, hidden_act="gelu")
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=_scheduler(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    # A no-op dtype cast still triggers diffusers' keep-in-float32 warning, so skip it.
-    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
-
-
-def _tiny_text_config(hidden: int, layers: int, **extra: object) -> CLIPTextConfig:
-    return CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=77,
-        hidden_act=extra.pop("hidden_act", "quick_gelu"), bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407, **extra,
-    )
-
-
-def _tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-
-
-def _scheduler() -> EulerDiscreteScheduler:
-    return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .architectures import Architecture, canonical_key, detect_architecture, is_model_key
+from .architectures import Architecture, detect_architecture
+from .diffusers_folder import DiffusersFolderError, read_diffusers_folder
 from .safetensors_io import MappedFile, SafetensorsError, TensorInfo, read_header
 from .source_files import check_source
 
@@ -40,7 +41,7 @@ class Checkpoint:
         self.arch = arch
         # Keys are exposed in their canonical (CheckpointSave) spelling; old-layout files keep
         # their stored names underneath.
-        self._stored = {canonical_key(arch, k): k for k in shapes}
+        self._stored = {arch.canonical_key(k): k for k in shapes}
         self._shapes = {c: tuple(shapes[k]) for c, k in self._stored.items()}
         self._dtypes = {c: dtypes[k] for c, k in self._stored.items()}
         self._loader = loader
@@ -52,7 +53,7 @@ class Checkpoint:
 
     def model_keys(self) -> list[str]:
         """Keys CheckpointSave would keep (no schedules, no EMA copies)."""
-        return [k for k in self._shapes if is_model_key(k)]
+        return [k for k in self._shapes if self.arch.is_model_key(k)]
 
     def __contains__(self, key: str) -> bool:
         return key in self._shapes
@@ -116,9 +117,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     st = check_source(path, error=CheckpointError, folder_ok=True)  # FIFOs, loops, devices
     if stat.S_ISDIR(st.st_mode):
-        from .diffusers_folder import open_diffusers_folder
-
-        return open_diffusers_folder(path)
+        return _open_diffusers_folder(path)
     if path.suffix.lower() in CKPT_SUFFIXES:
         return _open_pickle(path)
     return _open_safetensors(path)
@@ -141,6 +140,16 @@ def _open_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path, arch, {k: v.shape for k, v in table.items()},
                       {k: v.dtype for k, v in table.items()}, load, metadata,
                       releaser=lambda key: mapped.release(table[key]))
+
+
+def _open_diffusers_folder(path: Path) -> Checkpoint:
+    """A diffusers pipeline folder, converted to the original layout and held in memory."""
+    try:
+        arch, tensors = read_diffusers_folder(path)
+    except DiffusersFolderError as exc:
+        raise CheckpointError(str(exc)) from None
+    return Checkpoint(path, arch, {k: tuple(v.shape) for k, v in tensors.items()},
+                      {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, {})
 
 
 def _open_pickle(path: Path) -> Checkpoint:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine_kernels as kernels
-from .architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK
+from .architectures import ARCHITECTURES
 from .dtypes import DTYPES, held, rounds_to
 from .engine_memory import MemoryPlan, plan_memory
 from .merge_file import open_sources
@@ -62,13 +62,15 @@ class MergeEngine:
         recipe.validate()
         self.pipe = pipe
         self.bound = recipe
-        self.device = torch.device(device) if device is not None else pipe.unet.device
         self.arch = ARCHITECTURES[recipe.arch]
+        self.diffusion = self.arch.diffusion.name  # the UNet (or transformer) component
+        live = self.module(self.diffusion)
+        self.device = torch.device(device) if device is not None else live.device
         self.chunk = int(chunk_elements)
         sources = open_sources(recipe)
         plan = plan_merge(recipe, sources)  # compatibility and block names fail here, at bind
         by_key = {k.key: k for k in plan.keys}
-        self.live_dtype = pipe.unet.dtype
+        self.live_dtype = live.dtype
         layout = self._layout(by_key)
         self.memory: MemoryPlan = plan_memory(memory, self.device, *self._bytes(layout))
         self.groups = [self._bind_group(name, params, sources) for name, params in layout.items()]
@@ -100,14 +102,11 @@ class MergeEngine:
         merges them or has LoRAs (which may change them)."""
         tes = tuple(te.name for te in self.arch.text_encoders)
         merges_te = (recipe.clip is not None or bool(recipe.loras)
-                     or (recipe.vocabulary == "mbw" and recipe.spec.uses_ratio))
-        return ("unet",) + (tes if merges_te else ())
+                     or (recipe.text_encoder_block is not None and recipe.spec.uses_ratio))
+        return (self.diffusion,) + (tes if merges_te else ())
 
     def module(self, component: str) -> torch.nn.Module:
-        if component == "unet":
-            return self.pipe.unet
-        te = next(t for t in self.arch.text_encoders if t.name == component)
-        return getattr(self.pipe, te.diffusers_folder)
+        return getattr(self.pipe, self.arch.components[component].folder)
 
     def _layout(self, by_key: Mapping[str, KeyPlan]) -> dict[str, list]:
         """Group name -> [(param name, parameter, KeyMap, KeyPlan)], in module order."""
@@ -120,7 +119,7 @@ class MergeEngine:
             for name, param in module.named_parameters():
                 km = maps[name]
                 kp = by_key.get(km.original)
-                if component != "unet":  # text encoders: one group each; op chosen per apply
+                if component != self.diffusion:  # text encoders: one group each; op chosen per apply
                     layout.setdefault(f"{component}:{component}", []).append((name, param, km, kp))
                     continue
                 if kp is None or kp.op == "copy":
@@ -130,7 +129,7 @@ class MergeEngine:
         return layout
 
     def _roles(self, component: str) -> tuple[str, ...]:
-        if component != "unet":
+        if component != self.diffusion:
             return ("model1", "model2")
         if self.bound.method == "add_difference" and self.bound.arithmetic == "fast":
             return ("model1", "target")  # target = model1 + (model2 - base), built at bind
@@ -237,12 +236,12 @@ class MergeEngine:
             blocks = spec.block_strengths or {}
             if index not in group.loras:
                 out.append(0.0)
-            elif group.component == "unet":
+            elif group.component == self.diffusion:
                 out.append(spec.strength * blocks.get(group.block, 1.0))
             elif spec.te_strength is not None:
                 out.append(spec.te_strength)
             else:
-                out.append(spec.strength * blocks.get(MBW_TEXT_ENCODER_BLOCK, 1.0))
+                out.append(spec.strength * blocks.get(recipe.text_encoder_block, 1.0))
         return tuple(out)
 
     def _keep_model1_text_encoders(self, sources) -> None:
@@ -283,7 +282,7 @@ class MergeEngine:
         out = {}
         clip = recipe.effective_clip()
         for g in self.groups:
-            if g.component == "unet":
+            if g.component == self.diffusion:
                 target = (recipe.method, recipe.unet_ratio(g.block), recipe.multiplier)
             elif clip is None:
                 target = ("copy", 1.0, 1.0)

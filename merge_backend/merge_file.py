@@ -15,25 +15,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, extra_tensor_value, predict_key
 from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint
 from .dtypes import DTYPES, held
 from .file_kernels import KeyArithmetic
 from .hashing import sha256_of
+from .lora.apply import check_loras, lora_deltas_for_key, uses_from_recipe
+from .output_files import check_new_output
 from .plan import KeyPlan, MergePlan, plan_merge
-from .recipe import Recipe, Source
+from .recipe import LoraSpec, Recipe, Source, uniform_ratios
 from .safetensors_io import PlannedTensor, stream_safetensors
 from .source_files import resolved
 
-SDXL_LOGIT_SCALE = 4.6055  # the value SDXL base 1.0 ships
 Progress = Callable[[int, int, str], None]
 
 
@@ -74,10 +75,6 @@ def with_lora_hashes(recipe: Recipe) -> Recipe:
     """The Recipe with each LoRA's sha256 recorded (a changed LoRA file is refused)."""
     if not recipe.loras:
         return recipe
-    from dataclasses import replace
-
-    from .lora.apply import uses_from_recipe
-
     uses_from_recipe(recipe)  # checks recorded hashes and that each file reads
     return recipe.replace(loras=tuple(replace(spec, sha256=sha256_of(spec.path))
                                       for spec in recipe.loras))
@@ -100,21 +97,6 @@ def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
         if resolved(spec.path, CheckpointError) == target:
             raise OutputPathError(f"output {output} is one of the LoRAs; choose another path")
     check_new_output(output, overwrite, OutputPathError)
-
-
-def check_new_output(output: Path, overwrite: bool, error: type[Exception]) -> None:
-    """``output`` may be written: absent (or a file ``overwrite`` replaces), in a folder that
-    is one or can be made: a bad path fails before the merge, not at its final rename."""
-    if output.is_symlink() or output.exists():
-        if not overwrite:
-            raise error(f"output {output} exists; pass --overwrite to replace it")
-        if output.is_dir():
-            raise error(f"output {output} is a folder; name the file to write")
-    folder = output.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # the first ancestor that exists: the rest is made
-    if not folder.is_dir():
-        raise error(f"output {output}: {folder} is not a folder")
 
 
 def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
@@ -275,8 +257,6 @@ def check_sources_finite(plan: MergePlan, sources: Mapping[str, Checkpoint]) -> 
 def _lora_uses(recipe: Recipe, model1: Checkpoint) -> list:
     if not recipe.loras:
         return []
-    from .lora.apply import check_loras, uses_from_recipe
-
     uses = uses_from_recipe(recipe)
     check_loras(uses, model1)
     return uses
@@ -288,8 +268,6 @@ def _lora_delta(uses: list, key: str, stored: torch.Tensor,
     ``device``), added to the merged weight before its final cast; None when none changes it."""
     if not uses or not stored.is_floating_point():
         return None
-    from .lora.apply import lora_deltas_for_key
-
     delta = lora_deltas_for_key(uses, key, stored.shape, device=device)
     return None if delta is None else delta.cpu()
 
@@ -317,30 +295,34 @@ def _out_dtype(stored: torch.dtype, wanted: torch.dtype) -> torch.dtype:
 
 
 def checkpoint_save_defaults(model1: Checkpoint, out_dtype: torch.dtype
-                              ) -> dict[str, torch.Tensor]:
+                             ) -> dict[str, torch.Tensor]:
+    """The tensors CheckpointSave writes whatever the sources hold (the file's
+    ``extra_tensors`` marked ``always``, and ``if_absent`` ones model1 lacks)."""
     out = {}
-    for key, fill in model1.arch.checkpoint_save_defaults:
-        if fill == "arange77":
-            out[key] = torch.arange(77, dtype=torch.int64).unsqueeze(0)
-        elif key not in model1:
-            out[key] = torch.tensor(SDXL_LOGIT_SCALE, dtype=out_dtype)
+    for extra in model1.arch.extra_tensors:
+        rule = extra.checkpoint_save
+        if rule == "always" or (rule == "if_absent" and extra.key not in model1):
+            out[extra.key] = extra_tensor_value(extra, out_dtype)
     return out
 
 
 def checkpoint_metadata(recipe: Recipe, output: Path, model1: Checkpoint,
                         extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """CheckpointSave's ``modelspec.*`` keys plus the Recipe and the sources' sha256."""
-    arch = ARCHITECTURES[recipe.arch]
+    save = ARCHITECTURES[recipe.arch].checkpoint_save
+    predict = model1.metadata.get("modelspec.predict_key") or predict_key(
+        model1.arch, model1.keys(), model1.get)
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.title": output.stem,
-        "modelspec.architecture": arch.modelspec_architecture,
-        "modelspec.implementation": "sgm" if arch.name == "sdxl" else "https://github.com/Stability-AI/stablediffusion",
-        "modelspec.predict_key": model1.metadata.get("modelspec.predict_key", "epsilon"),
+        "modelspec.architecture": save.architecture_for(predict),
+        "modelspec.implementation": save.modelspec_implementation,
+        "modelspec.predict_key": predict,
         "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
         "mergesearch.recipe": recipe.to_json(),
         "mergesearch.sources": json.dumps({r: s.sha256 for r, s in recipe.models.items()}),
     }
+    meta = {k: v for k, v in meta.items() if v is not None}
     meta.update(extra or {})
     return meta
 
@@ -352,3 +334,27 @@ def recipe_from_checkpoint(path: str | Path) -> Recipe:
     if text is None:
         raise CheckpointError(f"{path}: carries no mergesearch recipe metadata")
     return Recipe.from_json(text)
+
+
+def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str | Path, *,
+                  vocabulary: str | None = None, dtype: str = "fp16", overwrite: bool = False,
+                  device: str | torch.device = "cpu", progress: Progress | None = None,
+                  unet_dtype: str = "fp32", text_encoder_dtype: str = "fp32") -> MergeResult:
+    """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed by ``merge_to_file``.
+
+    The Recipe is the checkpoint merged with itself at ratio 1.0 — model1 unchanged, as
+    ComfyUI's ModelMergeSimple at 1.0 — plus ``loras``; the file carries it so it can be
+    rebuilt. ``vocabulary`` names the LoRAs' ``block_strengths`` (default: the architecture's
+    ``report_vocabulary``, mbw for SD). Deltas are computed in float32 on ``device`` and added
+    to the weights as held in ``unet_dtype`` / ``text_encoder_dtype``
+    (``text_encoder_dtype="fp16"`` is what a LoraLoader's clip strength does on ComfyUI's
+    defaults); ``result.lora_changed`` counts the tensors the LoRAs changed.
+    """
+    arch_obj = open_checkpoint(checkpoint).arch
+    arch, vocabulary = arch_obj.name, vocabulary or arch_obj.report_vocabulary
+    recipe = Recipe(arch, "weighted_sum", {"model1": Source(str(checkpoint)),
+                                           "model2": Source(str(checkpoint))},
+                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=tuple(loras),
+                    unet_dtype=unet_dtype, text_encoder_dtype=text_encoder_dtype)
+    return merge_to_file(recipe, output, dtype=dtype, overwrite=overwrite, progress=progress,
+                         extra_metadata={"mergesearch.kind": "lora_apply"}, lora_device=device)

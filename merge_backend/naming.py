@@ -3,7 +3,8 @@
 The mapping is data: for each component a table of prefix renames (diffusers prefix ->
 original prefix, plus how the tensor changes) is generated from the diffusers config, and a
 key is renamed by its longest matching prefix. The same table drives both directions, so an
-original -> diffusers -> original round trip is bit-exact.
+original -> diffusers -> original round trip is bit-exact. Which table a component uses is its
+``converter`` in the architecture file; ``CONVERTERS`` holds the table builders by name.
 
 Example:
     >>> from merge_backend.architectures import ARCHITECTURES
@@ -19,17 +20,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from merge_backend.architectures import Architecture, canonical_key
+from merge_backend.architectures import CLIP_MERGE_SKIPS, Architecture
+from merge_backend.pipeline import build_module
 
 TRANSFORMS = ("id", "reshape", "chunk", "transpose")
-COMPONENTS = ("unet", "vae", "te", "te1", "te2")
 
 
 @dataclass(frozen=True)
@@ -220,27 +221,42 @@ def _open_clip_table(keys: list[str]) -> _Table:
 
 
 def _component_prefix(arch: Architecture, component: str) -> str:
-    components = arch.components
-    if component not in components:
+    if component not in arch.components:
         raise ValueError(f"{arch.name} has no component {component!r}; "
-                         f"choose one of {', '.join(components)}")
-    return components[component]
+                         f"choose one of {', '.join(arch.components)}")
+    return arch.components[component].prefix
 
 
-def _text_encoder_kind(arch: Architecture, component: str) -> str:
-    return next(te.kind for te in arch.text_encoders if te.name == component)
+def _unet(keys: list[str], config: Any) -> _Table:
+    # only diffusers' dict-like configs with block types count (a transformers config is ignored)
+    usable = isinstance(config, Mapping) and "down_block_types" in config
+    return _unet_table(config if usable else _unet_config_from_keys(keys))
+
+
+def _vae(keys: list[str], config: Any) -> _Table:
+    usable = isinstance(config, Mapping) and "down_block_types" in config
+    return _vae_table(keys, config if usable else None)
+
+
+# Converter name (an architecture file's components.*.converter) -> its table builder, called
+# with the diffusers keys and the diffusers config (or None).
+CONVERTERS: dict[str, Callable[[list[str], Any], _Table]] = {
+    "ldm_unet": _unet,  # the LDM / SGM UNet of SD1, SD2, SDXL
+    "ldm_vae": _vae,  # their AutoencoderKL
+    "hf_clip": lambda keys, config: _hf_clip_table(keys),  # OpenAI CLIP in transformers' layout
+    "open_clip": lambda keys, config: _open_clip_table(keys),  # OpenCLIP's own layout
+}
+# Converters whose transformers module may drop a wrapper that the original, kohya and ComfyUI
+# spell out (transformers 5's CLIPTextModel has no 'text_model.').
+WRAPPERS = {"hf_clip": "text_model.", "open_clip": "text_model."}
 
 
 def _table(arch: Architecture, component: str, keys: list[str], config: Any) -> _Table:
-    # only diffusers' dict-like configs with block types count (a transformers config is ignored)
-    usable = isinstance(config, Mapping) and "down_block_types" in config
-    if component == "unet":
-        return _unet_table(config if usable else _unet_config_from_keys(keys))
-    if component == "vae":
-        return _vae_table(keys, config if usable else None)
-    if _text_encoder_kind(arch, component) == "open_clip":
-        return _open_clip_table(keys)
-    return _hf_clip_table(keys)
+    name = arch.components[component].converter
+    if name not in CONVERTERS:
+        raise ValueError(f"{arch.source}: components.{component}.converter: unknown {name!r}; "
+                         f"known: {', '.join(CONVERTERS)}")
+    return CONVERTERS[name](keys, config)
 
 
 def _lookup(table: _Table, key: str) -> tuple[str, _Rule] | None:
@@ -260,7 +276,7 @@ def key_maps(arch: Architecture, component: str, diffusers_keys: Iterable[str],
              config: Any = None) -> list[KeyMap]:
     """Map every key of a diffusers module's state_dict to its original full key.
 
-    ``component`` is one of ``arch.components`` ("unet", "vae", "te", "te1", "te2").
+    ``component`` names one of ``arch.components`` ("unet", "vae", "te", "te1", "te2", …).
     ``config`` is the diffusers config of the UNet / VAE (its block types and
     ``layers_per_block`` decide the original block indices); without it they are read off
     the key names. Raises ``ValueError`` naming diffusers keys no rule maps, or two keys that
@@ -327,8 +343,8 @@ def _original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
 
 def canonical_original(arch: Architecture, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Old-layout keys renamed as CheckpointSave writes them ('…transformer.X' ->
-    '…transformer.text_model.X' for SD1, per ``arch.legacy_prefixes``); tensors not copied."""
-    return {canonical_key(arch, key): value for key, value in original.items()}
+    '…transformer.text_model.X' for SD1, per the file's ``renames``); tensors not copied."""
+    return {arch.canonical_key(key): value for key, value in original.items()}
 
 
 def unmapped_original_keys(arch: Architecture, component: str, original_keys: Iterable[str],
@@ -336,7 +352,7 @@ def unmapped_original_keys(arch: Architecture, component: str, original_keys: It
     """Keys of ``component`` in an original file that no KeyMap reads (e.g. SD2's 24th layer)."""
     prefix = _component_prefix(arch, component)
     used = {km.original for km in maps}
-    others = [p for c, p in arch.components.items() if c != component and p.startswith(prefix)]
+    others = [p for c, p in arch.prefixes.items() if c != component and p.startswith(prefix)]
     return sorted(k for k in original_keys
                   if k.startswith(prefix) and k not in used and not k.startswith(tuple(others)))
 
@@ -357,8 +373,6 @@ def _target(arch: Architecture, component: str,
         config = getattr(target, "config", None)
         return list(target.state_dict()), dict(config) if isinstance(config, Mapping) else None
     if _is_config(target):
-        from merge_backend.pipeline import build_module  # late: pipeline imports this module
-
         config = target.to_dict() if hasattr(target, "to_dict") else dict(target)
         with torch.device("meta"):
             module = build_module(component, config, arch=arch)
@@ -375,7 +389,8 @@ def to_diffusers(arch: Architecture, component: str, original: Mapping[str, Tens
     keys and config), the diffusers / transformers config of that component (dict or config
     object), a diffusers state dict, or an iterable of diffusers keys. Original keys of the
     component that no diffusers key reads are reported: with ``strict`` a ``ValueError`` lists
-    them (except ``arch.clip_skip_suffixes`` such as ``position_ids``), otherwise a warning.
+    them (except the file's ``extra_tensors`` and ``CLIP_MERGE_SKIPS`` such as ``position_ids``),
+    otherwise a warning.
     """
     original = canonical_original(arch, original)
     keys, config = _target(arch, component, module_or_config)
@@ -384,8 +399,9 @@ def to_diffusers(arch: Architecture, component: str, original: Mapping[str, Tens
     if missing:
         raise ValueError(f"{arch.name} {component}: the checkpoint lacks {len(missing)} key(s) "
                          f"the diffusers module needs, e.g. {', '.join(missing[:3])}")
+    extras = {t.key for t in arch.extra_tensors}
     leftover = [k for k in unmapped_original_keys(arch, component, original, maps)
-                if not k.endswith(arch.clip_skip_suffixes)]
+                if k not in extras and not k.endswith(CLIP_MERGE_SKIPS)]
     if leftover:
         shown = ", ".join(leftover[:4]) + (" …" if len(leftover) > 4 else "")
         message = (f"{arch.name} {component}: {len(leftover)} original key(s) have no diffusers "

@@ -11,12 +11,9 @@ Example:
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import tempfile
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,118 +21,68 @@ import torch
 from torch import nn
 
 from merge_backend.architectures import ARCHITECTURES, Architecture, detect_architecture
-from merge_backend.pipeline_configs import CONFIG_FOLDERS, SIZES, TOKENIZER_FOLDERS
+from merge_backend.pipeline_configs import (
+    CACHE_ENV,
+    cache_dir,
+    config_files,
+    read_json,
+    sizes,
+    write_config_folder,
+)
 from merge_backend.safetensors_io import read_header
 
-CACHE_ENV = "MERGESEARCH_CACHE"
-_PIPELINE_CLASSES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
-                     "sdxl": "StableDiffusionXLPipeline"}
-_N_MERGES = 49152 - 256 - 2  # CLIP's BPE: 48894 merges after the version line
-
-
-def cache_dir() -> Path:
-    """Where config folders go by default: $MERGESEARCH_CACHE, else ~/.cache/mergesearch."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mergesearch"
-
-
-# ---------------------------------------------------------------------------- config folders
-
-
-@lru_cache(maxsize=1)
-def _clip_bpe_files() -> tuple[str, str]:
-    """vocab.json and merges.txt text of the real CLIP BPE, from open_clip's bundled copy."""
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-
-    renames = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {renames.get(token, token): i for token, i in SimpleTokenizer().encoder.items()}
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = "#version: 0.2\n" + "\n".join(lines[1:_N_MERGES + 1]) + "\n"
-    return json.dumps(vocab, ensure_ascii=False), merges
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # write-then-rename so a concurrent reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; config files are not secrets
-    os.replace(tmp, path)
-
-
-def write_config_folder(arch_name: str, folder: Path | None = None, size: str = "full") -> Path:
-    """Write the diffusers config folder of ``arch_name`` (no weights) and return its path.
-
-    ``size`` is "full" (SD1.5, SD2.1-v, SDXL base) or "tiny" (the test families). Without
-    ``folder`` it goes under ``cache_dir()``. Idempotent: files already right are not rewritten.
-    """
-    if (arch_name, size) not in CONFIG_FOLDERS:
-        known = ", ".join(f"{a}/{s}" for a, s in CONFIG_FOLDERS)
-        raise ValueError(f"no config folder for arch {arch_name!r} size {size!r}; known: {known}")
-    folder = Path(folder) if folder is not None else cache_dir() / "configs" / f"{arch_name}-{size}"
-    files = CONFIG_FOLDERS[(arch_name, size)]
-    for name, content in files.items():
-        _write_if_changed(folder / name, json.dumps(content, indent=2, sort_keys=True) + "\n")
-    vocab, merges = _clip_bpe_files()
-    for tokenizer in TOKENIZER_FOLDERS:
-        if f"{tokenizer}/tokenizer_config.json" in files:
-            config = files[f"{tokenizer}/tokenizer_config.json"]
-            special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-            special_json = json.dumps(special, indent=2) + "\n"
-            _write_if_changed(folder / tokenizer / "special_tokens_map.json", special_json)
-            _write_if_changed(folder / tokenizer / "vocab.json", vocab)
-            _write_if_changed(folder / tokenizer / "merges.txt", merges)
-    return folder
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+__all__ = ["CACHE_ENV", "build_components", "build_module", "cache_dir", "component_folders",
+           "empty_pipeline", "infer_size", "load_pipeline", "pipeline_from_components",
+           "write_config_folder"]
 
 
 # ---------------------------------------------------------------------------- modules
 
 
-def build_module(component: str, config: Mapping[str, Any], *,
-                 arch: Architecture | None = None) -> nn.Module:
-    """A randomly initialised diffusers / transformers module of one component from its config.
+def _class(library: str, name: str):
+    if library == "diffusers":
+        import diffusers
 
-    ``component`` is "unet", "vae", "te", "te1" or "te2"; text encoders whose config lists
-    ``CLIPTextModelWithProjection`` (SDXL's te2) get that class. Build under
-    ``torch.device("meta")`` for a shape-only module.
+        return getattr(diffusers, name)
+    if library == "transformers":
+        import transformers
+
+        return getattr(transformers, name)
+    raise ValueError(f"cannot build a {library}.{name} (only diffusers and transformers classes)")
+
+
+def build_module(component: str, config: Mapping[str, Any], *, arch: Architecture,
+                 as_stored: bool = False) -> nn.Module:
+    """A randomly initialised module of one component from its config, of the class the
+    architecture's ``model_index.json`` names. ``as_stored``: the module as single files store
+    it (the component's ``file_module``: SD2's text encoder with its 24th layer and projection).
+    Build under ``torch.device("meta")`` for a shape-only module.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
+    library, name = arch.component_class(component)
     config = dict(config)
-    if component == "unet":
-        return UNet2DConditionModel.from_config(config)
-    if component == "vae":
-        return AutoencoderKL.from_config(config)
-    if component in ("te", "te1", "te2"):
-        with_projection = "CLIPTextModelWithProjection" in config.get("architectures", ())
-        if arch is not None and arch.name == "sdxl" and component == "te2":
-            with_projection = True
-        cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-        clean = {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
-        return cls(CLIPTextConfig(**clean))
-    raise ValueError(f"unknown component {component!r}; expected unet, vae, te, te1 or te2")
+    stored = arch.components[component].file_module if as_stored else None
+    if stored is not None:
+        name = stored.class_ or name
+        if stored.extra_layers:
+            config["num_hidden_layers"] += stored.extra_layers
+    cls = _class(library, name)
+    if library == "diffusers":
+        return cls.from_config(config)
+    clean = {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+    return cls(cls.config_class(**clean))
 
 
 def component_folders(arch: Architecture) -> dict[str, str]:
     """Component name -> diffusers pipeline folder ('te2' -> 'text_encoder_2', ...)."""
-    out = {"unet": "unet", "vae": "vae"}
-    out.update({te.name: te.diffusers_folder for te in arch.text_encoders})
-    return out
+    return {c.name: c.folder for c in arch.components.values()}
 
 
 def build_components(arch_name: str, config_folder: Path, *, seed: int = 0,
-                     device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+                     device: str | torch.device = "cpu", as_stored: bool = False
+                     ) -> dict[str, nn.Module]:
     """Every weighted component of ``arch_name`` with seeded random fp32 weights, built on
     ``device`` (initialising a full-size UNet on a GPU takes a fraction of the CPU time).
+    ``as_stored``: the modules as single files store them (see ``build_module``).
 
     The global RNG is left as it was; the same seed on the same device gives the same weights.
     """
@@ -146,8 +93,9 @@ def build_components(arch_name: str, config_folder: Path, *, seed: int = 0,
     with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(seed)
         for component, sub in component_folders(arch).items():
-            config = _read_json(Path(config_folder) / sub / "config.json")
-            modules[component] = build_module(component, config, arch=arch).eval()
+            config = read_json(Path(config_folder) / sub / "config.json")
+            modules[component] = build_module(component, config, arch=arch,
+                                              as_stored=as_stored).eval()
     return modules
 
 
@@ -161,28 +109,36 @@ def _moved(module: nn.Module, device: str | torch.device, dtype: torch.dtype) ->
     return module
 
 
+def _extras(index: Mapping[str, Any]) -> dict[str, Any]:
+    """What a pipeline takes besides its modules: parts the folder leaves out ([null, null],
+    e.g. the safety checker) and plain settings (requires_safety_checker, …)."""
+    out: dict[str, Any] = {}
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if value == [None, None]:
+            out[name] = None
+        elif not isinstance(value, list):
+            out[name] = value
+    return out
+
+
 def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module],
                              config_folder: Path, device: str | torch.device = "cpu",
                              dtype: torch.dtype = torch.float32):
-    """A pipeline from live modules (keyed unet/vae/te/te1/te2) plus the folder's scheduler and
-    tokenizer(s). The modules are moved to ``device`` / ``dtype``, not copied."""
-    import diffusers
-    from transformers import CLIPTokenizer
-
+    """A pipeline from live modules (keyed by component: unet/vae/te/te1/te2) plus the folder's
+    scheduler and tokenizer(s). The modules are moved to ``device`` / ``dtype``, not copied."""
     arch = ARCHITECTURES[arch_name]
     folder = Path(config_folder)
-    index = _read_json(folder / "model_index.json")
-    scheduler_cls = getattr(diffusers, index["scheduler"][1])
-    scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
-    kwargs: dict[str, Any] = {"scheduler": scheduler}
+    index = read_json(folder / "model_index.json")
+    scheduler_cls = _class(*index["scheduler"])
+    kwargs: dict[str, Any] = {"scheduler": scheduler_cls.from_pretrained(folder, subfolder="scheduler")}
     for component, sub in component_folders(arch).items():
         kwargs[sub] = _moved(modules[component], device, dtype)
-    for tokenizer in TOKENIZER_FOLDERS:
-        if tokenizer in index:
-            kwargs[tokenizer] = CLIPTokenizer.from_pretrained(folder / tokenizer)
-    if arch_name != "sdxl":
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = getattr(diffusers, _PIPELINE_CLASSES[arch_name])(**kwargs)
+    for sub in arch.tokenizers:
+        kwargs[sub] = _class(*index[sub]).from_pretrained(folder / sub)
+    kwargs.update(_extras(index))
+    pipe = _class("diffusers", index["_class_name"])(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -190,13 +146,14 @@ def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module],
 def empty_pipeline(arch_name: str, size: str = "full", device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, *, seed: int = 0,
                    config_folder: Path | None = None):
-    """A pipeline of ``arch_name`` with seeded random weights, for the merge engine to overwrite.
+    """A pipeline of ``arch_name`` with seeded random weights, for the merge engine to overwrite
+    (and, at size "tiny", the tests' random pipelines).
 
     Random (not uninitialised) weights keep buffers such as ``position_ids`` right and make
     a forgotten tensor visible as noise rather than as leftover memory.
     """
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if size not in sizes(arch_name):
+        raise ValueError(f"size must be one of {sizes(arch_name)}, got {size!r}")
     folder = config_folder or write_config_folder(arch_name, size=size)
     modules = build_components(arch_name, folder, seed=seed, device=device)
     return pipeline_from_components(arch_name, modules, folder, device=device, dtype=dtype)
@@ -210,19 +167,29 @@ def checkpoint_keys(checkpoint: Path) -> list[str]:
     return list(read_header(Path(checkpoint))[0])
 
 
+@cache
+def _diffusion_numel(arch_name: str, size: str) -> int:
+    arch = ARCHITECTURES[arch_name]
+    config = config_files(arch_name, size)[f"{arch.diffusion.folder}/config.json"]
+    with torch.device("meta"):
+        module = build_module(arch.diffusion.name, config, arch=arch)
+    return sum(p.numel() for p in module.parameters())
+
+
 def infer_size(checkpoint: Path, arch_name: str) -> str:
-    """'full' or 'tiny': which known config folder matches the file's UNet width."""
-    key = "model.diffusion_model.input_blocks.0.0.weight"
+    """Which of the architecture's config folders ('full', 'tiny', …) fits the file: the one
+    whose diffusion model holds as many weights as the file's."""
+    arch = ARCHITECTURES[arch_name]
     table, _ = read_header(Path(checkpoint))
-    if key not in table:
-        raise ValueError(f"{checkpoint}: no tensor {key!r}; not a {arch_name} UNet")
-    width = table[key].shape[0]
-    for size in SIZES:
-        config = CONFIG_FOLDERS.get((arch_name, size))
-        if config and config["unet/config.json"]["block_out_channels"][0] == width:
+    prefix = arch.diffusion.prefix
+    numel = sum(info.nbytes // info.dtype.itemsize for key, info in table.items()
+                if key.startswith(prefix))
+    for size in sizes(arch_name):
+        if _diffusion_numel(arch_name, size) == numel:
             return size
-    raise ValueError(f"{checkpoint}: UNet width {width} matches no known {arch_name} config; "
-                     "pass config_folder=<a diffusers folder with model_index.json and configs>")
+    raise ValueError(f"{checkpoint}: its {arch.diffusion.name} ({numel:,} weights) matches no "
+                     f"{arch_name} config ({', '.join(sizes(arch_name))}); pass "
+                     "config_folder=<a diffusers folder with model_index.json and configs>")
 
 
 def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
@@ -246,11 +213,10 @@ def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
     arch_name = arch if isinstance(arch, str) else arch.name
     if config_folder is None:
         config_folder = write_config_folder(arch_name, size=infer_size(checkpoint, arch_name))
-    cls = getattr(diffusers, _PIPELINE_CLASSES[arch_name])
-    no_checker = {"safety_checker": None, "requires_safety_checker": False}
-    extra = {} if arch_name == "sdxl" else no_checker
+    index = read_json(Path(config_folder) / "model_index.json")
+    cls = getattr(diffusers, index["_class_name"])
     pipe = cls.from_single_file(str(checkpoint), config=str(config_folder), torch_dtype=dtype,
-                                local_files_only=True, **extra)
+                                local_files_only=True, **_extras(index))
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     _own_aligned_storage(pipe)

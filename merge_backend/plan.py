@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .architectures import block_of, component_of
+from .architectures import CLIP_MERGE_SKIPS, block_of, component_of
 from .checkpoint import Checkpoint
 from .recipe import ClipMerge, Recipe
 
@@ -54,11 +54,14 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
     clip = recipe.effective_clip()
     plans: list[KeyPlan] = []
     merged_keys: list[str] = []
+    diffusion = arch.diffusion.name
+    # CheckpointSave drops these, or writes its own value (merge_file.checkpoint_save_defaults)
+    not_copied = {e.key for e in arch.extra_tensors if e.checkpoint_save in ("drop", "always")}
     for key in model1.model_keys():
         component = component_of(arch, key)
         # ComfyUI keeps the keys CLIPMerge skips (logit_scale) in float32 on every setting
-        held = None if key.endswith(arch.clip_skip_suffixes) else recipe.held_dtype(component)
-        if component == "unet":
+        held = None if key.endswith(CLIP_MERGE_SKIPS) else recipe.held_dtype(component)
+        if component == diffusion:
             block = block_of(arch, recipe.vocabulary, key)
             plans.append(KeyPlan(key, recipe.method, block, recipe.unet_ratio(block),
                                  recipe.multiplier, held))
@@ -66,8 +69,8 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
         elif component in (te.name for te in arch.text_encoders) and _clip_merges(clip, arch, key):
             plans.append(KeyPlan(key, clip.method, component, clip.ratio, clip.multiplier, held))
             merged_keys.append(key)
-        elif key.endswith("position_ids"):
-            continue  # CheckpointSave drops them (SDXL's te1 ones come back as a default)
+        elif key in not_copied:
+            continue
         else:
             plans.append(KeyPlan(key, "copy", component, held=held))
     notes = _check_keys(recipe, sources, merged_keys)
@@ -77,7 +80,7 @@ def plan_merge(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> MergePlan:
 
 
 def _clip_merges(clip: ClipMerge | None, arch, key: str) -> bool:
-    return clip is not None and not key.endswith(arch.clip_skip_suffixes)
+    return clip is not None and not key.endswith(CLIP_MERGE_SKIPS)
 
 
 def _check_architectures(recipe: Recipe, sources: Mapping[str, Checkpoint]) -> None:
@@ -122,12 +125,13 @@ def _check_model1_complete(sources: Mapping[str, Checkpoint], clip: ClipMerge | 
     source has and model1 lacks would be left out of the output without a word: refuse it."""
     model1 = sources["model1"]
     arch = model1.arch
-    merged = {"unet"} | ({te.name for te in arch.text_encoders} if clip is not None else set())
+    diffusion = arch.diffusion.name
+    merged = {diffusion} | ({te.name for te in arch.text_encoders} if clip is not None else set())
     for role, ckpt in sources.items():
         if ckpt is model1:
             continue
         extra = [k for k in ckpt.model_keys() if k not in model1
-                 and component_of(arch, k) in merged and (component_of(arch, k) == "unet"
+                 and component_of(arch, k) in merged and (component_of(arch, k) == diffusion
                                                           or _clip_merges(clip, arch, k))]
         if extra:
             raise IncompatibleSourcesError(

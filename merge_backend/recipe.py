@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from .architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, VOCABULARIES, block_names
+from .architectures import ARCHITECTURES, block_names, text_encoder_block
 from .dtypes import DTYPES
 
 ARITHMETICS = ("comfy", "fast")
@@ -145,9 +145,10 @@ class Recipe:
     def held_dtype(self, component: str) -> str | None:
         """The precision a component is held in: the UNet's, the text encoders', or None
         (the VAE, which no merge touches)."""
-        if component == "unet":
+        arch = ARCHITECTURES[self.arch]
+        if component == arch.diffusion.name:
             return self.unet_dtype
-        if component in (te.name for te in ARCHITECTURES[self.arch].text_encoders):
+        if component in (te.name for te in arch.text_encoders):
             return self.text_encoder_dtype
         return None
 
@@ -155,10 +156,16 @@ class Recipe:
         """The ratio of a UNet block (1.0 for methods without ratios)."""
         return self.ratios[block] if self.spec.uses_ratio else 1.0
 
+    @property
+    def text_encoder_block(self) -> str | None:
+        """The vocabulary's block that holds the text encoders' ratio (mbw's BASE), or None."""
+        return text_encoder_block(ARCHITECTURES[self.arch], self.vocabulary)
+
     def effective_clip(self) -> ClipMerge | None:
         """The text-encoder merge: ``clip``, or in the mbw vocabulary the BASE ratio."""
-        if self.vocabulary == "mbw" and self.spec.uses_ratio:
-            base = self.ratios[MBW_TEXT_ENCODER_BLOCK]
+        te_block = self.text_encoder_block
+        if te_block and self.spec.uses_ratio:
+            base = self.ratios[te_block]
             return None if base == 1.0 else ClipMerge("weighted_sum", ratio=base)
         return self.clip
 
@@ -189,9 +196,10 @@ class Recipe:
         self._validate_loras()
 
     def _validate_ratios(self) -> None:
-        if self.vocabulary not in VOCABULARIES:
+        known = ARCHITECTURES[self.arch].vocabulary_names
+        if self.vocabulary not in known:
             raise RecipeError(f"recipe.vocabulary: unknown {self.vocabulary!r}; "
-                              f"choose one of {', '.join(VOCABULARIES)}")
+                              f"choose one of {', '.join(known)}")
         if not self.spec.uses_ratio:
             if self.ratios:
                 raise RecipeError(f"recipe.ratios: method {self.method} takes no ratios")
@@ -207,9 +215,10 @@ class Recipe:
             raise RecipeError(f"recipe.ratios: no ratio for block(s) {', '.join(absent)}")
         for name, value in self.ratios.items():
             check_ratio(f"recipe.ratios[{name!r}]", value, self.allow_extrapolation)
-        if self.vocabulary == "mbw" and self.clip is not None:
-            raise RecipeError("recipe.clip: the mbw vocabulary carries the text-encoder ratio in "
-                              "BASE; leave clip empty")
+        te_block = self.text_encoder_block
+        if te_block and self.clip is not None:
+            raise RecipeError(f"recipe.clip: the {self.vocabulary} vocabulary carries the "
+                              f"text-encoder ratio in {te_block}; leave clip empty")
 
     def _validate_clip(self) -> None:
         if self.clip is None:

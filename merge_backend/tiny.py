@@ -1,19 +1,24 @@
-"""A tiny model family with the real SD1 / SDXL topology and file layout, made from a seed.
+"""A tiny model family with an architecture's real topology and file layout, made from a seed.
 
-Three original-layout single files (UNet, text encoder(s), VAE; fp32) and the tiny diffusers
-config folder beside them, so that every code path - detection, merging, loading, generating,
-exporting - runs on a laptop CPU in well under a second per image.
+Three original-layout single files (the diffusion model, text encoder(s), VAE; fp32) and the
+tiny diffusers config folder beside them, so that every code path - detection, merging,
+loading, generating, exporting - runs on a laptop CPU in well under a second per image. Any
+architecture whose file has a ``tiny`` config folder and ``tiny.finetunes`` has a family.
 
-What differs from ``base`` (UNet keys after 'model.diffusion_model.'):
-- ``finetune_a``: every tensor under ``input_blocks.`` (strongly) and every text encoder
-  float tensor (slightly);
-- ``finetune_b``: every tensor under ``output_blocks.`` (strongly) and every text encoder
-  float tensor (slightly).
-Everything else (time_embed, label_emb, middle_block, out, VAE, position_ids, logit_scale)
-is byte-identical to ``base``.
+What differs from ``base``:
+- ``finetune_a`` / ``finetune_b``: every diffusion tensor under the prefixes the architecture
+  file's ``tiny.finetunes`` names (strongly; for SD: ``input_blocks.`` / ``output_blocks.``)
+  and every text encoder float tensor (slightly).
+Everything else (the other diffusion blocks, VAE, position_ids, logit_scale) is byte-identical
+to ``base``.
+
+The files are what the original authors save: text encoders as the file stores them
+(``file_module``: SD2's 24th layer and projection), the file's ``extra_tensors`` (position_ids,
+logit_scale), and a base that satisfies the architecture's ``predict_key`` rule for the tiny
+scheduler's prediction type (SD2's v-prediction marker), so ComfyUI would read it as such.
 
 Example:
-    >>> fam = write_tiny_family(Path("/tmp/tiny"), "sd1", seed=0)  # doctest: +SKIP
+    >>> fam = write_tiny_family(Path("/tmp/tiny"), "sd2", seed=0)  # doctest: +SKIP
     >>> pipe = load_pipeline(fam.base, config_folder=fam.config_folder)  # doctest: +SKIP
 """
 
@@ -26,17 +31,30 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from merge_backend.architectures import ARCHITECTURES, UNET_PREFIX
+from merge_backend.architectures import (
+    ARCHITECTURES,
+    CLIP_MERGE_SKIPS,
+    Architecture,
+    extra_tensor_value,
+)
 from merge_backend.naming import to_original
-from merge_backend.pipeline import build_components, write_config_folder
+from merge_backend.pipeline import build_components
+from merge_backend.pipeline_configs import read_json, write_config_folder
 
-TINY_ARCHS = ("sd1", "sdxl")
-# finetune name -> UNet key prefixes (after 'model.diffusion_model.') it changes strongly
-FINETUNE_BLOCKS: dict[str, tuple[str, ...]] = {"finetune_a": ("input_blocks.",),
-                                               "finetune_b": ("output_blocks.",)}
 UNET_STRENGTH = 0.5  # noise std relative to each tensor's RMS
 TEXT_ENCODER_STRENGTH = 0.02
 _MIN_SCALE = 0.01  # zero-initialised tensors (biases) still get noise
+_PREDICTION = {"v_prediction": "v", "epsilon": "epsilon"}  # scheduler config -> modelspec
+
+
+def tiny_archs() -> tuple[str, ...]:
+    """Architectures with a tiny family."""
+    return tuple(a.name for a in ARCHITECTURES.values() if "tiny" in a.configs and a.tiny)
+
+
+def finetunes(arch_name: str) -> dict[str, tuple[str, ...]]:
+    """Fine-tune name -> the diffusion key prefixes (after the component prefix) it changes."""
+    return dict(ARCHITECTURES[arch_name].tiny.finetunes)
 
 
 @dataclass(frozen=True)
@@ -54,31 +72,35 @@ class TinyFamily:
         return {"base": self.base, "finetune_a": self.a, "finetune_b": self.b}
 
 
-def _extras(arch_name: str) -> dict[str, Tensor]:
-    """Non-weight keys real files carry and diffusers does not load."""
-    arch = ARCHITECTURES[arch_name]
-    out = {}
-    for te in arch.text_encoders:
-        if te.kind == "hf_clip":
-            positions = torch.arange(77, dtype=torch.int64)[None]
-            out[te.prefix + "text_model.embeddings.position_ids"] = positions
-        elif arch_name == "sdxl":
-            # the value SDXL base 1.0 stores
-            out[te.prefix + "logit_scale"] = torch.tensor(4.6055, dtype=torch.float32)
-    return out
+def _extras(arch: Architecture) -> dict[str, Tensor]:
+    """Non-weight tensors real files carry and diffusers does not load."""
+    return {extra.key: extra_tensor_value(extra) for extra in arch.extra_tensors}
+
+
+def _mark_prediction(arch: Architecture, config_folder: Path, sd: dict[str, Tensor],
+                     seed: int) -> None:
+    """Make the base satisfy the architecture's own predict_key rule for the tiny scheduler's
+    prediction type (a spread-out tensor where the rule reads one)."""
+    scheduler = read_json(config_folder / "scheduler" / "scheduler_config.json")
+    wanted = _PREDICTION.get(scheduler.get("prediction_type", "epsilon"), "epsilon")
+    for rule in arch.checkpoint_save.predict_key.rules:
+        if rule.value == wanted and rule.std_above is not None and rule.key in sd:
+            generator = torch.Generator().manual_seed(seed)
+            shape = sd[rule.key].shape
+            sd[rule.key] = 2 * rule.std_above * torch.randn(shape, generator=generator)
 
 
 def tiny_base_state_dict(arch_name: str, config_folder: Path, seed: int = 0) -> dict[str, Tensor]:
     """The base model's original-layout state dict (contiguous fp32 tensors)."""
     arch = ARCHITECTURES[arch_name]
-    modules = build_components(arch_name, config_folder, seed=seed)
+    modules = build_components(arch_name, config_folder, seed=seed, as_stored=True)
     sd: dict[str, Tensor] = {}
     for component, module in modules.items():
         config = getattr(module, "config", None)
-        config = dict(config) if component in ("unet", "vae") else None
         converted = to_original(arch, component, module.state_dict(), config)
         sd.update({k: v.detach().contiguous() for k, v in converted.items()})
-    sd.update(_extras(arch_name))
+    sd.update(_extras(arch))
+    _mark_prediction(arch, Path(config_folder), sd, seed)
     return sd
 
 
@@ -86,10 +108,11 @@ def _changed_by(arch_name: str, finetune: str, key: str, unet_strength: float = 
                 ) -> float:
     """The noise strength a fine-tune applies to ``key`` (0.0: unchanged)."""
     arch = ARCHITECTURES[arch_name]
-    if key.startswith(UNET_PREFIX):
-        inner = key[len(UNET_PREFIX):]
-        return unet_strength if inner.startswith(FINETUNE_BLOCKS[finetune]) else 0.0
-    if key.endswith(arch.clip_skip_suffixes):
+    prefix = arch.diffusion.prefix
+    if key.startswith(prefix):
+        inner = key[len(prefix):]
+        return unet_strength if inner.startswith(arch.tiny.finetunes[finetune]) else 0.0
+    if key.endswith(CLIP_MERGE_SKIPS):
         return 0.0
     if any(key.startswith(te.prefix) for te in arch.text_encoders):
         return TEXT_ENCODER_STRENGTH
@@ -98,7 +121,7 @@ def _changed_by(arch_name: str, finetune: str, key: str, unet_strength: float = 
 
 def perturb(arch_name: str, base: dict[str, Tensor], finetune: str, seed: int,
             unet_strength: float = UNET_STRENGTH) -> dict[str, Tensor]:
-    """A fine-tune of ``base``: seeded noise on the keys ``FINETUNE_BLOCKS`` names."""
+    """A fine-tune of ``base``: seeded noise on the keys ``finetunes(arch_name)`` names."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(base):
@@ -118,8 +141,8 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
     Deterministic: the same ``arch``, ``seed`` and ``unet_strength`` give byte-identical files.
     ``unet_strength`` scales the fine-tunes' UNet noise (relative to each tensor's RMS).
     """
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"no tiny family for arch {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+    if arch not in tiny_archs():
+        raise ValueError(f"no tiny family for arch {arch!r}; choose one of {', '.join(tiny_archs())}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_folder = write_config_folder(arch, folder / "config", size="tiny")
@@ -127,8 +150,9 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
     # one metadata key only: safetensors writes several in random order (bytes would differ)
     metadata = {"format": "pt"}
     paths = {}
-    for i, name in enumerate(("base", *FINETUNE_BLOCKS)):
+    for i, name in enumerate(("base", *finetunes(arch))):
         sd = base if name == "base" else perturb(arch, base, name, seed * 1000 + i, unet_strength)
         paths[name] = folder / f"{name}.safetensors"
         save_file(sd, str(paths[name]), metadata=metadata)
-    return TinyFamily(arch, paths["base"], paths["finetune_a"], paths["finetune_b"], config_folder)
+    a, b = (paths[name] for name in finetunes(arch))
+    return TinyFamily(arch, paths["base"], a, b, config_folder)

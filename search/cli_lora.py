@@ -8,23 +8,15 @@ import sys
 from pathlib import Path
 
 from merge_backend.architectures import block_names
-from merge_backend.lora import (
-    LoraError,
-    add_loras,
-    apply_to_file,
-    extract_lora,
-    read_lora,
-    save_lora,
-)
+from merge_backend.checkpoint import open_checkpoint
+from merge_backend.lora import LoraError, add_loras, extract_lora, read_lora, save_lora
 from merge_backend.lora.extract import LORA_TYPES
 from merge_backend.lora.svd import SVD_METHODS
-from merge_backend.merge_file import DTYPES
+from merge_backend.merge_file import DTYPES, apply_to_file
 from merge_backend.recipe import LoraSpec, RecipeError, check_finite
 from merge_backend.source_files import resolved
 
 from .cli_merge import add_precision_options
-
-BLOCK_VOCABULARIES = ("mbw", "comfy", "blocks")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -118,11 +110,14 @@ def parse_block_strengths(pairs: list[str], arch) -> tuple[str, dict[str, float]
         except ValueError:
             raise LoraError(f"--block-strength {pair!r}: write NAME=VALUE, e.g. IN04=0.5") from None
         _finite(f"--block-strength {name}", values[name])
-    for vocabulary in BLOCK_VOCABULARIES:
+    # the report vocabulary (mbw for SD) first, then the others the architecture file lists
+    order = dict.fromkeys((arch.report_vocabulary, *arch.vocabularies))
+    for vocabulary in order:
         if all(n in block_names(arch, vocabulary) for n in values):
             return vocabulary, values
+    names = ", ".join(block_names(arch, arch.report_vocabulary))
     raise LoraError(f"--block-strength: {', '.join(values)} are not all block names of one "
-                    f"vocabulary; mbw names: {', '.join(block_names(arch, 'mbw'))}")
+                    f"vocabulary; {arch.report_vocabulary} names: {names}")
 
 
 def _progress(args: argparse.Namespace, what: str):
@@ -134,8 +129,6 @@ def _progress(args: argparse.Namespace, what: str):
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    from merge_backend.checkpoint import open_checkpoint
-
     if args.te_strength is not None:
         _finite("--te-strength", args.te_strength)
     arch = open_checkpoint(args.checkpoint).arch

@@ -49,7 +49,9 @@ def _node_options(p: argparse.ArgumentParser, name: str) -> None:
         for block in ("input", "middle", "out"):
             p.add_argument(f"--{block}", type=float, default=1.0, help=f"{block} ratio")
     elif name == "layers":
-        p.add_argument("--vocabulary", choices=("comfy", "mbw"), default="comfy")
+        p.add_argument("--vocabulary", default="comfy",
+                       help="the block names: comfy (the architecture's ComfyUI node), mbw, or "
+                            "any vocabulary its file defines (see `mergesearch architectures`)")
         p.add_argument("--ratio", action="append", default=[], metavar="NAME=VALUE",
                        help="a block's ratio, e.g. input_blocks.4.=0.3 or IN04=0.3; repeatable; "
                             "blocks not given keep ComfyUI's default 1.0")
@@ -155,6 +157,9 @@ def _ratios(args: argparse.Namespace, arch: str) -> tuple[str, dict[str, float]]
         return "single", {}
     given = load_ratio_file(args.ratios_file) if args.ratios_file else {}
     given.update(parse_ratio_pairs(args.ratio))
+    known = ARCHITECTURES[arch].vocabulary_names
+    if args.vocabulary not in known:
+        raise RecipeError(f"--vocabulary {args.vocabulary!r}: {arch} has {', '.join(known)}")
     names = block_names(ARCHITECTURES[arch], args.vocabulary)
     unknown = [n for n in given if n not in names]
     if unknown:

@@ -6,18 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
+from merge_backend.tiny import tiny_archs, write_tiny_family
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tiny", help="write a tiny SD1.5/SDXL model family (random weights)")
+    p = sub.add_parser("tiny", help="write a tiny model family (real layout, random weights)")
     p.add_argument("folder", type=Path)
-    p.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
+    p.add_argument("--arch", choices=tiny_archs(), default="sd1")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_tiny)
 
 
 def run_tiny(args: argparse.Namespace) -> int:
-    from merge_backend.tiny import write_tiny_family
-
     family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in vars(family).items()}, indent=2))
     return 0

@@ -102,7 +102,7 @@ class LoraSearch(_Strict):
 
 class MergeSpace(_Strict):
     method: Literal["weighted_sum", "add_difference"] = "weighted_sum"
-    vocabulary: Literal["single", "blocks", "comfy", "mbw"] = "mbw"
+    vocabulary: str = "mbw"  # any vocabulary of the architecture's file (checked with its blocks)
     bounds: tuple[float, float] = (0.0, 1.0)
     block_bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
     fixed: dict[str, float] = Field(default_factory=dict)
@@ -116,6 +116,16 @@ class MergeSpace(_Strict):
     text_encoder_dtype: Literal["fp16", "bf16", "fp32"] | None = None
     allow_extrapolation: bool = False
     loras: list[LoraSearch] = Field(default_factory=list)
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _known_vocabulary(cls, value: str) -> str:
+        known = list(dict.fromkeys(v for a in ARCHITECTURES.values() for v in a.vocabulary_names))
+        if value not in known:
+            near = nearest(value, known)
+            raise ValueError(f"{value!r} is not one of {', '.join(known)}"
+                             + (f" (did you mean {near}?)" if near else ""))
+        return value
 
     @model_validator(mode="after")
     def _bounds(self) -> MergeSpace:
@@ -249,7 +259,11 @@ class StudyConfig(_Strict):
 
 def check_blocks(cfg: StudyConfig, arch_name: str) -> None:
     """Block names in bounds / fixed / tied / presets must exist in the vocabulary."""
-    names = block_names(ARCHITECTURES[arch_name], cfg.merge.vocabulary)
+    arch = ARCHITECTURES[arch_name]
+    if cfg.merge.vocabulary not in arch.vocabulary_names:
+        raise ConfigError(f"merge.vocabulary: {arch.title} has no {cfg.merge.vocabulary!r} "
+                          f"vocabulary; choose one of {', '.join(arch.vocabulary_names)}")
+    names = block_names(arch, cfg.merge.vocabulary)
     problems = []
     places = {"merge.block_bounds": cfg.merge.block_bounds, "merge.fixed": cfg.merge.fixed}
     places.update({f"warm_start.presets.{k}": v for k, v in cfg.warm_start.presets.items()})

@@ -18,7 +18,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 
 from merge_backend import ClipMerge, Recipe, Source
-from merge_backend.architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, block_names
+from merge_backend.architectures import ARCHITECTURES, block_names, text_encoder_block
 from merge_backend.recipe import LoraSpec
 
 from .config import Searched, StudyConfig
@@ -53,7 +53,8 @@ class SearchSpace:
         merge = cfg.merge
         self.names = block_names(ARCHITECTURES[arch_name], merge.vocabulary)
         self.fixed = dict(merge.fixed)
-        te_block = MBW_TEXT_ENCODER_BLOCK if merge.vocabulary == "mbw" else None
+        te_block = text_encoder_block(ARCHITECTURES[arch_name], merge.vocabulary)
+        self.te_block = te_block
         self.params: list[Param] = []
         tied = {b: tuple(group) for group in merge.tied for b in group}
         done: set[str] = set()
@@ -108,9 +109,9 @@ class SearchSpace:
             ratios.update({b: float(value) for b in p.blocks})
         te_ratio = self._te_ratio(params)
         clip = None
-        if merge.vocabulary == "mbw":
-            ratios[MBW_TEXT_ENCODER_BLOCK] = te_ratio if te_ratio is not None else \
-                ratios.get(MBW_TEXT_ENCODER_BLOCK, 1.0)
+        if self.te_block is not None:
+            ratios[self.te_block] = te_ratio if te_ratio is not None else \
+                ratios.get(self.te_block, 1.0)
         elif te_ratio is not None:
             clip = ClipMerge("weighted_sum", ratio=te_ratio)
         multiplier = params.get(MULTIPLIER, merge.multiplier if isinstance(merge.multiplier, float)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny SD1 / SDXL families, written once per session; gpu / slow markers."""
+"""Shared fixtures: the tiny SD1 / SD2 / SDXL families, written once per session; gpu / slow
+markers; caches in the session's temporary folder."""
 
 from __future__ import annotations
 
@@ -40,9 +41,23 @@ def hash_cache(tmp_path_factory: pytest.TempPathFactory):
     return os.environ[CACHE_ENV]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def config_cache(tmp_path_factory: pytest.TempPathFactory):
+    """diffusers config folders are written under the session's temporary folder too."""
+    from merge_backend.pipeline_configs import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("mergesearch-cache"))
+    return os.environ[CACHE_ENV]
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     return write_tiny_family(tmp_path_factory.mktemp("tiny_sd1"), "sd1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd2"), "sd2", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from merge_backend.recipe import uniform_ratios
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.fixture(params=["sd1", "sdxl"])
-def fam(request, tiny_sd1, tiny_sdxl):
-    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[request.param]
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def fam(request, tiny_sd1, tiny_sd2, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}[request.param]
 
 
 def recipe_for(fam, method="weighted_sum", vocabulary="comfy", arithmetic="comfy", clip=None,

@@ -31,7 +31,8 @@ TEXT = ("cond_stage_model.", "conditioner.")
 VAE = "first_stage_model."
 SKIP = (".position_ids", ".logit_scale")
 
-# ComfyUI's ModelMergeSD1 / SDXL slider names, in INPUT_TYPES order (written out here on purpose).
+# ComfyUI's ModelMergeSD1 (= ModelMergeSD2) / SDXL slider names, in INPUT_TYPES order (written
+# out here on purpose).
 SD1_SLIDERS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}." for i in range(12)]
                + [f"middle_block.{i}." for i in range(3)]
                + [f"output_blocks.{i}." for i in range(12)] + ["out."])
@@ -158,13 +159,20 @@ CASES = [
     ("sd1", "subtract", "single", ClipMerge("add")),  # (ModelMergeAdd: in add_difference)
     ("sd1", "add_difference", "comfy", None),
     ("sdxl", "weighted_sum", "mbw", None),  # BASE -> CLIPMergeSimple over both encoders
+    ("sd2", "weighted_sum", "comfy", ClipMerge("weighted_sum", 0.3)),  # ModelMergeSD2
+    ("sd2", "weighted_sum", "mbw", None),
+    ("sd2", "add_difference", "blocks", None),
 ]
 
 
+@pytest.fixture
+def fams(tiny_sd1, tiny_sd2, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}
+
+
 @pytest.mark.parametrize("arch,method,vocabulary,clip", CASES)
-def test_workflow_rebuilds_the_checkpoint(arch, method, vocabulary, clip, tiny_sd1, tiny_sdxl,
-                                          tmp_path):
-    fam = {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+def test_workflow_rebuilds_the_checkpoint(arch, method, vocabulary, clip, fams, tmp_path):
+    fam = fams[arch]
     recipe = _recipe(fam, method, vocabulary, clip)
     out = tmp_path / "merged.safetensors"
     merge_to_file(recipe, out, dtype="fp32")
@@ -182,8 +190,9 @@ def test_workflow_rebuilds_the_checkpoint(arch, method, vocabulary, clip, tiny_s
     assert bool(merged_te) == (recipe.effective_clip() is not None)
 
 
-def test_node_names_and_widgets_are_comfyuis(tiny_sd1, tiny_sdxl):
+def test_node_names_and_widgets_are_comfyuis(tiny_sd1, tiny_sd2, tiny_sdxl):
     for fam, sliders, node in ((tiny_sd1, SD1_SLIDERS, "ModelMergeSD1"),
+                               (tiny_sd2, SD1_SLIDERS, "ModelMergeSD2"),
                                (tiny_sdxl, SDXL_SLIDERS, "ModelMergeSDXL")):
         recipe = _recipe(fam, "add_difference", "mbw", None)
         api = comfy_workflow(recipe).api()
@@ -194,7 +203,7 @@ def test_node_names_and_widgets_are_comfyuis(tiny_sd1, tiny_sdxl):
         assert list(blend) == ["model1", "model2", *sliders]
         assert blend["model1"] == ["1", 0] and blend["model2"] == ["5", 0]
         # IN04 of the mbw recipe lands on input_blocks.4 and out. takes the last OUT's ratio.
-        dot = "." if fam.arch == "sd1" else ""
+        dot = "" if fam.arch == "sdxl" else "."
         assert blend[f"input_blocks.4{dot}"] == recipe.ratios["IN04"]
         assert blend["out."] == recipe.ratios["OUT08" if fam.arch == "sdxl" else "OUT11"]
         assert blend["time_embed."] == blend["label_emb."] == recipe.ratios["IN00"]
@@ -245,7 +254,7 @@ def test_workflow_refuses_what_comfyui_sliders_cannot_hold(tiny_sd1):
 
 def _with_loras(fam, recipe: Recipe, tmp_path, *strengths: tuple[float, float | None]) -> Recipe:
     base = open_checkpoint(fam.base)
-    components = ("unet", "te") if fam.arch == "sd1" else ("unet", "te1", "te2")
+    components = ("unet", "te1", "te2") if fam.arch == "sdxl" else ("unet", "te")
     specs = []
     for i, (strength, te_strength) in enumerate(strengths):
         lora = random_lora(base, rank=3, components=components, vary_alpha=True, every=2 + i,
@@ -255,9 +264,9 @@ def _with_loras(fam, recipe: Recipe, tmp_path, *strengths: tuple[float, float | 
     return recipe.replace(loras=tuple(specs))
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
-def test_workflow_with_loras_rebuilds_the_checkpoint(arch, tiny_sd1, tiny_sdxl, tmp_path):
-    fam = {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[arch]
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_workflow_with_loras_rebuilds_the_checkpoint(arch, fams, tmp_path):
+    fam = fams[arch]
     recipe = _with_loras(fam, _recipe(fam, "weighted_sum", "mbw", None), tmp_path,
                          (0.8, None), (-0.6, 1.3))
     out = tmp_path / "merged.safetensors"

@@ -15,14 +15,15 @@ from merge_backend.lora import (
     LoraError,
     LoraUse,
     add_loras,
-    apply_to_file,
     apply_to_pipeline,
     extract_lora,
     lora_deltas_for_key,
+    name_table,
     random_lora,
     read_lora,
     save_lora,
 )
+from merge_backend.merge_file import apply_to_file
 from merge_backend.pipeline import load_pipeline
 from merge_backend.recipe import LoraSpec
 
@@ -69,6 +70,45 @@ def test_diffusers_fuses_our_sdxl_kohya_file_like_our_apply(tmp_path, tiny_sdxl)
                        vary_alpha=True, seed=7)
     path = save_lora(lora, tmp_path / "xl.safetensors")
     _diffusers_fuse_matches_ours(tiny_sdxl, path, 1.3)
+
+
+def test_diffusers_fuses_our_sd2_kohya_file_like_our_apply(tmp_path, tiny_sd2):
+    # the OpenCLIP-H text encoder: our q/k/v chunks of in_proj_weight are diffusers' q/k/v_proj
+    path = tmp_path / "sd2.safetensors"
+    lora = random_lora(open_checkpoint(tiny_sd2.base), rank=4, components=_components(tiny_sd2),
+                       every=2, seed=5)
+    # the file's last OpenCLIP layer is not in the pipeline (SD2 conditions on the penultimate):
+    # a LoRA trained on the pipeline never touches it
+    lora.modules = {s: m for s, m in lora.modules.items() if ".resblocks.2." not in m.target.key}
+    save_lora(lora, path, dtype=torch.float32)
+    _diffusers_fuse_matches_ours(tiny_sd2, path, 0.9)
+
+
+def test_lora_applies_to_an_sd2_file(tmp_path, tiny_sd2):
+    """apply_to_file on SD2: each changed weight is base + strength · up @ down · alpha / r,
+    written out here per kohya module; q/k/v land in their thirds of OpenCLIP's in_proj."""
+    base = open_checkpoint(tiny_sd2.base)
+    lora = random_lora(base, rank=3, components=("unet", "te"), every=4, seed=6)
+    path = save_lora(lora, tmp_path / "l.safetensors", dtype=torch.float32)
+    out = tmp_path / "applied.safetensors"
+    result = apply_to_file(tiny_sd2.base, [LoraSpec(str(path), 0.5)], out, dtype="fp32")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    table = name_table("sd2")
+    expected: dict[str, torch.Tensor] = {}
+    for name in {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_up.weight")}:
+        up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+        delta = (up.flatten(1) @ down.flatten(1)) * float(tensors[f"{name}.alpha"]) / up.shape[1]
+        target = table.resolve(name)
+        weight = expected.setdefault(target.key, base.get(target.key).float().clone())
+        rows = weight.shape[0] // target.parts
+        part = weight[target.index * rows:(target.index + 1) * rows]
+        part += 0.5 * delta.reshape(part.shape)
+    applied = open_checkpoint(out)
+    assert result.lora_changed == len(expected) > 10
+    assert any(k.startswith("cond_stage_model.model.") and "in_proj" in k for k in expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(applied.get(key), value, rtol=0, atol=1e-6, msg=key)
 
 
 def test_apply_extract_apply_round_trips(tmp_path, tiny_sd1):

@@ -23,7 +23,7 @@ from merge_backend.lora import (
 from merge_backend.lora.svd import quantile
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_every_spelling_of_every_module_resolves_to_it(arch):
     table = name_table(arch)
     for target in table.targets:
@@ -49,6 +49,29 @@ def test_kohya_names_follow_kohya_layout():
         "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight", 2, 3)
     assert sdxl.resolve("lora_unet_label_emb_0_0").key == "model.diffusion_model.label_emb.0.0.weight"
     assert sdxl.resolve("lora_unet_input_blocks_3_0_op").kind == "conv"
+
+
+def test_sd2_names_follow_kohya_and_comfyui():
+    sd2 = name_table("sd2")
+    q = sd2.resolve("lora_te_text_model_encoder_layers_5_self_attn_q_proj")
+    # OpenCLIP-H keeps q/k/v as one in_proj_weight: q is its first third
+    assert (q.key, q.index, q.parts) == (
+        "cond_stage_model.model.transformer.resblocks.5.attn.in_proj_weight", 0, 3)
+    assert sd2.name(q, "comfyui") == ("text_encoders.clip_h.transformer.text_model.encoder."
+                                      "layers.5.self_attn.q_proj")
+    t = sd2.resolve("lora_unet_down_blocks_0_attentions_0_proj_in")  # diffusers paths, as SD1
+    assert t.key == "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+
+def test_sd1_and_sd2_loras_are_told_apart_by_their_shapes(tmp_path, tiny_sd1, tiny_sd2):
+    """SD1 and SD2 share every kohya name; without metadata the module shapes decide."""
+    for fam in (tiny_sd1, tiny_sd2):
+        ckpt = open_checkpoint(fam.base)
+        lora = random_lora(ckpt, rank=2, components=("unet", "te"), every=3)
+        path = save_lora(lora, tmp_path / f"{fam.arch}.safetensors", dtype=torch.float32)
+        bare = tmp_path / f"{fam.arch}-bare.safetensors"
+        save_file(load_file(str(path)), str(bare))  # no metadata at all
+        assert read_lora(bare).arch.name == fam.arch
 
 
 def _all_deltas(uses, ckpt):

@@ -10,10 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_backend import ARCHITECTURES, block_of, recipe_from_checkpoint
-from merge_backend.architectures import UNET_PREFIX
 from search.cli import main
 
-TE = {"sd1": ("cond_stage_model.transformer.",),
+UNET_PREFIX = "model.diffusion_model."
+LAST_OUT = {"sd1": 11, "sd2": 11, "sdxl": 8}  # the last output block SuperMerger names
+TE = {"sd1": ("cond_stage_model.transformer.",), "sd2": ("cond_stage_model.model.",),
       "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")}
 
 
@@ -52,9 +53,9 @@ def assert_file_equals(path, expected, dtype=torch.float32):
         assert torch.equal(got[key], value.to(dtype)), key
 
 
-@pytest.fixture(params=["sd1", "sdxl"])
-def fam(request, tiny_sd1, tiny_sdxl):
-    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[request.param]
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def fam(request, tiny_sd1, tiny_sd2, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}[request.param]
 
 
 def test_simple(fam, tmp_path):
@@ -81,8 +82,7 @@ def test_blocks_node(fam, tmp_path):
 
 
 def test_layers_comfy_and_mbw(fam, tmp_path):
-    arch = ARCHITECTURES[fam.arch]
-    dot = "." if fam.arch == "sd1" else ""
+    dot = "" if fam.arch == "sdxl" else "."  # ModelMergeSDXL's names carry no trailing dot
     out = tmp_path / "m.safetensors"
     run("merge", "layers", fam.a, fam.b, "-o", out, "--dtype", "fp32",
         "--ratio", f"input_blocks.1{dot}=0.1", "--ratio", "out.=0.0", "--ratio", "time_embed.=0.7")
@@ -94,13 +94,13 @@ def test_layers_comfy_and_mbw(fam, tmp_path):
         return 0.0 if k.startswith("out.") else 0.7 if k.startswith("time_embed.") else 1.0
     assert_file_equals(out, expected_merge(fam, ratio))
     # mbw names from a YAML file: IN01 = input_blocks.1, OUT last owns out.*
-    last = f"OUT{arch.n_output_blocks - 1:02d}"
+    last = f"OUT{LAST_OUT[fam.arch]:02d}"
     ratios = tmp_path / "r.yaml"
     ratios.write_text(f"IN01: 0.25\n{last}: 0.5\nM00: 0.0\n")
     out2 = tmp_path / "m2.safetensors"
     run("merge", "layers", fam.a, fam.b, "-o", out2, "--vocabulary", "mbw", "--ratios-file",
         ratios, "--dtype", "fp32")
-    n = arch.n_output_blocks - 1
+    n = LAST_OUT[fam.arch]
 
     def ratio2(key):
         k = key[len(UNET_PREFIX):]
@@ -168,12 +168,22 @@ def test_metadata_round_trips_recipe(fam, tmp_path):
         keys = load_file(out)
         pos = keys["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"]
         assert torch.equal(pos, torch.arange(77)[None])
+    if fam.arch == "sd2":
+        # ComfyUI's test (supported_models.SD20): v-prediction when the last output block's
+        # norm1.bias has a population std above 0.09; the tiny SD2 family is v-prediction.
+        bias = load_file(fam.a)["model.diffusion_model.output_blocks.11.1.transformer_blocks.0."
+                                "norm1.bias"]
+        assert bias.std(correction=0) > 0.09
+        assert meta["modelspec.predict_key"] == "v"
+        assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    else:
+        assert meta["modelspec.predict_key"] == "epsilon"
 
 
 def test_every_unet_key_in_exactly_one_block(fam):
     arch = ARCHITECTURES[fam.arch]
-    counts = {"comfy": 30 if fam.arch == "sd1" else 24, "mbw": 26 if fam.arch == "sd1" else 20,
-              "blocks": 3, "single": 1}
+    xl = fam.arch == "sdxl"
+    counts = {"comfy": 24 if xl else 30, "mbw": 20 if xl else 26, "blocks": 3, "single": 1}
     keys = [k for k in load_file(fam.a) if k.startswith(UNET_PREFIX)]
     from merge_backend import block_names
     for vocab, n in counts.items():
@@ -219,15 +229,20 @@ def test_merged_file_loads_in_diffusers_with_the_expected_weights(fam, tmp_path)
     assert all(torch.equal(v, expected[k]) for k, v in loaded.items())
 
 
-def test_diffusers_folder_as_a_source(tiny_sd1, tmp_path):
-    """A diffusers pipeline folder merges like the single file it was made from."""
+@pytest.mark.parametrize("arch", ["sd1", "sd2"])
+def test_diffusers_folder_as_a_source(arch, tiny_sd1, tiny_sd2, tmp_path):
+    """A diffusers pipeline folder merges like the single file it was made from (SD1 and SD2
+    share a pipeline class: the text encoder's config tells them apart)."""
+    from merge_backend import open_checkpoint
     from merge_backend.pipeline import load_pipeline
 
+    fam = {"sd1": tiny_sd1, "sd2": tiny_sd2}[arch]
     folder = tmp_path / "a-diffusers"
-    load_pipeline(tiny_sd1.a, config_folder=tiny_sd1.config_folder).save_pretrained(folder)
+    load_pipeline(fam.a, config_folder=fam.config_folder).save_pretrained(folder)
+    assert open_checkpoint(folder).arch.name == arch
     from_file, from_folder = tmp_path / "f.safetensors", tmp_path / "d.safetensors"
-    run("merge", "simple", tiny_sd1.a, tiny_sd1.b, "-o", from_file, "--ratio", 0.4, "--dtype", "fp32")
-    run("merge", "simple", folder, tiny_sd1.b, "-o", from_folder, "--ratio", 0.4, "--dtype", "fp32")
+    run("merge", "simple", fam.a, fam.b, "-o", from_file, "--ratio", 0.4, "--dtype", "fp32")
+    run("merge", "simple", folder, fam.b, "-o", from_folder, "--ratio", 0.4, "--dtype", "fp32")
     a, b = load_file(from_file), load_file(from_folder)
     assert set(b) <= set(a)
     assert all(torch.equal(a[k], b[k]) for k in b if k.startswith(UNET_PREFIX))

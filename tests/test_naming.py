@@ -29,9 +29,9 @@ from merge_backend.pipeline import (
 )
 
 
-@pytest.fixture(params=["sd1", "sdxl"])
-def fam(request, tiny_sd1, tiny_sdxl):
-    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[request.param]
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def fam(request, tiny_sd1, tiny_sd2, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}[request.param]
 
 
 def _config(module):
@@ -40,8 +40,8 @@ def _config(module):
 
 
 def _component_keys(arch, component, sd):
-    prefix = arch.components[component]
-    return {k for k in sd if k.startswith(prefix) and not k.endswith(arch.clip_skip_suffixes)}
+    prefix = arch.components[component].prefix
+    return {k for k in sd if k.startswith(prefix) and not k.endswith(("position_ids", "logit_scale"))}
 
 
 def _diffusers_reference(arch, component, module, original):
@@ -51,7 +51,7 @@ def _diffusers_reference(arch, component, module, original):
     if component == "vae":
         return sfu.convert_ldm_vae_checkpoint(original, _config(module))
     te = next(t for t in arch.text_encoders if t.name == component)
-    if te.kind == "hf_clip":
+    if te.converter == "hf_clip":
         out = sfu.convert_ldm_clip_checkpoint(original)
         out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
     else:
@@ -61,14 +61,34 @@ def _diffusers_reference(arch, component, module, original):
     return out
 
 
+def _stored_only(fam, component, module, original) -> set[str]:
+    """What SD2 files keep and diffusers does not load: OpenCLIP-H's last layer (SD2 conditions
+    on the penultimate one) and the text projection."""
+    if fam.arch != "sd2" or component != "te":
+        return set()
+    last = f"cond_stage_model.model.transformer.resblocks.{module.config.num_hidden_layers}."
+    return {k for k in original if k.startswith(last)} | {"cond_stage_model.model.text_projection"}
+
+
+def _to_diffusers(fam, arch, component, original, module):
+    extra = _stored_only(fam, component, module, original)
+    if not extra:
+        return to_diffusers(arch, component, original, module)
+    with pytest.raises(ValueError, match=f"{len(extra)} original key"):
+        to_diffusers(arch, component, original, module)
+    with pytest.warns(UserWarning, match="no diffusers counterpart"):
+        return to_diffusers(arch, component, original, module, strict=False)
+
+
 def test_round_trip_is_bit_exact(fam):
     arch = ARCHITECTURES[fam.arch]
     original = load_file(fam.base)
     for component, module in build_components(fam.arch, fam.config_folder).items():
-        diffusers_sd = to_diffusers(arch, component, original, module)
+        diffusers_sd = _to_diffusers(fam, arch, component, original, module)
         assert set(diffusers_sd) == set(module.state_dict())
         back = to_original(arch, component, diffusers_sd, _config(module))
-        assert set(back) == _component_keys(arch, component, original), component
+        expected = _component_keys(arch, component, original)
+        assert set(back) == expected - _stored_only(fam, component, module, original), component
         for key, value in back.items():
             assert value.dtype == original[key].dtype and torch.equal(value, original[key]), key
 
@@ -77,8 +97,11 @@ def test_agrees_with_diffusers_converters(fam):
     arch = ARCHITECTURES[fam.arch]
     original = load_file(fam.base)
     for component, module in build_components(fam.arch, fam.config_folder).items():
-        ours = to_diffusers(arch, component, original, module)
+        ours = _to_diffusers(fam, arch, component, original, module)
         theirs = _diffusers_reference(arch, component, module, original)
+        if _stored_only(fam, component, module, original):  # what from_single_file then skips
+            last = f"encoder.layers.{module.config.num_hidden_layers}."
+            theirs = {k: v for k, v in theirs.items() if not k.startswith(last)}
         assert set(ours) == set(theirs), component
         for key in ours:
             assert torch.equal(ours[key], theirs[key]), f"{component} {key}"
@@ -90,7 +113,7 @@ def test_from_single_file_loads_what_we_convert(fam):
     pipe = load_pipeline(fam.base, config_folder=fam.config_folder)
     for component, folder in component_folders(arch).items():
         module = getattr(pipe, folder)
-        ours = to_diffusers(arch, component, original, module)
+        ours = _to_diffusers(fam, arch, component, original, module)
         for key, value in module.state_dict().items():
             assert torch.equal(value, ours[key]), f"{component} {key}"
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from evaluators import SCHEDULERS, ProbeSet, generate  # noqa: E402
 from evaluators.schedulers import check_scheduler_name, make_scheduler  # noqa: E402
-from evaluators.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from merge_backend.pipeline import empty_pipeline  # noqa: E402
 
 SMALL = {"steps": 3, "width": 64, "height": 64, "cfg": 5.0}
 # diffusers' k-diffusion schedulers call np.array on tensors; numpy 2 warns on every call.
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def sd15():
-    return tiny_sd15_pipeline(seed=0)
+    return empty_pipeline("sd1", "tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_generate_uses_the_named_scheduler_and_restores_the_pipelines(sd15, prob
 
 
 def test_sdxl_pipeline_generates_deterministically():
-    pipe = tiny_sdxl_pipeline(seed=0)
+    pipe = empty_pipeline("sdxl", "tiny", seed=0)
     probes = ProbeSet(prompts=["a cat", {"text": "a dog", "negative": "blurry"}], seeds=[0],
                       batch_size=2, **SMALL)
     first, second = generate(pipe, probes), generate(pipe, probes)

@@ -40,11 +40,8 @@ from evaluators import (  # noqa: E402
     scorer_config,
 )
 from evaluators._aesthetic_head import AestheticHead  # noqa: E402
-from evaluators.testing import (  # noqa: E402
-    TinyScorerFiles,
-    tiny_sd15_pipeline,
-    write_tiny_scorer_files,
-)
+from evaluators.testing import TinyScorerFiles, write_tiny_scorer_files  # noqa: E402
+from merge_backend.pipeline import empty_pipeline  # noqa: E402
 
 # diffusers' schedulers call np.array on tensors; numpy 2 warns on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
@@ -402,7 +399,7 @@ def test_score_norms_come_from_configs(configs):
 
 
 def test_pipeline_to_score_card_is_bit_identical_twice(configs, scorers):
-    pipe = tiny_sd15_pipeline(seed=1)
+    pipe = empty_pipeline("sd1", "tiny", seed=1)
     probes = ProbeSet(prompts=["a cat", {"text": "a dog", "weight": 3.0}], seeds=[0, 1],
                       steps=2, width=64, height=64, batch_size=4)
     order = list(scorers.values())

@@ -9,15 +9,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from merge_backend.architectures import ARCHITECTURES, UNET_PREFIX, detect_architecture
+from merge_backend.architectures import ARCHITECTURES, detect_architecture
 from merge_backend.pipeline import empty_pipeline, load_pipeline, write_config_folder
-from merge_backend.pipeline_configs import CONFIG_FOLDERS
-from merge_backend.tiny import FINETUNE_BLOCKS, write_tiny_family
+from merge_backend.pipeline_configs import config_files
+from merge_backend.tiny import write_tiny_family
+
+UNET_PREFIX = "model.diffusion_model."
+FINETUNE_BLOCKS = {"finetune_a": ("input_blocks.",), "finetune_b": ("output_blocks.",)}
+NOT_MERGED = ("position_ids", "logit_scale")  # left as they are by the fine-tunes
 
 
-@pytest.fixture(params=["sd1", "sdxl"])
-def fam(request, tiny_sd1, tiny_sdxl):
-    return {"sd1": tiny_sd1, "sdxl": tiny_sdxl}[request.param]
+@pytest.fixture(params=["sd1", "sd2", "sdxl"])
+def fam(request, tiny_sd1, tiny_sd2, tiny_sdxl):
+    return {"sd1": tiny_sd1, "sd2": tiny_sd2, "sdxl": tiny_sdxl}[request.param]
 
 
 def _generate(pipe, steps: int = 2) -> torch.Tensor:
@@ -60,7 +64,7 @@ def test_finetunes_differ_exactly_in_documented_blocks(fam):
             unet_block = key.startswith(UNET_PREFIX) and key[len(UNET_PREFIX) :].startswith(
                 FINETUNE_BLOCKS[name]
             )
-            text = key.startswith(te_prefixes) and not key.endswith(arch.clip_skip_suffixes)
+            text = key.startswith(te_prefixes) and not key.endswith(NOT_MERGED)
             assert torch.equal(tuned[key], value) != (unet_block or text), f"{name} {key}"
         te_delta = max(
             (tuned[k] - base[k]).abs().max().item()
@@ -126,12 +130,12 @@ def test_full_configs_are_the_public_models(arch_name):
         "sdxl": {"unet": 2_567_463_684, "te1": 123_060_480, "te2": 694_659_840},
     }[arch_name]
     expected["vae"] = 83_653_863
-    files = CONFIG_FOLDERS[(arch_name, "full")]
+    files = config_files(arch_name, "full")
     arch = ARCHITECTURES[arch_name]
     folders = {
         "unet": "unet",
         "vae": "vae",
-        **{te.name: te.diffusers_folder for te in arch.text_encoders},
+        **{te.name: te.folder for te in arch.text_encoders},
     }
     for component, count in expected.items():
         with torch.device("meta"):

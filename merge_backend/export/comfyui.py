@@ -4,7 +4,8 @@ The workflow uses only ComfyUI's own nodes, with input names exactly as they def
 
     CheckpointLoaderSimple (one per source; ckpt_name = the source's file name)
       -> ModelMergeSimple (single) | ModelMergeBlocks (blocks) |
-         ModelMergeSD1 / SD2 / SDXL (comfy; mbw converted to those sliders, exactly)
+         the architecture's own node, ModelMergeSD1 / SD2 / SDXL … (comfy; mbw converted to
+         those sliders, exactly)
          | ModelMergeSubtract | ModelMergeAdd
          add_difference: ModelMergeSubtract(model2, base, multiplier) -> ModelMergeAdd(model1, .)
                          -> the ratio node(model1, .): ratio r gives A + (1-r)*m*(B - C)
@@ -44,11 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge_backend.architectures import ARCHITECTURES, block_names
+from merge_backend.architectures import ARCHITECTURES, SINGLE, SLIDERS, convert_ratios
 from merge_backend.recipe import LoraSpec, Recipe
 
 from ._files import atomic_write_text
-from .mbw import mbw_to_comfy
 
 Link = tuple[int, int]  # (node id, output slot)
 
@@ -57,8 +57,7 @@ _MERGE_IO = ((("model1", "MODEL"), ("model2", "MODEL")), (("MODEL", "MODEL"),))
 _CLIP_IO = ((("clip1", "CLIP"), ("clip2", "CLIP")), (("CLIP", "CLIP"),))
 NODE_IO: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = {
     "CheckpointLoaderSimple": ((), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
-    **{name: _MERGE_IO for name in ("ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSD1",
-                                    "ModelMergeSD2", "ModelMergeSDXL", "ModelMergeSubtract",
+    **{name: _MERGE_IO for name in ("ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSubtract",
                                     "ModelMergeAdd")},
     **{name: _CLIP_IO for name in ("CLIPMergeSimple", "CLIPMergeSubtract", "CLIPMergeAdd")},
     "LoraLoader": ((("model", "MODEL"), ("clip", "CLIP")), (("MODEL", "MODEL"), ("CLIP", "CLIP"))),
@@ -71,6 +70,18 @@ NODE_IO: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...
     "VAEDecode": ((("samples", "LATENT"), ("vae", "VAE")), (("IMAGE", "IMAGE"),)),
     "PreviewImage": ((("images", "IMAGE"),), ()),
 }
+
+
+def node_io(class_type: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """A node's (link inputs, outputs); the architectures' model-specific merge nodes
+    (ModelMergeSD1, ModelMergeFlux1, …) take two models like ModelMergeSimple."""
+    if class_type in NODE_IO:
+        return NODE_IO[class_type]
+    if any(v.node == class_type for a in ARCHITECTURES.values() for v in a.vocabularies.values()):
+        return _MERGE_IO
+    raise KeyError(f"internal: no inputs known for ComfyUI node {class_type}")
+
+
 # The editor stores a "control after generate" value right after these widgets.
 _CONTROL_AFTER = {"KSampler": "seed"}
 _CLIP_NODES = {"weighted_sum": "CLIPMergeSimple", "subtract": "CLIPMergeSubtract",
@@ -94,7 +105,6 @@ SAMPLERS: dict[str, tuple[str, str]] = {
     "ddpm": ("ddpm", "normal"), "pndm": ("euler", "normal"), "lms": ("lms", "normal"),
     "lcm": ("lcm", "sgm_uniform"),
 }
-_DEFAULT_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 # The ComfyUI launch flags that hold the UNet / text encoders in each precision. ComfyUI's
 # defaults: the UNet in fp32 on the CPU and fp16 on most GPUs; the text encoders in fp16.
 UNET_FLAGS = {"fp32": "--fp32-unet", "fp16": "--fp16-unet", "bf16": "--bf16-unet"}
@@ -154,7 +164,7 @@ class ComfyWorkflow:
     def add(self, class_type: str, title: str, links: Mapping[str, Link] | None = None,
             widgets: Mapping[str, Any] | None = None) -> int:
         links = dict(links or {})
-        expected = [name for name, _ in NODE_IO[class_type][0]]
+        expected = [name for name, _ in node_io(class_type)[0]]
         if list(links) != expected:
             raise ValueError(f"internal: {class_type} takes links {expected}, got {list(links)}")
         node = ComfyNode(len(self.nodes) + 1, class_type, title, links, dict(widgets or {}))
@@ -175,7 +185,7 @@ class ComfyWorkflow:
         inputs: dict[int, list[dict[str, Any]]] = {}
         for n in self.nodes:
             inputs[n.id] = []
-            for slot, (name, kind) in enumerate(NODE_IO[n.class_type][0]):
+            for slot, (name, kind) in enumerate(node_io(n.class_type)[0]):
                 link_id = len(links) + 1
                 src = n.links[name]
                 links.append([link_id, src[0], src[1], n.id, slot, kind])
@@ -193,7 +203,7 @@ def _ui_node(n: ComfyNode, order: int, inputs: list, out_links: Mapping[Link, li
              pos: tuple[float, float]) -> dict[str, Any]:
     outputs = [{"name": name, "type": kind, "links": out_links.get((n.id, slot)) or None,
                 "slot_index": slot}
-               for slot, (name, kind) in enumerate(NODE_IO[n.class_type][1])]
+               for slot, (name, kind) in enumerate(node_io(n.class_type)[1])]
     values: list[Any] = []
     for name, value in n.widgets.items():
         values.append(value)
@@ -206,7 +216,7 @@ def _ui_node(n: ComfyNode, order: int, inputs: list, out_links: Mapping[Link, li
 
 
 def _height(n: ComfyNode) -> int:
-    io = max(len(NODE_IO[n.class_type][0]), len(NODE_IO[n.class_type][1]))
+    io = max(len(node_io(n.class_type)[0]), len(node_io(n.class_type)[1]))
     return 30 + 22 * io + 24 * len(n.widgets)
 
 
@@ -230,13 +240,15 @@ def blend_node(recipe: Recipe) -> tuple[str, dict[str, float]]:
     """The ratio node for the recipe's vocabulary and its slider values, in the node's order."""
     arch = ARCHITECTURES[recipe.arch]
     r = recipe.ratios
-    if recipe.vocabulary == "single":
+    if recipe.vocabulary == SINGLE:
         return "ModelMergeSimple", {"ratio": r["all"]}
-    if recipe.vocabulary == "blocks":
-        return "ModelMergeBlocks", {n: r[n] for n in ("input", "middle", "out")}
-    if recipe.vocabulary == "comfy":
-        return arch.comfy_node, {n: r[n] for n in block_names(arch, "comfy")}
-    return arch.comfy_node, mbw_to_comfy(arch, r)
+    vocab = arch.vocabulary(recipe.vocabulary)
+    if vocab.node is not None and vocab.names:  # a node whose inputs are the block names
+        return vocab.node, {n: r[n] for n in vocab.names}
+    node = arch.vocabularies[SLIDERS].node  # grouped (mbw): the same ratios as sliders, exactly
+    if node is None:
+        raise ComfyExportError(f"recipe.vocabulary: {arch.title} has no ComfyUI merge node")
+    return node, convert_ratios(arch, r, recipe.vocabulary, SLIDERS)[0]
 
 
 def lora_strengths(spec: LoraSpec) -> tuple[float, float]:
@@ -312,7 +324,7 @@ def _clip_nodes(wf: ComfyWorkflow, recipe: Recipe, loaders: Mapping[str, int]) -
 
 def _sampler_nodes(wf: ComfyWorkflow, arch: str, prompt: ComfyPrompt, model: Link, clip: Link,
                    vae: Link) -> None:
-    size = _DEFAULT_SIZE[arch]
+    size = ARCHITECTURES[arch].native_size
     positive = wf.add("CLIPTextEncode", "probe prompt", {"clip": clip}, {"text": prompt.text})
     negative = wf.add("CLIPTextEncode", "negative prompt", {"clip": clip},
                       {"text": prompt.negative})

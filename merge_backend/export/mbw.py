@@ -6,14 +6,17 @@ weighted sum ``alpha = 1 - ratio`` (ratio = model1's share, ComfyUI's convention
 add-difference SuperMerger computes ``A + alpha * (B - C)`` per block, so
 ``alpha = (1 - ratio) * multiplier``. Subtract and add have no SuperMerger block-weight form.
 
-What each vocabulary loses on the way to an MBW string (``mbw_ratios``):
+What each vocabulary loses on the way to an MBW string (``mbw_ratios``); the MBW blocks are the
+architecture file's ``mbw`` groups of ComfyUI's sliders, and every conversion goes through them
+(``architectures.convert_ratios``):
 - ``mbw``, ``single``, ``blocks``: nothing. ModelMergeBlocks gives time_embed / label_emb the
   ``input`` ratio and ``out.`` the ``out`` ratio, exactly where SuperMerger puts them.
 - ``comfy``: SuperMerger has one weight where ComfyUI has several sliders: IN00 covers
   ``time_embed.``, ``label_emb.`` (SDXL) and ``input_blocks.0.``; M00 covers the three
   ``middle_block.`` sliders; the last OUT covers ``out.``. When those differ the conversion
-  **raises** ``MbwError`` naming the sliders; with ``lossy=True`` it uses ``input_blocks.0.``,
-  the mean of the middle sliders and the last ``output_blocks.`` and returns a note for each.
+  **raises** ``MbwError`` naming the sliders; with ``lossy=True`` it uses the group's rule
+  (``input_blocks.0.``, the mean of the middle sliders, the last ``output_blocks.``) and
+  returns a note for each.
 - BASE is the text encoders: 1 - the CLIPMergeSimple ratio (alpha 0 when the recipe keeps
   model1's). A CLIPMergeSubtract / Add, or any text-encoder merge under add-difference, has no
   BASE equivalent and raises. SuperMerger also blends the VAE by BASE; ComfyUI keeps model1's,
@@ -34,15 +37,11 @@ from __future__ import annotations
 
 import math
 
-from merge_backend.architectures import (
-    ARCHITECTURES,
-    MBW_TEXT_ENCODER_BLOCK,
-    Architecture,
-    block_names,
-)
+from merge_backend.architectures import ARCHITECTURES, SLIDERS, Architecture, convert_ratios
 from merge_backend.recipe import Recipe
 
 DEFAULT_DIGITS = 6  # decimals written; ratios with at most this many decimals round-trip exactly
+MBW = "mbw"
 
 
 class MbwError(ValueError):
@@ -53,67 +52,35 @@ class MbwError(ValueError):
 
 
 def mbw_to_comfy(arch: Architecture, ratios: dict[str, float]) -> dict[str, float]:
-    """MBW ratios (BASE ignored) as ModelMergeSD1/SD2/SDXL slider values, in the node's order.
+    """MBW ratios (BASE ignored) as the architecture's ComfyUI slider values, in the node's order.
 
-    Exact: every key gets the same ratio under both vocabularies (time_embed / label_emb go
-    with IN00 and ``out.`` with the last OUT, as SuperMerger and ``block_of`` do).
+    Exact: every key gets the same ratio under both vocabularies (each slider lies in one MBW
+    group: time_embed / label_emb with IN00 and ``out.`` with the last OUT, as SuperMerger and
+    ``block_of`` do).
     """
-    last_out = f"OUT{arch.n_output_blocks - 1:02d}"
-    out: dict[str, float] = {}
-    for name in block_names(arch, "comfy"):
-        if name in ("time_embed.", "label_emb."):
-            out[name] = ratios["IN00"]
-        elif name == "out.":
-            out[name] = ratios[last_out]
-        else:
-            kind, index = name.rstrip(".").split(".")
-            mbw = {"input_blocks": "IN", "middle_block": "M", "output_blocks": "OUT"}[kind]
-            out[name] = ratios["M00" if mbw == "M" else f"{mbw}{int(index):02d}"]
-    return out
+    return convert_ratios(arch, ratios, MBW, SLIDERS)[0]
 
 
-def _from_comfy(arch: Architecture, ratios: dict[str, float], lossy: bool) -> tuple[dict, list]:
-    dot = "." if arch.comfy_block_dot else ""
-    last = arch.n_output_blocks - 1
-    groups = {  # MBW block -> (the slider its value comes from, every slider it covers)
-        "IN00": (f"input_blocks.0{dot}", ["time_embed.", f"input_blocks.0{dot}"]
-                 + (["label_emb."] if arch.name == "sdxl" else [])),
-        f"OUT{last:02d}": (f"output_blocks.{last}{dot}", [f"output_blocks.{last}{dot}", "out."]),
-        "M00": (None, [f"middle_block.{i}{dot}" for i in range(3)]),
-    }
-    out: dict[str, float] = {}
-    notes: list[str] = []
-    for i in range(arch.n_input_blocks):
-        out[f"IN{i:02d}"] = ratios[f"input_blocks.{i}{dot}"]
-    for i in range(arch.n_output_blocks):
-        out[f"OUT{i:02d}"] = ratios[f"output_blocks.{i}{dot}"]
-    for block, (source, covered) in groups.items():
-        values = {name: ratios[name] for name in covered}
-        value = ratios[source] if source else sum(values.values()) / len(values)
-        out[block] = value
-        if len(set(values.values())) > 1:
-            shown = ", ".join(f"{k}={v:g}" for k, v in values.items())
-            msg = (f"SuperMerger has one weight ({block}) for the ComfyUI sliders {shown}; "
-                   f"they differ")
-            if not lossy:
-                raise MbwError(msg + " — pass lossy=True (--mbw-lossy) to write "
-                               f"{block}={value:g} anyway")
-            notes.append(f"{msg}: wrote {block}={value:g}")
-    return out, notes
+def _mbw_vocabulary(arch: Architecture):
+    if MBW not in arch.vocabularies:
+        raise MbwError(f"recipe.arch: {arch.title} has no SuperMerger block weights (no mbw "
+                       f"vocabulary in {arch.source})")
+    return arch.vocabularies[MBW]
 
 
 def _unet_ratios(recipe: Recipe, lossy: bool) -> tuple[dict[str, float], list[str]]:
     arch = ARCHITECTURES[recipe.arch]
-    names = [n for n in block_names(arch, "mbw") if n != MBW_TEXT_ENCODER_BLOCK]
-    if recipe.vocabulary == "mbw":
-        return {n: recipe.ratios[n] for n in names}, []
-    if recipe.vocabulary == "single":
-        return {n: recipe.ratios["all"] for n in names}, []
-    if recipe.vocabulary == "blocks":
-        def group(n: str) -> str:
-            return "input" if n.startswith("IN") else "middle" if n == "M00" else "out"
-        return {n: recipe.ratios[group(n)] for n in names}, []
-    return _from_comfy(arch, recipe.ratios, lossy)
+    _mbw_vocabulary(arch)
+    ratios, conflicts = convert_ratios(arch, recipe.ratios, recipe.vocabulary, MBW)
+    notes: list[str] = []
+    for block, values, value in conflicts:
+        shown = ", ".join(f"{k}={v:g}" for k, v in values.items())
+        msg = f"SuperMerger has one weight ({block}) for the ComfyUI sliders {shown}; they differ"
+        if not lossy:
+            raise MbwError(msg + " — pass lossy=True (--mbw-lossy) to write "
+                           f"{block}={value:g} anyway")
+        notes.append(f"{msg}: wrote {block}={value:g}")
+    return ratios, notes
 
 
 def _text_encoder_ratio(recipe: Recipe) -> float:
@@ -139,7 +106,8 @@ def mbw_ratios(recipe: Recipe, *, lossy: bool = False) -> tuple[dict[str, float]
         raise MbwError(f"recipe.method: {recipe.method} has no SuperMerger block-weight string "
                        "(only weighted_sum and add_difference do)")
     unet, notes = _unet_ratios(recipe, lossy)
-    return {MBW_TEXT_ENCODER_BLOCK: _text_encoder_ratio(recipe), **unet}, notes
+    base = _mbw_vocabulary(ARCHITECTURES[recipe.arch]).text_encoders
+    return {base: _text_encoder_ratio(recipe), **unet}, notes
 
 
 # ---------------------------------------------------------------------------- strings
@@ -169,7 +137,7 @@ def parse_mbw(text: str, arch: str, *, method: str = "weighted_sum", multiplier:
     are rounded to ``digits`` decimals, so ``parse_mbw(mbw_string(r))`` gives back ratios with
     at most that many decimals exactly.
     """
-    names = block_names(ARCHITECTURES[arch], "mbw")
+    names = _mbw_vocabulary(ARCHITECTURES[arch]).block_names
     parts = [p.strip() for p in text.strip().split(",")]
     if len(parts) != len(names):
         raise MbwError(f"MBW string has {len(parts)} values; {arch} needs {len(names)} "

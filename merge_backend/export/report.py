@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_backend.architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, block_names
+from merge_backend.architectures import ARCHITECTURES, SINGLE, Architecture, block_names
 from merge_backend.recipe import Recipe
 
 _BAR, _CHART_H, _PAD = 22, 180, 40
@@ -47,17 +47,26 @@ def png_bytes(image: torch.Tensor) -> bytes:
 # ---------------------------------------------------------------------------- chart
 
 
+_COARSE = "blocks"  # ModelMergeBlocks' input / middle / out colour the bars where it exists
+_COARSE_GROUPS = {"input": "input", "middle": "middle", "out": "output"}
+
+
+def _colour_group(arch: Architecture, vocabulary: str, block: str) -> str:
+    if vocabulary == SINGLE or _COARSE not in arch.vocabularies:
+        return "input"
+    coarse = arch.slider_block(_COARSE, arch.sliders_of(vocabulary, block)[0])
+    return _COARSE_GROUPS.get(coarse, "input")
+
+
 def _chart_bars(recipe: Recipe) -> list[tuple[str, float, str]]:
     """(label, ratio, group) per bar: every UNet block, then the text encoders if merged."""
     arch = ARCHITECTURES[recipe.arch]
     bars = []
     if recipe.spec.uses_ratio:
         for name in block_names(arch, recipe.vocabulary):
-            if name == MBW_TEXT_ENCODER_BLOCK:
+            if name == recipe.text_encoder_block:
                 continue
-            group = ("middle" if name.startswith(("M", "middle")) else
-                     "output" if name.startswith(("OUT", "out", "output")) else "input")
-            bars.append((name, recipe.ratios[name], group))
+            bars.append((name, recipe.ratios[name], _colour_group(arch, recipe.vocabulary, name)))
     clip = recipe.effective_clip()
     if clip is not None and clip.method == "weighted_sum":
         bars.append(("text encoders", clip.ratio, "text"))

@@ -14,7 +14,6 @@ Example:
 from .add import add_loras
 from .apply import (
     LoraUse,
-    apply_to_file,
     apply_to_pipeline,
     check_loras,
     lora_deltas_for_key,
@@ -28,7 +27,7 @@ from .synthetic import random_lora
 
 __all__ = [
     "ErrorTable", "ExtractResult", "LoraError", "LoraFile", "LoraModule", "LoraUse", "NameTable",
-    "Target", "add_loras", "apply_to_file", "apply_to_pipeline", "check_loras", "extract_lora",
+    "Target", "add_loras", "apply_to_pipeline", "check_loras", "extract_lora",
     "layer_errors", "lora_deltas_for_key", "name_table", "random_lora", "read_lora", "save_lora",
     "uses_from_recipe",
 ]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge_backend.architectures import MBW_TEXT_ENCODER_BLOCK, UNET_PREFIX, block_of
+from merge_backend.architectures import report_block
 
 from .apply import LoraUse, as_uses
 from .formats import LoraError, LoraFile, LoraModule
@@ -68,7 +68,7 @@ def _concat(module: LoraModule, parts: list[tuple[float, float, LoraModule]]) ->
 
 
 def _block(arch, key: str) -> str:
-    return block_of(arch, "mbw", key) if key.startswith(UNET_PREFIX) else MBW_TEXT_ENCODER_BLOCK
+    return report_block(arch, key)
 
 
 def _resize(module: LoraModule, parts, rank: int, svd: str, clamp: bool,

@@ -5,10 +5,10 @@ LoRAs of ``strength(key) · delta(key)`` in float32, in the original layout of `
 key's strength is ``strength · block_strengths[block]`` (blocks of the Recipe vocabulary, not
 named = 1.0); a text-encoder key's is ``te_strength`` when set, else ``strength`` (times
 ``block_strengths['BASE']`` in the mbw vocabulary, where BASE is the text encoder).
+(``merge_file.apply_to_file`` writes a checkpoint with LoRAs applied.)
 
 Example:
     >>> uses = [LoraUse(read_lora("style.safetensors"), 0.8)]          # doctest: +SKIP
-    >>> apply_to_file("model.safetensors", uses, "styled.safetensors")  # doctest: +SKIP
     >>> apply_to_pipeline(pipe, uses)              # probe with the LoRA  # doctest: +SKIP
     >>> apply_to_pipeline(pipe, uses, sign=-1.0)   # and without it again # doctest: +SKIP
 """
@@ -17,23 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from merge_backend.architectures import (
-    ARCHITECTURES,
-    MBW_TEXT_ENCODER_BLOCK,
-    UNET_PREFIX,
-    block_names,
-    block_of,
-)
-from merge_backend.checkpoint import Checkpoint, open_checkpoint
+from merge_backend.architectures import ARCHITECTURES, block_names, block_of, text_encoder_block
+from merge_backend.checkpoint import Checkpoint
 from merge_backend.hashing import sha256_of
-from merge_backend.merge_file import MergeResult, Progress, merge_to_file
 from merge_backend.naming import convert_value, key_maps
-from merge_backend.recipe import LoraSpec, Recipe, Source, uniform_ratios
+from merge_backend.recipe import Recipe
 
 from .formats import LoraError, LoraFile, LoraModule, read_lora
 
@@ -54,10 +46,11 @@ class LoraUse:
     strength: float = 1.0
     block_strengths: Mapping[str, float] | None = None
     te_strength: float | None = None
-    vocabulary: str = "mbw"
+    vocabulary: str | None = None  # the block_strengths' names (default: report_vocabulary)
     _index: dict[str, list[tuple[LoraModule, str]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.vocabulary = self.vocabulary or self.lora.arch.report_vocabulary
         names = block_names(self.lora.arch, self.vocabulary)
         unknown = [n for n in (self.block_strengths or {}) if n not in names]
         if unknown:
@@ -74,12 +67,14 @@ class LoraUse:
 
     def strength_for(self, key: str) -> float:
         blocks = self.block_strengths or {}
-        if key.startswith(UNET_PREFIX):
-            block = block_of(self.lora.arch, self.vocabulary, key)
+        arch = self.lora.arch
+        if key.startswith(arch.diffusion.prefix):
+            block = block_of(arch, self.vocabulary, key)
             return self.strength * blocks.get(block, 1.0)
         if self.te_strength is not None:
             return self.te_strength
-        return self.strength * blocks.get(MBW_TEXT_ENCODER_BLOCK, 1.0)
+        te_block = text_encoder_block(arch, self.vocabulary)
+        return self.strength * (blocks.get(te_block, 1.0) if te_block else 1.0)
 
 
 def as_uses(loras: Sequence[LoraUse | tuple[LoraFile, float]]) -> list[LoraUse]:
@@ -186,38 +181,12 @@ def check_loras(uses: Sequence[LoraUse], checkpoint: Checkpoint) -> None:
                         "(a LoRA for another model size?)")
 
 
-# ---------------------------------------------------------------------------- to a file
-
-
-def apply_to_file(checkpoint: str | Path, loras: Sequence[LoraSpec], output: str | Path, *,
-                  vocabulary: str = "mbw", dtype: str = "fp16", overwrite: bool = False,
-                  device: str | torch.device = "cpu", progress: Progress | None = None,
-                  unet_dtype: str = "fp32", text_encoder_dtype: str = "fp32") -> MergeResult:
-    """Write ``checkpoint`` + LoRAs as a new checkpoint, streamed by ``merge_to_file``.
-
-    The Recipe is the checkpoint merged with itself at ratio 1.0 — model1 unchanged, as
-    ComfyUI's ModelMergeSimple at 1.0 — plus ``loras``; the file carries it so it can be
-    rebuilt. Deltas are computed in float32 on ``device`` and added to the weights as held in
-    ``unet_dtype`` / ``text_encoder_dtype`` (``text_encoder_dtype="fp16"`` is what a
-    LoraLoader's clip strength does on ComfyUI's defaults); ``result.lora_changed`` counts the
-    tensors the LoRAs changed.
-    """
-    arch = open_checkpoint(checkpoint).arch.name
-    recipe = Recipe(arch, "weighted_sum", {"model1": Source(str(checkpoint)),
-                                           "model2": Source(str(checkpoint))},
-                    vocabulary, uniform_ratios(arch, vocabulary, 1.0), loras=tuple(loras),
-                    unet_dtype=unet_dtype, text_encoder_dtype=text_encoder_dtype)
-    return merge_to_file(recipe, output, dtype=dtype, overwrite=overwrite, progress=progress,
-                         extra_metadata={"mergesearch.kind": "lora_apply"}, lora_device=device)
-
-
 # ---------------------------------------------------------------------------- to a pipeline
 
 
 def _pipeline_modules(pipe, arch) -> dict[str, torch.nn.Module]:
-    out = {"unet": pipe.unet}
-    out.update({te.name: getattr(pipe, te.diffusers_folder) for te in arch.text_encoders})
-    return out
+    parts = (arch.diffusion, *arch.text_encoders)
+    return {c.name: getattr(pipe, c.folder) for c in parts}
 
 
 def _expected_shape(km, param: torch.Tensor) -> tuple[int, ...]:
@@ -236,7 +205,7 @@ def _bind(pipe, arch, uses: Sequence[LoraUse]) -> dict[str, list[tuple[torch.nn.
     bound: dict[str, list] = {}
     for component, module in _pipeline_modules(pipe, arch).items():
         params = dict(module.named_parameters())
-        config = getattr(module, "config", None) if component == "unet" else None
+        config = getattr(module, "config", None)
         for km in key_maps(arch, component, list(params), config):
             if km.original in keys:
                 bound.setdefault(km.original, []).append((params[km.diffusers], km))

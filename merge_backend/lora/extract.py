@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from merge_backend.architectures import MBW_TEXT_ENCODER_BLOCK, UNET_PREFIX, block_of
+from merge_backend.architectures import report_block
 from merge_backend.checkpoint import Checkpoint, open_checkpoint
+from merge_backend.dtypes import DTYPES
 from merge_backend.hashing import sha256_of
-from merge_backend.merge_file import DTYPES
 from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
 from merge_backend.source_files import resolved
 
@@ -164,7 +164,7 @@ class _Extractor:
         self.methods: dict[str, int] = {}
 
     def block(self, key: str) -> str:
-        return block_of(self.arch, "mbw", key) if key.startswith(UNET_PREFIX) else MBW_TEXT_ENCODER_BLOCK
+        return report_block(self.arch, key)
 
     def factor(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         mat_shape = (delta.shape[0], math.prod(delta.shape[1:]))
@@ -246,7 +246,8 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
         raise LoraError(f"{m1.path} is {m1.arch.title} but {m2.path} is {m2.arch.title}; "
                         "a LoRA is the difference of two models of one architecture")
     table = name_table(m1.arch.name)
-    components = ["unet"] + ([te.name for te in m1.arch.text_encoders] if text_encoder else [])
+    components = [m1.arch.diffusion.name] + ([te.name for te in m1.arch.text_encoders]
+                                             if text_encoder else [])
     notes: list[str] = []
     jobs = _plan(table, m1, m2, components, lora_type, bias_diff, fmt, notes)
     read = [k for job in jobs for k in ((job.target.key,) if job.weight != "none" else ())

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from merge_backend.architectures import ARCHITECTURES, Architecture
 from merge_backend.checkpoint import all_finite
+from merge_backend.output_files import check_new_output
 from merge_backend.safetensors_io import (
     PlannedTensor,
     SafetensorsError,
@@ -34,7 +35,7 @@ from merge_backend.safetensors_io import (
 )
 from merge_backend.source_files import check_source
 
-from .names import COMFY_ONLY_WHY, NameTable, Target, name_table
+from .names import NameTable, Target, module_shapes, name_table
 from .svd import threads_for
 
 # suffix in the file -> (role, format). Longest suffixes are tried first.
@@ -50,8 +51,8 @@ _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
 _UNSUPPORTED = (".lora_mid.weight", ".hada_w1_a", ".lokr_w1", ".dora_scale", ".oft_blocks",
                 ".lora_B.bias", ".w_norm", ".b_norm")
 _SHOW = 4
-ARCH_HINTS = {"sdxl": "sdxl", "sd_v1": "sd1", "sd_v2": "sd2", "stable-diffusion-xl": "sdxl",
-              "stable-diffusion-v1": "sd1", "stable-diffusion-v2": "sd2"}
+# Metadata fields that may name the architecture (a name, or one of the file's lora.hints).
+_HINT_FIELDS = ("mergesearch.arch", "ss_base_model_version", "modelspec.architecture")
 
 
 class LoraError(ValueError):
@@ -129,8 +130,10 @@ class LoraFile:
         """What reading left out on purpose, to be shown to the user."""
         if not self.ignored:
             return []
+        table = name_table(self.arch.name)
+        why = "; ".join(dict.fromkeys(table.comfy_only(n) or "" for n in self.ignored))
         return [f"{self.source}: ignored {len(self.ignored)} module(s) "
-                f"({', '.join(self.ignored)}): {COMFY_ONLY_WHY}"]
+                f"({', '.join(self.ignored)}): {why}"]
 
     @property
     def source(self) -> str:
@@ -216,30 +219,53 @@ def _group(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str, dict[st
     return groups, max(formats, key=formats.get) if formats else "kohya"
 
 
-def detect_lora_arch(names: list[str], metadata: Mapping[str, str], tensors: Mapping[str, Tensor]
+def _hinted(metadata: Mapping[str, str]) -> str | None:
+    """The architecture the metadata names, if any."""
+    for field_name in _HINT_FIELDS:
+        hint = str(metadata.get(field_name, ""))
+        if hint in ARCHITECTURES:
+            return hint
+        for arch in ARCHITECTURES.values():
+            if hint and hint.startswith(arch.lora.hints):
+                return arch.name
+    return None
+
+
+def _shape_fit(arch: Architecture, table: NameTable, groups: Mapping[str, dict[str, Tensor]]
+               ) -> int:
+    """How many modules' factors fit the module shapes of one of the architecture's configs
+    (SD1 and SD2 share every name; the shapes tell them apart)."""
+    best = 0
+    for size in arch.configs:
+        shapes = module_shapes(arch.name, size)
+        fit = 0
+        for name, parts in groups.items():
+            target = table.resolve(name)
+            shape = shapes.get((target.component, target.module)) if target else None
+            if shape is None:
+                continue
+            up, down, diff = parts.get("up"), parts.get("down"), parts.get("diff")
+            if up is not None and down is not None:
+                fit += up.shape[0] == shape[0] and down.shape[1] == shape[1]
+            elif diff is not None:
+                fit += tuple(diff.shape) == shape
+        best = max(best, fit)
+    return best
+
+
+def detect_lora_arch(groups: Mapping[str, dict[str, Tensor]], metadata: Mapping[str, str]
                      ) -> tuple[str, dict[str, int]]:
     """The architecture a LoRA was made for, and how many names each one resolves."""
-    scores = {a: sum(name_table(a).resolve(n) is not None for n in names) for a in ARCHITECTURES}
-    for field_name in ("mergesearch.arch", "ss_base_model_version", "modelspec.architecture"):
-        hint = str(metadata.get(field_name, ""))
-        for marker, arch in ARCH_HINTS.items():
-            if hint == arch or hint.startswith(marker):
-                return arch, scores
+    scores = {a: sum(name_table(a).resolve(n) is not None for n in groups) for a in ARCHITECTURES}
+    hinted = _hinted(metadata)
+    if hinted is not None:
+        return hinted, scores
     best = max(scores.values())
     tied = [a for a, s in scores.items() if s == best]
     if len(tied) > 1:
-        context = _context_width(names, tensors)
-        widths = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 96: "sdxl"}
-        if widths.get(context) in tied:
-            return widths[context], scores
+        fits = {a: _shape_fit(ARCHITECTURES[a], name_table(a), groups) for a in tied}
+        return max(tied, key=lambda a: fits[a]), scores
     return tied[0], scores
-
-
-def _context_width(names: list[str], tensors: Mapping[str, Tensor]) -> int | None:
-    for key, value in tensors.items():
-        if "attn2" in key and "to_k" in key and value.ndim == 2 and value.shape[1] > value.shape[0]:
-            return int(value.shape[1])
-    return None
 
 
 def _alpha_of(value: Tensor | None, metadata_alpha: float | None) -> float | None:
@@ -296,7 +322,7 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
         raise LoraError(f"{path}: holds no LoRA modules")
     _check_values(path, tensors)
     names = list(groups)
-    detected, scores = detect_lora_arch(names, metadata, tensors)
+    detected, scores = detect_lora_arch(groups, metadata)
     arch_obj = ARCHITECTURES[detected] if arch is None else (
         ARCHITECTURES[arch] if isinstance(arch, str) else arch)
     table = name_table(arch_obj.name)
@@ -306,7 +332,7 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
     for name, parts in groups.items():
         target = table.resolve(name)
         if target is None:
-            (ignored if table.comfy_only(name) else unmatched).append(name)
+            (ignored if table.comfy_only(name) is not None else unmatched).append(name)
             continue
         if target.slot in modules:
             raise LoraError(f"{path}: modules {modules[target.slot].name!r} and {name!r} both "
@@ -316,7 +342,8 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
         raise _unmatched_error(path, arch_obj, unmatched, len(names), scores)
     if not modules:
         raise LoraError(f"{path}: holds no module of {arch_obj.title} but "
-                        f"{', '.join(ignored)}, which {COMFY_ONLY_WHY}")
+                        f"{', '.join(ignored)}, which "
+                        f"{'; '.join(dict.fromkeys(table.comfy_only(n) for n in ignored))}")
     return LoraFile(arch_obj, modules, path, fmt, dict(metadata), sorted(unmatched),
                     sorted(ignored))
 
@@ -373,17 +400,18 @@ def lora_entries(table: NameTable, module: LoraModule, fmt: str, dtype: torch.dt
 def lora_metadata(arch: Architecture, fmt: str, title: str, rank: int | None,
                   alpha: float | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """modelspec.* and kohya's ss_* keys that LoRA browsers and loaders read."""
+    architecture = arch.checkpoint_save.architecture_for(arch.checkpoint_save.predict_key.default)
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch.modelspec_architecture}/lora",
+        "modelspec.architecture": f"{architecture or arch.name}/lora",
         "modelspec.title": title,
         "mergesearch.arch": arch.name,
         "mergesearch.format": fmt,
     }
     if fmt == "kohya":
-        meta.update({"ss_network_module": "networks.lora",
-                     "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2"}.get(
-                         arch.name, "sdxl_base_v1-0")})
+        meta["ss_network_module"] = "networks.lora"
+        if arch.lora.kohya_base_model:
+            meta["ss_base_model_version"] = arch.lora.kohya_base_model
         if rank is not None:
             meta["ss_network_dim"] = str(rank)
         if alpha is not None:
@@ -410,8 +438,6 @@ def save_lora(lora: LoraFile, path: str | Path, *, fmt: str = "kohya",
 
 
 def check_lora_output(path: Path, overwrite: bool) -> None:
-    from merge_backend.merge_file import check_new_output
-
     if path.suffix != ".safetensors":
         raise LoraError(f"output {path} must end in .safetensors")
     check_new_output(path, overwrite, LoraError)

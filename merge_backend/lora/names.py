@@ -1,12 +1,13 @@
-"""Which weight a LoRA module name means: one data table per architecture.
+"""Which weight a LoRA module name means: one name table per architecture.
 
 LoRA files name their modules in several spellings: kohya (``lora_unet_`` + the diffusers path
 for SD1/SD2, the original path for SDXL, ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the
 transformers path), diffusers / PEFT (``unet.`` / ``text_encoder.`` + the diffusers path) and
 ComfyUI's LoraSave (``diffusion_model.`` + the original path, ``text_encoders.clip_l.transformer.``
-+ the transformers path). The table lists every spelling of every weighted module of an
-architecture, generated from ``naming.key_maps`` over the diffusers modules built on the meta
-device from the full-size configs, so nothing here matches key strings by hand.
++ the transformers path). Those rules are each component's ``lora`` entry in the architecture
+file; the table lists every spelling of every weighted module, generated from
+``naming.key_maps`` over the diffusers modules built on the meta device from the full-size
+configs, so nothing here matches key strings by hand.
 
 Example:
     >>> table = name_table("sd1")
@@ -26,26 +27,12 @@ from functools import cache
 import torch
 from torch import nn
 
-from merge_backend.architectures import ARCHITECTURES, Architecture
-from merge_backend.naming import key_maps
-from merge_backend.pipeline import build_module, component_folders
-from merge_backend.pipeline_configs import CONFIG_FOLDERS
+from merge_backend.architectures import ARCHITECTURES, Architecture, Component
+from merge_backend.naming import WRAPPERS, key_maps
+from merge_backend.pipeline import build_module
+from merge_backend.pipeline_configs import config_files
 
 FORMATS = ("kohya", "comfyui", "peft")
-# kohya's prefix per component; diffusers' pipeline attribute is component_folders()'s value.
-KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
-# ComfyUI's CLIP state-dict name of each text encoder (LoraSave writes 'text_encoders.<name>.').
-COMFY_CLIP = {("sd1", "te"): "clip_l", ("sd2", "te"): "clip_h",
-              ("sdxl", "te1"): "clip_l", ("sdxl", "te2"): "clip_g"}
-# Modules ComfyUI's text-encoder models hold that no checkpoint stores (CheckpointSave drops
-# them): CLIP-L's text_projection, an identity matrix that SD1 and SDXL conditioning never use.
-# LoraSave writes a module for it (from a zero difference) and ComfyUI applies it to that
-# identity, so leaving it out changes nothing ComfyUI saves or draws. Spellings: LoraSave's, kohya's.
-COMFY_ONLY = {("sd1", "te"): ("text_projection",), ("sdxl", "te1"): ("text_projection",)}
-COMFY_ONLY_WHY = ("ComfyUI applies it to CLIP-L's text_projection, an identity matrix no "
-                  "checkpoint stores and SD1 / SDXL conditioning never uses")
-# kohya names the SDXL UNet by original paths, SD1/SD2 by diffusers paths.
-KOHYA_UNET_ORIGINAL = {"sd1": False, "sd2": False, "sdxl": True}
 
 
 @dataclass(frozen=True)
@@ -108,17 +95,19 @@ class NameTable:
         """The module a name from a LoRA file means, or None."""
         return self._aliases_map.get(name)
 
-    def comfy_only(self, name: str) -> bool:
-        """True for a module of a weight only ComfyUI's own models hold (see ``COMFY_ONLY``)."""
-        for (arch, component), paths in COMFY_ONLY.items():
-            if arch != self.arch.name:
+    def comfy_only(self, name: str) -> str | None:
+        """Why a module name means a weight only ComfyUI's own models hold (a component's
+        ``lora.comfyui_only``: LoraSave writes it, no checkpoint stores it), or None."""
+        for c in self.arch.components.values():
+            only = c.lora.comfyui_only
+            if only is None:
                 continue
-            clip = COMFY_CLIP[(arch, component)]
-            for path in paths:
-                if name in (f"text_encoders.{clip}.transformer.{path}",
-                            KOHYA_PREFIX[component] + path.replace(".", "_")):
-                    return True
-        return False
+            for path in only.modules:
+                spelled = [rule.prefix + (path.replace(".", "_") if fmt == "kohya" else path)
+                           for fmt in ("comfyui", "kohya") if (rule := c.lora.format(fmt))]
+                if name in spelled:
+                    return only.why
+        return None
 
     def by_slot(self, slot: tuple[str, int]) -> Target | None:
         return self._by_slot.get(slot)
@@ -128,57 +117,60 @@ class NameTable:
         return (t for t in self.targets if t.component in wanted)
 
     # ------------------------------------------------------------------ spellings
+    def _component(self, target: Target) -> Component:
+        return self.arch.components[target.component]
+
     def hf_path(self, target: Target) -> str:
-        """The transformers path as kohya and ComfyUI spell it (with 'text_model.')."""
-        if target.component == "unet" or target.module.startswith(("text_model.", "text_projection")):
+        """The diffusers / transformers path as kohya and ComfyUI spell it (a text encoder's
+        with the 'text_model.' wrapper transformers 5 drops)."""
+        wrapper = WRAPPERS.get(self._component(target).converter)
+        if wrapper is None or target.module.startswith((wrapper, "text_projection")):
             return target.module
-        return "text_model." + target.module
+        return wrapper + target.module
 
     def original_path(self, target: Target) -> str | None:
         """The original module path after the component prefix (None for chunks/transposes)."""
         if target.parts > 1 or target.transpose or not target.key.endswith(".weight"):
             return None
-        prefix = self.arch.components[target.component]
+        prefix = self._component(target).prefix
         return target.key[len(prefix):-len(".weight")]
 
     def name(self, target: Target, fmt: str) -> str:
         """The module name ``fmt`` ("kohya", "comfyui", "peft") writes for ``target``."""
-        if fmt == "kohya":
-            if target.component == "unet":
-                use_original = KOHYA_UNET_ORIGINAL[self.arch.name]
-                path = self.original_path(target) if use_original else target.module
-            else:
-                path = self.hf_path(target)
-            return KOHYA_PREFIX[target.component] + path.replace(".", "_")
-        if fmt == "comfyui":
-            if target.component == "unet":
-                return "diffusion_model." + self.original_path(target)
-            clip = COMFY_CLIP[(self.arch.name, target.component)]
-            return f"text_encoders.{clip}.transformer.{self.hf_path(target)}"
-        if fmt == "peft":
-            folder = component_folders(self.arch)[target.component]
-            return f"{folder}.{self.hf_path(target)}"
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        rule = self._component(target).lora.format(fmt)
+        if rule is None:
+            raise ValueError(f"{self.arch.source}: components.{target.component}.lora has no "
+                             f"{fmt} names")
+        path = self.original_path(target) if rule.paths == "original" else self.hf_path(target)
+        if path is None:
+            raise ValueError(f"{fmt} has no name for {target.module} (no single original tensor)")
+        return rule.prefix + (path.replace(".", "_") if fmt == "kohya" else path)
 
     def _aliases(self, target: Target) -> list[str]:
-        names = [self.name(target, "kohya"), self.name(target, "peft")]
-        kohya = KOHYA_PREFIX[target.component]
+        lora = self._component(target).lora
         original = self.original_path(target)
-        folder = component_folders(self.arch)[target.component]
-        names += [kohya + target.module.replace(".", "_"), f"{folder}.{target.module}"]
-        if original is not None:
-            names += [kohya + original.replace(".", "_"), target.key[:-len(".weight")]]
-        if target.component == "unet":
-            names.append(target.module)  # old diffusers UNet LoRAs carry no prefix
-            if original is not None:
-                names.append(self.name(target, "comfyui"))
-        else:
-            names.append(self.name(target, "comfyui"))
+        names = [target.key[:-len(".weight")]] if original is not None else []
+        if lora.bare:
+            names.append(target.module)
+        for fmt in FORMATS:
+            rule = lora.format(fmt)
+            if rule is None or (rule.paths == "original" and original is None):
+                continue
+            names.append(self.name(target, fmt))
+            if fmt == "comfyui":
+                continue
+            # the other path style, and the unwrapped transformers path, read too
+            join = (lambda p: p.replace(".", "_")) if fmt == "kohya" else (lambda p: p)
+            names.append(rule.prefix + join(target.module))
+            if original is not None and fmt == "kohya":
+                names.append(rule.prefix + join(original))
         return names
 
 
 def _targets(arch: Architecture, component: str, module: nn.Module) -> list[Target]:
-    config = dict(module.config) if component == "unet" else None
+    config = getattr(module, "config", None)
     keys = list(module.state_dict().keys())
     maps = {km.diffusers: km for km in key_maps(arch, component, keys, config)}
     out = []
@@ -202,12 +194,31 @@ def name_table(arch_name: str) -> NameTable:
     fewer layers, so their modules are a subset.
     """
     arch = ARCHITECTURES[arch_name]
-    files = CONFIG_FOLDERS[(arch_name, "full")]
+    files = config_files(arch_name, "full")
     targets: list[Target] = []
     with torch.device("meta"):
-        for component, folder in component_folders(arch).items():
-            if component == "vae":
-                continue
-            module = build_module(component, files[f"{folder}/config.json"], arch=arch)
-            targets += _targets(arch, component, module)
+        for c in arch.components.values():
+            if not any(c.lora.format(fmt) for fmt in FORMATS):
+                continue  # a component no LoRA format names (the VAE)
+            module = build_module(c.name, files[f"{c.folder}/config.json"], arch=arch)
+            targets += _targets(arch, c.name, module)
     return NameTable(arch, targets)
+
+
+@cache
+def module_shapes(arch_name: str, size: str) -> dict[tuple[str, str], tuple[int, ...]]:
+    """(component, diffusers module path) -> its weight's shape, in one of the architecture's
+    config folders (a LoRA's factors must fit these)."""
+    arch = ARCHITECTURES[arch_name]
+    files = config_files(arch_name, size)
+    shapes = {}
+    with torch.device("meta"):
+        for c in arch.components.values():
+            if not any(c.lora.format(fmt) for fmt in FORMATS):
+                continue
+            module = build_module(c.name, files[f"{c.folder}/config.json"], arch=arch)
+            for name, sub in module.named_modules():
+                weight = getattr(sub, "weight", None)
+                if isinstance(weight, torch.Tensor):
+                    shapes[(c.name, name)] = tuple(weight.shape)
+    return shapes

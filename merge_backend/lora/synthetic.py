@@ -20,14 +20,16 @@ from .svd import shaped
 
 
 def random_lora(checkpoint: Checkpoint, rank: int = 4, *, seed: int = 0,
-                components: Sequence[str] = ("unet",), alpha: float | None = None,
+                components: Sequence[str] | None = None, alpha: float | None = None,
                 vary_alpha: bool = False, scale: float = 0.05, every: int = 1) -> LoraFile:
-    """A LoRA on every ``every``-th LoRA-able module of ``components`` in ``checkpoint``.
+    """A LoRA on every ``every``-th LoRA-able module of ``components`` (default: the diffusion
+    model) in ``checkpoint``.
 
     ``alpha=None`` stores no alpha (= rank); ``vary_alpha`` gives modules different alphas.
     Each delta's RMS is about ``scale`` (with alpha = rank).
     """
     table = name_table(checkpoint.arch.name)
+    components = components or (checkpoint.arch.diffusion.name,)
     gen = torch.Generator().manual_seed(seed)
     modules = {}
     targets = [t for t in table.components(components) if t.lora_able and t.key in checkpoint]
