@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "run": "cli_study", "validate": "cli_study", "status": "cli_study", "best": "cli_study",
     "dashboard": "cli_study", "demo": "cli_study", "merge": "cli_merge", "export": "cli_export",
-    "lora": "cli_lora", "tiny": "cli_tiny",
+    "lora": "cli_lora", "tiny": "cli_tiny", "compare": "cli_compare",
 }
 
 

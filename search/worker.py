@@ -7,6 +7,11 @@ target; otherwise it hands its new trial back to the queue (WAITING) and waits, 
 running trial fails. Stale trials (a killed worker's) are failed when the loop starts, while
 it waits and when it stops (``search.liveness``).
 
+In a ``preference`` or ``mixed`` study (``search.preference``) the worker draws a new candidate
+only while fewer than ``preference.candidates`` are on the dashboard's page, and otherwise waits
+for the person's choice; in a mixed study each candidate is the scorers' best of a round of
+``preference.pool`` trials.
+
 Ctrl-C (SIGINT) records the running trial as FAIL with the reason ``interrupted`` and stops;
 ``WorkerResult.interrupted`` then tells the command to exit with status 130. A worker stops by
 itself after ``FAILS_IN_A_ROW`` failed trials in a row, or ``DUPLICATES_IN_A_ROW`` proposals of
@@ -28,7 +33,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from . import preference
 from . import run_folder as rf
+from .config import PERSON
 from .liveness import Heartbeat, fail_stale_trials, mark_worker
 from .trial import DuplicateTrial, StudyContext, TrialFailed, run_trial
 
@@ -105,8 +112,12 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
     timeout = timeout or ctx.cfg.timeout
     deadline = time.monotonic() + timeout if timeout else math.inf
     fails = duplicates = 0
-    waiting = False
+    waiting = choosing = False
+    person = ctx.cfg.objective in PERSON
+    shortlist: list[optuna.trial.FrozenTrial] = []  # this round's proposals (1 unless mixed)
     _report_stale(study, log)
+    if person:
+        _settle(study, ctx, preference.unsettled(study))
     if count(study, TrialState.COMPLETE) >= result.target:
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
             f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
@@ -115,6 +126,15 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
             if time.monotonic() >= deadline:
                 result.stopped = f"the timeout of {timeout:g} s passed"
                 break
+            if person and not shortlist and preference.active(study) \
+                    >= ctx.cfg.preference.candidates:
+                if not choosing:
+                    log(_choice_line(ctx))
+                choosing = True
+                time.sleep(poll_seconds)
+                _report_stale(study, log)
+                continue
+            choosing = False
             if count(study, TrialState.COMPLETE) + count(study, TrialState.RUNNING) \
                     >= result.target:
                 if not waiting:
@@ -127,6 +147,11 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
             if frozen is None:  # handed back: other workers' trials reach the target
                 continue
             waiting = False
+            if person and frozen.state == TrialState.COMPLETE:
+                shortlist.append(frozen)
+                if len(shortlist) >= _round_size(ctx):
+                    _settle(study, ctx, shortlist)
+                    shortlist = []
             for callback in callbacks:
                 callback(study, frozen)
             fails = fails + 1 if frozen.state == TrialState.FAIL else 0
@@ -142,8 +167,37 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         result.interrupted = True
     finally:
         _report_stale(study, log)
+        if shortlist:  # a round cut short: its best still reaches the page
+            _settle(study, ctx, shortlist)
     result.completed = count(study, TrialState.COMPLETE)
     return result
+
+
+def _round_size(ctx: StudyContext) -> int:
+    return ctx.cfg.preference.pool if ctx.cfg.objective == "mixed" else 1
+
+
+def _choice_line(ctx: StudyContext) -> str:
+    shown = ctx.cfg.preference.candidates
+    return (f"waiting for your choice: {shown} candidates are on the dashboard's study page; "
+            "click the worst and the next candidate is drawn (Ctrl-C stops; the same command "
+            "resumes)")
+
+
+def _settle(study: optuna.Study, ctx: StudyContext,
+            trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Put a round's candidate on the page: the scorers' best of a mixed round, or each one."""
+    if not trials:
+        return
+    if ctx.cfg.objective == "mixed":
+        preference.settle_shortlist(
+            study, trials, score=lambda t: t.user_attrs.get(rf.ATTR_SCORE, float("-inf")),
+            image=lambda t: t.user_attrs.get(rf.ARTIFACT_PROBES, ""))
+        return
+    for t in trials:
+        if preference.ATTR_CANDIDATE not in t.user_attrs and rf.ARTIFACT_PROBES in t.user_attrs:
+            study._storage.set_trial_user_attr(t._trial_id, preference.ATTR_CANDIDATE,
+                                               t.user_attrs[rf.ARTIFACT_PROBES])
 
 
 def _report_stale(study: optuna.Study, log: Log) -> None:
