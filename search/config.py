@@ -251,10 +251,9 @@ class StudyConfig(_Strict):
         if self.objective not in PERSON and self.sampler.name == "preferential_gp":
             problems.append("sampler.name: preferential_gp learns from a person's choices; use "
                             "it with objective: preference or mixed")
-        objectives = [s for s in self.scorers if not s.penalty]
-        if self.objective != "preference" and not objectives:
+        if self.objective != "preference" and not self.scorers:
             problems.append(f"scorers: objective {self.objective} needs at least one scorer "
-                            "that is not a penalty (only objective: preference runs without)")
+                            "(only objective: preference runs without: a person judges)")
         if len({s.label for s in self.scorers}) != len(self.scorers):
             problems.append("scorers: two scorers share a name; give each a distinct `name`")
         if problems:

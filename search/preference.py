@@ -5,13 +5,15 @@ grids and asks "Which trial is the worst?". A click stores the choice in the stu
 clicked trial is worse than each other candidate shown), and the preferential GP sampler
 (``sampler: preferential_gp``) learns from every stored choice to propose the next candidate,
 which the worker draws as soon as a place on the page is free. In a ``mixed`` study the scorers
-shortlist: the worker draws ``preference.pool`` proposals per free place, shows the one the
-scorers rate best and hides the others, recording "best ≻ each other" as the scorers' choices,
-so the GP learns from both; the person decides among the shortlist.
+shortlist: the worker draws ``preference.pool`` proposals per free place, keeps the one the
+scorers rate best on the page and hides the others, recording "best ≻ each other" as the
+scorers' choices, so the GP learns from both; the person decides among the shortlist. (Each
+proposal shows on the page from the moment it is drawn until its round is judged: a finished
+trial's attributes cannot change, so it carries its picture from the start.)
 
-Every trial that reaches the page is COMPLETE with the value 0.0 (values mean nothing here; the
-scores, when there are scorers, are in the ``scores`` attribute) and carries
-``ATTR_CANDIDATE``, the artifact id of its probe grid that the page shows.
+Every trial is COMPLETE with the value 0.0 (values mean nothing here; the scores, when there
+are scorers, are in the ``scores`` attribute) and carries ``ATTR_CANDIDATE``, the artifact id of
+the probe grid the page shows.
 
 The study's choices live in its system attributes in optuna-dashboard's own format (written by
 ``optuna_dashboard.preferential``; read here without importing it, which would import botorch):
@@ -28,7 +30,6 @@ import optuna
 from optuna.trial import TrialState
 
 ATTR_CANDIDATE = "candidate_image"  # user attr: the probe grid a candidate shows on the page
-ATTR_SHORTLIST = "shortlist"  # mixed mode: "shown" or "rejected by the scorers (trial N shown)"
 _PREFERENTIAL = "preference:is_preferential"
 _VALUES = "preference:values"
 _SKIP = "preference:skip_trial:"
@@ -77,35 +78,20 @@ def active(study: optuna.Study) -> int:
 
 
 def settle_shortlist(study: optuna.Study, trials: list[optuna.trial.FrozenTrial],
-                     score: Callable[[optuna.trial.FrozenTrial], float],
-                     image: Callable[[optuna.trial.FrozenTrial], str]) -> int | None:
-    """Mixed mode: show the trial the scorers rate best (``score``; ties: the earlier) with its
-    probe grid (``image``: its artifact id), hide the others and record them as worse than it;
-    returns the number shown."""
+                     score: Callable[[optuna.trial.FrozenTrial], float]) -> int | None:
+    """Mixed mode: keep the trial the scorers rate best (``score``; ties: the earlier) on the
+    page, hide the others and record them as worse than it; returns the number kept."""
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     if not done:
         return None
     best = max(done, key=lambda t: (score(t), -t.number))
-    storage = study._storage
     rest = [t for t in done if t.number != best.number]
     for t in rest:
-        storage.set_study_system_attr(study._study_id, f"{_SKIP}{t._trial_id}", True)
-        storage.set_trial_user_attr(t._trial_id, ATTR_SHORTLIST,
-                                    f"rejected by the scorers (trial {best.number} shown)")
+        study._storage.set_study_system_attr(study._study_id, f"{_SKIP}{t._trial_id}", True)
     if rest:
-        storage.set_study_system_attr(study._study_id,
-                                      f"{_VALUES}scorers-{best.number}",
-                                      [(best.number, t.number) for t in rest])
-    storage.set_trial_user_attr(best._trial_id, ATTR_SHORTLIST, "shown")
-    storage.set_trial_user_attr(best._trial_id, ATTR_CANDIDATE, image(best))
+        study._storage.set_study_system_attr(study._study_id, f"{_VALUES}scorers-{best.number}",
+                                             [(best.number, t.number) for t in rest])
     return best.number
-
-
-def unsettled(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """COMPLETE trials neither shown nor hidden: a shortlist cut short (Ctrl-C, a killed worker)."""
-    skipped = skipped_ids(system_attrs(study))
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if ATTR_CANDIDATE not in t.user_attrs and t._trial_id not in skipped]
 
 
 def tally(study: optuna.Study) -> dict[int, tuple[int, int, bool]]:

@@ -87,7 +87,7 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
             (rf.ARTIFACT_RATIOS, "ratios.svg",
              ratio_chart_svg(recipe, ctx.space.roles()).encode(), "image/svg+xml")])
         write_note(trial, ctx, card.means(), value)
-        if ctx.cfg.objective == "preference":  # on the page at once (mixed: if shortlisted)
+        if ctx.cfg.objective in PERSON:  # the picture the dashboard's choice page shows
             trial.set_user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
         clock.lap("bookkeeping")
         trial.set_user_attr(rf.ATTR_TIMINGS, clock.laps)

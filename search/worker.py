@@ -116,8 +116,6 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
     person = ctx.cfg.objective in PERSON
     shortlist: list[optuna.trial.FrozenTrial] = []  # this round's proposals (1 unless mixed)
     _report_stale(study, log)
-    if person:
-        _settle(study, ctx, preference.unsettled(study))
     if count(study, TrialState.COMPLETE) >= result.target:
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
             f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
@@ -147,10 +145,10 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
             if frozen is None:  # handed back: other workers' trials reach the target
                 continue
             waiting = False
-            if person and frozen.state == TrialState.COMPLETE:
+            if ctx.cfg.objective == "mixed" and frozen.state == TrialState.COMPLETE:
                 shortlist.append(frozen)
-                if len(shortlist) >= _round_size(ctx):
-                    _settle(study, ctx, shortlist)
+                if len(shortlist) >= ctx.cfg.preference.pool:
+                    _settle(study, shortlist)
                     shortlist = []
             for callback in callbacks:
                 callback(study, frozen)
@@ -167,14 +165,10 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         result.interrupted = True
     finally:
         _report_stale(study, log)
-        if shortlist:  # a round cut short: its best still reaches the page
-            _settle(study, ctx, shortlist)
+        if shortlist:  # a round cut short: its best stays on the page
+            _settle(study, shortlist)
     result.completed = count(study, TrialState.COMPLETE)
     return result
-
-
-def _round_size(ctx: StudyContext) -> int:
-    return ctx.cfg.preference.pool if ctx.cfg.objective == "mixed" else 1
 
 
 def _choice_line(ctx: StudyContext) -> str:
@@ -184,20 +178,10 @@ def _choice_line(ctx: StudyContext) -> str:
             "resumes)")
 
 
-def _settle(study: optuna.Study, ctx: StudyContext,
-            trials: list[optuna.trial.FrozenTrial]) -> None:
-    """Put a round's candidate on the page: the scorers' best of a mixed round, or each one."""
-    if not trials:
-        return
-    if ctx.cfg.objective == "mixed":
-        preference.settle_shortlist(
-            study, trials, score=lambda t: t.user_attrs.get(rf.ATTR_SCORE, float("-inf")),
-            image=lambda t: t.user_attrs.get(rf.ARTIFACT_PROBES, ""))
-        return
-    for t in trials:
-        if preference.ATTR_CANDIDATE not in t.user_attrs and rf.ARTIFACT_PROBES in t.user_attrs:
-            study._storage.set_trial_user_attr(t._trial_id, preference.ATTR_CANDIDATE,
-                                               t.user_attrs[rf.ARTIFACT_PROBES])
+def _settle(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """A mixed round: the scorers' best stays on the page, the others are hidden."""
+    preference.settle_shortlist(
+        study, trials, score=lambda t: t.user_attrs.get(rf.ATTR_SCORE, float("-inf")))
 
 
 def _report_stale(study: optuna.Study, log: Log) -> None:
