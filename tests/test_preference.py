@@ -91,6 +91,7 @@ def test_choices_are_read_as_optuna_dashboard_reads_them(tmp_path):
     for _ in range(5):
         trial = study.ask()
         trial.suggest_float("x", 0, 1)
+        trial.set_user_attr(preference.ATTR_CANDIDATE, "its picture")
     storage, sid = inner._storage, inner._study_id
     first = report_history(sid, storage, NewHistory("ChooseWorst", [0, 1, 2], 1))
     report_history(sid, storage, NewHistory("ChooseWorst", [0, 2, 3], 3))
