@@ -104,10 +104,11 @@ def test_choices_are_read_as_optuna_dashboard_reads_them(tmp_path):
     assert preference.skipped_ids(attrs) == set(get_skipped_trial_ids(attrs))
     # on the page: not chosen worst, not skipped (trial 1's choice was undone); RUNNING counts
     assert preference.active(inner) == 3
-    counts = preference.tally(inner)  # report_preferences made trials 0, 2, 3 COMPLETE
-    assert counts == {0: (1, 0, False), 2: (1, 0, False), 3: (0, 2, False)}
-    assert [t.number for t in preference.ranked(inner)] == [0, 2, 3]
-    assert [t.number for t in rf.ranked(inner)] == [0, 2, 3]  # the one rule follows it
+    counts = preference.tally(inner)  # the choices made trials 0 … 3 COMPLETE
+    assert counts == {0: (1, 0, False), 1: (0, 0, False), 2: (1, 0, False), 3: (0, 2, False)}
+    # never chosen worst first, then most wins, then the earlier trial
+    assert [t.number for t in preference.ranked(inner)] == [0, 2, 1, 3]
+    assert [t.number for t in rf.ranked(inner)] == [0, 2, 1, 3]  # the one rule follows it
 
 
 # ---------------------------------------------------------------------------- mixed
