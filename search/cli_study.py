@@ -58,6 +58,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None,
                    help="COMPLETE trials to reach (default: 150)")
     p.add_argument("--fresh", action="store_true", help="start over (delete the folder first)")
+    p.add_argument("--preference", action="store_true",
+                   help="instead, a preference study of the same models: you choose among the "
+                        "candidates in the dashboard (FOLDER/preference.yaml; trials default 30)")
+    p.add_argument("--candidates", type=int, default=4,
+                   help="--preference: candidates shown at once")
+    p.add_argument("--host", default="127.0.0.1", help="--preference: the dashboard's address")
+    p.add_argument("--port", type=int, default=8080,
+                   help="--preference: the dashboard's port (0: any free port)")
     p.set_defaults(func=demo_cmd)
 
 
@@ -210,5 +218,14 @@ def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
     quiet_optuna()
+    if args.preference:
+        from .demo import write_preference_config
+
+        config = write_preference_config(args.folder, args.trials or 30, args.candidates)
+        print(f"wrote {config}; running it (the same as `mergesearch run {config}`)",
+              file=sys.stderr, flush=True)
+        return run_study_cmd(argparse.Namespace(config=config, trials=None, timeout=None,
+                                                host=args.host, port=args.port,
+                                                no_dashboard=False))
     result = run_demo(args.folder, trials=args.trials or DEFAULT_TRIALS, fresh=args.fresh)
     return 130 if result.get("interrupted") else 0

@@ -1,6 +1,7 @@
-"""A person's path through the real browser: a preference study on the tiny family served by
-`mergesearch run`, its candidates' probe grids in the dashboard, a choice made by clicking
-"Worst", the favourite exported, the compare page and the report, each screenshotted.
+"""A person's path through the real browser, as the README gives it: `mergesearch demo
+--preference` (a preference study on the demo's models, the dashboard served beside it), the
+candidates' probe grids in the dashboard, a choice made by clicking "Worst", the favourite
+exported, the compare page and the report, each screenshotted.
 
 Headless Debian Chromium through chromedriver (tests/browser.py); skipped where there is none.
 """
@@ -18,10 +19,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from browser import assert_not_blank, browser, loaded_images, missing, wait_for  # noqa: F401
 
-from evaluators.testing import write_tiny_open_clip
 from search import run_folder as rf
 
 if missing():
@@ -33,14 +32,16 @@ CANDIDATES, TRIALS = 3, 5
 
 
 class Run:
-    """`mergesearch run` of a preference study, its stderr read line by line."""
+    """`mergesearch demo --preference` in FOLDER, its stderr read as it grows."""
 
-    def __init__(self, config: Path, run_folder: Path):
-        self.run_folder = run_folder
-        self.log = config.with_suffix(".log")
-        with open(self.log, "w") as log, open(config.with_suffix(".out"), "w") as out:
+    def __init__(self, folder: Path):
+        self.run_folder = folder / "demo-preference"
+        self.log = folder.parent / f"{folder.name}.log"
+        with open(self.log, "w") as log, open(folder.parent / f"{folder.name}.out", "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "search.cli", "run", str(config), "--port", "0"],
+                [sys.executable, "-m", "search.cli", "demo", "--preference", "--folder",
+                 str(folder), "--trials", str(TRIALS), "--candidates", str(CANDIDATES),
+                 "--port", "0"],
                 stdout=out, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
         line = wait_for(lambda: re.search(r"at (http://127\.0\.0\.1:\d+/dashboard/studies/\d+)",
                                           self.text()), 240, "the run's dashboard URL")
@@ -60,33 +61,14 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_sd1, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("person")
-    clip_config, clip_weights = write_tiny_open_clip(folder / "clip", name="person-clip", seed=0)
-    config = {
-        "name": "person",
-        "models": {"model1": str(tiny_sd1.a), "model2": str(tiny_sd1.b)},
-        "config_folder": str(tiny_sd1.config_folder),
-        "merge": {"vocabulary": "blocks", "tied": [["middle", "out"]]},
-        "probes": {"prompts": ["a red apple on a table", "a castle at night"], "seeds": [1, 2],
-                   "steps": 2, "width": 64, "height": 64},
-        "scorers": [{"kind": "clip", "model": str(clip_config), "weights": str(clip_weights)}],
-        "objective": "preference",
-        "preference": {"candidates": CANDIDATES},
-        "warm_start": {"model1": False, "model2": False, "uniform": [0.5]},
-        "trials": TRIALS,
-        "output": str(folder / "runs"),
-        "device": "cpu",
-    }
-    path = folder / "person.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run = Run(path, folder / "runs" / "person")
+def served(tmp_path_factory):
+    run = Run(tmp_path_factory.mktemp("person") / "demo_run")
     try:
-        wait_for(lambda: "waiting for your choice" in run.text(), 240,
+        wait_for(lambda: "waiting for your choice" in run.text(), 300,
                  f"{CANDIDATES} candidates (log: {run.text()[-2000:]})")
         yield run
     finally:
-        run.stop()
+        assert run.stop() == 130  # Ctrl-C while it waits for a choice: stored, resumable
 
 
 def _dashboard_images(driver, url: str, count: int) -> list[tuple[str, bool, int]]:
@@ -125,13 +107,13 @@ def test_a_click_on_worst_is_stored_and_the_next_candidate_is_drawn(served, brow
                        else None, 60, "the candidates' Worst buttons")
     assert len(buttons) == CANDIDATES
     assert_not_blank(browser.get_screenshot_as_png(), "the preference page")
-    shown = [int(n) for n in re.findall(r"Trial (\d+)", browser.find_element(
+    shown = [int(n) for n in re.findall(r"Trial\s+(\d+)", browser.find_element(
         By.TAG_NAME, "body").text)][:CANDIDATES]
     buttons[1].click()
     clicked = shown[1]
     # optuna-dashboard's own reader is the oracle for what the click stored
     stored = wait_for(lambda: [(b.number, w.number) for b, w in load_study(
-        study_name="person", storage=served.study()._storage).preferences], 30,
+        study_name="demo-preference", storage=served.study()._storage).preferences], 30,
         "the choice in the storage")
     assert sorted(stored) == sorted((n, clicked) for n in shown if n != clicked)
     time.sleep(1.0)
