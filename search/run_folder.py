@@ -15,8 +15,9 @@ Every trial that completes carries, as user attributes:
   ``worker``   host:pid of the worker process that ran it
   ``artifact:probes`` / ``artifact:ratios``  artifact ids of the labelled probe grid (PNG) and
                the ratio chart (SVG), stored in this order
-and a dashboard note with its scores and export command. In a preference or mixed study, a
-trial on the dashboard's page carries ``candidate_image`` (``search.preference``), so anything downstream (export, dashboard, notebook) needs only the storage and this folder.
+and a dashboard note with its scores and export command. In a preference or mixed study,
+each trial carries ``candidate_image`` (``search.preference``). So anything downstream (export,
+dashboard, notebook) needs only the storage and this folder.
 A failed trial carries ``fail_reason`` (``interrupted`` after Ctrl-C); a trial skipped because
 its parameters were already evaluated is PRUNED with ``duplicate_of``.
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from browser import assert_not_blank, browser, loaded_images, missing, wait_for  # noqa: F401
+from browser import assert_not_blank, loaded_images, missing, wait_for
 
 from search import run_folder as rf
 

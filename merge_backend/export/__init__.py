@@ -41,5 +41,6 @@ __all__ = [
     "ExportItem", "ExportPlan", "MbwError", "PlannedOutput", "ReportImage", "blend_node",
     "check_sources", "comfy_workflow", "export_diffusers", "mbw_ratios", "mbw_string",
     "mbw_to_comfy", "output_paths", "parse_mbw", "plan_exports", "png_bytes", "ratio_chart_svg",
-    "render_comparison", "render_report", "report_images", "run_exports", "scores_json", "write_comfy_workflow",
+    "render_comparison", "render_report", "report_images", "run_exports", "scores_json",
+    "write_comfy_workflow",
 ]
