@@ -92,7 +92,11 @@ class TrialSeededSampler(BaseSampler):
         return self._inner.sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+        with warnings.catch_warnings():
+            # the preferential GP draws at random until the first choice is stored, and says
+            # so with this warning on every parameter of those trials
+            warnings.filterwarnings("ignore", message="Dynamic search space detected")
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
         self._inner.after_trial(study, trial, state, values)
