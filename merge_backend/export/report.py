@@ -137,9 +137,12 @@ def ratio_chart_svg(recipe: Recipe, roles: Mapping[str, str] | None = None) -> s
         parts.append(f'<rect x="{x + 2}" y="{top:.1f}" width="{_BAR - 4}" '
                      f'height="{max(bottom - top, 0.5):.1f}" fill="{fill}" stroke="#555" '
                      f'stroke-width="0.3"><title>{text}</title></rect>')
+        # the role's colour also as a strip under the axis: seen even where the bar is 0
+        parts.append(f'<rect x="{x + 2}" y="{y(lo) + 1:.1f}" width="{_BAR - 4}" height="5" '
+                     f'fill="{fill}"/>')
         parts.append(f'<text x="{x + _BAR / 2}" y="{min(top, bottom) - 2:.1f}" '
                      f'text-anchor="middle" font-size="8">{value:.2f}</text>')
-        ly = top_pad + _CHART_H + 8
+        ly = top_pad + _CHART_H + 12
         parts.append(f'<text x="{x + _BAR / 2}" y="{ly}" transform="rotate(60 {x + _BAR / 2} '
                      f'{ly})">{html.escape(label)}</text>')
     parts.append("</svg>")
