@@ -31,11 +31,11 @@ from merge_backend.export import (
     ExportItem,
     PlannedOutput,
     plan_exports,
-    png_bytes,
     run_exports,
     scores_json,
 )
 
+from .compare import study_roles, trial_column
 from .run_folder import (
     ARTIFACT_PROBES,
     ATTR_SCORE,
@@ -45,6 +45,7 @@ from .run_folder import (
     RunError,
     RunFolder,
     pick_trials,
+    ranked,
     trial_recipe,
 )
 
@@ -83,7 +84,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a probe-set YAML for the report images and the workflow's prompt "
                         "(default: the study's probe set)")
     p.add_argument("--config-folder", type=Path,
-                   help="diffusers config folder to load checkpoints with (default: built in)")
+                   help="diffusers config folder to load checkpoints with (default: the run's, "
+                        "else built in)")
     p.add_argument("--device", help="where the report draws images (default: cuda if present, "
                                     "else cpu)")
     p.add_argument("--mbw-lossy", action="store_true",
@@ -98,6 +100,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
                    help="--to lora: store norm / bias differences (default: on for comfyui, "
                         "off for kohya)")
+    p.add_argument("--top", type=int, default=5, metavar="K",
+                   help="--to report from a run folder: show the study's best K trials side by "
+                        "side at the end (0: none)")
     p.add_argument("--quiet", action="store_true", help="print only the written paths")
     p.set_defaults(func=run_export)
 
@@ -111,28 +116,15 @@ class Loaded:
     default_output: Path
     probe_set: dict[str, Any] | None = None
     protected: list[Path] = field(default_factory=list)
+    config_folder: Path | None = None  # a run's own, for drawing the report's parents
 
 
 def _stem(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "merge"
 
 
-def _probe_artifact(run: RunFolder, trial: optuna.trial.FrozenTrial) -> bytes | None:
-    artifact_id = trial.user_attrs.get(ARTIFACT_PROBES)
-    if not artifact_id or not run.artifact_dir.is_dir():
-        return None
-    from optuna.artifacts import FileSystemArtifactStore
-    from optuna.artifacts.exceptions import ArtifactNotFound
-
-    try:
-        with FileSystemArtifactStore(str(run.artifact_dir)).open_reader(artifact_id) as f:
-            return f.read()
-    except (ArtifactNotFound, OSError):  # it only costs the report its stored grid
-        return None
-
-
 def _trial_item(run: RunFolder, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                prompt: ComfyPrompt | None) -> ExportItem:
+                prompt: ComfyPrompt | None, top: tuple = ()) -> ExportItem:
     recipe = run.portable(trial_recipe(trial))
     scores = dict(trial.user_attrs.get(ATTR_SCORES) or {})
     if ATTR_SCORE in trial.user_attrs:
@@ -145,7 +137,8 @@ def _trial_item(run: RunFolder, study: optuna.Study, trial: optuna.trial.FrozenT
                 META_SCORES: scores_json(scores)}
     return ExportItem(recipe, f"{_stem(study.study_name)}-trial{trial.number}",
                       f"{study.study_name} trial {trial.number}", metadata, scores, details,
-                      prompt, _probe_artifact(run, trial))
+                      prompt, run.artifact_bytes(trial.user_attrs.get(ARTIFACT_PROBES)),
+                      study_roles(study, recipe), top)
 
 
 def _load_run(path: Path, args: argparse.Namespace) -> Loaded:
@@ -156,8 +149,10 @@ def _load_run(path: Path, args: argparse.Namespace) -> Loaded:
         raise RunError(f"study {study.study_name!r} has no Pareto-optimal trial to export")
     probe_set = _probe_set(args, study.user_attrs.get(STUDY_ATTR_PROBES))
     prompt = ComfyPrompt.from_probe_set(probe_set) if probe_set else None
-    items = [_trial_item(run, study, t, prompt) for t in trials]
-    return Loaded(items, run.exports, probe_set)
+    top = tuple(trial_column(run, study, t) for t in ranked(study)[:args.top]) \
+        if "report" in args.formats else ()
+    items = [_trial_item(run, study, t, prompt, top) for t in trials]
+    return Loaded(items, run.exports, probe_set, config_folder=run.config_folder())
 
 
 def _load_file(path: Path, args: argparse.Namespace) -> Loaded:
@@ -220,15 +215,18 @@ def _probe_set(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> di
 def _drawer(probe_set: Mapping[str, Any]):
     from evaluators import ProbeSet, generate
 
+    from .artifacts import labelled_grid_png
+
     probes = ProbeSet.model_validate(dict(probe_set))
 
     def draw(pipe: Any) -> bytes:
-        return png_bytes(generate(pipe, probes).grid())
+        return labelled_grid_png(generate(pipe, probes))
 
     return draw
 
 
-def _device(args: argparse.Namespace) -> str:
+def pick_device(args: argparse.Namespace) -> str:
+    """--device, else cuda where there is one, else cpu."""
     if args.device:
         return args.device
     import torch
@@ -240,6 +238,8 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise ExportError(f"--top {args.top}: give a number of trials, 0 or more")
     loaded = load_source(args)
     output = args.output if args.output is not None else loaded.default_output
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,
@@ -254,7 +254,7 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"  {out.item.title}: {out.format} -> {out.paths[0]}", file=sys.stderr)
 
     draw = _drawer(loaded.probe_set) if loaded.probe_set and "report" in args.formats else None
-    paths = run_exports(plan, draw=draw, config_folder=args.config_folder,
-                        device=_device(args), progress=progress)
+    paths = run_exports(plan, draw=draw, config_folder=args.config_folder or loaded.config_folder,
+                        device=pick_device(args), progress=progress)
     print(json.dumps({"written": [str(p) for p in paths]}, indent=2))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "(default: the config's trials)")
     p.add_argument("--timeout", type=float,
                    help="seconds this worker may run (default: the config's timeout, or none)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="preference / mixed studies: the dashboard's address")
+    p.add_argument("--port", type=int, default=8080,
+                   help="preference / mixed studies: the dashboard's port (0: any free port)")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="preference / mixed studies: do not serve the dashboard here (another "
+                        "`mergesearch dashboard RUN` does)")
     p.set_defaults(func=run_study_cmd)
 
     p = sub.add_parser("validate", help="check a study config and print it resolved")
@@ -41,7 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 with the run's images")
     p.add_argument("run", type=Path, help="a run folder (output/NAME)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
     p.set_defaults(func=dashboard_cmd)
 
     p = sub.add_parser("demo", help="find a hidden merge of the built-in tiny models")
@@ -50,6 +58,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None,
                    help="COMPLETE trials to reach (default: 150)")
     p.add_argument("--fresh", action="store_true", help="start over (delete the folder first)")
+    p.add_argument("--preference", action="store_true",
+                   help="instead, a preference study of the same models: you choose among the "
+                        "candidates in the dashboard (FOLDER/preference.yaml; trials default 30)")
+    p.add_argument("--candidates", type=int, default=4,
+                   help="--preference: candidates shown at once")
+    p.add_argument("--host", default="127.0.0.1", help="--preference: the dashboard's address")
+    p.add_argument("--port", type=int, default=8080,
+                   help="--preference: the dashboard's port (0: any free port)")
     p.set_defaults(func=demo_cmd)
 
 
@@ -61,22 +77,49 @@ def quiet_optuna() -> None:
 
 
 def run_study_cmd(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import PERSON, load_config
+    from .dashboard import DashboardServer
     from .progress import Progress
     from .study import optimize, prepare
 
     quiet_optuna()
     cfg = load_config(args.config)
-    study, ctx = prepare(cfg)
-    target = args.trials or cfg.trials
-    result = optimize(study, ctx, trials=target, timeout=args.timeout,
-                      callbacks=[Progress(target)])
-    return report_run(study, result, cfg.run_folder)
+    # a person's study is chosen in the dashboard: its port is taken before the long work
+    server = DashboardServer(args.host, args.port) \
+        if cfg.objective in PERSON and not args.no_dashboard else None
+    try:
+        study, ctx = prepare(cfg)
+        if server is not None:
+            server.start(ctx.run)
+            print(f"choose among the candidates at {server.study_url(study)}", file=sys.stderr,
+                  flush=True)
+        target = args.trials or cfg.trials
+        result = optimize(study, ctx, trials=target, timeout=args.timeout,
+                          callbacks=[Progress(target)])
+        if server is not None and not result.interrupted and not result.all_failed:
+            _serve_until_ctrl_c(server, study, result.completed)
+        return report_run(study, result, cfg.run_folder)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _serve_until_ctrl_c(server, study, completed: int) -> None:
+    """Every candidate is drawn; the page stays up for the person's last choices."""
+    print(f"all {completed} candidates are drawn; the dashboard stays open at "
+          f"{server.study_url(study)} for your last choices: Ctrl-C when you are done "
+          "(`--trials` higher and the same command draws more)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
 
 
 def report_run(study, result, run_folder: Path) -> int:
     """The end of `run`: the study's status, what to do next, and the exit status (130 after
     Ctrl-C, 1 when this run's trials all failed or too many failed in a row)."""
+    from .run_folder import ranked
     from .tables import status_lines
 
     for line in status_lines(study):
@@ -102,6 +145,9 @@ def report_run(study, result, run_folder: Path) -> int:
     print("next:")
     print(f"  mergesearch best {run} --top 5")
     print(f"  mergesearch dashboard {run}      # http://127.0.0.1:8080")
+    best = [t.number for t in ranked(study)[:3]]
+    if best:
+        print(f"  mergesearch compare {run} --trials {','.join(map(str, best))}")
     print(f"  mergesearch export {run} --best --to checkpoint --to comfyui")
     return status
 
@@ -148,20 +194,38 @@ def best_cmd(args: argparse.Namespace) -> int:
 
 
 def dashboard_cmd(args: argparse.Namespace) -> int:
-    from optuna_dashboard import run_server
-
+    from .dashboard import DashboardServer
+    from .preference import is_preferential
     from .run_folder import RunFolder
 
     run = RunFolder.load(args.run)
-    print(f"optuna-dashboard for {run.path} at http://{args.host}:{args.port}/dashboard "
-          "(Ctrl-C stops)", file=sys.stderr, flush=True)
-    run_server(run.storage, host=args.host, port=args.port, artifact_store=run.artifact_store())
-    return 0
+    study = run.study()
+    server = DashboardServer(args.host, args.port)
+    try:
+        server.start(run)
+        what = "choose among the candidates" if is_preferential(study) else "the study"
+        print(f"optuna-dashboard for {run.path}: {what} at {server.study_url(study)} "
+              "(Ctrl-C stops)", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
 
 
 def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
     quiet_optuna()
+    if args.preference:
+        from .demo import write_preference_config
+
+        config = write_preference_config(args.folder, args.trials or 30, args.candidates)
+        print(f"wrote {config}; running it (the same as `mergesearch run {config}`)",
+              file=sys.stderr, flush=True)
+        return run_study_cmd(argparse.Namespace(config=config, trials=None, timeout=None,
+                                                host=args.host, port=args.port,
+                                                no_dashboard=False))
     result = run_demo(args.folder, trials=args.trials or DEFAULT_TRIALS, fresh=args.fresh)
     return 130 if result.get("interrupted") else 0

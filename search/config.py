@@ -34,8 +34,7 @@ from merge_backend.architectures import ARCHITECTURES, block_names
 
 from .config_errors import nearest, problems
 
-SAMPLERS = ("tpe", "cmaes", "gp", "qmc", "random", "nsga2")
-WARM_STARTS = ("model1", "model2", "uniform")
+PERSON = ("preference", "mixed")  # objectives where a person chooses in the dashboard
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one plain path component: output/NAME
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -146,7 +145,7 @@ class SamplerConfig(_Strict):
     """``seed`` makes a single uninterrupted worker reproducible; each trial's random draws are
     seeded with (seed, trial number), so resumes and other workers draw new points."""
 
-    name: Literal["tpe", "cmaes", "gp", "qmc", "random", "nsga2"] = "tpe"
+    name: Literal["tpe", "cmaes", "gp", "qmc", "random", "nsga2", "preferential_gp"] = "tpe"
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -170,13 +169,24 @@ class WarmStart(_Strict):
     presets: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
+class PreferenceConfig(_Strict):
+    """How a person steers a ``preference`` or ``mixed`` study in optuna-dashboard: the page
+    shows ``candidates`` probe grids and asks which is the worst; each choice is stored in the
+    study and the preferential GP proposes the next candidate. In ``mixed`` mode the scorers
+    judge ``pool`` proposals for every candidate shown and only the best reaches the page."""
+
+    candidates: int = Field(4, ge=2)
+    pool: int = Field(4, ge=2)
+
+
 class StudyConfig(_Strict):
     name: str
     models: Models
     merge: MergeSpace = MergeSpace()
     probes: ProbeSet
-    scorers: list[SerializeAsAny[ScorerConfig]] = Field(min_length=1)
-    objective: Literal["weighted", "multi"] = "weighted"
+    scorers: list[SerializeAsAny[ScorerConfig]] = Field(default_factory=list)
+    objective: Literal["weighted", "multi", "preference", "mixed"] = "weighted"
+    preference: PreferenceConfig = PreferenceConfig()
     sampler: SamplerConfig = SamplerConfig()
     warm_start: WarmStart = WarmStart()
     trials: int = Field(50, ge=1)
@@ -189,6 +199,18 @@ class StudyConfig(_Strict):
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     memory: Literal["auto", "device", "offload"] = "auto"
     config_folder: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _person_samples_with_preferences(cls, data: Any) -> Any:
+        """A preference study proposes with the preferential GP unless a sampler is named."""
+        if isinstance(data, dict) and data.get("objective") in PERSON:
+            sampler = data.get("sampler")
+            if sampler is None:
+                data = {**data, "sampler": {"name": "preferential_gp"}}
+            elif isinstance(sampler, dict) and "name" not in sampler:
+                data = {**data, "sampler": {**sampler, "name": "preferential_gp"}}
+        return data
 
     @field_validator("scorers", mode="before")
     @classmethod
@@ -232,6 +254,16 @@ class StudyConfig(_Strict):
         if self.objective == "multi" and self.sampler.name in ("cmaes", "gp"):
             problems.append(f"sampler.name: {self.sampler.name} is single-objective; use tpe, "
                             "nsga2, qmc or random with objective: multi")
+        if self.objective in PERSON and self.sampler.name not in ("preferential_gp", "random"):
+            problems.append(f"sampler.name: {self.sampler.name} learns from scores, and a "
+                            f"{self.objective} study has a person's choices instead; use "
+                            "preferential_gp (the default) or random")
+        if self.objective not in PERSON and self.sampler.name == "preferential_gp":
+            problems.append("sampler.name: preferential_gp learns from a person's choices; use "
+                            "it with objective: preference or mixed")
+        if self.objective != "preference" and not self.scorers:
+            problems.append(f"scorers: objective {self.objective} needs at least one scorer "
+                            "(only objective: preference runs without: a person judges)")
         if len({s.label for s in self.scorers}) != len(self.scorers):
             problems.append("scorers: two scorers share a name; give each a distinct `name`")
         if problems:

@@ -70,6 +70,26 @@ def demo_config(folder: Path, trials: int = DEFAULT_TRIALS, seed: int = 0) -> di
     }
 
 
+def preference_config(folder: Path, trials: int = 30, candidates: int = 4) -> dict:
+    """The demo's models, merge and probes as a preference study: a person chooses in the
+    dashboard instead of the reference scorer (``mergesearch demo --preference``)."""
+    data = demo_config(folder, trials)
+    data.update(name="demo-preference", objective="preference", scorers=[],
+                sampler={"name": "preferential_gp", "seed": 0},
+                preference={"candidates": candidates}, trials=trials)
+    return data
+
+
+def write_preference_config(folder: Path, trials: int = 30, candidates: int = 4) -> Path:
+    """FOLDER/preference.yaml (the models written beside it), for `mergesearch run`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "preference.yaml"
+    path.write_text(yaml.safe_dump(preference_config(folder.absolute(), trials, candidates),
+                                   sort_keys=False))
+    return path
+
+
 def hidden_params() -> dict[str, float]:
     return dict(HIDDEN)
 

@@ -14,7 +14,9 @@ import time
 
 import optuna
 
+from . import preference
 from . import run_folder as rf
+from .tables import favourite_line
 from .trial import ATTR_DUPLICATE
 
 _SHOWN_PARAMS = 8
@@ -43,9 +45,11 @@ class Progress:
         done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         filled = int(self.width * min(done, self.total) / max(self.total, 1))
         parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} complete",
-                 f"trial {trial.number}: {_outcome(trial)}"]
+                 f"trial {trial.number}: {_outcome(trial, preference.is_preferential(study))}"]
         best = rf.best_trial(study)
-        if best is not None and len(study.directions) == 1:
+        if best is not None and preference.is_preferential(study):
+            parts.append(favourite_line(study, best))
+        elif best is not None and len(study.directions) == 1:
             parts.append(f"best: trial {best.number}, score {_fmt(best.values)}, "
                          f"{_params(best.params)}")
         elif best is not None:
@@ -57,7 +61,7 @@ class Progress:
         print(" | ".join(parts), file=self.stream, flush=True)
 
 
-def _outcome(trial: optuna.trial.FrozenTrial) -> str:
+def _outcome(trial: optuna.trial.FrozenTrial, person: bool = False) -> str:
     seconds = ""
     if trial.datetime_start and trial.datetime_complete:
         seconds = f" ({(trial.datetime_complete - trial.datetime_start).total_seconds():.1f} s)"
@@ -66,6 +70,10 @@ def _outcome(trial: optuna.trial.FrozenTrial) -> str:
     if trial.state == optuna.trial.TrialState.PRUNED:
         return (f"skipped, same parameters as trial {trial.user_attrs.get(ATTR_DUPLICATE)} "
                 "(not evaluated again)")
+    if person:
+        score = trial.user_attrs.get(rf.ATTR_SCORE)
+        return f"candidate drawn{seconds}" + (f", score {score:.6g}" if isinstance(
+            score, (int, float)) else "")
     return f"score {_fmt(trial.values)}{seconds}"
 
 

@@ -13,8 +13,11 @@ Every trial that completes carries, as user attributes:
   ``scores``   {scorer name: raw value}, ``score`` the combined value
   ``timings``  {phase: seconds}
   ``worker``   host:pid of the worker process that ran it
-  ``artifact:probes`` / ``artifact:ratios``  artifact ids of the probe grid and ratio chart
-so anything downstream (export, dashboard, notebook) needs only the storage and this folder.
+  ``artifact:probes`` / ``artifact:ratios``  artifact ids of the labelled probe grid (PNG) and
+               the ratio chart (SVG), stored in this order
+and a dashboard note with its scores and export command. In a preference or mixed study,
+each trial carries ``candidate_image`` (``search.preference``). So anything downstream (export,
+dashboard, notebook) needs only the storage and this folder.
 A failed trial carries ``fail_reason`` (``interrupted`` after Ctrl-C); a trial skipped because
 its parameters were already evaluated is PRUNED with ``duplicate_of``.
 """
@@ -33,6 +36,8 @@ import optuna
 import yaml
 
 from merge_backend import Recipe
+
+from . import preference
 
 RUN_FILE = "run.json"
 ATTR_RECIPE = "recipe"
@@ -128,6 +133,27 @@ class RunFolder:
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         return FileSystemArtifactStore(str(self.artifact_dir))
 
+    def artifact_bytes(self, artifact_id: str | None) -> bytes | None:
+        """A stored artifact's bytes (None when there is none: it only costs a page a picture)."""
+        if not artifact_id or not self.artifact_dir.is_dir():
+            return None
+        from optuna.artifacts import FileSystemArtifactStore
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        try:
+            with FileSystemArtifactStore(str(self.artifact_dir)).open_reader(artifact_id) as f:
+                return f.read()
+        except (ArtifactNotFound, OSError):
+            return None
+
+    def config_folder(self) -> Path | None:
+        """The diffusers config folder the study loaded its checkpoints with (config.yaml)."""
+        try:
+            folder = (yaml.safe_load(self.config_path.read_text()) or {}).get("config_folder")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return None
+        return Path(folder) if isinstance(folder, str) and Path(folder).is_dir() else None
+
     # ------------------------------------------------------------------ portable sources
     def _started_in(self) -> Path | None:
         """The folder `run` was started in, for run folders whose config.yaml holds relative
@@ -210,7 +236,10 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """COMPLETE trials best first: the one order ``best``, ``status``, ``export --best`` and the
     progress line share. Single objective: by value (the study's direction), equal values by
-    trial number (the earlier trial first). Several objectives: the Pareto front by number."""
+    trial number (the earlier trial first). Several objectives: the Pareto front by number.
+    A person's study (preference, mixed): by the person's choices (``preference.ranked``)."""
+    if preference.is_preferential(study):
+        return preference.ranked(study)
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: t.number)
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0

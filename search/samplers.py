@@ -1,5 +1,8 @@
 """Samplers by name: the config says `sampler: {name, seed, options}`.
 
+``preferential_gp`` is optuna-dashboard's PreferentialGPSampler: it learns from a person's
+choices (preference and mixed studies) and needs the ``preference`` extra (botorch).
+
 Every trial is a new point. Random draws (TPE's and CMA-ES's start-up trials, random search,
 GP's and NSGA-II's candidates) come from a generator seeded with ``(sampler.seed, trial
 number)``: one worker running a study from start to end is reproducible from ``sampler.seed``,
@@ -17,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,6 +38,23 @@ SAMPLER_CLASSES: dict[str, Callable[..., BaseSampler]] = {
     "random": optuna.samplers.RandomSampler,
     "nsga2": optuna.samplers.NSGAIISampler,
 }
+# Learns from a person's choices (optuna-dashboard's preferential optimisation); imported only
+# when named, since it brings in botorch (seconds).
+LAZY_SAMPLERS = {"preferential_gp": "optuna_dashboard.preferential.samplers.gp:PreferentialGPSampler"}
+PREFERENCE_EXTRA = "pip install 'mergesearch[preference]'"
+
+
+def sampler_class(name: str) -> Callable[..., BaseSampler]:
+    """The sampler class of ``name`` (ValueError naming the install for a missing extra)."""
+    if name in SAMPLER_CLASSES:
+        return SAMPLER_CLASSES[name]
+    module, _, attr = LAZY_SAMPLERS[name].partition(":")
+    try:
+        with warnings.catch_warnings():  # botorch's and torch.jit's import-time notices
+            warnings.simplefilter("ignore")
+            return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise ValueError(f"sampler {name} needs botorch ({exc}); {PREFERENCE_EXTRA}") from None
 # Our defaults for TPE: multivariate, and constant liar so parallel workers spread out.
 TPE_DEFAULTS = {"multivariate": True, "constant_liar": True, "n_startup_trials": 10}
 
@@ -71,7 +92,11 @@ class TrialSeededSampler(BaseSampler):
         return self._inner.sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+        with warnings.catch_warnings():
+            # the preferential GP draws at random until the first choice is stored, and says
+            # so with this warning on every parameter of those trials
+            warnings.filterwarnings("ignore", message="Dynamic search space detected")
+            return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
         self._inner.after_trial(study, trial, state, values)
@@ -98,12 +123,13 @@ def _options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
 def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeededSampler:
     """tpe (default: multivariate, constant liar for parallel workers), cmaes, gp, qmc, random,
     nsga2. ``options`` go to the sampler's constructor unchanged (see ``option_problems``)."""
-    cls = SAMPLER_CLASSES[name]
+    cls = sampler_class(name)
     kwargs = _options(name, options)
 
     def build(trial_seed_: int) -> BaseSampler:
         with warnings.catch_warnings():  # QMC and some options announce they are experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # the preferential GP's torch.jit
             return cls(seed=trial_seed_, **kwargs)
 
     if name == "qmc":
@@ -113,9 +139,12 @@ def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeede
 
 def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:
     """What is wrong with ``sampler.options`` for sampler ``name`` ("KEY: why" each)."""
-    cls = SAMPLER_CLASSES.get(name)
-    if cls is None:
+    if name not in SAMPLER_CLASSES and name not in LAZY_SAMPLERS:
         return []
+    try:
+        cls = sampler_class(name)
+    except ValueError as exc:
+        return [str(exc)]
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
     problems = []
     for key in options:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -87,6 +88,14 @@ class SearchSpace:
 
     def distributions(self) -> dict[str, FloatDistribution]:
         return {p.name: p.distribution for p in self.all_params()}
+
+    def param_blocks(self) -> dict[str, list[str]]:
+        """Each parameter's blocks (the study's ``params`` attribute; extras have none)."""
+        return {p.name: list(p.blocks) for p in self.all_params()}
+
+    def roles(self) -> dict[str, str]:
+        """Each block's role for the ratio chart (searched, tied:GROUP, fixed)."""
+        return block_roles(self.param_blocks(), self.names, TEXT_ENCODER)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
         return {p.name: trial.suggest_float(p.name, p.low, p.high) for p in self.all_params()}
@@ -171,6 +180,21 @@ class SearchSpace:
         for p in self.extra:
             out[p.name] = _clip(ratios.get(p.name, self._extra_default(p)), p)
         return out
+
+
+def block_roles(params: Mapping[str, Sequence[str]], names: Sequence[str],
+                text_encoder: str | None = None) -> dict[str, str]:
+    """Each block's role for the ratio chart: ``searched`` (a parameter of its own),
+    ``tied:GROUP`` (one parameter for several blocks) or ``fixed`` (no parameter). ``params``
+    maps parameter name -> blocks (the study's ``params`` attribute); ``text_encoder`` names
+    the parameter of a searched text-encoder ratio, if any."""
+    roles = dict.fromkeys(names, "fixed")
+    for name, blocks in params.items():
+        for block in blocks:
+            roles[block] = "searched" if len(blocks) == 1 else f"tied:{name}"
+    if text_encoder is not None and text_encoder in params:
+        roles["text encoders"] = roles[MBW_TEXT_ENCODER_BLOCK] = "searched"
+    return roles
 
 
 def _clip(value: float, p: Param) -> float:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from merge_backend.pipeline import load_pipeline
 from merge_backend.plan import plan_merge
 
 from . import run_folder as rf
-from .config import ConfigError, StudyConfig, check_blocks, map_paths
+from .config import PERSON, ConfigError, StudyConfig, check_blocks, map_paths
 from .samplers import make_sampler
 from .space import SearchSpace, warm_start_params
 from .trial import StudyContext
@@ -149,16 +150,36 @@ def _directions(cfg: StudyConfig) -> list[str]:
     return ["maximize"] * (len(objectives) if cfg.objective == "multi" else 1)
 
 
+def metric_names(cfg: StudyConfig) -> list[str]:
+    """The objectives' names the dashboard shows (instead of "Objective 0")."""
+    objectives = [s.label for s in cfg.scorers if not s.penalty]
+    if cfg.objective == "multi":
+        return objectives
+    if cfg.objective in PERSON:
+        return ["your choice (values unused)"]
+    return [objectives[0] if len(objectives) == 1 else "weighted score: " + " + ".join(
+        f"{s.weight:g}·{s.label}" for s in cfg.scorers if not s.penalty)]
+
+
 def _create_study(cfg: StudyConfig, storage, space: SearchSpace) -> optuna.Study:
-    study = optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True,
-                                sampler=_sampler(cfg), directions=_directions(cfg))
+    if cfg.objective in PERSON:
+        from .preference import create
+
+        study = create(cfg, storage, _sampler(cfg))
+    else:
+        study = optuna.create_study(study_name=cfg.name, storage=storage, load_if_exists=True,
+                                    sampler=_sampler(cfg), directions=_directions(cfg))
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metric_names(cfg))
     if not _same_config(study, cfg):  # another worker made it a moment ago, differently
         raise _other_config(cfg, len(study.get_trials(deepcopy=False)))
     if "config" not in study.user_attrs:
         study.set_user_attr(rf.STUDY_ATTR_PROBES, json.loads(cfg.probes.model_dump_json()))
         study.set_user_attr(rf.STUDY_ATTR_SCORERS, [s.label for s in cfg.scorers])
         study.set_user_attr("arch", space.arch_name)
-        study.set_user_attr("params", {p.name: list(p.blocks) for p in space.all_params()})
+        study.set_user_attr("params", space.param_blocks())
         study.set_user_attr("config", _stored_config(cfg))  # last: it marks the study complete
     return study
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import optuna
 import pandas as pd
 
+from . import preference
 from . import run_folder as rf
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per finished trial: number, state, value(s), per-scorer scores, params, timings."""
     rows = []
+    choices = preference.tally(study) if preference.is_preferential(study) else {}
     for t in study.get_trials(deepcopy=False):
         if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
             continue
@@ -23,6 +25,10 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row.update({f"s:{k}": v for k, v in t.user_attrs.get(rf.ATTR_TIMINGS, {}).items()})
         if t.user_attrs.get("warm_start"):
             row["warm_start"] = t.user_attrs["warm_start"]
+        if t.number in choices:
+            wins, losses, hidden = choices[t.number]
+            row.update({"wins": wins, "chosen_worst": losses, "on_page": not hidden and (
+                preference.ATTR_CANDIDATE in t.user_attrs)})
         if t.state == optuna.trial.TrialState.FAIL:
             row["fail_reason"] = t.user_attrs.get(rf.ATTR_FAIL, "")
         rows.append(row)
@@ -57,8 +63,18 @@ def status_lines(study: optuna.Study) -> list[str]:
     best = rf.best_trial(study)
     if best is None:
         lines.append("no completed trial yet")
+    elif preference.is_preferential(study):
+        lines.append(favourite_line(study, best))
     elif len(study.directions) == 1:
         lines.append(f"best: trial {best.number}, value {best.value:.6g}")
     else:
         lines.append(f"Pareto front: trials {[t.number for t in rf.ranked(study)]}")
     return lines
+
+
+def favourite_line(study: optuna.Study, best: optuna.trial.FrozenTrial) -> str:
+    """A person's study: the favourite so far and the choices it rests on."""
+    wins, losses, _ = preference.tally(study)[best.number]
+    made = len(preference.preferences(preference.system_attrs(study)))
+    return (f"favourite: trial {best.number} ({wins} win(s), chosen worst {losses} time(s); "
+            f"{made} stored choice pair(s))")

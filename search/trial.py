@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import tempfile
+import shlex
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.artifacts import upload_artifact
 
 from evaluators import (
     ProbeSet,
@@ -23,10 +21,12 @@ from evaluators import (
     score_images,
 )
 from merge_backend.engine import MergeEngine
+from merge_backend.export import ratio_chart_svg
 
 from . import run_folder as rf
-from .artifacts import grid_png, ratio_chart_png
-from .config import StudyConfig
+from .artifacts import labelled_grid_png, upload_pictures
+from .config import PERSON, StudyConfig
+from .preference import ATTR_CANDIDATE
 from .space import SearchSpace
 
 ATTR_DUPLICATE = "duplicate_of"
@@ -75,20 +75,24 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         if not torch.isfinite(images.images).all():
             raise TrialFailed("the candidate drew NaN or infinite images")
         card = score_images(images, ctx.scorers)
-        if ctx.cfg.objective == "multi":
-            value: float | list[float] = objective_vector(card, ctx.norms)
-        else:
-            value = combine(card, ctx.norms)
-        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            raise TrialFailed(f"the scorers gave a non-finite value {value}")
+        value = _value(ctx, card)
         clock.lap("score")
         trial.set_user_attr(rf.ATTR_RECIPE, recipe.to_dict())
         trial.set_user_attr(rf.ATTR_SCORES, card.means())
-        trial.set_user_attr(rf.ATTR_SCORE, value)
-        _upload_pictures(trial, ctx, images.grid(), recipe.ratios)
+        if ctx.scorers:
+            trial.set_user_attr(rf.ATTR_SCORE, value)
+        ids = upload_pictures(trial, ctx.artifact_store, [
+            (rf.ARTIFACT_PROBES, "probes.png", labelled_grid_png(images, _title(trial)),
+             "image/png"),
+            (rf.ARTIFACT_RATIOS, "ratios.svg",
+             ratio_chart_svg(recipe, ctx.space.roles()).encode(), "image/svg+xml")])
+        write_note(trial, ctx, card.means(), value)
+        if ctx.cfg.objective in PERSON:  # the picture the dashboard's choice page shows
+            trial.set_user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
         clock.lap("bookkeeping")
         trial.set_user_attr(rf.ATTR_TIMINGS, clock.laps)
-        return value
+        # a person's study: the value means nothing (choices are stored in the study)
+        return 0.0 if ctx.cfg.objective in PERSON else value
     except DuplicateTrial:
         raise
     except Exception as exc:
@@ -96,6 +100,42 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         raise
+
+
+def _title(trial: optuna.Trial) -> str:
+    warm = trial.user_attrs.get("warm_start")
+    return f"trial {trial.number}" + (f" ({warm})" if warm else "")
+
+
+def _value(ctx: StudyContext, card) -> float | list[float]:
+    if ctx.cfg.objective == "multi":
+        value: float | list[float] = objective_vector(card, ctx.norms)
+    elif ctx.scorers:
+        value = combine(card, ctx.norms)
+    else:
+        return 0.0
+    if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        raise TrialFailed(f"the scorers gave a non-finite value {value}")
+    return value
+
+
+def write_note(trial: optuna.Trial, ctx: StudyContext, scores: dict[str, float],
+               value: float | list[float]) -> None:
+    """The trial's dashboard note: its scores and the commands that export or compare it."""
+    from optuna_dashboard import save_note
+
+    run = shlex.quote(str(ctx.run.path))
+    lines = [f"### Trial {trial.number}", ""]
+    if scores:
+        lines += ["| scorer | mean raw score |", "|---|---|",
+                  *(f"| {name} | {v:.6g} |" for name, v in scores.items())]
+        combined = value if isinstance(value, list) else [value]
+        lines += ["", f"objective value: **{', '.join(f'{v:.6g}' for v in combined)}**", ""]
+    lines += ["Export this merge (checkpoint + ComfyUI workflow):", "",
+              f"    mergesearch export {run} --trial {trial.number} --to checkpoint --to comfyui",
+              "", "Compare it with the parents and the uniform merge:", "",
+              f"    mergesearch compare {run} --trials {trial.number}"]
+    save_note(trial, "\n".join(lines))
 
 
 def evaluated_twin(trial: optuna.Trial, params: dict[str, float]) -> int | None:
@@ -106,19 +146,6 @@ def evaluated_twin(trial: optuna.Trial, params: dict[str, float]) -> int | None:
                 other.state == optuna.trial.TrialState.COMPLETE or other.number < trial.number):
             return other.number
     return None
-
-
-def _upload_pictures(trial: optuna.Trial, ctx: StudyContext, grid: torch.Tensor,
-                     ratios: dict[str, float]) -> None:
-    pictures = {rf.ARTIFACT_PROBES: ("probes.png", grid_png(grid)),
-                rf.ARTIFACT_RATIOS: ("ratios.png", ratio_chart_png(ratios))}
-    with tempfile.TemporaryDirectory(dir=ctx.run.path) as tmp:
-        for attr, (name, data) in pictures.items():
-            path = Path(tmp) / f"trial{trial.number}_{name}"
-            path.write_bytes(data)
-            artifact_id = upload_artifact(artifact_store=ctx.artifact_store, file_path=str(path),
-                                          study_or_trial=trial, mimetype="image/png")
-            trial.set_user_attr(attr, artifact_id)
 
 
 class _Clock:

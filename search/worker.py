@@ -7,6 +7,11 @@ target; otherwise it hands its new trial back to the queue (WAITING) and waits, 
 running trial fails. Stale trials (a killed worker's) are failed when the loop starts, while
 it waits and when it stops (``search.liveness``).
 
+In a ``preference`` or ``mixed`` study (``search.preference``) the worker draws a new candidate
+only while fewer than ``preference.candidates`` are on the dashboard's page, and otherwise waits
+for the person's choice; in a mixed study each candidate is the scorers' best of a round of
+``preference.pool`` trials.
+
 Ctrl-C (SIGINT) records the running trial as FAIL with the reason ``interrupted`` and stops;
 ``WorkerResult.interrupted`` then tells the command to exit with status 130. A worker stops by
 itself after ``FAILS_IN_A_ROW`` failed trials in a row, or ``DUPLICATES_IN_A_ROW`` proposals of
@@ -28,7 +33,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
+from . import preference
 from . import run_folder as rf
+from .config import PERSON
 from .liveness import Heartbeat, fail_stale_trials, mark_worker
 from .trial import DuplicateTrial, StudyContext, TrialFailed, run_trial
 
@@ -105,7 +112,9 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
     timeout = timeout or ctx.cfg.timeout
     deadline = time.monotonic() + timeout if timeout else math.inf
     fails = duplicates = 0
-    waiting = False
+    waiting = choosing = False
+    person = ctx.cfg.objective in PERSON
+    shortlist: list[optuna.trial.FrozenTrial] = []  # this round's proposals (1 unless mixed)
     _report_stale(study, log)
     if count(study, TrialState.COMPLETE) >= result.target:
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
@@ -115,6 +124,15 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
             if time.monotonic() >= deadline:
                 result.stopped = f"the timeout of {timeout:g} s passed"
                 break
+            if person and not shortlist and preference.active(study) \
+                    >= ctx.cfg.preference.candidates:
+                if not choosing:
+                    log(_choice_line(ctx))
+                choosing = True
+                time.sleep(poll_seconds)
+                _report_stale(study, log)
+                continue
+            choosing = False
             if count(study, TrialState.COMPLETE) + count(study, TrialState.RUNNING) \
                     >= result.target:
                 if not waiting:
@@ -127,6 +145,11 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
             if frozen is None:  # handed back: other workers' trials reach the target
                 continue
             waiting = False
+            if ctx.cfg.objective == "mixed" and frozen.state == TrialState.COMPLETE:
+                shortlist.append(frozen)
+                if len(shortlist) >= ctx.cfg.preference.pool:
+                    _settle(study, shortlist)
+                    shortlist = []
             for callback in callbacks:
                 callback(study, frozen)
             fails = fails + 1 if frozen.state == TrialState.FAIL else 0
@@ -142,8 +165,23 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         result.interrupted = True
     finally:
         _report_stale(study, log)
+        if shortlist:  # a round cut short: its best stays on the page
+            _settle(study, shortlist)
     result.completed = count(study, TrialState.COMPLETE)
     return result
+
+
+def _choice_line(ctx: StudyContext) -> str:
+    shown = ctx.cfg.preference.candidates
+    return (f"waiting for your choice: {shown} candidates are on the dashboard's study page; "
+            "click the worst and the next candidate is drawn (Ctrl-C stops; the same command "
+            "resumes)")
+
+
+def _settle(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """A mixed round: the scorers' best stays on the page, the others are hidden."""
+    preference.settle_shortlist(
+        study, trials, score=lambda t: t.user_attrs.get(rf.ATTR_SCORE, float("-inf")))
 
 
 def _report_stale(study: optuna.Study, log: Log) -> None:

@@ -63,3 +63,6 @@ def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     return write_tiny_family(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
+
+
+from browser import browser  # noqa: E402, F401 - the headless Chromium fixture (tests/browser.py)

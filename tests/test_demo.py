@@ -48,4 +48,8 @@ def test_notebook_executes_against_the_study(demo_run, tmp_path):
         del os.environ["MERGESEARCH_RUN"]
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+    # the static figures are saved next to the run, as PNG files a plain viewer opens
+    figures = folder / "demo" / "figures"
+    for name in ("score", "ratios", "importances"):
+        assert (figures / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -142,8 +142,12 @@ def test_text_exports_and_report(scored, tiny_sd1, tmp_path):
     assert "a red apple" in {n["inputs"].get("text") for n in api.values()}
 
     page = (out / "tiny-study-trial0.report.html").read_text()
-    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    probes, top = page.split("<h2>Probe images</h2>")[1].split("<h2>The study's top")
+    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', probes)
     assert len(pngs) == 3  # model1, the candidate (the stored probe grid), model2
+    # the study's top trials (both completed) side by side, with their stored grids
+    assert re.findall(r'src="data:image/png;base64,([^"]+)"', top)[0] == pngs[1]
+    assert "<h3>trial 0</h3>" in top and "<h3>trial 1</h3>" in top
     import base64
 
     assert base64.b64decode(pngs[1]) == png_bytes(images[0])

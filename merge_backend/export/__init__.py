@@ -3,7 +3,8 @@
 - ``merge_to_file`` (checkpoint) and ``export_diffusers`` (a diffusers pipeline folder);
 - ``comfy_workflow``: a ComfyUI workflow (editor and API formats) that rebuilds the merge;
 - ``mbw_string`` / ``parse_mbw``: SuperMerger's block-weight line, both ways;
-- ``render_report``: one self-contained HTML page;
+- ``render_report`` / ``render_comparison``: self-contained HTML pages (one merge; merges
+  side by side);
 - ``plan_exports`` / ``run_exports``: every check first, then every file, atomically.
 
 It knows nothing of Optuna: ``search/cli_export.py`` turns trials into ``ExportItem``s.
@@ -33,12 +34,13 @@ from .jobs import (
     scores_json,
 )
 from .mbw import MbwError, mbw_ratios, mbw_string, mbw_to_comfy, parse_mbw
-from .report import ReportImage, png_bytes, ratio_chart_svg, render_report
+from .report import Column, ReportImage, png_bytes, ratio_chart_svg, render_comparison, render_report
 
 __all__ = [
-    "FORMATS", "SAMPLERS", "ComfyExportError", "ComfyPrompt", "ComfyWorkflow", "ExportError",
+    "FORMATS", "SAMPLERS", "Column", "ComfyExportError", "ComfyPrompt", "ComfyWorkflow", "ExportError",
     "ExportItem", "ExportPlan", "MbwError", "PlannedOutput", "ReportImage", "blend_node",
     "check_sources", "comfy_workflow", "export_diffusers", "mbw_ratios", "mbw_string",
     "mbw_to_comfy", "output_paths", "parse_mbw", "plan_exports", "png_bytes", "ratio_chart_svg",
-    "render_report", "report_images", "run_exports", "scores_json", "write_comfy_workflow",
+    "render_comparison", "render_report", "report_images", "run_exports", "scores_json",
+    "write_comfy_workflow",
 ]

@@ -28,7 +28,7 @@ from ._files import atomic_write_text
 from .comfyui import ComfyPrompt, comfy_settings, comfy_workflow, write_comfy_workflow
 from .diffusers_export import export_diffusers
 from .mbw import mbw_ratios, mbw_string
-from .report import ReportImage, render_report
+from .report import Column, ReportImage, render_report
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class ExportItem:
 
     ``metadata`` goes into the checkpoint (``mergesearch.study`` etc.); ``scores`` and
     ``details`` into the report; ``probe_png`` is the trial's stored probe grid, shown as the
-    candidate in the report instead of drawing it again.
+    candidate in the report instead of drawing it again; ``roles`` tells the report's ratio
+    chart which blocks were searched, tied or fixed; ``top`` are the study's best trials, shown
+    side by side at the end of the report.
     """
 
     recipe: Recipe
@@ -82,6 +84,8 @@ class ExportItem:
     details: Mapping[str, Any] = field(default_factory=dict)
     prompt: ComfyPrompt | None = None
     probe_png: bytes | None = None
+    roles: Mapping[str, str] | None = None
+    top: tuple[Column, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
         images, notes = report_images(item, draw, config_folder=config_folder, device=device)
         notes += [n for n in plan.notes if n.startswith(f"{item.title}: ")]
         page = render_report(recipe, title=item.title, scores=item.scores, details=item.details,
-                             images=images, notes=notes)
+                             images=images, notes=notes, roles=item.roles, top=item.top)
         atomic_write_text(out.paths[0], page)
 
 
