@@ -203,16 +203,17 @@ def open_storage(url: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT,
     found), anything else as Optuna opens it."""
     if not url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.get_storage(url)
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(6):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_seconds,
                                               grace_period=grace_seconds)
-        except (IntegrityError, ProgrammingError):
-            # Workers started together race to create the schema; the loser retries and
-            # finds it made.
-            if attempt == 5:
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            # Workers started together race to create the schema (SQLite says "table …
+            # already exists", PostgreSQL a duplicate key); the loser retries and finds it made.
+            schema_race = not isinstance(exc, OperationalError) or "already exists" in str(exc)
+            if attempt == 5 or not schema_race:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")

@@ -92,8 +92,8 @@ def load(url: str, name: str) -> optuna.Study | None:
     db = rf.sqlite_file(url)
     if db is not None and not db.exists():  # opening would make the file the worker makes
         return None
-    try:
-        return optuna.load_study(study_name=name, storage=url)
+    try:  # open_storage retries while the worker is still creating the schema
+        return optuna.load_study(study_name=name, storage=rf.open_storage(url))
     except KeyError:
         return None
 
