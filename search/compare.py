@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 
 from merge_backend import Recipe
-from merge_backend.architectures import ARCHITECTURES, MBW_TEXT_ENCODER_BLOCK, block_names
+from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.export import Column, check_sources, render_comparison
 
 from . import preference
@@ -35,7 +35,7 @@ def study_roles(study: optuna.Study, recipe: Recipe) -> dict[str, str] | None:
     if not isinstance(params, dict):
         return None
     names = block_names(ARCHITECTURES[recipe.arch], recipe.vocabulary)
-    return block_roles(params, names, TEXT_ENCODER)
+    return block_roles(params, names, TEXT_ENCODER, recipe.text_encoder_block)
 
 
 def trial_scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, object]:
@@ -67,7 +67,7 @@ def trial_column(run: rf.RunFolder, study: optuna.Study,
 
 def uniform_recipe(recipe: Recipe) -> Recipe:
     """The merge a person tries first: every UNet block at 0.5, model1's text encoders, no LoRA."""
-    ratios = {b: (1.0 if b == MBW_TEXT_ENCODER_BLOCK else UNIFORM) for b in recipe.ratios}
+    ratios = {b: (1.0 if b == recipe.text_encoder_block else UNIFORM) for b in recipe.ratios}
     return recipe.replace(ratios=ratios, clip=None, loras=())
 
 

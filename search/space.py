@@ -95,7 +95,7 @@ class SearchSpace:
 
     def roles(self) -> dict[str, str]:
         """Each block's role for the ratio chart (searched, tied:GROUP, fixed)."""
-        return block_roles(self.param_blocks(), self.names, TEXT_ENCODER)
+        return block_roles(self.param_blocks(), self.names, TEXT_ENCODER, self.te_block)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
         return {p.name: trial.suggest_float(p.name, p.low, p.high) for p in self.all_params()}
@@ -183,17 +183,20 @@ class SearchSpace:
 
 
 def block_roles(params: Mapping[str, Sequence[str]], names: Sequence[str],
-                text_encoder: str | None = None) -> dict[str, str]:
+                text_encoder: str | None = None, te_block: str | None = None) -> dict[str, str]:
     """Each block's role for the ratio chart: ``searched`` (a parameter of its own),
     ``tied:GROUP`` (one parameter for several blocks) or ``fixed`` (no parameter). ``params``
     maps parameter name -> blocks (the study's ``params`` attribute); ``text_encoder`` names
-    the parameter of a searched text-encoder ratio, if any."""
+    the parameter of a searched text-encoder ratio, if any, and ``te_block`` the vocabulary's
+    block that holds that ratio (MBW's BASE), if it has one."""
     roles = dict.fromkeys(names, "fixed")
     for name, blocks in params.items():
         for block in blocks:
             roles[block] = "searched" if len(blocks) == 1 else f"tied:{name}"
     if text_encoder is not None and text_encoder in params:
-        roles["text encoders"] = roles[MBW_TEXT_ENCODER_BLOCK] = "searched"
+        roles["text encoders"] = "searched"
+        if te_block is not None:
+            roles[te_block] = "searched"
     return roles
 
 
