@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .architectures import Architecture, detect_architecture
+from .architectures import Architecture, Layout, detect_layout
 from .diffusers_folder import DiffusersFolderError, read_diffusers_folder
 from .safetensors_io import MappedFile, SafetensorsError, TensorInfo, read_header
 from .source_files import check_source
@@ -36,12 +36,13 @@ class Checkpoint:
 
     def __init__(self, path: Path, arch: Architecture, shapes: Mapping[str, tuple[int, ...]],
                  dtypes: Mapping[str, torch.dtype], loader, metadata: Mapping[str, str],
-                 releaser=None):
+                 releaser=None, layout: Layout | None = None):
         self.path = path
         self.arch = arch
+        self.layout = layout  # another layout it is stored in (BFL's bare Flux file), or None
         # Keys are exposed in their canonical (CheckpointSave) spelling; old-layout files keep
         # their stored names underneath.
-        self._stored = {arch.canonical_key(k): k for k in shapes}
+        self._stored = {arch.canonical_key(k, layout): k for k in shapes}
         self._shapes = {c: tuple(shapes[k]) for c, k in self._stored.items()}
         self._dtypes = {c: dtypes[k] for c, k in self._stored.items()}
         self._loader = loader
@@ -128,7 +129,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
         table, metadata = read_header(path)
     except SafetensorsError as exc:
         raise CheckpointError(str(exc)) from None
-    arch = _detect(table.keys(), path)
+    arch, layout = _detect(table.keys(), path)
     mapped = MappedFile(path)
 
     def load(key: str, _t: Mapping[str, TensorInfo] = table) -> torch.Tensor:
@@ -139,7 +140,7 @@ def _open_safetensors(path: Path) -> Checkpoint:
 
     return Checkpoint(path, arch, {k: v.shape for k, v in table.items()},
                       {k: v.dtype for k, v in table.items()}, load, metadata,
-                      releaser=lambda key: mapped.release(table[key]))
+                      releaser=lambda key: mapped.release(table[key]), layout=layout)
 
 
 def _open_diffusers_folder(path: Path) -> Checkpoint:
@@ -165,14 +166,15 @@ def _open_pickle(path: Path) -> Checkpoint:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    arch = _detect(tensors.keys(), path)
+    arch, layout = _detect(tensors.keys(), path)
     return Checkpoint(path, arch, {k: tuple(v.shape) for k, v in tensors.items()},
-                      {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, {})
+                      {k: v.dtype for k, v in tensors.items()}, tensors.__getitem__, {},
+                      layout=layout)
 
 
-def _detect(keys, path: Path) -> Architecture:
+def _detect(keys, path: Path) -> tuple[Architecture, Layout | None]:
     try:
-        return detect_architecture(keys, source=str(path))
+        return detect_layout(keys, source=str(path))
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from merge_backend.architectures import CLIP_MERGE_SKIPS, Architecture
 from merge_backend.pipeline import build_module
 
-TRANSFORMS = ("id", "reshape", "chunk", "transpose")
+TRANSFORMS = ("id", "reshape", "chunk", "transpose", "swap", "tied")
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,13 @@ class KeyMap:
     """One diffusers tensor and where it lives in the original layout.
 
     ``transform`` says how the diffusers tensor is made from the original one: ``id`` (same
-    tensor), ``reshape`` (VAE attention 1x1 conv weight -> linear weight), ``chunk`` (chunk
-    ``index`` of ``parts`` along dim 0, e.g. q/k/v of OpenCLIP's ``in_proj_weight``) or
-    ``transpose`` (OpenCLIP's ``text_projection``).
+    tensor), ``reshape`` (VAE attention 1x1 conv weight -> linear weight), ``chunk`` (part
+    ``index`` of ``parts`` along dim 0, e.g. q/k/v of OpenCLIP's or an MMDiT's fused ``qkv``;
+    ``sizes`` gives the parts' relative sizes when they differ, as Flux's ``linear1`` holds
+    q, k, v and a 4x wider MLP input), ``transpose`` (OpenCLIP's ``text_projection``),
+    ``swap`` (the two halves of dim 0 exchanged: the original AdaLayerNorm's (shift, scale)
+    is diffusers' (scale, shift)) or ``tied`` (a tied copy of another key's tensor, e.g. T5's
+    ``encoder.embed_tokens`` of ``shared``: read, never written back).
     """
 
     diffusers: str
@@ -48,11 +52,39 @@ class KeyMap:
     transform: str = "id"
     index: int = 0
     parts: int = 1
+    sizes: tuple[int, ...] = ()
+
+    def rows(self, total: int) -> slice:
+        """The rows of the original tensor (``total`` rows) that this chunk holds."""
+        return part_rows(total, self.index, self.parts, self.sizes)
+
+
+def part_rows(total: int, index: int, parts: int, sizes: tuple[int, ...] = ()) -> slice:
+    """Rows of part ``index`` of ``parts`` along dim 0 of a tensor of ``total`` rows; ``sizes``:
+    the parts' relative sizes (equal parts when empty)."""
+    sizes = sizes or (1,) * parts
+    unit, rest = divmod(total, sum(sizes))
+    if rest:
+        raise ValueError(f"{total} rows do not split into parts of relative sizes {sizes}")
+    start = unit * sum(sizes[:index])
+    return slice(start, start + unit * sizes[index])
+
+
+def whole_rows(rows: int, index: int, parts: int, sizes: tuple[int, ...] = ()) -> int:
+    """Rows of the whole tensor whose part ``index`` has ``rows`` rows (see ``part_rows``)."""
+    sizes = sizes or (1,) * parts
+    return rows * sum(sizes) // sizes[index]
+
+
+def swap_halves(t: Tensor) -> Tensor:
+    """The two halves of dim 0 exchanged (its own inverse)."""
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 # A rule: diffusers prefix (ending in '.') or whole key -> (original prefix or key, transform,
-# index, parts). Tables hold names relative to the component prefix.
-_Rule = tuple[str, str, int, int]
+# index, parts[, sizes]). Tables hold names relative to the component prefix.
+_Rule = tuple
 _Table = dict[str, _Rule]
 
 _RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."),
@@ -217,6 +249,102 @@ def _open_clip_table(keys: list[str]) -> _Table:
     return table
 
 
+# ---------------------------------------------------------------------------- DiTs
+# Rules of one transformer block of SD3's MMDiT and Flux's double / single blocks, diffusers
+# path -> original path (whole keys where the last name differs). A qkv entry is split in three.
+_QKV = ("to_q.", "to_k.", "to_v.")
+_ADD_QKV = ("add_q_proj.", "add_k_proj.", "add_v_proj.")
+_MMDIT_BLOCK = (("attn.to_out.0.", "x_block.attn.proj."),
+                ("attn.to_add_out.", "context_block.attn.proj."),
+                ("attn.norm_q.", "x_block.attn.ln_q."), ("attn.norm_k.", "x_block.attn.ln_k."),
+                ("attn.norm_added_q.", "context_block.attn.ln_q."),
+                ("attn.norm_added_k.", "context_block.attn.ln_k."),
+                ("attn2.to_out.0.", "x_block.attn2.proj."),
+                ("attn2.norm_q.", "x_block.attn2.ln_q."), ("attn2.norm_k.", "x_block.attn2.ln_k."),
+                ("norm1.linear.", "x_block.adaLN_modulation.1."),
+                ("ff.net.0.proj.", "x_block.mlp.fc1."), ("ff.net.2.", "x_block.mlp.fc2."),
+                ("ff_context.net.0.proj.", "context_block.mlp.fc1."),
+                ("ff_context.net.2.", "context_block.mlp.fc2."))
+_MMDIT_FIXED = (("pos_embed.pos_embed", "pos_embed"), ("pos_embed.proj.", "x_embedder.proj."),
+                ("time_text_embed.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
+                ("time_text_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
+                ("time_text_embed.text_embedder.linear_1.", "y_embedder.mlp.0."),
+                ("time_text_embed.text_embedder.linear_2.", "y_embedder.mlp.2."),
+                ("context_embedder.", "context_embedder."), ("proj_out.", "final_layer.linear."))
+_FLUX_FIXED = (("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer."),
+               ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer."),
+               ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer."),
+               ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer."),
+               ("time_text_embed.guidance_embedder.linear_1.", "guidance_in.in_layer."),
+               ("time_text_embed.guidance_embedder.linear_2.", "guidance_in.out_layer."),
+               ("context_embedder.", "txt_in."), ("x_embedder.", "img_in."),
+               ("proj_out.", "final_layer.linear."))
+_FLUX_DOUBLE = (("norm1.linear.", "img_mod.lin."), ("norm1_context.linear.", "txt_mod.lin."),
+                ("attn.norm_q.weight", "img_attn.norm.query_norm.scale"),
+                ("attn.norm_k.weight", "img_attn.norm.key_norm.scale"),
+                ("attn.norm_added_q.weight", "txt_attn.norm.query_norm.scale"),
+                ("attn.norm_added_k.weight", "txt_attn.norm.key_norm.scale"),
+                ("ff.net.0.proj.", "img_mlp.0."), ("ff.net.2.", "img_mlp.2."),
+                ("ff_context.net.0.proj.", "txt_mlp.0."), ("ff_context.net.2.", "txt_mlp.2."),
+                ("attn.to_out.0.", "img_attn.proj."), ("attn.to_add_out.", "txt_attn.proj."))
+_FLUX_SINGLE = (("norm.linear.", "modulation.lin."),
+                ("attn.norm_q.weight", "norm.query_norm.scale"),
+                ("attn.norm_k.weight", "norm.key_norm.scale"), ("proj_out.", "linear2."))
+# Flux's single blocks fuse q, k, v and the MLP input (mlp_ratio 4, fixed in diffusers' and
+# BFL's FluxSingleTransformerBlock) into one linear1.
+_FLUX_LINEAR1 = ("attn.to_q.", "attn.to_k.", "attn.to_v.", "proj_mlp.")
+_FLUX_LINEAR1_SIZES = (1, 1, 1, 4)
+_SWAPPED = "final_layer.adaLN_modulation.1."  # (shift, scale) in the original, swapped in diffusers
+
+
+def _add_qkv(table: _Table, diffusers: str, names: tuple[str, ...], original: str) -> None:
+    for index, name in enumerate(names):
+        table[diffusers + name] = (original, "chunk", index, len(names))
+
+
+def _mmdit_table(keys: list[str]) -> _Table:
+    """SD3 / SD3.5's MMDiT (MMDiT-X's second self-attention ``attn2`` included)."""
+    table: _Table = {d: _same(o) for d, o in _MMDIT_FIXED}
+    table["norm_out.linear."] = (_SWAPPED, "swap", 0, 1)
+    layers = _index_count(keys, "transformer_blocks.")
+    for i in range(layers):
+        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        table.update({d + dd: _same(o + oo) for dd, oo in _MMDIT_BLOCK})
+        _add_qkv(table, d + "attn.", _QKV, o + "x_block.attn.qkv.")
+        _add_qkv(table, d + "attn.", _ADD_QKV, o + "context_block.attn.qkv.")
+        _add_qkv(table, d + "attn2.", _QKV, o + "x_block.attn2.qkv.")
+        # the last block's context stream only modulates (pre-only): an AdaLayerNormContinuous
+        last = i == layers - 1
+        table[d + "norm1_context.linear."] = (o + "context_block.adaLN_modulation.1.",
+                                              "swap" if last else "id", 0, 1)
+    return table
+
+
+def _flux_table(keys: list[str]) -> _Table:
+    """Flux.1's transformer in Black Forest Labs' layout (dev and schnell)."""
+    table: _Table = {d: _same(o) for d, o in _FLUX_FIXED}
+    table["norm_out.linear."] = (_SWAPPED, "swap", 0, 1)
+    for i in range(_index_count(keys, "transformer_blocks.")):
+        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        table.update({d + dd: _same(o + oo) for dd, oo in _FLUX_DOUBLE})
+        _add_qkv(table, d + "attn.", _QKV, o + "img_attn.qkv.")
+        _add_qkv(table, d + "attn.", _ADD_QKV, o + "txt_attn.qkv.")
+    for i in range(_index_count(keys, "single_transformer_blocks.")):
+        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        table.update({d + dd: _same(o + oo) for dd, oo in _FLUX_SINGLE})
+        for index, name in enumerate(_FLUX_LINEAR1):
+            table[d + name] = (o + "linear1.", "chunk", index, len(_FLUX_LINEAR1),
+                               _FLUX_LINEAR1_SIZES)
+    return table
+
+
+def _t5_table(keys: list[str]) -> _Table:
+    """T5's encoder as transformers and ComfyUI store it; ``encoder.embed_tokens`` is
+    transformers' tied copy of ``shared``."""
+    return {"shared.": _same("shared."), "encoder.embed_tokens.weight": ("shared.weight", "tied", 0, 1),
+            "encoder.": _same("encoder.")}
+
+
 # ---------------------------------------------------------------------------- key maps
 
 
@@ -245,6 +373,9 @@ CONVERTERS: dict[str, Callable[[list[str], Any], _Table]] = {
     "ldm_vae": _vae,  # their AutoencoderKL
     "hf_clip": lambda keys, config: _hf_clip_table(keys),  # OpenAI CLIP in transformers' layout
     "open_clip": lambda keys, config: _open_clip_table(keys),  # OpenCLIP's own layout
+    "mmdit": lambda keys, config: _mmdit_table(keys),  # SD3 / SD3.5's transformer
+    "flux": lambda keys, config: _flux_table(keys),  # Flux.1's transformer (BFL's names)
+    "t5": lambda keys, config: _t5_table(keys),  # T5's encoder (transformers' names)
 }
 # Converters whose transformers module may drop a wrapper that the original, kohya and ComfyUI
 # spell out (transformers 5's CLIPTextModel has no 'text_model.').
@@ -291,9 +422,13 @@ def key_maps(arch: Architecture, component: str, diffusers_keys: Iterable[str],
         if hit is None:
             unmapped.append(key)
             continue
-        head, (original, transform, index, parts) = hit
-        km = KeyMap(key, prefix + original + key[len(head):], transform, index, parts)
+        head, (original, transform, index, parts, *sizes) = hit
+        km = KeyMap(key, prefix + original + key[len(head):], transform, index, parts,
+                    tuple(sizes[0]) if sizes else ())
         slot = (km.original, km.index)
+        if transform == "tied":
+            maps.append(km)
+            continue
         if slot in claimed:
             raise ValueError(f"{arch.name} {component}: diffusers keys {claimed[slot]!r} and "
                              f"{key!r} both map to {km.original!r}")
@@ -317,9 +452,13 @@ def convert_value(km: KeyMap, original_tensor: Tensor) -> Tensor:
     if km.transform == "reshape":
         return t.flatten(1) if t.ndim > 2 else t
     if km.transform == "chunk":
-        return t.chunk(km.parts, dim=0)[km.index]
+        return t[km.rows(t.shape[0])]
     if km.transform == "transpose":
         return t.T.contiguous()
+    if km.transform == "swap":
+        return swap_halves(t)
+    if km.transform == "tied":
+        return t
     raise ValueError(f"unknown transform {km.transform!r} for {km.diffusers!r}; "
                      f"expected one of {TRANSFORMS}")
 
@@ -338,6 +477,8 @@ def _original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
         return t.reshape(*t.shape, 1, 1) if t.ndim == 2 else t
     if km.transform == "transpose":
         return t.T.contiguous()
+    if km.transform == "swap":
+        return swap_halves(t)
     return t
 
 
@@ -423,6 +564,8 @@ def to_original(arch: Architecture, component: str, diffusers_sd: Mapping[str, T
     """
     grouped: dict[str, tuple[list[KeyMap], list[Tensor]]] = {}
     for km in key_maps(arch, component, diffusers_sd.keys(), config):
+        if km.transform == "tied":
+            continue
         maps, tensors = grouped.setdefault(km.original, ([], []))
         maps.append(km)
         tensors.append(diffusers_sd[km.diffusers])

@@ -173,7 +173,8 @@ def _diffusion_numel(arch_name: str, size: str) -> int:
     config = config_files(arch_name, size)[f"{arch.diffusion.folder}/config.json"]
     with torch.device("meta"):
         module = build_module(arch.diffusion.name, config, arch=arch)
-    return sum(p.numel() for p in module.parameters())
+    # the state dict, as files store it: persistent buffers (SD3's positional table) count
+    return sum(t.numel() for t in module.state_dict().values())
 
 
 def infer_size(checkpoint: Path, arch_name: str) -> str:
@@ -213,14 +214,63 @@ def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
     arch_name = arch if isinstance(arch, str) else arch.name
     if config_folder is None:
         config_folder = write_config_folder(arch_name, size=infer_size(checkpoint, arch_name))
-    index = read_json(Path(config_folder) / "model_index.json")
-    cls = getattr(diffusers, index["_class_name"])
-    pipe = cls.from_single_file(str(checkpoint), config=str(config_folder), torch_dtype=dtype,
-                                local_files_only=True, **_extras(index))
-    pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
+    arch_obj = ARCHITECTURES[arch_name]
+    if arch_obj.pipeline_loader == "converters":
+        pipe = _converted_pipeline(arch_obj, checkpoint, Path(config_folder), device, dtype)
+    else:
+        index = read_json(Path(config_folder) / "model_index.json")
+        cls = getattr(diffusers, index["_class_name"])
+        pipe = cls.from_single_file(str(checkpoint), config=str(config_folder), torch_dtype=dtype,
+                                    local_files_only=True, **_extras(index))
+        _tie_weights(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
     _own_aligned_storage(pipe)
     return pipe
+
+
+def _tie_weights(pipe) -> None:
+    """Re-tie what a single-file load left unset: diffusers loads T5's ``shared`` embedding from
+    the file but leaves transformers' tied copy ``encoder.embed_tokens`` on the meta device."""
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module) and any(p.is_meta for p in module.parameters()):
+            if hasattr(module, "tie_weights"):
+                module.tie_weights()
+            left = [n for n, p in module.named_parameters() if p.is_meta]
+            if left:
+                raise ValueError(f"the single file did not fill {type(module).__name__}'s "
+                                 f"{', '.join(left[:3])}")
+
+
+def _converted_pipeline(arch: Architecture, checkpoint: Path, config_folder: Path,
+                        device: str | torch.device, dtype: torch.dtype):
+    """The pipeline of the config folder, its weights converted from the file by this
+    project's converters (``naming.to_diffusers``) instead of diffusers' single-file loader."""
+    from accelerate import init_empty_weights
+
+    from merge_backend.checkpoint import open_checkpoint
+    from merge_backend.naming import to_diffusers
+
+    ckpt = open_checkpoint(checkpoint)
+    modules = {}
+    for c in arch.components.values():
+        with init_empty_weights():  # parameters on the meta device, buffers real
+            module = build_module(c.name, read_json(config_folder / c.folder / "config.json"),
+                                  arch=arch).eval()
+        original = {k: ckpt.get(k) for k in ckpt.keys() if k.startswith(c.prefix)}
+        weights = to_diffusers(arch, c.name, original, module, strict=False)
+        weights = {k: v.to(dtype if v.is_floating_point() else v.dtype).contiguous().clone()
+                   for k, v in weights.items()}
+        module.load_state_dict(weights, strict=False, assign=True)
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()
+        left = [n for n, p in module.named_parameters() if p.is_meta]
+        if left:
+            raise ValueError(f"{checkpoint}: holds no {c.name} weights for {', '.join(left[:3])}"
+                             f" ({len(left)} in all); a {arch.title} file with every component "
+                             "is needed to build a pipeline")
+        modules[c.name] = module
+    return pipeline_from_components(arch.name, modules, config_folder, device, dtype)
 
 
 def _own_aligned_storage(pipe) -> None:

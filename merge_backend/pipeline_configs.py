@@ -74,9 +74,39 @@ def _write_clip_bpe(folder: Path, config: dict[str, Any]) -> None:
     _write_if_changed(folder / "merges.txt", merges)
 
 
+@lru_cache(maxsize=1)
+def _t5_standin_json() -> str:
+    """tokenizer.json of a stand-in for T5's SentencePiece vocabulary, built here: a Unigram
+    model over single characters (word-initial '▁x' preferred), T5's special ids (<pad> 0,
+    </s> 1, <unk> 2) and its '$A </s>' template. 192 pieces: any text tokenizes, offline."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + c, -1.0) for c in chars]
+             + [(c, -2.0) for c in chars] + [("▁", -3.0)])
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return tok.to_str()
+
+
+def _write_t5_standin(folder: Path, config: dict[str, Any]) -> None:
+    """A T5 tokenizer that needs no download (see ``_t5_standin_json``). T5's real 32k
+    SentencePiece vocabulary is not shipped by any package here: a full-size model needs a
+    config folder with its own tokenizer (``config_folder``)."""
+    special = {k: config[k] for k in ("eos_token", "unk_token", "pad_token")}
+    _write_if_changed(folder / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+    _write_if_changed(folder / "tokenizer.json", _t5_standin_json())
+
+
 # tokenizers.<folder>.kind -> writer(folder, tokenizer_config) of the vocabulary files
 TOKENIZER_WRITERS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
     "clip_bpe": _write_clip_bpe,
+    "t5_standin": _write_t5_standin,
 }
 
 

@@ -24,11 +24,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from merge_backend.architectures import (
@@ -66,6 +66,7 @@ class TinyFamily:
     a: Path
     b: Path
     config_folder: Path
+    layouts: dict[str, Path] = field(default_factory=dict)  # layout name -> finetune_b in it
 
     @property
     def files(self) -> dict[str, Path]:
@@ -97,7 +98,10 @@ def tiny_base_state_dict(arch_name: str, config_folder: Path, seed: int = 0) -> 
     sd: dict[str, Tensor] = {}
     for component, module in modules.items():
         config = getattr(module, "config", None)
-        converted = to_original(arch, component, module.state_dict(), config)
+        weights = module.state_dict()
+        for name in arch.components[component].identity:  # held as the identity by the original
+            weights[name] = torch.eye(*weights[name].shape)
+        converted = to_original(arch, component, weights, config)
         sd.update({k: v.detach().contiguous() for k, v in converted.items()})
     sd.update(_extras(arch))
     _mark_prediction(arch, Path(config_folder), sd, seed)
@@ -155,4 +159,23 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
         paths[name] = folder / f"{name}.safetensors"
         save_file(sd, str(paths[name]), metadata=metadata)
     a, b = (paths[name] for name in finetunes(arch))
-    return TinyFamily(arch, paths["base"], a, b, config_folder)
+    layouts = {}
+    for layout in ARCHITECTURES[arch].layouts:  # the second fine-tune as its authors store it
+        layouts[layout.name] = folder / f"{b.stem}.{layout.name}.safetensors"
+        save_file(in_layout(arch, layout.name, load_file(b)), str(layouts[layout.name]),
+                  metadata=metadata)
+    return TinyFamily(arch, paths["base"], a, b, config_folder, layouts)
+
+
+def in_layout(arch_name: str, layout_name: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict in the layout's spelling, holding only the components it holds."""
+    arch = ARCHITECTURES[arch_name]
+    layout = arch.layout(layout_name)
+    prefixes = tuple(arch.components[c].prefix for c in layout.components)
+    out = {}
+    for key, value in sd.items():
+        if key.startswith(prefixes):
+            for rename in reversed(layout.renames):
+                key = rename.unapply(key) or key
+            out[key] = value
+    return out

@@ -19,5 +19,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run_tiny(args: argparse.Namespace) -> int:
     family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed)
-    print(json.dumps({k: str(v) for k, v in vars(family).items()}, indent=2))
+    shown = {k: ({n: str(p) for n, p in v.items()} if isinstance(v, dict) else str(v))
+             for k, v in vars(family).items()}
+    print(json.dumps(shown, indent=2))
     return 0

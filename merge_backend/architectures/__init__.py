@@ -32,13 +32,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from ._schema import SINGLE, SLIDERS, Architecture, Component, ExtraTensor, Vocabulary
+from ._schema import SINGLE, SLIDERS, Architecture, Component, ExtraTensor, Layout, Vocabulary
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "ArchitectureFileError", "CLIP_MERGE_SKIPS", "Component",
-    "ENTRY_POINT_GROUP", "ENV_VAR", "SINGLE", "SLIDERS", "UnsupportedModelError", "Vocabulary",
+    "ENTRY_POINT_GROUP", "ENV_VAR", "Layout", "SINGLE", "SLIDERS", "UnsupportedModelError", "Vocabulary",
     "architecture_folders", "block_names", "block_of", "canonical_key", "component_of",
-    "convert_ratios", "detect_architecture", "extra_tensor_value", "load_architecture",
+    "convert_ratios", "detect_architecture", "detect_layout", "extra_tensor_value", "load_architecture",
     "predict_key", "report_block", "text_encoder_block",
 ]
 
@@ -149,8 +149,8 @@ _LOOKALIKES: tuple[tuple[str, str], ...] = (
     ("lora_te_", "a kohya LoRA (use `mergesearch lora`)"),
     (".lora_up.weight", "a LoRA"),
     (".lora_A.weight", "a PEFT / diffusers LoRA"),
-    ("double_blocks.", "a Flux transformer"),
-    ("joint_blocks.", "a Stable Diffusion 3 MMDiT"),
+    ("double_blocks.", "a Flux transformer in a layout not described"),
+    ("joint_blocks.", "a Stable Diffusion 3 MMDiT in a layout not described"),
     ("down_blocks.0.resnets.0.conv1.weight", "a diffusers UNet (pass the pipeline folder instead)"),
     ("encoder.down.0.block.0.conv1.weight", "a standalone VAE"),
     ("text_model.encoder.layers.0.", "a standalone CLIP text encoder"),
@@ -164,17 +164,28 @@ def detect_architecture(keys: Iterable[str], source: str = "checkpoint") -> Arch
     Raises ``UnsupportedModelError`` naming ``source`` and what the file looks like instead, or
     the architectures that tie when two match equally.
     """
+    return detect_layout(keys, source)[0]
+
+
+def detect_layout(keys: Iterable[str], source: str = "checkpoint"
+                  ) -> tuple[Architecture, Layout | None]:
+    """The architecture a file's key names satisfy, and the other ``layouts`` entry it is
+    stored in (None: the architecture's own, CheckpointSave's, layout). See
+    ``detect_architecture``."""
     keys = list(keys)
     keyset = set(keys)
-    found = [a for a in ARCHITECTURES.values() if a.detect.matches(keys, keyset)]
+    found = [(a, None) for a in ARCHITECTURES.values() if a.detect.matches(keys, keyset)]
+    found += [(a, lay) for a in ARCHITECTURES.values() for lay in a.layouts
+              if lay.detect.matches(keys, keyset)]
     if found:
-        top = max(a.detect.priority for a in found)
-        best = [a for a in found if a.detect.priority == top]
+        top = max((lay or a).detect.priority for a, lay in found)
+        best = [(a, lay) for a, lay in found if (lay or a).detect.priority == top]
         if len(best) == 1:
             return best[0]
         raise UnsupportedModelError(
-            f"{source}: matches several architectures equally ({', '.join(a.name for a in best)}"
-            f": {', '.join(a.source for a in best)}); give one a higher detect.priority")
+            f"{source}: matches several architectures equally "
+            f"({', '.join(a.name + (f' ({lay.name})' if lay else '') for a, lay in best)}: "
+            f"{', '.join(a.source for a, _ in best)}); give one a higher detect.priority")
     looks = next((what for marker, what in _LOOKALIKES if any(marker in k for k in keys)), None)
     if looks is None:
         sample = ", ".join(sorted(keys)[:3]) or "no tensors at all"

@@ -76,6 +76,7 @@ class ComponentLora(_Data):
     comfyui: LoraName | None = None
     peft: LoraName | None = None
     bare: bool = False  # also read names that are the bare diffusers path (old diffusers LoRAs)
+    kohya_also: tuple[str, ...] = ()  # more kohya-style prefixes read (not written)
     comfyui_only: ComfyOnly | None = None
 
     def format(self, fmt: str) -> LoraName | None:
@@ -100,14 +101,34 @@ class Component(_Data):
     comfy_clip: str | None = None  # ComfyUI's name for a text encoder: clip_l, clip_g, t5xxl…
     lora: ComponentLora = ComponentLora()
     file_module: FileModule | None = None
+    # weights (diffusers names) the original model holds as identity matrices: ComfyUI's CLIP-L
+    # text_projection, which diffusers' SD3 loader also sets to the identity
+    identity: tuple[str, ...] = ()
 
 
 class Rename(_Data):
-    """An older spelling of a prefix: a key starting with ``old`` (and not ``new``) is read as
-    ``new`` + the rest."""
+    """Another spelling of a key: a key starting with ``old`` (and not ``new``, when they
+    differ) and ending with ``old_end`` is read as ``new`` + the middle + ``new_end``."""
 
     old: str
     new: str
+    old_end: str = ""
+    new_end: str = ""
+
+    def apply(self, key: str) -> str | None:
+        """The key renamed, or None when this rule does not apply to it."""
+        if not key.startswith(self.old) or not key.endswith(self.old_end):
+            return None
+        if self.old != self.new and key.startswith(self.new):
+            return None
+        middle = key[len(self.old):len(key) - len(self.old_end)]
+        return self.new + middle + self.new_end
+
+    def unapply(self, key: str) -> str | None:
+        """The key as this spelling writes it (the inverse of ``apply``), or None."""
+        if not key.startswith(self.new) or not key.endswith(self.new_end):
+            return None
+        return self.old + key[len(self.new):len(key) - len(self.new_end)] + self.old_end
 
 
 class ExtraTensor(_Data):
@@ -137,6 +158,18 @@ class Detect(_Data):
         return all(k in keyset for k in self.keys)
 
 
+class Layout(_Data):
+    """Another way files of this architecture are stored (Black Forest Labs' bare transformer
+    file for Flux): recognised by ``detect``, its keys read as ``renames`` say (after which the
+    architecture's own renames apply). Such a file holds only the components it names."""
+
+    name: str
+    detect: Detect
+    renames: tuple[Rename, ...]
+    components: tuple[str, ...]
+    title: str = ""
+
+
 class Group(_Data):
     """One block of a grouped vocabulary: the ComfyUI sliders it covers. Converting sliders
     that differ into this block keeps the first slider's value (``lossy: first``) or their
@@ -145,6 +178,11 @@ class Group(_Data):
     block: str
     sliders: tuple[str, ...]
     lossy: Literal["first", "mean"] = "first"
+
+    @field_validator("sliders", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return expand(value)
 
 
 class Vocabulary(_Data):
@@ -248,6 +286,7 @@ class Architecture(_Data):
     detect: Detect
     components: dict[str, Component]
     renames: tuple[Rename, ...] = ()
+    layouts: tuple[Layout, ...] = ()
     not_weights: tuple[str, ...] = ()
     extra_tensors: tuple[ExtraTensor, ...] = ()
     vocabularies: dict[str, Vocabulary]
@@ -257,6 +296,9 @@ class Architecture(_Data):
     diffusers_folder: dict[str, dict[str, Any]] = {}
     tokenizers: dict[str, Tokenizer] = {}
     tiny: Tiny | None = None
+    # how a single file becomes a pipeline: diffusers' from_single_file, or this project's own
+    # converters into the config folder's modules (where diffusers cannot convert the file)
+    pipeline_loader: Literal["from_single_file", "converters"] = "from_single_file"
     configs: dict[str, dict[str, dict[str, Any]]]
 
     _blocks: dict[str, dict[str, str]] = PrivateAttr(default_factory=dict)
@@ -391,12 +433,16 @@ class Architecture(_Data):
         return tuple(s for s, b in self._slider_blocks(vocabulary).items() if b == block)
 
     # ------------------------------------------------------------------ keys
-    def canonical_key(self, key: str) -> str:
-        """The key as CheckpointSave writes it (older spellings renamed)."""
-        for rename in self.renames:
-            if key.startswith(rename.old) and not key.startswith(rename.new):
-                return rename.new + key[len(rename.old):]
+    def canonical_key(self, key: str, layout: Layout | None = None) -> str:
+        """The key as CheckpointSave writes it (another layout's and older spellings renamed)."""
+        for rename in (*(layout.renames if layout else ()), *self.renames):
+            renamed = rename.apply(key)
+            if renamed is not None:
+                key = renamed
         return key
+
+    def layout(self, name: str) -> Layout:
+        return next(lay for lay in self.layouts if lay.name == name)
 
     def component_of(self, key: str) -> str | None:
         """The component a key belongs to (the longest matching prefix), or None."""

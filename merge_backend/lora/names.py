@@ -166,6 +166,10 @@ class NameTable:
             names.append(rule.prefix + join(target.module))
             if original is not None and fmt == "kohya":
                 names.append(rule.prefix + join(original))
+        for prefix in lora.kohya_also:  # other trainers' kohya-style spellings
+            names.append(prefix + target.module.replace(".", "_"))
+            if original is not None:
+                names.append(prefix + original.replace(".", "_"))
         return names
 
 
