@@ -384,6 +384,10 @@ WRAPPERS = {"hf_clip": "text_model.", "open_clip": "text_model."}
 
 def _table(arch: Architecture, component: str, keys: list[str], config: Any) -> _Table:
     name = arch.components[component].converter
+    if name is None:
+        raise ValueError(f"{arch.source}: components.{component} names no converter to "
+                         "diffusers' layout: this architecture merges files, but has no "
+                         "pipelines, engine or LoRAs")
     if name not in CONVERTERS:
         raise ValueError(f"{arch.source}: components.{component}.converter: unknown {name!r}; "
                          f"known: {', '.join(CONVERTERS)}")

@@ -7,7 +7,7 @@ import argparse
 from merge_backend.architectures import ARCHITECTURES, SINGLE, SLIDERS, Architecture
 
 COLUMNS = ("arch", "model", "ComfyUI node (sliders)", "vocabularies (blocks)", "text encoders",
-           "diffusers pipeline", "tiny family", "file")
+           "other layouts read", "diffusers pipeline", "tiny family", "file")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,10 @@ def row(arch: Architecture) -> list[str]:
     vocabularies = ", ".join(f"{v} {len(arch.block_names(v))}" for v in arch.vocabulary_names)
     encoders = ", ".join(f"{te.name} ({te.comfy_clip or te.converter})" for te in arch.text_encoders)
     tiny = "yes" if "tiny" in arch.configs and arch.tiny else "no"
+    layouts = ", ".join(f"{lay.name} ({'+'.join(lay.components)})" for lay in arch.layouts)
     return [arch.name, arch.title, f"{sliders.node or '-'} ({len(sliders.names)})", vocabularies,
-            encoders or "-", arch.pipeline_class, tiny, arch.source.rpartition("/")[2]]
+            encoders or "-", layouts or "-", arch.pipeline_class, tiny,
+            arch.source.rpartition("/")[2]]
 
 
 def markdown_table() -> str:

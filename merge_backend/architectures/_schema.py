@@ -97,7 +97,9 @@ class Component(_Data):
     prefix: str
     role: Literal["diffusion", "text_encoder", "vae"]
     folder: str  # the diffusers pipeline attribute and sub-folder
-    converter: str  # merge_backend.naming: how original names map to diffusers' names
+    # merge_backend.naming: how original names map to diffusers' names (None: no map yet, so
+    # merges and detection only: no pipeline, engine or LoRA)
+    converter: str | None = None
     comfy_clip: str | None = None  # ComfyUI's name for a text encoder: clip_l, clip_g, t5xxl…
     lora: ComponentLora = ComponentLora()
     file_module: FileModule | None = None
@@ -158,6 +160,24 @@ class Detect(_Data):
         return all(k in keyset for k in self.keys)
 
 
+class ComfyLoader(_Data):
+    """A ComfyUI loader node: its class, the input that takes the file name (None: the
+    ``widgets`` name the files), and its other widget values."""
+
+    node: str
+    file_input: str | None = None
+    widgets: dict[str, Any] = {}
+
+
+class ComfyLoaders(_Data):
+    """How ComfyUI loads a file of a layout: the model's loader, and the text encoders' and the
+    VAE's (separate files, named in their widgets) when the layout holds none."""
+
+    model: ComfyLoader
+    clip: ComfyLoader | None = None
+    vae: ComfyLoader | None = None
+
+
 class Layout(_Data):
     """Another way files of this architecture are stored (Black Forest Labs' bare transformer
     file for Flux): recognised by ``detect``, its keys read as ``renames`` say (after which the
@@ -168,6 +188,7 @@ class Layout(_Data):
     renames: tuple[Rename, ...]
     components: tuple[str, ...]
     title: str = ""
+    comfyui: ComfyLoaders | None = None  # None: CheckpointLoaderSimple
 
 
 class Group(_Data):
@@ -238,7 +259,10 @@ class PredictKey(_Data):
 
 
 class CheckpointSave(_Data):
-    """What ComfyUI's CheckpointSave writes besides the weights (None: that key is not written)."""
+    """What ComfyUI's CheckpointSave writes besides the weights (None: that key is not written).
+    ``latent_node``: the empty-latent node ComfyUI's own workflows use for this family."""
+
+    latent_node: str = "EmptyLatentImage"
 
     modelspec_architecture: str | dict[str, str] | None = None  # one, or one per predict_key
     modelspec_implementation: str | None = None

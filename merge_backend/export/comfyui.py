@@ -57,6 +57,12 @@ _MERGE_IO = ((("model1", "MODEL"), ("model2", "MODEL")), (("MODEL", "MODEL"),))
 _CLIP_IO = ((("clip1", "CLIP"), ("clip2", "CLIP")), (("CLIP", "CLIP"),))
 NODE_IO: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = {
     "CheckpointLoaderSimple": ((), (("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"))),
+    "UNETLoader": ((), (("MODEL", "MODEL"),)),
+    "DualCLIPLoader": ((), (("CLIP", "CLIP"),)),
+    "TripleCLIPLoader": ((), (("CLIP", "CLIP"),)),
+    "VAELoader": ((), (("VAE", "VAE"),)),
+    "ModelSave": ((("model", "MODEL"),), ()),
+    "EmptySD3LatentImage": ((), (("LATENT", "LATENT"),)),
     **{name: _MERGE_IO for name in ("ModelMergeSimple", "ModelMergeBlocks", "ModelMergeSubtract",
                                     "ModelMergeAdd")},
     **{name: _CLIP_IO for name in ("CLIPMergeSimple", "CLIPMergeSubtract", "CLIPMergeAdd")},
@@ -328,7 +334,8 @@ def _sampler_nodes(wf: ComfyWorkflow, arch: str, prompt: ComfyPrompt, model: Lin
     positive = wf.add("CLIPTextEncode", "probe prompt", {"clip": clip}, {"text": prompt.text})
     negative = wf.add("CLIPTextEncode", "negative prompt", {"clip": clip},
                       {"text": prompt.negative})
-    latent = wf.add("EmptyLatentImage", "Empty Latent Image", {},
+    latent_node = ARCHITECTURES[arch].checkpoint_save.latent_node
+    latent = wf.add(latent_node, "Empty Latent Image", {},
                     {"width": prompt.width or size, "height": prompt.height or size,
                      "batch_size": 1})
     sampler = wf.add("KSampler", "KSampler",
@@ -357,10 +364,17 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
     if len(set(names.values())) < len(paths):
         raise ComfyExportError(f"recipe.models: sources share a file name ({names}); ComfyUI "
                                "finds checkpoints by name, so rename one")
-    loaders = {role: wf.add("CheckpointLoaderSimple", f"{role}: {name}", {}, {"ckpt_name": name})
-               for role, name in names.items()}
+    loaded = {role: _loader_nodes(wf, recipe, role, name) for role, name in names.items()}
+    separate = [role for role in loaded if _layout_of(Path(recipe.models[role].path)) is not None]
+    if recipe.effective_clip() is not None and separate:
+        raise ComfyExportError("recipe.clip: a source holds only the diffusion model (another "
+                               "layout), so ComfyUI has no text encoders of it to merge")
+    loaders = {role: node for role, (node, _, _) in loaded.items()}
     model = _model_nodes(wf, recipe, loaders)
     clip = _clip_nodes(wf, recipe, loaders)
+    own_clip, vae = loaded["model1"][1], loaded["model1"][2]
+    if own_clip is not None:  # separate text-encoder and VAE files (a model-only layout)
+        clip, vae = own_clip, vae
     for spec in recipe.loras:
         lora_name = Path(spec.path).name
         strength_model, strength_clip = lora_strengths(spec)
@@ -368,11 +382,46 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
                       {"lora_name": lora_name, "strength_model": strength_model,
                        "strength_clip": strength_clip})
         model, clip = (lora, 0), (lora, 1)
-    vae = (loaders["model1"], 2)
-    wf.add("CheckpointSave", "save the merge", {"model": model, "clip": clip, "vae": vae},
-           {"filename_prefix": f"checkpoints/{name}"})
+    if own_clip is not None:  # model1 holds only the diffusion model: so does the merge
+        wf.add("ModelSave", "save the merged model", {"model": model},
+               {"filename_prefix": f"diffusion_models/{name}"})
+    else:
+        wf.add("CheckpointSave", "save the merge", {"model": model, "clip": clip, "vae": vae},
+               {"filename_prefix": f"checkpoints/{name}"})
     _sampler_nodes(wf, recipe.arch, prompt or ComfyPrompt(), model, clip, vae)
     return wf
+
+
+def _layout_of(path: Path):
+    """The other layout a source file is stored in (None: the architecture's own, or a file
+    not here to look at)."""
+    from merge_backend.checkpoint import CheckpointError, open_checkpoint
+
+    try:
+        return open_checkpoint(path).layout
+    except (CheckpointError, OSError):
+        return None
+
+
+def _loader_nodes(wf: ComfyWorkflow, recipe: Recipe, role: str, name: str
+                  ) -> tuple[int, Link | None, Link | None]:
+    """A source's loader node, and the links of the text encoders and VAE its layout loads from
+    separate files (None: the loader's own CLIP and VAE outputs 1 and 2)."""
+    layout = _layout_of(Path(recipe.models[role].path))
+    if layout is None or layout.comfyui is None:
+        return (wf.add("CheckpointLoaderSimple", f"{role}: {name}", {}, {"ckpt_name": name}),
+                None, None)
+    spec = layout.comfyui
+    model = wf.add(spec.model.node, f"{role}: {name}", {},
+                   {spec.model.file_input: name, **spec.model.widgets})
+    clip = vae = None
+    if role != "model1":  # the merge's text encoders and VAE are model1's
+        return model, None, None
+    if spec.clip is not None:
+        clip = (wf.add(spec.clip.node, f"{role}: text encoders", {}, dict(spec.clip.widgets)), 0)
+    if spec.vae is not None:
+        vae = (wf.add(spec.vae.node, f"{role}: VAE", {}, dict(spec.vae.widgets)), 0)
+    return model, clip, vae
 
 
 def comfy_settings(recipe: Recipe) -> str:

@@ -24,7 +24,7 @@ from torch import Tensor
 from merge_backend.architectures import ARCHITECTURES, block_names, block_of, text_encoder_block
 from merge_backend.checkpoint import Checkpoint
 from merge_backend.hashing import sha256_of
-from merge_backend.naming import convert_value, key_maps
+from merge_backend.naming import convert_value, key_maps, swap_halves, whole_rows
 from merge_backend.recipe import Recipe
 
 from .formats import LoraError, LoraFile, LoraModule, read_lora
@@ -101,14 +101,14 @@ def _natural_shape(module: LoraModule, role: str) -> tuple[int, ...]:
     """The shape a module's delta has in the original layout of its key."""
     t = module.target
     if role == "bias":
-        return (module.diff_b.numel() * t.parts,)
+        return (t.whole(module.diff_b.numel()),)
     if module.up is not None:
         shape = (module.up.shape[0], *module.down.shape[1:])
     else:
         shape = tuple(module.diff.shape)
     if t.transpose:
         shape = tuple(reversed(shape))
-    return (shape[0] * t.parts, *shape[1:])
+    return (t.whole(shape[0]), *shape[1:])
 
 
 def _compatible(delta: tuple[int, ...], stored: tuple[int, ...]) -> bool:
@@ -129,10 +129,11 @@ def _key_delta(entries: list[tuple[LoraModule, str]], device: torch.device | str
         else:
             part = module.delta(device)
             part = part.T if t.transpose else part
+        if t.swap:
+            part = swap_halves(part)
         if t.parts > 1:
-            rows = part.shape[0]
-            full = torch.zeros((rows * t.parts, *part.shape[1:]), device=part.device)
-            full[t.index * rows:(t.index + 1) * rows] = part
+            full = torch.zeros((t.whole(part.shape[0]), *part.shape[1:]), device=part.device)
+            full[t.rows(full.shape[0])] = part
             part = full
         total = part if total is None else total + part.reshape(total.shape)
     return total
@@ -195,7 +196,7 @@ def _expected_shape(km, param: torch.Tensor) -> tuple[int, ...]:
     if km.transform == "transpose":
         return tuple(reversed(shape))
     if km.transform == "chunk":
-        return (shape[0] * km.parts, *shape[1:])
+        return (whole_rows(shape[0], km.index, km.parts, km.sizes), *shape[1:])
     return shape
 
 

@@ -37,6 +37,7 @@ from merge_backend.architectures import report_block
 from merge_backend.checkpoint import Checkpoint, open_checkpoint
 from merge_backend.dtypes import DTYPES
 from merge_backend.hashing import sha256_of
+from merge_backend.naming import swap_halves
 from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
 from merge_backend.source_files import resolved
 
@@ -88,7 +89,9 @@ class _Job:
 def _module_view(target: Target, tensor: Tensor) -> Tensor:
     """The diffusers-module tensor of ``target`` from its original tensor (chunk, transpose)."""
     if target.parts > 1:
-        tensor = tensor.chunk(target.parts, dim=0)[target.index]
+        tensor = tensor[target.rows(tensor.shape[0])]
+    if target.swap:
+        tensor = swap_halves(tensor)
     return tensor.T if target.transpose else tensor
 
 
@@ -127,7 +130,8 @@ def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str
             weight = "diff" if bias_diff else "none"
         bias = None
         if bias_diff and target.bias_key and target.bias_key in m1:
-            bias = math.prod(m1.shape(target.bias_key)) // target.parts
+            whole = math.prod(m1.shape(target.bias_key))
+            bias = target.rows(whole).stop - target.rows(whole).start
         if weight != "none" or bias is not None:
             jobs.append(_Job(target, shape, weight, bias))
     if skipped:
@@ -210,7 +214,9 @@ def _differences(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch
         weight = _module_view(t, diff(t.key)) if job.weight != "none" else None
         bias = None
         if job.bias_rows is not None:
-            bias = diff(t.bias_key).reshape(-1).chunk(t.parts)[t.index]
+            flat = diff(t.bias_key).reshape(-1)
+            bias = flat[t.rows(flat.shape[0])]
+            bias = swap_halves(bias) if t.swap else bias
         yield job, weight, bias
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from merge_backend.architectures import ARCHITECTURES, Architecture, Component
-from merge_backend.naming import WRAPPERS, key_maps
+from merge_backend.naming import WRAPPERS, key_maps, part_rows, whole_rows
 from merge_backend.pipeline import build_module
 from merge_backend.pipeline_configs import config_files
 
@@ -39,9 +39,11 @@ FORMATS = ("kohya", "comfyui", "peft")
 class Target:
     """One weighted module of an architecture, where its weight lives in the original layout.
 
-    ``key`` is the original full weight key; OpenCLIP text encoders keep q/k/v as one
-    ``in_proj_weight``, so a module can be chunk ``index`` of ``parts`` rows of it, and
-    ``text_projection`` is stored transposed. ``module`` is the diffusers / transformers path.
+    ``key`` is the original full weight key; OpenCLIP text encoders and DiTs keep q/k/v as one
+    tensor, so a module can be part ``index`` of ``parts`` (relative ``sizes`` when they differ,
+    as Flux's linear1) rows of it; ``text_projection`` is stored transposed, and a ``swap``
+    module's two halves are exchanged (an AdaLayerNorm's shift/scale). ``module`` is the
+    diffusers / transformers path.
     ``kind``: "linear", "conv" (LoRA-able) or "other" (norms, embeddings).
 
     Example:
@@ -58,11 +60,22 @@ class Target:
     parts: int = 1
     transpose: bool = False
     kind: str = "linear"
+    sizes: tuple[int, ...] = ()
+    swap: bool = False
+    fused: bool = False  # a whole original tensor diffusers splits (an MMDiT's qkv): no diffusers name
+
+    def rows(self, total: int) -> slice:
+        """This module's rows of its original tensor of ``total`` rows."""
+        return part_rows(total, self.index, self.parts, self.sizes)
+
+    def whole(self, rows: int) -> int:
+        """The original tensor's rows when this module's part has ``rows``."""
+        return whole_rows(rows, self.index, self.parts, self.sizes)
 
     @property
-    def slot(self) -> tuple[str, int]:
+    def slot(self) -> tuple[str, int, int]:
         """What identifies a module inside a LoRA: its weight key and chunk."""
-        return (self.key, self.index)
+        return (self.key, self.index, self.parts)
 
     @property
     def lora_able(self) -> bool:
@@ -109,7 +122,7 @@ class NameTable:
                     return only.why
         return None
 
-    def by_slot(self, slot: tuple[str, int]) -> Target | None:
+    def by_slot(self, slot: tuple[str, int, int]) -> Target | None:
         return self._by_slot.get(slot)
 
     def components(self, names: Iterable[str]) -> Iterator[Target]:
@@ -123,6 +136,8 @@ class NameTable:
     def hf_path(self, target: Target) -> str:
         """The diffusers / transformers path as kohya and ComfyUI spell it (a text encoder's
         with the 'text_model.' wrapper transformers 5 drops)."""
+        if target.fused:
+            return None
         wrapper = WRAPPERS.get(self._component(target).converter)
         if wrapper is None or target.module.startswith((wrapper, "text_projection")):
             return target.module
@@ -130,7 +145,8 @@ class NameTable:
 
     def original_path(self, target: Target) -> str | None:
         """The original module path after the component prefix (None for chunks/transposes)."""
-        if target.parts > 1 or target.transpose or not target.key.endswith(".weight"):
+        if (target.parts > 1 or target.transpose or target.swap
+                or not target.key.endswith(".weight")):
             return None
         prefix = self._component(target).prefix
         return target.key[len(prefix):-len(".weight")]
@@ -145,25 +161,39 @@ class NameTable:
                              f"{fmt} names")
         path = self.original_path(target) if rule.paths == "original" else self.hf_path(target)
         if path is None:
+            if target.fused:
+                raise ValueError(f"{fmt} has no name for {target.key} (diffusers splits it)")
             raise ValueError(f"{fmt} has no name for {target.module} (no single original tensor)")
         return rule.prefix + (path.replace(".", "_") if fmt == "kohya" else path)
+
+    def can_name(self, target: Target, fmt: str) -> bool:
+        """Whether ``fmt`` has a name for ``target`` (kohya names no part of a fused qkv where
+        it spells original paths)."""
+        try:
+            self.name(target, fmt)
+        except ValueError:
+            return False
+        return True
 
     def _aliases(self, target: Target) -> list[str]:
         lora = self._component(target).lora
         original = self.original_path(target)
         names = [target.key[:-len(".weight")]] if original is not None else []
-        if lora.bare:
+        if lora.bare and not target.fused:
             names.append(target.module)
         for fmt in FORMATS:
             rule = lora.format(fmt)
             if rule is None or (rule.paths == "original" and original is None):
+                continue
+            if target.fused and rule.paths != "original":
                 continue
             names.append(self.name(target, fmt))
             if fmt == "comfyui":
                 continue
             # the other path style, and the unwrapped transformers path, read too
             join = (lambda p: p.replace(".", "_")) if fmt == "kohya" else (lambda p: p)
-            names.append(rule.prefix + join(target.module))
+            if not target.fused:
+                names.append(rule.prefix + join(target.module))
             if original is not None and fmt == "kohya":
                 names.append(rule.prefix + join(original))
         for prefix in lora.kohya_also:  # other trainers' kohya-style spellings
@@ -180,14 +210,30 @@ def _targets(arch: Architecture, component: str, module: nn.Module) -> list[Targ
     out = []
     for name, sub in module.named_modules():
         km = maps.get(f"{name}.weight")
-        if km is None or km.transform == "reshape":
+        if km is None or km.transform in ("reshape", "tied"):
             continue
         kind = ("linear" if isinstance(sub, nn.Linear)
                 else "conv" if isinstance(sub, nn.Conv2d) else "other")
         bias = maps.get(f"{name}.bias")
         out.append(Target(component, name, km.original, bias.original if bias else None,
-                          km.index, km.parts, km.transform == "transpose", kind))
+                          km.index, km.parts, km.transform == "transpose", kind, km.sizes,
+                          km.transform == "swap"))
+    if any(rule.paths == "original" for fmt in FORMATS
+           if (rule := arch.components[component].lora.format(fmt))):
+        out += _fused(arch, component, out)
     return out
+
+
+def _fused(arch: Architecture, component: str, parts: list[Target]) -> list[Target]:
+    """Whole-tensor targets for original tensors diffusers splits into modules (an MMDiT's
+    fused qkv, Flux's linear1): the modules LoRA tools that name original paths train."""
+    prefix = arch.components[component].prefix
+    whole: dict[str, Target] = {}
+    for t in parts:
+        if t.parts > 1 and t.key not in whole:
+            path = t.key[len(prefix):-len(".weight")]
+            whole[t.key] = Target(component, path, t.key, t.bias_key, kind=t.kind, fused=True)
+    return list(whole.values())
 
 
 @cache

@@ -32,10 +32,12 @@ def random_lora(checkpoint: Checkpoint, rank: int = 4, *, seed: int = 0,
     components = components or (checkpoint.arch.diffusion.name,)
     gen = torch.Generator().manual_seed(seed)
     modules = {}
-    targets = [t for t in table.components(components) if t.lora_able and t.key in checkpoint]
+    targets = [t for t in table.components(components) if t.lora_able and t.key in checkpoint
+               and table.can_name(t, "kohya")]
     for i, target in enumerate(targets[::every]):
         shape = list(checkpoint.shape(target.key))
-        shape[0] //= target.parts
+        rows = target.rows(shape[0])
+        shape[0] = rows.stop - rows.start
         if target.transpose:
             shape.reverse()
         out, inner = shape[0], math.prod(shape[1:])
