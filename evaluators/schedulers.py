@@ -26,6 +26,7 @@ class SchedulerSpec:
     class_name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()  # importable modules the class needs at run time
+    flow: bool = False  # a flow-matching sampler (SD3, Flux); the others are for noise prediction
 
 
 _NO_KARRAS = {"use_karras_sigmas": False}
@@ -59,6 +60,9 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "pndm": SchedulerSpec("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": SchedulerSpec("LMSDiscreteScheduler", requires=("scipy",)),
     "lcm": SchedulerSpec("LCMScheduler"),
+    # flow-matching models (SD3, Flux): their pipelines' own sampler family
+    "flow_euler": SchedulerSpec("FlowMatchEulerDiscreteScheduler", flow=True),
+    "flow_heun": SchedulerSpec("FlowMatchHeunDiscreteScheduler", flow=True),
 }
 
 
@@ -78,5 +82,11 @@ def make_scheduler(name: str, current: Any) -> Any:
     spec = SCHEDULERS[check_scheduler_name(name)]
     import diffusers
 
+    current_flow = type(current).__name__.startswith("FlowMatch")
+    if spec.flow != current_flow:
+        kind = "a flow-matching" if current_flow else "a noise-prediction"
+        fits = ", ".join(n for n, s in SCHEDULERS.items() if s.flow == current_flow)
+        raise ValueError(f"scheduler {name!r} does not fit this pipeline: it is {kind} model "
+                         f"({type(current).__name__}); choose one of {fits}")
     cls = getattr(diffusers, spec.class_name)
     return cls.from_config(current.config, **spec.kwargs)

@@ -32,6 +32,30 @@ from .recipe import Recipe, RecipeError
 DEFAULT_CHUNK = 1 << 24  # elements per streamed chunk (64 MiB of fp32 scratch)
 
 
+_ALIGN_BYTES = 64  # each weight starts on a 64-byte boundary of its block's flat buffer
+
+
+def aligned_offsets(items: list, itemsize: int) -> tuple[list[int], int]:
+    """Where each weight of a block starts in its flat buffer (in elements), and the buffer's
+    length: every weight aligned as a freshly allocated tensor is, so CPU kernels take the same
+    path (and round the same way) as on a pipeline loaded from the file."""
+    align = max(1, _ALIGN_BYTES // itemsize)
+    offsets, offset = [], 0
+    for _, param, _, _ in items:
+        offsets.append(offset)
+        offset += -(-param.numel() // align) * align
+    return offsets, offset
+
+
+def weights_of(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a file stores of a module, in state-dict order: its parameters and persistent
+    buffers (SD3's positional table, which ComfyUI's merges blend too), tied copies once."""
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    return [(n, params.get(n, buffers.get(n))) for n in module.state_dict(keep_vars=True)
+            if n in params or n in buffers]
+
+
 @dataclass
 class BlockGroup:
     """The parameters of one block, seated in one flat live buffer, and their sources."""
@@ -113,10 +137,13 @@ class MergeEngine:
         layout: dict[str, list] = {}
         for component in self.merged_components(self.bound):
             module = self.module(component)
-            names = [n for n, _ in module.named_parameters()]
+            names = [n for n, _ in weights_of(module)]
             maps = {km.diffusers: km for km in key_maps(self.arch, component, names,
                                                         getattr(module, "config", None))}
-            for name, param in module.named_parameters():
+            identity = self.arch.components[component].identity
+            for name, param in weights_of(module):
+                if name in identity:  # the identity diffusers' loader sets, whatever the file says
+                    continue
                 km = maps[name]
                 kp = by_key.get(km.original)
                 if component != self.diffusion:  # text encoders: one group each; op chosen per apply
@@ -144,22 +171,20 @@ class MergeEngine:
         for g, items in layout.items():
             component = g.split(":")[0]
             item = self.held_dtype(component).itemsize
-            total += sum(p.numel() for _, p, _, _ in items) * len(self._roles(component)) * item
+            total += aligned_offsets(items, self.live_dtype.itemsize)[1] * len(
+                self._roles(component)) * item
         item = max(self.held_dtype(c).itemsize for c in self.merged_components(self.bound))
         staging = 2 * 3 * self.chunk * max(item, self.live_dtype.itemsize)
         return total, staging
 
     def _bind_group(self, name: str, items: list, sources) -> BlockGroup:
         component, block = name.split(":", 1)
-        numel = sum(p.numel() for _, p, _, _ in items)
-        live = torch.empty(numel, dtype=self.live_dtype, device=self.device)
-        offset = 0
-        for _, param, _, _ in items:
-            n = param.numel()
-            view = live[offset:offset + n].view(param.shape)
+        offsets, numel = aligned_offsets(items, self.live_dtype.itemsize)
+        live = torch.zeros(numel, dtype=self.live_dtype, device=self.device)  # gaps stay 0
+        for (_, param, _, _), offset in zip(items, offsets, strict=True):
+            view = live[offset:offset + param.numel()].view(param.shape)
             view.copy_(param.data)
             param.data = view
-            offset += n
         group = BlockGroup(name, component, block, numel, live, held=self.held_dtype(component))
         roles = self._roles(component)
         on_host = self.memory.mode == "offload"
@@ -174,19 +199,17 @@ class MergeEngine:
 
     def _flat_source(self, items: list, ckpt, on_host: bool, dtype: torch.dtype) -> torch.Tensor:
         """A source's tensors of one block, held in ``dtype`` (rounded once), laid out flat."""
-        numel = sum(p.numel() for _, p, _, _ in items)
+        offsets, numel = aligned_offsets(items, self.live_dtype.itemsize)
         device = torch.device("cpu") if on_host else self.device
         pin = on_host and self.device.type == "cuda"
-        flat = torch.empty(numel, dtype=dtype, device=device, pin_memory=pin)
-        offset = 0
-        for _, param, km, _ in items:
+        flat = torch.zeros(numel, dtype=dtype, device=device, pin_memory=pin)
+        for (_, param, km, _), offset in zip(items, offsets, strict=True):
             value = convert_value(km, ckpt.get(km.original)).reshape(-1)
             if value.numel() != param.numel():
                 raise IncompatibleSourcesError(
                     f"{ckpt.path}: {km.original} has {value.numel()} values, the pipeline's "
                     f"parameter has {param.numel()} ({list(param.shape)}): another model variant")
             flat[offset:offset + value.numel()].copy_(value)
-            offset += value.numel()
         return flat
 
     def _flat_target(self, items: list, sources, model1: torch.Tensor, on_host: bool,
@@ -218,15 +241,14 @@ class MergeEngine:
     def _flat_lora(self, items: list, use, model1) -> torch.Tensor | None:
         from .lora.apply import lora_deltas_for_key
 
-        flat, offset = None, 0
-        for _, param, km, _ in items:
-            n = param.numel()
+        flat = None
+        offsets, numel = aligned_offsets(items, self.live_dtype.itemsize)
+        for (_, param, km, _), offset in zip(items, offsets, strict=True):
             delta = lora_deltas_for_key([use], km.original, model1.shape(km.original))
             if delta is not None:
                 if flat is None:
-                    flat = torch.zeros(sum(p.numel() for _, p, _, _ in items))
-                flat[offset:offset + n].copy_(convert_value(km, delta).reshape(-1))
-            offset += n
+                    flat = torch.zeros(numel)
+                flat[offset:offset + param.numel()].copy_(convert_value(km, delta).reshape(-1))
         return flat
 
     def lora_strengths(self, recipe: Recipe, group: BlockGroup) -> tuple[float, ...]:
@@ -251,11 +273,13 @@ class MergeEngine:
             if te.name in merged:
                 continue
             module = self.module(te.name)
-            names = [n for n, _ in module.named_parameters()]
+            names = [n for n, _ in weights_of(module)]
             maps = {km.diffusers: km for km in key_maps(self.arch, te.name, names,
                                                         getattr(module, "config", None))}
             with torch.no_grad():
-                for name, param in module.named_parameters():
+                for name, param in weights_of(module):
+                    if name in te.identity:
+                        continue
                     value = convert_value(maps[name], sources["model1"].get(maps[name].original))
                     param.data.copy_(held(value, self.held_dtype(te.name)).reshape(param.shape))
 
@@ -315,6 +339,6 @@ class MergeEngine:
         """data_ptr of every merged parameter (they never change after bind)."""
         out = {}
         for component in self.merged_components(self.bound):
-            for name, p in self.module(component).named_parameters():
+            for name, p in weights_of(self.module(component)):
                 out[f"{component}.{name}"] = p.data_ptr()
         return out

@@ -94,8 +94,12 @@ def build_components(arch_name: str, config_folder: Path, *, seed: int = 0,
         torch.manual_seed(seed)
         for component, sub in component_folders(arch).items():
             config = read_json(Path(config_folder) / sub / "config.json")
-            modules[component] = build_module(component, config, arch=arch,
-                                              as_stored=as_stored).eval()
+            module = build_module(component, config, arch=arch, as_stored=as_stored).eval()
+            with torch.no_grad():  # weights the original model holds as the identity
+                for name in arch.components[component].identity:
+                    weight = module.get_parameter(name)
+                    weight.copy_(torch.eye(*weight.shape))
+            modules[component] = module
     return modules
 
 
@@ -222,17 +226,21 @@ def load_pipeline(checkpoint: Path, *, arch: str | Architecture | None = None,
         cls = getattr(diffusers, index["_class_name"])
         pipe = cls.from_single_file(str(checkpoint), config=str(config_folder), torch_dtype=dtype,
                                     local_files_only=True, **_extras(index))
-        _tie_weights(pipe)
+        _finish_modules(pipe)
         pipe.set_progress_bar_config(disable=True)
         pipe = pipe.to(device)
     _own_aligned_storage(pipe)
     return pipe
 
 
-def _tie_weights(pipe) -> None:
-    """Re-tie what a single-file load left unset: diffusers loads T5's ``shared`` embedding from
-    the file but leaves transformers' tied copy ``encoder.embed_tokens`` on the meta device."""
+def _finish_modules(pipe) -> None:
+    """What a single-file load leaves undone: every module in eval mode (diffusers builds T5
+    in training mode, so its dropout would make every image differ), and tied weights tied
+    (it loads T5's ``shared`` embedding but leaves the tied ``encoder.embed_tokens`` on the
+    meta device)."""
     for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.eval()
         if isinstance(module, nn.Module) and any(p.is_meta for p in module.parameters()):
             if hasattr(module, "tie_weights"):
                 module.tie_weights()

@@ -98,10 +98,7 @@ def tiny_base_state_dict(arch_name: str, config_folder: Path, seed: int = 0) -> 
     sd: dict[str, Tensor] = {}
     for component, module in modules.items():
         config = getattr(module, "config", None)
-        weights = module.state_dict()
-        for name in arch.components[component].identity:  # held as the identity by the original
-            weights[name] = torch.eye(*weights[name].shape)
-        converted = to_original(arch, component, weights, config)
+        converted = to_original(arch, component, module.state_dict(), config)
         sd.update({k: v.detach().contiguous() for k, v in converted.items()})
     sd.update(_extras(arch))
     _mark_prediction(arch, Path(config_folder), sd, seed)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny SD1 / SD2 / SDXL families, written once per session; gpu / slow
+"""Shared fixtures: the tiny SD1 / SD2 / SDXL / SD3.5 / Flux families, written once per session; gpu / slow
 markers; caches in the session's temporary folder."""
 
 from __future__ import annotations
@@ -63,6 +63,21 @@ def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
     return write_tiny_family(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35_large(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd35_large"), "sd35_large", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35_medium(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd35_medium"), "sd35_medium", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+    return write_tiny_family(tmp_path_factory.mktemp("tiny_flux1"), "flux1", seed=0)
 
 
 from browser import browser  # noqa: E402, F401 - the headless Chromium fixture (tests/browser.py)

@@ -27,8 +27,8 @@ from merge_backend.lora import LoraUse, lora_deltas_for_key, random_lora, read_l
 from merge_backend.recipe import LoraSpec
 
 UNET = "model.diffusion_model."
-TEXT = ("cond_stage_model.", "conditioner.")
-VAE = "first_stage_model."
+TEXT = ("cond_stage_model.", "conditioner.", "text_encoders.")
+VAE = ("first_stage_model.", "vae.")
 SKIP = (".position_ids", ".logit_scale")
 
 # ComfyUI's ModelMergeSD1 (= ModelMergeSD2) / SDXL slider names, in INPUT_TYPES order (written
@@ -96,7 +96,13 @@ def evaluate_workflow(api: dict, files: dict, unet: torch.dtype = torch.float32,
         node = api[node_id]
         kind, inputs = node["class_type"], node["inputs"]
         widgets = {k: v for k, v in inputs.items() if not isinstance(v, list)}
-        if kind == "CheckpointLoaderSimple":
+        if kind == "UNETLoader":  # a bare diffusion model (BFL's Flux files): ComfyUI prefixes it
+            sd = load_file(str(files[inputs["unet_name"]]))
+            result = (_held({k if k.startswith(UNET) else UNET + k: v for k, v in sd.items()},
+                            unet),)
+        elif kind in ("DualCLIPLoader", "VAELoader"):  # separate files, not part of the merge
+            result = ({},)
+        elif kind == "CheckpointLoaderSimple":
             model, text, vae = _load(files[inputs["ckpt_name"]])
             text = {k: v if k.endswith(SKIP) else comfyui_reference.held(v, clip)
                     for k, v in text.items()}
@@ -116,6 +122,8 @@ def evaluate_workflow(api: dict, files: dict, unet: torch.dtype = torch.float32,
             result = tuple(_add_lora(get(inputs[part]), lora, widgets[strength])
                            for part, strength in (("model", "strength_model"),
                                                   ("clip", "strength_clip")))
+        elif kind == "ModelSave":
+            result = (_held(get(inputs["model"]), unet), {}, {})
         elif kind == "CheckpointSave":
             text = {k: v if k.endswith(SKIP) else comfyui_reference.held(v, clip)
                     for k, v in get(inputs["clip"]).items()}
@@ -125,7 +133,7 @@ def evaluate_workflow(api: dict, files: dict, unet: torch.dtype = torch.float32,
         done[node_id] = result
         return result
 
-    save = next(i for i, n in api.items() if n["class_type"] == "CheckpointSave")
+    save = next(i for i, n in api.items() if n["class_type"] in ("CheckpointSave", "ModelSave"))
     model, clip, vae = run(save)
     return {**model, **clip, **vae}
 
@@ -180,7 +188,7 @@ def test_workflow_rebuilds_the_checkpoint(arch, method, vocabulary, clip, fams, 
     files = {p.name: p for p in (fam.a, fam.b, fam.base)}
     rebuilt = evaluate_workflow(api, files)
     exported = load_file(str(out))
-    keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT) and not k.endswith(SKIP)]
+    keys = [k for k in exported if k.startswith((UNET, *VAE) + TEXT) and not k.endswith(SKIP)]
     assert len(keys) > 600 and set(keys) <= set(rebuilt)
     assert not [k for k in rebuilt if k.startswith(UNET) and k not in exported]
     differ = [k for k in keys if not torch.equal(rebuilt[k].to(exported[k].dtype), exported[k])]
@@ -285,7 +293,7 @@ def test_workflow_with_loras_rebuilds_the_checkpoint(arch, fams, tmp_path):
     exported = load_file(str(out))
     plain = load_file(str(merge_to_file(recipe.replace(loras=()), tmp_path / "plain.safetensors",
                                         dtype="fp32").output))
-    keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT) and not k.endswith(SKIP)]
+    keys = [k for k in exported if k.startswith((UNET, *VAE) + TEXT) and not k.endswith(SKIP)]
     changed = [k for k in keys if not torch.equal(exported[k], plain[k])]
     assert any(k.startswith(UNET) for k in changed) and any(k.startswith(TEXT) for k in changed)
     # ComfyUI adds one LoRA after the other, mergesearch their sum: float32 rounding apart.
@@ -322,7 +330,7 @@ def test_workflow_rebuilds_the_checkpoint_held_in_fp16(arch, tiny_sd1, tiny_sdxl
     files = {p.name: p for p in (fam.a, fam.b, fam.base)}
     rebuilt = evaluate_workflow(wf.api(), files, unet=torch.float16, clip=torch.float16)
     exported = load_file(str(out))
-    keys = [k for k in exported if k.startswith((UNET, VAE) + TEXT)]
+    keys = [k for k in exported if k.startswith((UNET, *VAE) + TEXT)]
     assert len(keys) > 600
     differ = [k for k in keys if not torch.equal(rebuilt[k].to(exported[k].dtype), exported[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"

@@ -115,12 +115,24 @@ def test_every_scheduler_name_builds_its_class_with_explicit_variant_switches(sd
             with pytest.raises(ValueError, match=f"pip install {spec.requires[0]}"):
                 check_scheduler_name(name)
             continue
+        if spec.flow:  # flow samplers refuse a noise-prediction pipeline (tests/test_dit.py)
+            with pytest.raises(ValueError, match="flow_euler"):
+                make_scheduler("euler", make_scheduler(name, _flow_scheduler()))
+            with pytest.raises(ValueError, match="noise-prediction"):
+                make_scheduler(name, karras_base)
+            continue
         # Built from a karras config, non-karras variants must still come out non-karras.
         scheduler = make_scheduler(name, karras_base)
         assert type(scheduler).__name__ == spec.class_name
         if "use_karras_sigmas" in spec.kwargs:
             assert scheduler.config.use_karras_sigmas == name.endswith("_karras"), name
     assert make_scheduler("dpm++_2m_karras", sd15.scheduler).config.algorithm_type == "dpmsolver++"
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
 @pytest.mark.parametrize("name", ["euler", "dpm++_2m_karras", "ddim", "pndm"])

@@ -110,6 +110,7 @@ SAMPLERS: dict[str, tuple[str, str]] = {
     "unipc": ("uni_pc", "normal"), "deis": ("deis", "normal"), "ddim": ("ddim", "ddim_uniform"),
     "ddpm": ("ddpm", "normal"), "pndm": ("euler", "normal"), "lms": ("lms", "normal"),
     "lcm": ("lcm", "sgm_uniform"),
+    "flow_euler": ("euler", "simple"), "flow_heun": ("heun", "simple"),
 }
 # The ComfyUI launch flags that hold the UNet / text encoders in each precision. ComfyUI's
 # defaults: the UNet in fp32 on the CPU and fp16 on most GPUs; the text encoders in fp16.
@@ -372,9 +373,10 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
     loaders = {role: node for role, (node, _, _) in loaded.items()}
     model = _model_nodes(wf, recipe, loaders)
     clip = _clip_nodes(wf, recipe, loaders)
-    own_clip, vae = loaded["model1"][1], loaded["model1"][2]
+    own_clip, own_vae = loaded["model1"][1], loaded["model1"][2]
+    vae = (loaders["model1"], 2)
     if own_clip is not None:  # separate text-encoder and VAE files (a model-only layout)
-        clip, vae = own_clip, vae
+        clip, vae = own_clip, own_vae
     for spec in recipe.loras:
         lora_name = Path(spec.path).name
         strength_model, strength_clip = lora_strengths(spec)

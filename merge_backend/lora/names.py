@@ -62,7 +62,9 @@ class Target:
     kind: str = "linear"
     sizes: tuple[int, ...] = ()
     swap: bool = False
-    fused: bool = False  # a whole original tensor diffusers splits (an MMDiT's qkv): no diffusers name
+    # a whole original tensor diffusers splits or reorders (an MMDiT's qkv, an AdaLayerNorm's
+    # shift/scale): tools that name original paths train it; it has no diffusers name
+    fused: bool = False
 
     def rows(self, total: int) -> slice:
         """This module's rows of its original tensor of ``total`` rows."""
@@ -226,11 +228,12 @@ def _targets(arch: Architecture, component: str, module: nn.Module) -> list[Targ
 
 def _fused(arch: Architecture, component: str, parts: list[Target]) -> list[Target]:
     """Whole-tensor targets for original tensors diffusers splits into modules (an MMDiT's
-    fused qkv, Flux's linear1): the modules LoRA tools that name original paths train."""
+    fused qkv, Flux's linear1) or reorders (the final AdaLayerNorm): the modules LoRA tools
+    that name original paths train."""
     prefix = arch.components[component].prefix
     whole: dict[str, Target] = {}
     for t in parts:
-        if t.parts > 1 and t.key not in whole:
+        if (t.parts > 1 or t.swap) and t.key not in whole:
             path = t.key[len(prefix):-len(".weight")]
             whole[t.key] = Target(component, path, t.key, t.bias_key, kind=t.kind, fused=True)
     return list(whole.values())
