@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from merge_backend.architectures import CLIP_MERGE_SKIPS, Architecture
+from merge_backend.name_rules import (
+    Rule,
+    Table,
+    flux_table,
+    index_count,
+    mmdit_table,
+    same,
+    t5_table,
+)
 from merge_backend.pipeline import build_module
 
 TRANSFORMS = ("id", "reshape", "chunk", "transpose", "swap", "tied")
@@ -82,11 +90,6 @@ def swap_halves(t: Tensor) -> Tensor:
     return torch.cat([second, first], dim=0)
 
 
-# A rule: diffusers prefix (ending in '.') or whole key -> (original prefix or key, transform,
-# index, parts[, sizes]). Tables hold names relative to the component prefix.
-_Rule = tuple
-_Table = dict[str, _Rule]
-
 _RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."),
            ("time_emb_proj.", "emb_layers.1."), ("norm2.", "out_layers.0."),
            ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
@@ -116,18 +119,6 @@ _HF_CLIP_FLAT = (("embeddings.", "text_model.embeddings."), ("encoder.", "text_m
                  ("final_layer_norm.", "text_model.final_layer_norm."))
 
 
-def _same(original: str) -> _Rule:
-    """A rule that renames only."""
-    return (original, "id", 0, 1)
-
-
-def _index_count(keys: Iterable[str], prefix: str) -> int:
-    """1 + the largest N among keys 'prefix<N>.…' (0 when none)."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = [int(m.group(1)) for k in keys if (m := pattern.match(k))]
-    return max(found) + 1 if found else 0
-
-
 def _per_level(value: int | Iterable[int], levels: int) -> list[int]:
     return [value] * levels if isinstance(value, int) else list(value)
 
@@ -138,23 +129,23 @@ def _per_level(value: int | Iterable[int], levels: int) -> list[int]:
 def _unet_config_from_keys(keys: list[str]) -> dict[str, Any]:
     """The few config values the UNet rules need, read off diffusers key names."""
     def types(side: str, attn: str, plain: str) -> list[str]:
-        n = _index_count(keys, f"{side}_blocks.")
+        n = index_count(keys, f"{side}_blocks.")
         return [attn if any(k.startswith(f"{side}_blocks.{i}.attentions.") for k in keys)
                 else plain for i in range(n)]
     has_mid_attn = any(k.startswith("mid_block.attentions.") for k in keys)
     return {"down_block_types": types("down", "CrossAttnDownBlock2D", "DownBlock2D"),
             "up_block_types": types("up", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "layers_per_block": _index_count(keys, "down_blocks.0.resnets."),
+            "layers_per_block": index_count(keys, "down_blocks.0.resnets."),
             "mid_block_type": "UNetMidBlock2DCrossAttn" if has_mid_attn else None}
 
 
-def _add_resnet(table: _Table, diffusers: str, original: str) -> None:
+def _add_resnet(table: Table, diffusers: str, original: str) -> None:
     for d, o in _RESNET:
-        table[diffusers + d] = _same(original + o)
+        table[diffusers + d] = same(original + o)
 
 
-def _unet_table(config: Mapping[str, Any]) -> _Table:
-    table: _Table = {d: _same(o) for d, o in _UNET_FIXED}
+def _unet_table(config: Mapping[str, Any]) -> Table:
+    table: Table = {d: same(o) for d, o in _UNET_FIXED}
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     layers = _per_level(config["layers_per_block"], len(down))
     n = 1  # input_blocks.0 is conv_in
@@ -162,10 +153,10 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
         for j in range(layers[i]):
             _add_resnet(table, f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0.")
             if "CrossAttn" in kind:
-                table[f"down_blocks.{i}.attentions.{j}."] = _same(f"input_blocks.{n}.1.")
+                table[f"down_blocks.{i}.attentions.{j}."] = same(f"input_blocks.{n}.1.")
             n += 1
         if i < len(down) - 1:
-            table[f"down_blocks.{i}.downsamplers.0.conv."] = _same(f"input_blocks.{n}.0.op.")
+            table[f"down_blocks.{i}.downsamplers.0.conv."] = same(f"input_blocks.{n}.0.op.")
             n += 1
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid is not None:
@@ -173,7 +164,7 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
             raise ValueError(f"UNet mid_block_type {mid!r} has no original-layout rule; "
                              "only UNetMidBlock2DCrossAttn (SD1/SD2/SDXL) is supported")
         _add_resnet(table, "mid_block.resnets.0.", "middle_block.0.")
-        table["mid_block.attentions.0."] = _same("middle_block.1.")
+        table["mid_block.attentions.0."] = same("middle_block.1.")
         _add_resnet(table, "mid_block.resnets.1.", "middle_block.2.")
     up_layers = list(reversed(layers))
     n = 0
@@ -182,31 +173,31 @@ def _unet_table(config: Mapping[str, Any]) -> _Table:
         for j in range(up_layers[i] + 1):
             _add_resnet(table, f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0.")
             if attn:
-                table[f"up_blocks.{i}.attentions.{j}."] = _same(f"output_blocks.{n}.1.")
+                table[f"up_blocks.{i}.attentions.{j}."] = same(f"output_blocks.{n}.1.")
             n += 1
         if i < len(up) - 1:  # the upsampler follows the level's last resnet (and attention)
             upsampler = f"output_blocks.{n - 1}.{2 if attn else 1}."
-            table[f"up_blocks.{i}.upsamplers.0."] = _same(upsampler)
+            table[f"up_blocks.{i}.upsamplers.0."] = same(upsampler)
     return table
 
 
 # ---------------------------------------------------------------------------- VAE
 
 
-def _vae_table(keys: list[str], config: Mapping[str, Any] | None) -> _Table:
+def _vae_table(keys: list[str], config: Mapping[str, Any] | None) -> Table:
     if config:
         levels, layers = len(config["down_block_types"]), config["layers_per_block"]
     else:
-        levels = _index_count(keys, "encoder.down_blocks.")
-        layers = _index_count(keys, "encoder.down_blocks.0.resnets.")
-    table: _Table = {p: _same(p) for p in ("quant_conv.", "post_quant_conv.")}
+        levels = index_count(keys, "encoder.down_blocks.")
+        layers = index_count(keys, "encoder.down_blocks.0.resnets.")
+    table: Table = {p: same(p) for p in ("quant_conv.", "post_quant_conv.")}
     for side in ("encoder", "decoder"):
         for d, o in _VAE_FIXED:
-            table[f"{side}.{d}"] = _same(f"{side}.{o}")
+            table[f"{side}.{d}"] = same(f"{side}.{o}")
         for j in range(2):
             for d, o in _VAE_RESNET:
                 original = f"{side}.mid.block_{j + 1}.{o}"
-                table[f"{side}.mid_block.resnets.{j}.{d}"] = _same(original)
+                table[f"{side}.mid_block.resnets.{j}.{d}"] = same(original)
         for d, o, transform in _VAE_ATTENTION:
             rule = (f"{side}.mid.attn_1.{o}", transform, 0, 1)
             table[f"{side}.mid_block.attentions.0.{d}"] = rule
@@ -217,132 +208,36 @@ def _vae_table(keys: list[str], config: Mapping[str, Any] | None) -> _Table:
         for j in range(layers + 1):
             for d, o in _VAE_RESNET:
                 if j < layers:
-                    table[f"encoder.down_blocks.{i}.resnets.{j}.{d}"] = _same(f"{enc}block.{j}.{o}")
-                table[f"decoder.up_blocks.{i}.resnets.{j}.{d}"] = _same(f"{dec}block.{j}.{o}")
-        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = _same(f"{enc}downsample.conv.")
-        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = _same(f"{dec}upsample.conv.")
+                    table[f"encoder.down_blocks.{i}.resnets.{j}.{d}"] = same(f"{enc}block.{j}.{o}")
+                table[f"decoder.up_blocks.{i}.resnets.{j}.{d}"] = same(f"{dec}block.{j}.{o}")
+        table[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = same(f"{enc}downsample.conv.")
+        table[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = same(f"{dec}upsample.conv.")
     return table
 
 
 # ---------------------------------------------------------------------------- text encoders
 
 
-def _hf_clip_table(keys: list[str]) -> _Table:
+def _hf_clip_table(keys: list[str]) -> Table:
     wrapped = any(k.startswith("text_model.") for k in keys)
-    return {d: _same(o) for d, o in (_HF_CLIP_WRAPPED if wrapped else _HF_CLIP_FLAT)}
+    return {d: same(o) for d, o in (_HF_CLIP_WRAPPED if wrapped else _HF_CLIP_FLAT)}
 
 
-def _open_clip_table(keys: list[str]) -> _Table:
+def _open_clip_table(keys: list[str]) -> Table:
     tm = "text_model." if any(k.startswith("text_model.") for k in keys) else ""
-    table: _Table = {f"{tm}embeddings.token_embedding.": _same("token_embedding."),
-                     f"{tm}embeddings.position_embedding.weight": _same("positional_embedding"),
-                     f"{tm}final_layer_norm.": _same("ln_final."),
+    table: Table = {f"{tm}embeddings.token_embedding.": same("token_embedding."),
+                     f"{tm}embeddings.position_embedding.weight": same("positional_embedding"),
+                     f"{tm}final_layer_norm.": same("ln_final."),
                      "text_projection.weight": ("text_projection", "transpose", 0, 1)}
-    for n in range(_index_count(keys, f"{tm}encoder.layers.")):
+    for n in range(index_count(keys, f"{tm}encoder.layers.")):
         d, o = f"{tm}encoder.layers.{n}.", f"transformer.resblocks.{n}."
         for dd, oo in _OPEN_CLIP_LAYER:
-            table[d + dd] = _same(o + oo)
+            table[d + dd] = same(o + oo)
         for index, name in enumerate(_OPEN_CLIP_QKV):
             for kind in ("weight", "bias"):
                 rule = (f"{o}attn.in_proj_{kind}", "chunk", index, len(_OPEN_CLIP_QKV))
                 table[f"{d}self_attn.{name}_proj.{kind}"] = rule
     return table
-
-
-# ---------------------------------------------------------------------------- DiTs
-# Rules of one transformer block of SD3's MMDiT and Flux's double / single blocks, diffusers
-# path -> original path (whole keys where the last name differs). A qkv entry is split in three.
-_QKV = ("to_q.", "to_k.", "to_v.")
-_ADD_QKV = ("add_q_proj.", "add_k_proj.", "add_v_proj.")
-_MMDIT_BLOCK = (("attn.to_out.0.", "x_block.attn.proj."),
-                ("attn.to_add_out.", "context_block.attn.proj."),
-                ("attn.norm_q.", "x_block.attn.ln_q."), ("attn.norm_k.", "x_block.attn.ln_k."),
-                ("attn.norm_added_q.", "context_block.attn.ln_q."),
-                ("attn.norm_added_k.", "context_block.attn.ln_k."),
-                ("attn2.to_out.0.", "x_block.attn2.proj."),
-                ("attn2.norm_q.", "x_block.attn2.ln_q."), ("attn2.norm_k.", "x_block.attn2.ln_k."),
-                ("norm1.linear.", "x_block.adaLN_modulation.1."),
-                ("ff.net.0.proj.", "x_block.mlp.fc1."), ("ff.net.2.", "x_block.mlp.fc2."),
-                ("ff_context.net.0.proj.", "context_block.mlp.fc1."),
-                ("ff_context.net.2.", "context_block.mlp.fc2."))
-_MMDIT_FIXED = (("pos_embed.pos_embed", "pos_embed"), ("pos_embed.proj.", "x_embedder.proj."),
-                ("time_text_embed.timestep_embedder.linear_1.", "t_embedder.mlp.0."),
-                ("time_text_embed.timestep_embedder.linear_2.", "t_embedder.mlp.2."),
-                ("time_text_embed.text_embedder.linear_1.", "y_embedder.mlp.0."),
-                ("time_text_embed.text_embedder.linear_2.", "y_embedder.mlp.2."),
-                ("context_embedder.", "context_embedder."), ("proj_out.", "final_layer.linear."))
-_FLUX_FIXED = (("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer."),
-               ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer."),
-               ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer."),
-               ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer."),
-               ("time_text_embed.guidance_embedder.linear_1.", "guidance_in.in_layer."),
-               ("time_text_embed.guidance_embedder.linear_2.", "guidance_in.out_layer."),
-               ("context_embedder.", "txt_in."), ("x_embedder.", "img_in."),
-               ("proj_out.", "final_layer.linear."))
-_FLUX_DOUBLE = (("norm1.linear.", "img_mod.lin."), ("norm1_context.linear.", "txt_mod.lin."),
-                ("attn.norm_q.weight", "img_attn.norm.query_norm.scale"),
-                ("attn.norm_k.weight", "img_attn.norm.key_norm.scale"),
-                ("attn.norm_added_q.weight", "txt_attn.norm.query_norm.scale"),
-                ("attn.norm_added_k.weight", "txt_attn.norm.key_norm.scale"),
-                ("ff.net.0.proj.", "img_mlp.0."), ("ff.net.2.", "img_mlp.2."),
-                ("ff_context.net.0.proj.", "txt_mlp.0."), ("ff_context.net.2.", "txt_mlp.2."),
-                ("attn.to_out.0.", "img_attn.proj."), ("attn.to_add_out.", "txt_attn.proj."))
-_FLUX_SINGLE = (("norm.linear.", "modulation.lin."),
-                ("attn.norm_q.weight", "norm.query_norm.scale"),
-                ("attn.norm_k.weight", "norm.key_norm.scale"), ("proj_out.", "linear2."))
-# Flux's single blocks fuse q, k, v and the MLP input (mlp_ratio 4, fixed in diffusers' and
-# BFL's FluxSingleTransformerBlock) into one linear1.
-_FLUX_LINEAR1 = ("attn.to_q.", "attn.to_k.", "attn.to_v.", "proj_mlp.")
-_FLUX_LINEAR1_SIZES = (1, 1, 1, 4)
-_SWAPPED = "final_layer.adaLN_modulation.1."  # (shift, scale) in the original, swapped in diffusers
-
-
-def _add_qkv(table: _Table, diffusers: str, names: tuple[str, ...], original: str) -> None:
-    for index, name in enumerate(names):
-        table[diffusers + name] = (original, "chunk", index, len(names))
-
-
-def _mmdit_table(keys: list[str]) -> _Table:
-    """SD3 / SD3.5's MMDiT (MMDiT-X's second self-attention ``attn2`` included)."""
-    table: _Table = {d: _same(o) for d, o in _MMDIT_FIXED}
-    table["norm_out.linear."] = (_SWAPPED, "swap", 0, 1)
-    layers = _index_count(keys, "transformer_blocks.")
-    for i in range(layers):
-        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        table.update({d + dd: _same(o + oo) for dd, oo in _MMDIT_BLOCK})
-        _add_qkv(table, d + "attn.", _QKV, o + "x_block.attn.qkv.")
-        _add_qkv(table, d + "attn.", _ADD_QKV, o + "context_block.attn.qkv.")
-        _add_qkv(table, d + "attn2.", _QKV, o + "x_block.attn2.qkv.")
-        # the last block's context stream only modulates (pre-only): an AdaLayerNormContinuous
-        last = i == layers - 1
-        table[d + "norm1_context.linear."] = (o + "context_block.adaLN_modulation.1.",
-                                              "swap" if last else "id", 0, 1)
-    return table
-
-
-def _flux_table(keys: list[str]) -> _Table:
-    """Flux.1's transformer in Black Forest Labs' layout (dev and schnell)."""
-    table: _Table = {d: _same(o) for d, o in _FLUX_FIXED}
-    table["norm_out.linear."] = (_SWAPPED, "swap", 0, 1)
-    for i in range(_index_count(keys, "transformer_blocks.")):
-        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        table.update({d + dd: _same(o + oo) for dd, oo in _FLUX_DOUBLE})
-        _add_qkv(table, d + "attn.", _QKV, o + "img_attn.qkv.")
-        _add_qkv(table, d + "attn.", _ADD_QKV, o + "txt_attn.qkv.")
-    for i in range(_index_count(keys, "single_transformer_blocks.")):
-        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        table.update({d + dd: _same(o + oo) for dd, oo in _FLUX_SINGLE})
-        for index, name in enumerate(_FLUX_LINEAR1):
-            table[d + name] = (o + "linear1.", "chunk", index, len(_FLUX_LINEAR1),
-                               _FLUX_LINEAR1_SIZES)
-    return table
-
-
-def _t5_table(keys: list[str]) -> _Table:
-    """T5's encoder as transformers and ComfyUI store it; ``encoder.embed_tokens`` is
-    transformers' tied copy of ``shared``."""
-    return {"shared.": _same("shared."), "encoder.embed_tokens.weight": ("shared.weight", "tied", 0, 1),
-            "encoder.": _same("encoder.")}
 
 
 # ---------------------------------------------------------------------------- key maps
@@ -355,34 +250,34 @@ def _component_prefix(arch: Architecture, component: str) -> str:
     return arch.components[component].prefix
 
 
-def _unet(keys: list[str], config: Any) -> _Table:
+def _unet(keys: list[str], config: Any) -> Table:
     # only diffusers' dict-like configs with block types count (a transformers config is ignored)
     usable = isinstance(config, Mapping) and "down_block_types" in config
     return _unet_table(config if usable else _unet_config_from_keys(keys))
 
 
-def _vae(keys: list[str], config: Any) -> _Table:
+def _vae(keys: list[str], config: Any) -> Table:
     usable = isinstance(config, Mapping) and "down_block_types" in config
     return _vae_table(keys, config if usable else None)
 
 
 # Converter name (an architecture file's components.*.converter) -> its table builder, called
 # with the diffusers keys and the diffusers config (or None).
-CONVERTERS: dict[str, Callable[[list[str], Any], _Table]] = {
+CONVERTERS: dict[str, Callable[[list[str], Any], Table]] = {
     "ldm_unet": _unet,  # the LDM / SGM UNet of SD1, SD2, SDXL
     "ldm_vae": _vae,  # their AutoencoderKL
     "hf_clip": lambda keys, config: _hf_clip_table(keys),  # OpenAI CLIP in transformers' layout
     "open_clip": lambda keys, config: _open_clip_table(keys),  # OpenCLIP's own layout
-    "mmdit": lambda keys, config: _mmdit_table(keys),  # SD3 / SD3.5's transformer
-    "flux": lambda keys, config: _flux_table(keys),  # Flux.1's transformer (BFL's names)
-    "t5": lambda keys, config: _t5_table(keys),  # T5's encoder (transformers' names)
+    "mmdit": lambda keys, config: mmdit_table(keys),  # SD3 / SD3.5's transformer
+    "flux": lambda keys, config: flux_table(keys),  # Flux.1's transformer (BFL's names)
+    "t5": lambda keys, config: t5_table(keys),  # T5's encoder (transformers' names)
 }
 # Converters whose transformers module may drop a wrapper that the original, kohya and ComfyUI
 # spell out (transformers 5's CLIPTextModel has no 'text_model.').
 WRAPPERS = {"hf_clip": "text_model.", "open_clip": "text_model."}
 
 
-def _table(arch: Architecture, component: str, keys: list[str], config: Any) -> _Table:
+def _table(arch: Architecture, component: str, keys: list[str], config: Any) -> Table:
     name = arch.components[component].converter
     if name is None:
         raise ValueError(f"{arch.source}: components.{component} names no converter to "
@@ -394,7 +289,7 @@ def _table(arch: Architecture, component: str, keys: list[str], config: Any) -> 
     return CONVERTERS[name](keys, config)
 
 
-def _lookup(table: _Table, key: str) -> tuple[str, _Rule] | None:
+def _lookup(table: Table, key: str) -> tuple[str, Rule] | None:
     """The rule of the longest prefix of ``key`` (or ``key`` itself) in ``table``."""
     if key in table:
         return key, table[key]

@@ -19,7 +19,8 @@ from merge_backend.source_files import check_source
 NODES = {
     "simple": ("ModelMergeSimple: ratio*model1 + (1-ratio)*model2", "weighted_sum"),
     "blocks": ("ModelMergeBlocks: input / middle / out ratios", "weighted_sum"),
-    "layers": ("ModelMergeSD1 / SD2 / SDXL: a ratio per UNet layer (comfy or mbw names)",
+    "layers": ("the model-specific node (ModelMergeSD1 / SDXL / SD3_2B / SD35_Large / Flux1 …): "
+               "a ratio per layer (comfy slider names, or another vocabulary's)",
                "weighted_sum"),
     "subtract": ("ModelMergeSubtract: multiplier*(model1 - model2)", "subtract"),
     "add": ("ModelMergeAdd: model1 + model2", "add"),
