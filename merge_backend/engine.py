@@ -268,6 +268,13 @@ class MergeEngine:
 
     def _keep_model1_text_encoders(self, sources) -> None:
         """Text encoders the Recipe does not merge hold model1's weights, as in ComfyUI."""
+        layout = sources["model1"].layout
+        if layout is not None and any(te.name not in layout.components
+                                      for te in self.arch.text_encoders):
+            raise RecipeError(f"model1 {sources['model1'].path} is in the {layout.name} layout "
+                              f"({layout.title}): it holds only {', '.join(layout.components)}; a live "
+                              "pipeline needs model1's text encoders; use a file with all "
+                              "components (as ComfyUI's CheckpointSave writes) as model1")
         merged = self.merged_components(self.bound)
         for te in self.arch.text_encoders:
             if te.name in merged:

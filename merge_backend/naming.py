@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from merge_backend.architectures import CLIP_MERGE_SKIPS, Architecture
+from merge_backend.modules import build_module
 from merge_backend.name_rules import (
     Rule,
     Table,
@@ -36,7 +37,6 @@ from merge_backend.name_rules import (
     same,
     t5_table,
 )
-from merge_backend.pipeline import build_module
 
 TRANSFORMS = ("id", "reshape", "chunk", "transpose", "swap", "tied")
 

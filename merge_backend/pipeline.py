@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from merge_backend.architectures import ARCHITECTURES, Architecture, detect_architecture
+from merge_backend.modules import build_module, module_class
 from merge_backend.pipeline_configs import (
     CACHE_ENV,
     cache_dir,
@@ -37,39 +38,6 @@ __all__ = ["CACHE_ENV", "build_components", "build_module", "cache_dir", "compon
 
 
 # ---------------------------------------------------------------------------- modules
-
-
-def _class(library: str, name: str):
-    if library == "diffusers":
-        import diffusers
-
-        return getattr(diffusers, name)
-    if library == "transformers":
-        import transformers
-
-        return getattr(transformers, name)
-    raise ValueError(f"cannot build a {library}.{name} (only diffusers and transformers classes)")
-
-
-def build_module(component: str, config: Mapping[str, Any], *, arch: Architecture,
-                 as_stored: bool = False) -> nn.Module:
-    """A randomly initialised module of one component from its config, of the class the
-    architecture's ``model_index.json`` names. ``as_stored``: the module as single files store
-    it (the component's ``file_module``: SD2's text encoder with its 24th layer and projection).
-    Build under ``torch.device("meta")`` for a shape-only module.
-    """
-    library, name = arch.component_class(component)
-    config = dict(config)
-    stored = arch.components[component].file_module if as_stored else None
-    if stored is not None:
-        name = stored.class_ or name
-        if stored.extra_layers:
-            config["num_hidden_layers"] += stored.extra_layers
-    cls = _class(library, name)
-    if library == "diffusers":
-        return cls.from_config(config)
-    clean = {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
-    return cls(cls.config_class(**clean))
 
 
 def component_folders(arch: Architecture) -> dict[str, str]:
@@ -135,14 +103,14 @@ def pipeline_from_components(arch_name: str, modules: Mapping[str, nn.Module],
     arch = ARCHITECTURES[arch_name]
     folder = Path(config_folder)
     index = read_json(folder / "model_index.json")
-    scheduler_cls = _class(*index["scheduler"])
+    scheduler_cls = module_class(*index["scheduler"])
     kwargs: dict[str, Any] = {"scheduler": scheduler_cls.from_pretrained(folder, subfolder="scheduler")}
     for component, sub in component_folders(arch).items():
         kwargs[sub] = _moved(modules[component], device, dtype)
     for sub in arch.tokenizers:
-        kwargs[sub] = _class(*index[sub]).from_pretrained(folder / sub)
+        kwargs[sub] = module_class(*index[sub]).from_pretrained(folder / sub)
     kwargs.update(_extras(index))
-    pipe = _class("diffusers", index["_class_name"])(**kwargs)
+    pipe = module_class("diffusers", index["_class_name"])(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

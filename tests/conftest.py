@@ -50,34 +50,17 @@ def config_cache(tmp_path_factory: pytest.TempPathFactory):
     return os.environ[CACHE_ENV]
 
 
-@pytest.fixture(scope="session")
-def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
-    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd1"), "sd1", seed=0)
+def _tiny_family_fixture(arch: str):
+    """A session fixture ``tiny_<arch>``: the architecture's tiny family, written once."""
+    @pytest.fixture(scope="session", name=f"tiny_{arch}")
+    def family(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
+        return write_tiny_family(tmp_path_factory.mktemp(f"tiny_{arch}"), arch, seed=0)
+    return family
 
 
-@pytest.fixture(scope="session")
-def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
-    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd2"), "sd2", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
-    return write_tiny_family(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd35_large(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
-    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd35_large"), "sd35_large", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd35_medium(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
-    return write_tiny_family(tmp_path_factory.mktemp("tiny_sd35_medium"), "sd35_medium", seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_flux1(tmp_path_factory: pytest.TempPathFactory) -> TinyFamily:
-    return write_tiny_family(tmp_path_factory.mktemp("tiny_flux1"), "flux1", seed=0)
+# tiny_sd1, tiny_sd2, tiny_sdxl, tiny_sd35_large, tiny_sd35_medium, tiny_flux1
+for _arch in ("sd1", "sd2", "sdxl", "sd35_large", "sd35_medium", "flux1"):
+    globals()[f"tiny_{_arch}"] = _tiny_family_fixture(_arch)
 
 
 from browser import browser  # noqa: E402, F401 - the headless Chromium fixture (tests/browser.py)

@@ -31,7 +31,7 @@ from merge_backend.lora import apply_to_pipeline, read_lora
 from merge_backend.merge_file import apply_to_file
 from merge_backend.naming import to_diffusers, to_original
 from merge_backend.pipeline import empty_pipeline, load_pipeline
-from merge_backend.recipe import LoraSpec, uniform_ratios
+from merge_backend.recipe import LoraSpec, RecipeError, uniform_ratios
 from merge_backend.tiny import tiny_base_state_dict
 from search import run_folder as rf
 from search.cli import main
@@ -225,6 +225,12 @@ def test_a_bfl_file_merges_like_its_comfyui_twin(tiny_flux1, tmp_path):
     assert main(["merge", "simple", str(tiny_flux1.layouts["bfl"]), str(tiny_flux1.layouts["bfl"]),
                  "-o", str(out), "--dtype", "fp32"]) == 0
     assert set(load_file(str(out))) == {k for k in load_file(str(tiny_flux1.b)) if k.startswith(DIT)}
+    # a live pipeline needs model1's text encoders, which a BFL file does not hold
+    bfl_first = Recipe(arch="flux1", method="weighted_sum", vocabulary="single",
+                       ratios={"all": 0.5}, models={"model1": Source(str(tiny_flux1.layouts["bfl"])),
+                                                    "model2": Source(str(tiny_flux1.a))})
+    with pytest.raises(RecipeError, match="bfl layout"):
+        MergeEngine(empty_pipeline("flux1", "tiny"), bfl_first)
 
 
 def test_auraflow_is_one_data_file(tmp_path):

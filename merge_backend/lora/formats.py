@@ -339,7 +339,7 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
                             f"change {target.key}; the file holds one module twice")
         modules[target.slot] = _module(path, name, parts, target, _peft_alpha(peft, name))
     if unmatched and (strict or not modules):
-        raise _unmatched_error(path, arch_obj, unmatched, len(names), scores)
+        raise _unmatched_error(path, arch_obj, unmatched, len(names), scores, _hinted(metadata))
     if not modules:
         raise LoraError(f"{path}: holds no module of {arch_obj.title} but "
                         f"{', '.join(ignored)}, which "
@@ -349,8 +349,11 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
 
 
 def _unmatched_error(path: Path, arch: Architecture, unmatched: list[str],
-                     total: int, scores: Mapping[str, int]) -> LoraError:
-    best = max(scores, key=scores.get)
+                     total: int, scores: Mapping[str, int], hinted: str | None = None
+                     ) -> LoraError:
+    # names shared by several families (CLIP-L's) tie: the file's metadata picks among them
+    top = [a for a, s in scores.items() if s == max(scores.values())]
+    best = hinted if hinted in top else top[0]
     hint = ""
     if best != arch.name and scores[best] > scores[arch.name]:
         hint = (f" It looks like a LoRA for {ARCHITECTURES[best].title} ({scores[best]} of "

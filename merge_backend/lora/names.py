@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from merge_backend.architectures import ARCHITECTURES, Architecture, Component
+from merge_backend.modules import build_module
 from merge_backend.naming import WRAPPERS, key_maps, part_rows, whole_rows
-from merge_backend.pipeline import build_module
 from merge_backend.pipeline_configs import config_files
 
 FORMATS = ("kohya", "comfyui", "peft")
