@@ -8,12 +8,14 @@ from .architectures import ARCHITECTURES, Architecture, UnsupportedModelError, b
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .hashing import sha256_of
 from .merge_file import MergeResult, merge_to_file, recipe_from_checkpoint
+from .methods import METHODS, MergeMethod, register_method
 from .plan import IncompatibleSourcesError, KeyPlan, MergePlan, plan_merge
-from .recipe import METHODS, ClipMerge, Recipe, RecipeError, Source
+from .recipe import ClipMerge, Recipe, RecipeError, Source
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "Checkpoint", "CheckpointError", "ClipMerge",
-    "IncompatibleSourcesError", "KeyPlan", "METHODS", "MergePlan", "MergeResult", "Recipe",
-    "RecipeError", "Source", "UnsupportedModelError", "block_names", "block_of",
-    "merge_to_file", "open_checkpoint", "plan_merge", "recipe_from_checkpoint", "sha256_of",
+    "IncompatibleSourcesError", "KeyPlan", "METHODS", "MergeMethod", "MergePlan", "MergeResult",
+    "Recipe", "RecipeError", "Source", "UnsupportedModelError", "block_names", "block_of",
+    "merge_to_file", "open_checkpoint", "plan_merge", "recipe_from_checkpoint",
+    "register_method", "sha256_of",
 ]

@@ -25,6 +25,7 @@ from .architectures import ARCHITECTURES
 from .dtypes import DTYPES, held, rounds_to
 from .engine_memory import MemoryPlan, plan_memory
 from .merge_file import open_sources
+from .methods import METHODS, TARGET
 from .naming import convert_value, key_maps
 from .plan import IncompatibleSourcesError, KeyPlan, plan_merge
 from .recipe import Recipe, RecipeError
@@ -115,18 +116,18 @@ class MergeEngine:
     def _needs_scratch(self) -> int:
         """float32 scratch buffers the exact ops, the held precisions and LoRAs need (0 for
         fast-only recipes held in the live dtype)."""
-        fast_only = (self.bound.arithmetic == "fast" and not self.bound.loras
-                     and self.bound.method in ("weighted_sum", "add_difference")
+        method = self.bound.merge_method
+        fast_only = (kernels.is_fast(method, self.bound.arithmetic) and not self.bound.loras
                      and len(self.merged_components(self.bound)) == 1
                      and all(g.held == self.live_dtype for g in self.groups))
-        return 0 if fast_only else 3
+        return 0 if fast_only else kernels.scratch_needed(method)
 
     def merged_components(self, recipe: Recipe) -> tuple[str, ...]:
         """The components the engine writes: the UNet, and the text encoders when the Recipe
         merges them or has LoRAs (which may change them)."""
         tes = tuple(te.name for te in self.arch.text_encoders)
         merges_te = (recipe.clip is not None or bool(recipe.loras)
-                     or (recipe.text_encoder_block is not None and recipe.spec.uses_ratio))
+                     or (recipe.text_encoder_block is not None and recipe.merge_method.uses_ratio))
         return (self.diffusion,) + (tes if merges_te else ())
 
     def module(self, component: str) -> torch.nn.Module:
@@ -158,9 +159,12 @@ class MergeEngine:
     def _roles(self, component: str) -> tuple[str, ...]:
         if component != self.diffusion:
             return ("model1", "model2")
-        if self.bound.method == "add_difference" and self.bound.arithmetic == "fast":
-            return ("model1", "target")  # target = model1 + (model2 - base), built at bind
-        return self.bound.spec.roles
+        method = self.bound.merge_method
+        if kernels.is_fast(method, self.bound.arithmetic):
+            # the fast kernel's sources; a target (add-difference's model1 + (model2 - base))
+            # is built at bind, then every candidate is one lerp
+            return tuple(dict.fromkeys(method.roles[:1] + method.fast.roles))
+        return method.roles
 
     def held_dtype(self, component: str) -> torch.dtype:
         """The dtype a component's sources are held in (the Recipe's precision)."""
@@ -189,12 +193,10 @@ class MergeEngine:
         roles = self._roles(component)
         on_host = self.memory.mode == "offload"
         for role in roles:
-            if role == "target":
-                continue
-            group.sources[role] = self._flat_source(items, sources[role], on_host, group.held)
-        if "target" in roles:
-            group.sources["target"] = self._flat_target(items, sources, group.sources["model1"],
-                                                        on_host, group.held)
+            if role != TARGET:
+                group.sources[role] = self._flat_source(items, sources[role], on_host, group.held)
+        if TARGET in roles:
+            group.sources[TARGET] = self._flat_target(items, sources, group, on_host)
         return group
 
     def _flat_source(self, items: list, ckpt, on_host: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -212,15 +214,17 @@ class MergeEngine:
             flat[offset:offset + value.numel()].copy_(value)
         return flat
 
-    def _flat_target(self, items: list, sources, model1: torch.Tensor, on_host: bool,
-                     dtype: torch.dtype) -> torch.Tensor:
-        # Fast add-difference: model1 + (model2 - base), rounded once to the held dtype, so
-        # each candidate is one lerp(model1, target, (1 - ratio) * multiplier).
-        m2, base = (self._flat_source(items, sources[r], True, dtype) for r in ("model2", "base"))
-        target = kernels.add_difference_target(model1.cpu(), m2, base, dtype, self.chunk)
+    def _flat_target(self, items: list, sources, group: BlockGroup, on_host: bool
+                     ) -> torch.Tensor:
+        # The fast kernel's target (add-difference: model1 + (model2 - base)), rounded once to
+        # the held dtype, so each candidate is one lerp towards it.
+        target = self.bound.merge_method.fast.target
+        flats = [group.sources[r].cpu() if r in group.sources
+                 else self._flat_source(items, sources[r], True, group.held) for r in target.roles]
+        built = kernels.build_target(target, flats, group.held, self.chunk)
         if on_host:
-            return target.pin_memory() if self.device.type == "cuda" else target
-        return target.to(self.device)
+            return built.pin_memory() if self.device.type == "cuda" else built
+        return built.to(self.device)
 
     def _bind_loras(self, layout: Mapping[str, list], sources) -> None:
         """Dense float32 deltas of each LoRA, laid out like the block buffers they change."""
@@ -336,7 +340,9 @@ class MergeEngine:
                 continue
             op, ratio, multiplier, strengths = target
             loras = [(group.loras[i], k) for i, k in enumerate(strengths) if k != 0.0]
-            self.runner.run(group, op, ratio, multiplier, recipe.arithmetic, loras, group.held)
+            method = None if op == "copy" else METHODS[op]
+            self.runner.run(group, method, ratio, multiplier, recipe.arithmetic, loras,
+                            group.held)
             group.last = target
             applied += 1
         self.runner.synchronize()

@@ -12,39 +12,48 @@ formulas).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .dtypes import rounds_to
+from .methods import MergeMethod, Node, Target
 
-FAST_OPS = ("copy", "weighted_sum_fast", "add_difference_fast")
+def is_fast(method: MergeMethod | None, arithmetic: str) -> bool:
+    """Whether a block runs a fast kernel: a copy (method None), or fast arithmetic with a
+    method that has one (methods without a fast kernel run their exact arithmetic)."""
+    return method is None or (arithmetic == "fast" and method.fast is not None)
 
 
-def add_difference_target(m1: torch.Tensor, m2: torch.Tensor, base: torch.Tensor,
-                          dtype: torch.dtype, chunk: int) -> torch.Tensor:
-    """model1 + (model2 - base), in float32, rounded once to ``dtype`` (host memory)."""
-    out = torch.empty(m1.numel(), dtype=dtype)
-    for s in range(0, m1.numel(), chunk):
-        e = min(s + chunk, m1.numel())
-        out[s:e] = (m1[s:e].float() + (m2[s:e].float() - base[s:e].float())).to(dtype)
+def kernel_roles(method: MergeMethod | None, arithmetic: str) -> tuple[str, ...]:
+    """The bound sources a block's kernel reads, in the kernel's order."""
+    if method is None:
+        return ("model1",)
+    if arithmetic == "fast" and method.fast is not None:
+        return method.fast.roles  # (start, end); end may be the bound target
+    return method.roles
+
+
+def scratch_needed(method: MergeMethod | None) -> int:
+    """float32 scratch buffers the method's exact arithmetic needs (at least 3: the result
+    and the LoRA sum run through buffers 0-2)."""
+    if method is None:
+        return 3
+    if method.comfy:
+        return max(3, 1 + max(max(out, tmp) for out, tmp, _ in _chain_plan(method.comfy)))
+    return max(3, 1 + len(method.roles))
+
+
+def build_target(target: Target, flats: list[torch.Tensor], dtype: torch.dtype,
+                 chunk: int) -> torch.Tensor:
+    """A fast kernel's bound target (add-difference's model1 + (model2 - base)): computed in
+    float32 from the sources' held values, rounded once to ``dtype`` (host memory)."""
+    n = flats[0].numel()
+    out = torch.empty(n, dtype=dtype)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        out[s:e] = target.fn(*(f[s:e].float() for f in flats)).to(dtype)
     return out
-
-
-def op_kind(op: str, arithmetic: str) -> str:
-    if op in ("weighted_sum", "add_difference") and arithmetic == "fast":
-        return f"{op}_fast"
-    return op
-
-
-def _roles(kind: str) -> tuple[str, ...]:
-    return {
-        "copy": ("model1",),
-        "weighted_sum_fast": ("model1", "model2"),
-        "add_difference_fast": ("model1", "target"),
-        "weighted_sum": ("model1", "model2"),
-        "subtract": ("model1", "model2"),
-        "add": ("model1", "model2"),
-        "add_difference": ("model1", "model2", "base"),
-    }[kind]
 
 
 class Runner:
@@ -88,29 +97,34 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ running
-    def run(self, group, op: str, ratio: float, multiplier: float, arithmetic: str,
-            loras: list[tuple[torch.Tensor, float]] = (), held: torch.dtype | None = None) -> None:
-        """Write one block's candidate; ``loras`` = [(flat float32 delta, strength)] added in
-        float32 before the final rounding, as the file merge does. ``held`` is the precision
-        the block is held in (its sources already hold such values): the result is rounded to
-        it before it is stored in the live dtype (default: the live dtype)."""
-        kind = op_kind(op, arithmetic)
+    def run(self, group, method: MergeMethod | None, ratio: float, multiplier: float,
+            arithmetic: str, loras: list[tuple[torch.Tensor, float]] = (),
+            held: torch.dtype | None = None) -> None:
+        """Write one block's candidate (``method`` None: model1's weights); ``loras`` =
+        [(flat float32 delta, strength)] added in float32 before the final rounding, as the
+        file merge does. ``held`` is the precision the block is held in (its sources already
+        hold such values): the result is rounded to it before it is stored in the live dtype
+        (default: the live dtype)."""
+        fast = is_fast(method, arithmetic)
+        weight = method.fast.weight(ratio, multiplier) if fast and method is not None else None
         held = held or self.live_dtype
-        sources = [group.sources[r] for r in _roles(kind)]
-        if kind in FAST_OPS and held != self.live_dtype:
+        sources = [group.sources[r] for r in kernel_roles(method, arithmetic)]
+        if fast and held != self.live_dtype:
             # the working dtype is not the live one: lerp in float32 scratch, round to it
             post = self._post(loras, held, round_first=True)
-            float_fast(self, kind, group.live, sources, ratio, multiplier, post)
+            float_fast(self, group.live, sources, weight, post)
             return
         direct = all(s.device == self.device and s.dtype == self.live_dtype for s in sources)
-        if kind in FAST_OPS and direct:
-            compute(self, kind, group.live, sources, ratio, multiplier)
+        if fast and direct:
+            lerp_or_copy(group.live, sources, weight)
         else:
+            roles = kernel_roles(method, arithmetic)
             for slot, (s, e) in enumerate(_chunks(group.numel, self.chunk)):
                 terms = [(d[s:e], k) for d, k in loras]
-                self._run_chunk(slot % 2, kind, group.live[s:e], [x[s:e] for x in sources],
-                                ratio, multiplier, terms, held)
-        if kind in FAST_OPS and loras:
+                parts = dict(zip(roles, (x[s:e] for x in sources)))
+                self._run_chunk(slot % 2, method if not fast else None, weight,
+                                group.live[s:e], parts, ratio, multiplier, terms, held)
+        if fast and loras:
             # fast ops round into the live dtype first (the file merge rounds to its working
             # dtype the same way), then the LoRAs are added in float32
             for s, e in _chunks(group.numel, self.chunk):
@@ -159,27 +173,29 @@ class Runner:
                 total.add_(d, alpha=k)
         return total
 
-    def _run_chunk(self, slot: int, kind: str, live: torch.Tensor, parts: list[torch.Tensor],
-                   ratio: float, multiplier: float, terms=(), held: torch.dtype | None = None
-                   ) -> None:
+    def _run_chunk(self, slot: int, exact_method: MergeMethod | None, weight: float | None,
+                   live: torch.Tensor, parts: dict[str, torch.Tensor], ratio: float,
+                   multiplier: float, terms=(), held: torch.dtype | None = None) -> None:
+        """One chunk: the exact arithmetic of ``exact_method``, or (None) the fast kernel."""
         n = live.numel()
-        if kind not in FAST_OPS:
+        if exact_method is not None:
             # Exact ops copy (and convert) straight into float32 scratch; no staging needed.
-            compute(self, kind, live, parts, ratio, multiplier,
-                    self._post(terms, held or self.live_dtype))
+            exact(self, exact_method, live, parts, ratio, multiplier,
+                  self._post(terms, held or self.live_dtype))
             return
         if not self.cuda:
-            staged = [_staged(self._stage_buffer(slot, i)[:n], p) for i, p in enumerate(parts)]
-            compute(self, kind, live, staged, ratio, multiplier)
+            staged = [_staged(self._stage_buffer(slot, i)[:n], p)
+                      for i, p in enumerate(parts.values())]
+            lerp_or_copy(live, staged, weight)
             return
         compute_stream = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.free[slot])
             staged = [_staged(self._stage_buffer(slot, i)[:n], p, non_blocking=True)
-                      for i, p in enumerate(parts)]
+                      for i, p in enumerate(parts.values())]
             self.ready[slot].record(self.copy_stream)
         compute_stream.wait_event(self.ready[slot])
-        compute(self, kind, live, staged, ratio, multiplier)
+        lerp_or_copy(live, staged, weight)
         self.free[slot].record(compute_stream)
 
 
@@ -195,20 +211,12 @@ def _chunks(n: int, chunk: int):
         yield s, min(s + chunk, n)
 
 
-def compute(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
-             ratio: float, multiplier: float, post=None) -> None:
-    if kind == "copy":
+def lerp_or_copy(live: torch.Tensor, src: list[torch.Tensor], weight: float | None) -> None:
+    """The fast kernels: a copy of model1 (``weight`` None), or ``lerp(start, end, weight)``."""
+    if weight is None:
         live.copy_(src[0])
-    elif kind == "weighted_sum_fast":
-        torch.lerp(src[1], src[0], ratio, out=live)
-    elif kind == "add_difference_fast":
-        torch.lerp(src[0], src[1], (1.0 - ratio) * multiplier, out=live)
-    elif kind == "add_difference":
-        _exact_add_difference(runner, live, src, ratio, multiplier, post)
     else:
-        a, b = {"weighted_sum": (ratio, 1.0 - ratio), "subtract": (multiplier, -multiplier),
-                "add": (1.0, 1.0)}[kind]
-        _exact_patch(runner, live, src, a, b, post)
+        torch.lerp(src[0], src[1], weight, out=live)
 
 
 def _patch(w: torch.Tensor, other: torch.Tensor, a: float, b: float) -> None:
@@ -221,44 +229,73 @@ def _patch(w: torch.Tensor, other: torch.Tensor, a: float, b: float) -> None:
         w.add_(other)
 
 
-def _exact_patch(runner: Runner, live: torch.Tensor, src: list[torch.Tensor], a: float,
-                 b: float, post=None) -> None:
-    # ComfyUI's sequence, chunk by chunk: w = W1.float(); w *= a; w += b * W2.float()
+@lru_cache(maxsize=None)
+def _chain_plan(nodes: tuple[Node, ...]) -> tuple[tuple[int, int, bool], ...]:
+    """Per node of a ComfyUI chain: (its result's scratch buffer, the buffer its model2 is
+    patched from, whether model2 is copied there first). The last result lands in buffer 0
+    (where the LoRA sum and rounding expect it); an earlier result read for the last time as
+    model2 is patched from in place, anything else is copied into a free buffer."""
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        last_use[node.model1] = last_use[node.model2] = i
+    live: dict[str, int] = {}  # earlier results still needed -> their buffers
+
+    def free(*taken: int) -> int:
+        return min(set(range(1, 2 * len(nodes) + 2)) - set(live.values()) - set(taken))
+
+    plan = []
+    for i, node in enumerate(nodes):
+        out = 0 if i == len(nodes) - 1 else free()
+        in_place = node.model2 in live and last_use[node.model2] == i \
+            and node.model2 != node.model1
+        tmp = live[node.model2] if in_place else free(out)
+        plan.append((out, tmp, not in_place))
+        for value in (node.model1, node.model2):
+            if value in live and last_use[value] == i:
+                del live[value]
+        live[node.name] = out
+    return tuple(plan)
+
+
+def exact(runner: Runner, method: MergeMethod, live: torch.Tensor,
+          src: dict[str, torch.Tensor], ratio: float, multiplier: float, post=None) -> None:
+    """A method's exact arithmetic over flat sources (by role), chunk by chunk in float32
+    scratch: its ComfyUI node chain step for step (REFERENCE §6), e.g. add-difference's
+        d = B; d *= m; d += (-m) * C       ModelMergeSubtract(B, C, m)
+        t = A; t += 1.0 * d                ModelMergeAdd(A, subtract)
+        w = A; w *= r; w += (1 - r) * t    the ratio node (A, add, r)
+    or, without a chain, the method's own elementwise ``exact`` on float32 chunks.
+    ``post(w, s, e)`` (rounding, LoRAs) runs on each float32 result before it is stored."""
+    nodes = method.comfy
+    plan = _chain_plan(nodes) if nodes else ()
     for s, e in _chunks(live.numel(), runner.chunk):
-        w = runner.scratch(0, e - s)
-        t = runner.scratch(1, e - s)
-        w.copy_(src[0][s:e])
-        t.copy_(src[1][s:e])
-        _patch(w, t, a, b)
+        n = e - s
+        if nodes:
+            results: dict[str, torch.Tensor] = {}
+            for node, (out, tmp, copy) in zip(nodes, plan):
+                w = runner.scratch(out, n)
+                w.copy_(results[node.model1] if node.model1 in results else src[node.model1][s:e])
+                t = runner.scratch(tmp, n)
+                if copy:
+                    t.copy_(results[node.model2] if node.model2 in results
+                            else src[node.model2][s:e])
+                _patch(w, t, *node.strengths(ratio, multiplier))
+                results[node.name] = w
+        else:
+            parts = []
+            for i, role in enumerate(method.roles):
+                part = runner.scratch(1 + i, n)
+                part.copy_(src[role][s:e])
+                parts.append(part)
+            w = runner.scratch(0, n)
+            w.copy_(method.exact(parts, ratio, multiplier))
         if post is not None:
             post(w, s, e)
         live[s:e].copy_(w)
 
 
-def _exact_add_difference(runner: Runner, live: torch.Tensor, src: list[torch.Tensor],
-                          ratio: float, multiplier: float, post=None) -> None:
-    # The exported workflow's chain, step for step in float32 (REFERENCE §6):
-    #   d = B; d *= m; d += (-m) * C       ModelMergeSubtract(B, C, m)
-    #   t = A; t += 1.0 * d                ModelMergeAdd(A, subtract)
-    #   w = A; w *= r; w += (1 - r) * t    the ratio node (A, add, r)
-    for s, e in _chunks(live.numel(), runner.chunk):
-        w = runner.scratch(0, e - s)
-        d = runner.scratch(1, e - s)
-        t = runner.scratch(2, e - s)
-        d.copy_(src[1][s:e])
-        t.copy_(src[2][s:e])
-        _patch(d, t, multiplier, -multiplier)
-        t.copy_(src[0][s:e])
-        _patch(t, d, 1.0, 1.0)
-        w.copy_(src[0][s:e])
-        _patch(w, t, ratio, 1.0 - ratio)
-        if post is not None:
-            post(w, s, e)
-        live[s:e].copy_(w)
-
-
-def float_fast(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Tensor],
-                ratio: float, multiplier: float, post=None) -> None:
+def float_fast(runner: Runner, live: torch.Tensor, src: list[torch.Tensor],
+               weight: float | None, post=None) -> None:
     # A fast op whose working dtype is not the live one: the lerp in float32 scratch (a lerp
     # on fp16 / bf16 computes in float32 and rounds once, so rounding this result to the
     # working dtype is that lerp), then post (rounding, LoRAs) and the store.
@@ -266,15 +303,12 @@ def float_fast(runner: Runner, kind: str, live: torch.Tensor, src: list[torch.Te
         w = runner.scratch(0, e - s)
         x = runner.scratch(1, e - s)
         x.copy_(src[0][s:e])
-        if kind == "copy":
+        if weight is None:
             w.copy_(x)
         else:
             y = runner.scratch(2, e - s)
             y.copy_(src[1][s:e])
-            if kind == "weighted_sum_fast":
-                torch.lerp(y, x, ratio, out=w)
-            else:
-                torch.lerp(x, y, (1.0 - ratio) * multiplier, out=w)
+            torch.lerp(x, y, weight, out=w)
         if post is not None:
             post(w, s, e)
         live[s:e].copy_(w)

@@ -29,6 +29,7 @@ from .dtypes import DTYPES, held
 from .file_kernels import KeyArithmetic
 from .hashing import sha256_of
 from .lora.apply import check_loras, lora_deltas_for_key, uses_from_recipe
+from .methods import METHODS
 from .output_files import check_new_output
 from .plan import KeyPlan, MergePlan, plan_merge
 from .recipe import LoraSpec, Recipe, Source, uniform_ratios
@@ -219,7 +220,7 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                         merged = held(merged.float() + delta, precision)
                     merged = merged.to(_out_dtype(merged.dtype, out_dtype))
                 else:  # into a buffer reused for the next key, once this one is written
-                    merged = arithmetic.merge(k.op, tensors, k.ratio, k.multiplier, delta,
+                    merged = arithmetic.merge(METHODS[k.op], tensors, k.ratio, k.multiplier, delta,
                                               precision)
                 if (k.op != "copy" or delta is not None) and not all_finite(merged):
                     _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
@@ -239,7 +240,7 @@ def _roles_of(recipe: Recipe, k: KeyPlan) -> tuple[str, ...]:
     if k.op == "copy":
         return ("model1",)
     return ("model1", "model2") if k.block in _text_encoder_names(recipe.arch) else \
-        recipe.spec.roles
+        recipe.merge_method.roles
 
 
 def check_sources_finite(plan: MergePlan, sources: Mapping[str, Checkpoint]) -> None:

@@ -28,7 +28,7 @@ class KeyPlan:
     """One output tensor: ``op`` over the sources' tensors under ``key``."""
 
     key: str
-    op: str  # "copy" (from model1) or a method name of recipe.METHODS
+    op: str  # "copy" (from model1) or a method name (merge_backend.methods.METHODS)
     block: str | None  # the vocabulary block (UNet) or the text encoder's name
     ratio: float = 1.0
     multiplier: float = 1.0
@@ -146,7 +146,7 @@ def _check_float(recipe: Recipe, sources: Mapping[str, Checkpoint], plans: list[
     for k in plans:
         if k.op == "copy":
             continue  # copied unchanged, whatever the dtype (position_ids are integers)
-        roles = ("model1", "model2") if k.block in text_encoders else recipe.spec.roles
+        roles = ("model1", "model2") if k.block in text_encoders else recipe.merge_method.roles
         for role in roles:
             dtype = sources[role].dtype(k.key)
             if not dtype.is_floating_point:

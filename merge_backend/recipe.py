@@ -22,38 +22,13 @@ from dataclasses import asdict, dataclass, field
 
 from .architectures import ARCHITECTURES, block_names, text_encoder_block
 from .dtypes import DTYPES
+from .methods import METHODS, MergeMethod, clip_methods
 
 ARITHMETICS = ("comfy", "fast")
 
 
 class RecipeError(ValueError):
     """A Recipe that cannot be built; the message names the field and the fix."""
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a merge method needs: which source roles, and whether ratios / multiplier apply."""
-
-    roles: tuple[str, ...]
-    uses_ratio: bool
-    uses_multiplier: bool
-    comfy_nodes: str
-
-
-# Formulas (ratio r = model1's share, m = multiplier), all in float32, cast back at the end:
-#   weighted_sum    r*W1 + (1-r)*W2                (ModelMergeSimple / Blocks / SD1 / SDXL)
-#   subtract        m*W1 - m*W2                    (ModelMergeSubtract)
-#   add             W1 + W2                        (ModelMergeAdd)
-#   add_difference  r*W1 + (1-r)*(W1 + (m*W2 - m*W3))   (Subtract(B, C, m) -> Add(A, .) ->
-#                   the ratio node (A, .)); = W1 + (1-r)*m*(W2 - W3) up to float32 rounding
-METHODS: dict[str, MethodSpec] = {
-    "weighted_sum": MethodSpec(("model1", "model2"), True, False, "ModelMergeSimple/Blocks/SD1/SDXL"),
-    "subtract": MethodSpec(("model1", "model2"), False, True, "ModelMergeSubtract"),
-    "add": MethodSpec(("model1", "model2"), False, False, "ModelMergeAdd"),
-    "add_difference": MethodSpec(("model1", "model2", "base"), True, True,
-                                 "ModelMergeSubtract + ModelMergeAdd"),
-}
-CLIP_METHODS = ("weighted_sum", "subtract", "add")
 
 
 @dataclass(frozen=True)
@@ -139,7 +114,8 @@ class Recipe:
 
     # ------------------------------------------------------------------ meaning
     @property
-    def spec(self) -> MethodSpec:
+    def merge_method(self) -> MergeMethod:
+        """The registered method (merge_backend.methods) the Recipe names."""
         return METHODS[self.method]
 
     def held_dtype(self, component: str) -> str | None:
@@ -154,7 +130,7 @@ class Recipe:
 
     def unet_ratio(self, block: str) -> float:
         """The ratio of a UNet block (1.0 for methods without ratios)."""
-        return self.ratios[block] if self.spec.uses_ratio else 1.0
+        return self.ratios[block] if self.merge_method.uses_ratio else 1.0
 
     @property
     def text_encoder_block(self) -> str | None:
@@ -164,7 +140,7 @@ class Recipe:
     def effective_clip(self) -> ClipMerge | None:
         """The text-encoder merge: ``clip``, or in the mbw vocabulary the BASE ratio."""
         te_block = self.text_encoder_block
-        if te_block and self.spec.uses_ratio:
+        if te_block and self.merge_method.uses_ratio:
             base = self.ratios[te_block]
             return None if base == 1.0 else ClipMerge("weighted_sum", ratio=base)
         return self.clip
@@ -175,32 +151,31 @@ class Recipe:
         if self.arch not in ARCHITECTURES:
             raise RecipeError(f"recipe.arch: unknown architecture {self.arch!r}; "
                               f"choose one of {', '.join(ARCHITECTURES)}")
-        if self.method not in METHODS:
-            raise RecipeError(f"recipe.method: unknown method {self.method!r}; "
-                              f"choose one of {', '.join(METHODS)}")
+        method = _method(self.method, "recipe.method")
         if self.arithmetic not in ARITHMETICS:
             raise RecipeError(f"recipe.arithmetic: {self.arithmetic!r} is not one of {ARITHMETICS}")
         for where, value in (("unet_dtype", self.unet_dtype),
                              ("text_encoder_dtype", self.text_encoder_dtype)):
             if value not in DTYPES:
                 raise RecipeError(f"recipe.{where}: {value!r} is not one of {', '.join(DTYPES)}")
-        missing = [r for r in self.spec.roles if r not in self.models]
+        missing = [r for r in method.roles if r not in self.models]
         if missing:
             raise RecipeError(f"recipe.models: method {self.method} needs {', '.join(missing)}")
-        extra = [r for r in self.models if r not in self.spec.roles]
+        extra = [r for r in self.models if r not in method.roles]
         if extra:
             raise RecipeError(f"recipe.models: method {self.method} takes no {', '.join(extra)}")
         check_finite("recipe.multiplier", self.multiplier)
         self._validate_ratios()
         self._validate_clip()
         self._validate_loras()
+        method.check(self)
 
     def _validate_ratios(self) -> None:
         known = ARCHITECTURES[self.arch].vocabulary_names
         if self.vocabulary not in known:
             raise RecipeError(f"recipe.vocabulary: unknown {self.vocabulary!r}; "
                               f"choose one of {', '.join(known)}")
-        if not self.spec.uses_ratio:
+        if not self.merge_method.uses_ratio:
             if self.ratios:
                 raise RecipeError(f"recipe.ratios: method {self.method} takes no ratios")
             return
@@ -223,9 +198,10 @@ class Recipe:
     def _validate_clip(self) -> None:
         if self.clip is None:
             return
-        if self.clip.method not in CLIP_METHODS:
-            raise RecipeError(f"recipe.clip.method: {self.clip.method!r} is not one of "
-                              f"{', '.join(CLIP_METHODS)}")
+        if _method(self.clip.method, "recipe.clip.method").clip_node is None:
+            raise RecipeError(f"recipe.clip.method: {self.clip.method!r} has no CLIPMerge node "
+                              f"(it cannot merge text encoders); choose one of "
+                              f"{', '.join(clip_methods())}")
         check_ratio("recipe.clip.ratio", self.clip.ratio, self.allow_extrapolation)
         check_finite("recipe.clip.multiplier", self.clip.multiplier)
 
@@ -240,6 +216,19 @@ class Recipe:
             if unknown:
                 raise RecipeError(f"recipe.loras[{i}].block_strengths: unknown block(s) "
                                   f"{', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+
+
+def _method(name: str, where: str) -> MergeMethod:
+    """The registered method ``name``; RecipeError naming ``where`` when there is none."""
+    if not isinstance(name, str):
+        raise RecipeError(f"{where}: {name!r} is not a method name")
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError(f"{where}: unknown method {name!r}; choose one of "
+                          f"{', '.join(METHODS)} (or install the package that provides it)") from None
+    except ValueError as exc:  # a plug-in that is installed but broken (MethodError, PluginError)
+        raise RecipeError(f"{where}: {exc}") from None
 
 
 def check_finite(where: str, value: float) -> None:
