@@ -1,26 +1,16 @@
-"""ComfyUI's arithmetic, written out here from its source (REFERENCE §1, §2, §6) so that tests
-derive expected tensors independently of mergesearch's kernels.
-
-- A merge node is a weight patch on model1's weight, in float32: ``w *= strength_model``
-  (skipped at 1), then ``w += strength_patch * other`` (skipped at 0); a patch taken from an
-  already patched model is computed first, from that model's own weight.
-- A model is held in one precision (``held``): its weights are rounded to it when loaded, and
-  the patched result is rounded to it once.
+"""ComfyUI's arithmetic, written out from its source (REFERENCE §1, §2, §6) so that tests
+derive expected tensors independently of mergesearch's kernels. The merge-node patch, the held
+precision and the workflow evaluator live in ``merge_backend.methods.comfyui_reference`` (the
+method contract uses them too); the add-difference chain and LoraSave's extraction are here.
 """
 
 from __future__ import annotations
 
 import torch
 
+from merge_backend.methods.comfyui_reference import held, patch
 
-def patch(w1: torch.Tensor, w2: torch.Tensor, strength_model: float, strength_patch: float
-          ) -> torch.Tensor:
-    w = w1.float().clone()
-    if strength_model != 1.0:
-        w *= strength_model
-    if strength_patch != 0.0:
-        w += strength_patch * w2.float()
-    return w
+__all__ = ["add_difference", "extract_lora", "held", "patch"]
 
 
 def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, m: float, r: float
@@ -29,11 +19,6 @@ def add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, m: float, 
     difference = patch(b, c, m, -m)
     target = patch(a, difference, 1.0, 1.0)
     return patch(a, target, r, 1.0 - r)
-
-
-def held(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A weight as a model held in ``dtype`` holds it (float32 holds fp16/bf16/fp32 exactly)."""
-    return t.to(dtype).float() if t.is_floating_point() else t
 
 
 def extract_lora(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,21 +1,17 @@
 """The exported ComfyUI workflow rebuilds the exported checkpoint, by ComfyUI's own formulas.
 
-The evaluator below is written from ComfyUI's node definitions (REFERENCE §1), not from our
-merge code: a merge node clones model1 and patches every ``diffusion_model.`` key of model2
-with ``W = strength_model*W1 + strength_patch*W2`` in float32 (ModelMergeSimple / Blocks /
-SD1 / SDXL: ratio, 1-ratio with the longest matching slider name, else the first slider;
-Subtract: m, -m; Add: 1, 1); CLIPMerge* do the same on the text encoder, skipping
-``position_ids`` / ``logit_scale``; LoraLoader adds ``strength_model`` times each LoRA delta to
-the model's weights and ``strength_clip`` times it to the text encoder's, in float32 (the delta
-itself, up @ down * alpha / rank, comes from merge_backend.lora, which is checked against
-diffusers' own fuse in test_lora_apply); CheckpointSave keeps the VAE of the loader it is wired to.
+The evaluator (merge_backend.methods.comfyui_reference) is written from ComfyUI's node
+definitions (REFERENCE §1), not from our merge code: a merge node clones model1 and patches
+every ``diffusion_model.`` key of model2 with ``W = strength_model*W1 + strength_patch*W2`` in
+float32; CLIPMerge* do the same on the text encoder, skipping ``position_ids`` /
+``logit_scale``; LoraLoader adds its strengths times each LoRA delta; CheckpointSave keeps the
+VAE of the loader it is wired to.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import comfyui_reference
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,7 +19,8 @@ from safetensors.torch import load_file
 from merge_backend import ClipMerge, Recipe, Source, merge_to_file
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.export import ComfyExportError, ComfyPrompt, comfy_workflow
-from merge_backend.lora import LoraUse, lora_deltas_for_key, random_lora, read_lora, save_lora
+from merge_backend.lora import random_lora, save_lora
+from merge_backend.methods.comfyui_reference import evaluate_workflow
 from merge_backend.recipe import LoraSpec
 
 UNET = "model.diffusion_model."
@@ -39,103 +36,6 @@ SD1_SLIDERS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}." for i in ra
 SDXL_SLIDERS = (["time_embed.", "label_emb."] + [f"input_blocks.{i}" for i in range(9)]
                 + [f"middle_block.{i}" for i in range(3)]
                 + [f"output_blocks.{i}" for i in range(9)] + ["out."])
-
-
-# ---------------------------------------------------------------------------- the evaluator
-
-
-def _load(path) -> tuple[dict, dict, dict]:
-    sd = load_file(str(path))
-    return ({k: v for k, v in sd.items() if k.startswith(UNET)},
-            {k: v for k, v in sd.items() if k.startswith(TEXT)},
-            {k: v for k, v in sd.items() if k.startswith(VAE)})
-
-
-def _strengths(class_type: str, key: str, widgets: dict) -> tuple[float, float]:
-    if class_type in ("ModelMergeSubtract", "CLIPMergeSubtract"):
-        return widgets["multiplier"], -widgets["multiplier"]
-    if class_type in ("ModelMergeAdd", "CLIPMergeAdd"):
-        return 1.0, 1.0
-    if class_type in ("ModelMergeSimple", "CLIPMergeSimple"):
-        return widgets["ratio"], 1.0 - widgets["ratio"]
-    ratio, longest = next(iter(widgets.values())), 0  # ModelMergeBlocks and its subclasses
-    for name, value in widgets.items():
-        if key[len(UNET):].startswith(name) and len(name) > longest:
-            ratio, longest = value, len(name)
-    return ratio, 1.0 - ratio
-
-
-def _add_lora(state: dict, lora: list, strength: float) -> dict:
-    out = dict(state)
-    for key, weight in state.items():
-        delta = lora_deltas_for_key(lora, key, weight.shape)
-        if delta is not None and strength != 0.0:
-            out[key] = weight.float() + strength * delta
-    return out
-
-
-def _held(state: dict, dtype: torch.dtype) -> dict:
-    return {k: comfyui_reference.held(v, dtype) for k, v in state.items()}
-
-
-def evaluate_workflow(api: dict, files: dict, unet: torch.dtype = torch.float32,
-                      clip: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Run the merge part of an API-format workflow; the state dict CheckpointSave gets.
-
-    ``unet`` / ``clip``: the precision ComfyUI holds the UNet / text encoders in: weights are
-    rounded to it when a checkpoint is loaded and the patched result once when it is saved
-    (keys CLIPMerge skips stay as they are)."""
-    done: dict[str, tuple] = {}
-
-    def get(link) -> object:
-        return run(link[0])[link[1]]
-
-    def run(node_id: str) -> tuple:
-        if node_id in done:
-            return done[node_id]
-        node = api[node_id]
-        kind, inputs = node["class_type"], node["inputs"]
-        widgets = {k: v for k, v in inputs.items() if not isinstance(v, list)}
-        if kind == "UNETLoader":  # a bare diffusion model (BFL's Flux files): ComfyUI prefixes it
-            sd = load_file(str(files[inputs["unet_name"]]))
-            result = (_held({k if k.startswith(UNET) else UNET + k: v for k, v in sd.items()},
-                            unet),)
-        elif kind in ("DualCLIPLoader", "VAELoader"):  # separate files, not part of the merge
-            result = ({},)
-        elif kind == "CheckpointLoaderSimple":
-            model, text, vae = _load(files[inputs["ckpt_name"]])
-            text = {k: v if k.endswith(SKIP) else comfyui_reference.held(v, clip)
-                    for k, v in text.items()}
-            result = (_held(model, unet), text, vae)
-        elif kind.startswith(("ModelMerge", "CLIPMerge")):
-            first, second = ("model1", "model2") if kind.startswith("Model") else ("clip1", "clip2")
-            a, b = get(inputs[first]), get(inputs[second])
-            merged = dict(a)
-            for key in b:
-                if kind.startswith("CLIP") and key.endswith(SKIP):
-                    continue
-                merged[key] = comfyui_reference.patch(a[key], b[key],
-                                                      *_strengths(kind, key, widgets))
-            result = (merged,)
-        elif kind == "LoraLoader":
-            lora = [LoraUse(read_lora(files[inputs["lora_name"]]))]
-            result = tuple(_add_lora(get(inputs[part]), lora, widgets[strength])
-                           for part, strength in (("model", "strength_model"),
-                                                  ("clip", "strength_clip")))
-        elif kind == "ModelSave":
-            result = (_held(get(inputs["model"]), unet), {}, {})
-        elif kind == "CheckpointSave":
-            text = {k: v if k.endswith(SKIP) else comfyui_reference.held(v, clip)
-                    for k, v in get(inputs["clip"]).items()}
-            result = (_held(get(inputs["model"]), unet), text, get(inputs["vae"]))
-        else:
-            raise AssertionError(f"unexpected node {kind} upstream of CheckpointSave")
-        done[node_id] = result
-        return result
-
-    save = next(i for i, n in api.items() if n["class_type"] in ("CheckpointSave", "ModelSave"))
-    model, clip, vae = run(save)
-    return {**model, **clip, **vae}
 
 
 # ---------------------------------------------------------------------------- recipes

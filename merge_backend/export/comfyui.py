@@ -3,13 +3,14 @@
 The workflow uses only ComfyUI's own nodes, with input names exactly as they define them:
 
     CheckpointLoaderSimple (one per source; ckpt_name = the source's file name)
-      -> ModelMergeSimple (single) | ModelMergeBlocks (blocks) |
-         the architecture's own node, ModelMergeSD1 / SD2 / SDXL … (comfy; mbw converted to
-         those sliders, exactly)
-         | ModelMergeSubtract | ModelMergeAdd
+      -> the method's node chain (merge_backend.methods: its ``comfy``), whose ratio node is
+         ModelMergeSimple (single) | ModelMergeBlocks (blocks) | the architecture's own node,
+         ModelMergeSD1 / SD2 / SDXL … (comfy; mbw converted to those sliders, exactly):
+         weighted_sum: the ratio node; subtract: ModelMergeSubtract; add: ModelMergeAdd;
          add_difference: ModelMergeSubtract(model2, base, multiplier) -> ModelMergeAdd(model1, .)
                          -> the ratio node(model1, .): ratio r gives A + (1-r)*m*(B - C)
-                         (mergesearch's comfy arithmetic runs this chain step for step)
+         (mergesearch's comfy arithmetic runs the same chain step for step). A method without
+         a chain is refused with its reason.
       -> CLIPMergeSimple / Subtract / Add when the recipe merges the text encoders
          (mbw BASE -> CLIPMergeSimple)
       -> LoraLoader per LoRA of the recipe, in order (lora_name = the file name; strength_model
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_backend.architectures import ARCHITECTURES, SINGLE, SLIDERS, convert_ratios
+from merge_backend.methods import METHODS, NODE_KINDS
 from merge_backend.recipe import LoraSpec, Recipe
 
 from ._files import atomic_write_text
@@ -90,8 +92,6 @@ def node_io(class_type: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[s
 
 # The editor stores a "control after generate" value right after these widgets.
 _CONTROL_AFTER = {"KSampler": "seed"}
-_CLIP_NODES = {"weighted_sum": "CLIPMergeSimple", "subtract": "CLIPMergeSubtract",
-               "add": "CLIPMergeAdd"}
 MULTIPLIER_RANGE = (-10.0, 10.0)
 LORA_STRENGTH_RANGE = (-100.0, 100.0)  # LoraLoader's strength_model / strength_clip
 
@@ -284,13 +284,13 @@ def _check_loras(recipe: Recipe) -> None:
 
 def _check_ranges(recipe: Recipe) -> None:
     _check_loras(recipe)
-    if recipe.spec.uses_ratio:
+    if recipe.merge_method.uses_ratio:
         bad = {k: v for k, v in recipe.ratios.items() if not 0.0 <= v <= 1.0}
         if bad:
             raise ComfyExportError(f"recipe.ratios: {bad} lie outside ComfyUI's [0, 1] sliders; "
                                    "export the checkpoint instead")
     clip = recipe.effective_clip()
-    limits = [("recipe.multiplier", recipe.multiplier if recipe.spec.uses_multiplier else 0.0,
+    limits = [("recipe.multiplier", recipe.multiplier if recipe.merge_method.uses_multiplier else 0.0,
                MULTIPLIER_RANGE)]
     if clip is not None:
         limits += [("recipe.clip.ratio", clip.ratio, (0.0, 1.0)),
@@ -301,21 +301,18 @@ def _check_ranges(recipe: Recipe) -> None:
 
 
 def _model_nodes(wf: ComfyWorkflow, recipe: Recipe, loaders: Mapping[str, int]) -> Link:
-    m1, m2 = (loaders["model1"], 0), (loaders["model2"], 0)
-    m = recipe.multiplier
-    if recipe.method == "subtract":
-        return wf.add("ModelMergeSubtract", "merge: multiplier*(model1 - model2)",
-                      {"model1": m1, "model2": m2}, {"multiplier": m}), 0
-    if recipe.method == "add":
-        return wf.add("ModelMergeAdd", "merge: model1 + model2", {"model1": m1, "model2": m2}), 0
-    if recipe.method == "add_difference":
-        diff = wf.add("ModelMergeSubtract", "difference: multiplier*(model2 - base)",
-                      {"model1": m2, "model2": (loaders["base"], 0)}, {"multiplier": m})
-        target = wf.add("ModelMergeAdd", "model1 + difference", {"model1": m1, "model2": (diff, 0)})
-        m2 = (target, 0)
-    class_type, sliders = blend_node(recipe)
-    return wf.add(class_type, "merge: ratio = model1's share", {"model1": m1, "model2": m2},
-                  sliders), 0
+    """The method's node chain (merge_backend.methods), wired from the loaders' models."""
+    outputs: dict[str, Link] = {role: (loaders[role], 0) for role in recipe.merge_method.roles}
+    for node in recipe.merge_method.comfy:
+        kind = NODE_KINDS[node.kind]
+        if kind.model is None:
+            class_type, widgets = blend_node(recipe)
+        else:
+            class_type, widgets = kind.model, node.widget_value(1.0, recipe.multiplier)
+        outputs[node.name] = wf.add(class_type, node.title or class_type,
+                                    {"model1": outputs[node.model1], "model2": outputs[node.model2]},
+                                    widgets), 0
+    return outputs[recipe.merge_method.comfy[-1].name]
 
 
 def _clip_nodes(wf: ComfyWorkflow, recipe: Recipe, loaders: Mapping[str, int]) -> Link:
@@ -323,10 +320,9 @@ def _clip_nodes(wf: ComfyWorkflow, recipe: Recipe, loaders: Mapping[str, int]) -
     clip = recipe.effective_clip()
     if clip is None:
         return c1  # ComfyUI's model merges keep model1's text encoders
-    widgets = {"weighted_sum": {"ratio": clip.ratio}, "subtract": {"multiplier": clip.multiplier},
-               "add": {}}[clip.method]
-    return wf.add(_CLIP_NODES[clip.method], "text encoders", {"clip1": c1, "clip2": c2},
-                  widgets), 0
+    node = METHODS[clip.method].comfy[0]
+    return wf.add(NODE_KINDS[node.kind].clip, "text encoders", {"clip1": c1, "clip2": c2},
+                  node.widget_value(clip.ratio, clip.multiplier)), 0
 
 
 def _sampler_nodes(wf: ComfyWorkflow, arch: str, prompt: ComfyPrompt, model: Link, clip: Link,
@@ -357,11 +353,16 @@ def comfy_workflow(recipe: Recipe, *, prompt: ComfyPrompt | None = None, name: s
     editor format's ``extra.mergesearch`` (with the Recipe).
     """
     recipe.validate()
+    if not recipe.merge_method.comfy:
+        raise ComfyExportError(f"recipe.method: {recipe.method} has no ComfyUI node chain: "
+                               f"{recipe.merge_method.comfy_refusal}; export the checkpoint "
+                               "instead (a CheckpointLoaderSimple loads it)")
     _check_ranges(recipe)
     wf = ComfyWorkflow([], {"mergesearch": {"recipe": recipe.to_dict(),
                                             "settings": comfy_settings(recipe), **(extra or {})}})
-    names = {role: Path(recipe.models[role].path).name for role in recipe.spec.roles}
-    paths = {Path(recipe.models[role].path) for role in recipe.spec.roles}
+    roles = recipe.merge_method.roles
+    names = {role: Path(recipe.models[role].path).name for role in roles}
+    paths = {Path(recipe.models[role].path) for role in roles}
     if len(set(names.values())) < len(paths):
         raise ComfyExportError(f"recipe.models: sources share a file name ({names}); ComfyUI "
                                "finds checkpoints by name, so rename one")

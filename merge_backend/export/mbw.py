@@ -5,6 +5,7 @@ IN00.., M00, OUT.. (26 values for SD1/SD2, 20 for SDXL). Its alpha is model B's 
 weighted sum ``alpha = 1 - ratio`` (ratio = model1's share, ComfyUI's convention). For
 add-difference SuperMerger computes ``A + alpha * (B - C)`` per block, so
 ``alpha = (1 - ratio) * multiplier``. Subtract and add have no SuperMerger block-weight form.
+Each method says which form it has (``supermerger`` in merge_backend.methods).
 
 What each vocabulary loses on the way to an MBW string (``mbw_ratios``); the MBW blocks are the
 architecture file's ``mbw`` groups of ComfyUI's sliders, and every conversion goes through them
@@ -38,6 +39,7 @@ from __future__ import annotations
 import math
 
 from merge_backend.architectures import ARCHITECTURES, SLIDERS, Architecture, convert_ratios
+from merge_backend.methods import METHODS, SuperMerger
 from merge_backend.recipe import Recipe
 
 DEFAULT_DIGITS = 6  # decimals written; ratios with at most this many decimals round-trip exactly
@@ -83,18 +85,17 @@ def _unet_ratios(recipe: Recipe, lossy: bool) -> tuple[dict[str, float], list[st
     return ratios, notes
 
 
-def _text_encoder_ratio(recipe: Recipe) -> float:
+def _text_encoder_ratio(recipe: Recipe, form: SuperMerger) -> float:
     """BASE as a ratio (model1's share of the text encoders)."""
     clip = recipe.effective_clip()
     if clip is None:
         return 1.0
-    if recipe.method == "add_difference":
-        raise MbwError("recipe.clip: SuperMerger's add-difference applies BASE as "
-                       "A + alpha*(B - C) to the text encoder too; a weighted-sum text-encoder "
-                       "merge has no BASE equivalent. Export it as a ComfyUI workflow instead")
-    if clip.method != "weighted_sum":
-        raise MbwError(f"recipe.clip.method: {clip.method} (CLIPMerge{clip.method.title()}) has "
-                       "no SuperMerger BASE equivalent; only a weighted sum does")
+    if form.text_encoder_refusal:
+        raise MbwError(f"recipe.clip: {form.text_encoder_refusal}")
+    node = METHODS[clip.method].clip_node
+    if node != "CLIPMergeSimple":
+        raise MbwError(f"recipe.clip.method: {clip.method} ({node}) has no SuperMerger BASE "
+                       "equivalent; only a weighted sum (CLIPMergeSimple) does")
     return clip.ratio
 
 
@@ -102,19 +103,23 @@ def mbw_ratios(recipe: Recipe, *, lossy: bool = False) -> tuple[dict[str, float]
     """The recipe's ratios in the mbw vocabulary (ComfyUI convention, BASE first) and notes
     on anything ``lossy=True`` had to approximate. Raises MbwError (see the module docstring)."""
     recipe.validate()
-    if recipe.method not in ("weighted_sum", "add_difference"):
-        raise MbwError(f"recipe.method: {recipe.method} has no SuperMerger block-weight string "
-                       "(only weighted_sum and add_difference do)")
+    form = _supermerger(recipe.method)
     unet, notes = _unet_ratios(recipe, lossy)
     base = _mbw_vocabulary(ARCHITECTURES[recipe.arch]).text_encoders
-    return {base: _text_encoder_ratio(recipe), **unet}, notes
+    return {base: _text_encoder_ratio(recipe, form), **unet}, notes
+
+
+def _supermerger(method: str) -> SuperMerger:
+    """The method's SuperMerger form (merge_backend.methods), or MbwError saying who has one."""
+    form = METHODS[method].supermerger
+    if form is None:
+        having = [name for name, m in METHODS.items() if m.supermerger is not None]
+        raise MbwError(f"recipe.method: {method} has no SuperMerger block-weight string "
+                       f"(only {' and '.join(having)} do)")
+    return form
 
 
 # ---------------------------------------------------------------------------- strings
-
-
-def _alpha(ratio: float, method: str, multiplier: float) -> float:
-    return (1.0 - ratio) * (multiplier if method == "add_difference" else 1.0)
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -125,8 +130,8 @@ def _fmt(value: float, digits: int) -> str:
 def mbw_string(recipe: Recipe, *, digits: int = DEFAULT_DIGITS, lossy: bool = False) -> str:
     """SuperMerger's block-weight line for ``recipe``: alphas, BASE,IN00..,M00,OUT.."""
     ratios, _ = mbw_ratios(recipe, lossy=lossy)
-    return ",".join(_fmt(_alpha(r, recipe.method, recipe.multiplier), digits)
-                    for r in ratios.values())
+    form = _supermerger(recipe.method)
+    return ",".join(_fmt(form.alpha(r, recipe.multiplier), digits) for r in ratios.values())
 
 
 def parse_mbw(text: str, arch: str, *, method: str = "weighted_sum", multiplier: float = 1.0,
@@ -142,7 +147,7 @@ def parse_mbw(text: str, arch: str, *, method: str = "weighted_sum", multiplier:
     if len(parts) != len(names):
         raise MbwError(f"MBW string has {len(parts)} values; {arch} needs {len(names)} "
                        f"({names[0]}, {names[1]}, …, {names[-1]})")
-    scale = multiplier if method == "add_difference" else 1.0
+    scale = _supermerger(method).scale(multiplier)
     if scale == 0:
         raise MbwError("multiplier 0: every alpha is 0 and no ratio can be recovered")
     out = {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_backend.architectures import ARCHITECTURES, SINGLE, Architecture, block_names
+from merge_backend.methods import METHODS, RATIO
 from merge_backend.recipe import Recipe
 
 _BAR, _CHART_H, _PAD = 22, 180, 40
@@ -70,13 +71,13 @@ def _chart_bars(recipe: Recipe) -> list[tuple[str, float, str]]:
     """(label, ratio, group) per bar: every UNet block, then the text encoders if merged."""
     arch = ARCHITECTURES[recipe.arch]
     bars = []
-    if recipe.spec.uses_ratio:
+    if recipe.merge_method.uses_ratio:
         for name in block_names(arch, recipe.vocabulary):
             if name == recipe.text_encoder_block:
                 continue
             bars.append((name, recipe.ratios[name], _colour_group(arch, recipe.vocabulary, name)))
     clip = recipe.effective_clip()
-    if clip is not None and clip.method == "weighted_sum":
+    if clip is not None and METHODS[clip.method].comfy[0].kind == RATIO:
         bars.append(("text encoders", clip.ratio, "text"))
     return bars
 
@@ -258,13 +259,13 @@ def render_report(recipe: Recipe, *, title: str, scores: Mapping[str, object] | 
     best trials, shown side by side after the merge itself."""
     sources = {role: src.path for role, src in recipe.models.items()}
     body = [f"<h1>{html.escape(title)}</h1>",
-            _table({"architecture": ARCHITECTURES[recipe.arch].title, "method": recipe.method,
+            _table({"architecture": ARCHITECTURES[recipe.arch].title,
+                    "method": f"{recipe.method}: {recipe.merge_method.formula}",
                     "vocabulary": recipe.vocabulary, **sources, **(details or {})})]
     if images:
         body += ["<h2>Probe images</h2>", '<div class="images">',
                  *(_figure(i) for i in images), "</div>"]
-    zero = ("model1 + multiplier·(model2 − base)" if recipe.method == "add_difference"
-            else "model2")
+    zero = recipe.merge_method.ratio_zero
     body += ["<h2>Ratios</h2>",
              f"<p>ComfyUI's convention: ratio = model1's share (1 = model1, 0 = "
              f"{html.escape(zero)}).</p>", ratio_chart_svg(recipe, roles)]
