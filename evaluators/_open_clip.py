@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,11 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from evaluators._image_ops import RESIZE_MODES, ImagePreprocess
-from evaluators.scorer import batches, require_file
+from evaluators.scorer import batches
+from evaluators.scorer_files import ConfigFile, ConfigPath, require_file
+
+# An open_clip model name, or the path of a model-config .json (a file field only then).
+OpenClipModel = Annotated[str, ConfigFile(suffixes=(".json",))]
 
 
 class OpenClipFiles(BaseModel):
@@ -22,8 +27,8 @@ class OpenClipFiles(BaseModel):
     ``.bin`` file as ``open_clip.create_model_and_transforms(name, pretrained=...)`` reads it.
     """
 
-    model: str
-    weights: Path
+    model: OpenClipModel
+    weights: ConfigPath
     resize_mode: str | None = None  # override the model's own preprocess resize mode
 
     def check_open_clip_files(self) -> None:

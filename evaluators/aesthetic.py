@@ -9,15 +9,21 @@ embedding width, so any open_clip model works with a head trained on its embeddi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from evaluators._aesthetic_head import AestheticHead
-from evaluators._open_clip import OpenClipBackbone, OpenClipFiles
-from evaluators.scorer import ScorerConfig, ScorerError, check_images, register_scorer, require_file
+from evaluators._open_clip import OpenClipBackbone, OpenClipFiles, OpenClipModel
+from evaluators.scorer import (
+    ConfigPath,
+    ScorerConfig,
+    ScorerError,
+    check_images,
+    register_scorer,
+    require_file,
+)
 
 
 class LaionAestheticConfig(OpenClipFiles, ScorerConfig):
@@ -32,8 +38,8 @@ class LaionAestheticConfig(OpenClipFiles, ScorerConfig):
     """
 
     kind: Literal["laion_aesthetic"] = "laion_aesthetic"
-    model: str = "ViT-L-14-quickgelu"
-    head: Path
+    model: OpenClipModel = "ViT-L-14-quickgelu"
+    head: ConfigPath
     default_range: ClassVar[tuple[float, float]] = (4.0, 7.0)
 
     def check_files(self) -> None:

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from evaluators._open_clip import OpenClipBackbone, OpenClipFiles
+from evaluators._open_clip import OpenClipBackbone, OpenClipFiles, OpenClipModel
 from evaluators.scorer import ScorerConfig, check_images, register_scorer
 
 
@@ -43,7 +43,7 @@ class HpsV2Config(OpenClipFiles, ScorerConfig):
     """
 
     kind: Literal["hpsv2"] = "hpsv2"
-    model: str = "ViT-H-14"
+    model: OpenClipModel = "ViT-H-14"
     default_range: ClassVar[tuple[float, float]] = (0.20, 0.30)
     scale: ClassVar[float] = 1.0
 

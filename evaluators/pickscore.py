@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from evaluators._image_ops import ImagePreprocess
-from evaluators.scorer import ScorerConfig, batches, check_images, register_scorer, require_dir
+from evaluators.scorer import (
+    ConfigFolder,
+    ScorerConfig,
+    batches,
+    check_images,
+    register_scorer,
+    require_dir,
+)
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -38,8 +45,8 @@ class PickScoreConfig(ScorerConfig):
     """
 
     kind: Literal["pickscore"] = "pickscore"
-    model_dir: Path
-    processor_dir: Path | None = None  # tokenizer + preprocessor_config.json; default model_dir
+    model_dir: ConfigFolder
+    processor_dir: ConfigFolder | None = None  # tokenizer + preprocessor_config.json; default model_dir
     default_range: ClassVar[tuple[float, float]] = (18.0, 23.0)
 
     @property
@@ -47,11 +54,12 @@ class PickScoreConfig(ScorerConfig):
         return self.processor_dir or self.model_dir
 
     def check_files(self) -> None:
-        require_dir(self.model_dir, "model", ["config.json"])
+        require_dir(self.model_dir, "model_dir", ["config.json"])
         if not any((self.model_dir / name).is_file() for name in _WEIGHT_FILES):
-            raise ValueError(f"model folder {self.model_dir} holds none of "
+            raise ValueError(f"model_dir folder {self.model_dir} holds none of "
                              f"{', '.join(_WEIGHT_FILES)}")
-        require_dir(self.processor_folder, "processor", ["preprocessor_config.json"])
+        require_dir(self.processor_folder, "processor_dir" if self.processor_dir else "model_dir",
+                    ["preprocessor_config.json"])
         if not any((self.processor_folder / name).is_file() for name in _TOKENIZER_FILES):
             raise ValueError(f"processor folder {self.processor_folder} holds no tokenizer "
                              f"({' or '.join(_TOKENIZER_FILES)})")

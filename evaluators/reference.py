@@ -10,7 +10,6 @@ seed). References come from a folder (sorted by file name) or, in memory, from
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -18,7 +17,7 @@ from torch import Tensor
 
 from evaluators._image_ops import IMAGE_SUFFIXES, load_image_folder
 from evaluators._open_clip import OpenClipBackbone, OpenClipFiles
-from evaluators.scorer import ScorerConfig, check_images, register_scorer
+from evaluators.scorer import ConfigFolder, ScorerConfig, check_images, register_scorer
 
 
 class ReferenceConfig(OpenClipFiles, ScorerConfig):
@@ -30,7 +29,7 @@ class ReferenceConfig(OpenClipFiles, ScorerConfig):
     """
 
     kind: Literal["reference"] = "reference"
-    references: Path | None = None
+    references: ConfigFolder | None = None
     mode: Literal["mean", "paired"] = "mean"
     default_range: ClassVar[tuple[float, float]] = (0.5, 1.0)
 
@@ -38,8 +37,6 @@ class ReferenceConfig(OpenClipFiles, ScorerConfig):
         self.check_open_clip_files()
         if self.references is None:
             return
-        if not self.references.is_dir():
-            raise ValueError(f"references folder {self.references} does not exist")
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in self.references.iterdir()):
             raise ValueError(f"references folder {self.references} holds no "
                              f"{'/'.join(IMAGE_SUFFIXES)} images")

@@ -1,9 +1,11 @@
 """The scorer interface, scorer configs, and the registry ``build_scorer`` reads.
 
 A scorer is anything with a ``name`` and ``score(images, prompts) -> Tensor[N]`` (higher is
-better). Each kind of scorer has a pydantic config whose file paths are checked when the config
-is made, so a missing or wrong file fails at start-up with the scorer and the path named,
-before any model is loaded.
+better). Each kind of scorer has a pydantic config whose file fields (typed ``ConfigPath``)
+are checked when the config is made, so a missing or wrong file fails at start-up with the
+scorer and the path named, before any model is loaded. Kinds are the built-ins, another
+package's ``mergesearch.scorers`` entry points, or ``package.module:Class`` written as the
+``kind`` (``scorer_entry``); ``evaluators/scorer_contract.py`` is the test every kind passes.
 
 Example:
     >>> scorer = build_scorer({"kind": "sanity"}, device="cpu")
@@ -13,11 +15,12 @@ Example:
 
 from __future__ import annotations
 
-import json
-import struct
-import zipfile
+import pkgutil
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -25,6 +28,21 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
+from evaluators.scorer_files import (
+    ConfigFile,
+    ConfigFolder,
+    ConfigPath,
+    file_fields,
+    require_dir,
+    require_file,
+)
+
+__all__ = [
+    "SCORERS", "ENTRY_POINT_GROUP", "ConfigFile", "ConfigFolder", "ConfigPath", "ExplainsScores", "ScoreNorm",
+    "Scorer", "ScorerConfig", "ScorerEntry", "ScorerError", "batches", "build_scorer",
+    "check_images", "default_dtype", "file_fields", "known_scorer_kinds", "register_scorer",
+    "require_dir", "require_file", "resolve_device", "scorer_config", "scorer_entry",
+]
 _MAX_DETAIL = 600  # characters of an underlying load error kept in ScorerError messages
 
 
@@ -114,19 +132,20 @@ class ScorerConfig(BaseModel):
         """Raise ValueError naming the field and path of a missing or malformed file."""
 
     def files(self) -> dict[str, Path]:
-        """Every file or folder this config points at, by field name (for error messages)."""
-        paths = {name: value for name in type(self).model_fields
-                 if isinstance(value := getattr(self, name), Path)}
-        model = getattr(self, "model", None)
-        if isinstance(model, str) and model.endswith(".json"):
-            paths["model"] = Path(model)
-        return paths
+        """Every file or folder this config points at, by field name (its ``ConfigPath``
+        fields; for error messages)."""
+        return {name: Path(value) for name, marker in file_fields(type(self)).items()
+                if marker.applies(value := getattr(self, name))}
 
     @model_validator(mode="after")
     def _validate(self) -> ScorerConfig:
         if self.range is not None and not self.range[0] < self.range[1]:
             raise ValueError(f"scorer {self.label!r}: range must be (low, high) with low < high")
         try:
+            markers = file_fields(type(self))
+            for field, path in self.files().items():
+                if problem := markers[field].problem(field, path):
+                    raise ValueError(problem)
             self.check_files()
         except (ValueError, OSError) as error:
             raise ValueError(f"scorer {self.label!r} ({self.kind}): {error}") from None
@@ -142,6 +161,7 @@ class ScorerEntry:
 
 
 SCORERS: dict[str, ScorerEntry] = {}
+ENTRY_POINT_GROUP = "mergesearch.scorers"
 
 
 def register_scorer(kind: str, config: type[ScorerConfig],
@@ -150,17 +170,66 @@ def register_scorer(kind: str, config: type[ScorerConfig],
     SCORERS[kind] = ScorerEntry(config, factory)
 
 
+def scorer_entry(kind: str) -> ScorerEntry:
+    """The scorer ``kind`` names: a registered one, another package's ``mergesearch.scorers``
+    entry point, or ``package.module:Class``. A plug-in is a ``ScorerEntry`` or a scorer class
+    with ``config_class`` (its ScorerConfig) and ``from_config(config, device, dtype)``.
+    ScorerError names the kind and what is wrong."""
+    if not isinstance(kind, str):
+        raise ScorerError(f"scorer kind {kind!r} is not a name")
+    if kind in SCORERS:
+        return SCORERS[kind]
+    found = _plugin(kind, tuple(sys.path))
+    if found is None:
+        raise ScorerError(f"unknown scorer kind {kind!r}; known: {', '.join(known_scorer_kinds())}"
+                          " (or package.module:Class for a scorer of your own)")
+    return found
+
+
+@lru_cache(maxsize=64)
+def _plugin(kind: str, path: tuple[str, ...]) -> ScorerEntry | None:
+    # cached per sys.path, as the entry points are
+    module, sep, attr = kind.partition(":")
+    try:
+        if sep and module and attr:
+            obj = pkgutil.resolve_name(kind)
+        else:
+            point = _entry_points(path).get(kind)
+            if point is None:
+                return None
+            obj = point.load()
+    except Exception as exc:  # noqa: BLE001 - any failure to import a plug-in is reported alike
+        raise ScorerError(f"scorer kind {kind!r} cannot be imported: {type(exc).__name__}: "
+                          f"{exc}") from None
+    if isinstance(obj, ScorerEntry):
+        return obj
+    config, factory = getattr(obj, "config_class", None), getattr(obj, "from_config", None)
+    if not (isinstance(config, type) and issubclass(config, ScorerConfig) and callable(factory)):
+        raise ScorerError(f"scorer kind {kind!r} names {obj!r}, which is neither a ScorerEntry "
+                          "nor a scorer class with config_class (a ScorerConfig) and "
+                          "from_config(config, device, dtype)")
+    return ScorerEntry(config, factory)
+
+
+@lru_cache(maxsize=8)
+def _entry_points(path: tuple[str, ...]) -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_scorer_kinds() -> list[str]:
+    """Every scorer kind by name: registered ones and installed entry points."""
+    return sorted(set(SCORERS) | set(_entry_points(tuple(sys.path))))
+
+
 def scorer_config(data: ScorerConfig | Mapping[str, Any]) -> ScorerConfig:
     """Validate a mapping (``kind`` picks the config class) into a typed scorer config."""
     if isinstance(data, ScorerConfig):
         return data
-    kind = data.get("kind")
-    if kind not in SCORERS:
-        raise ScorerError(f"unknown scorer kind {kind!r}; known: {', '.join(sorted(SCORERS))}")
+    entry = scorer_entry(data.get("kind"))
     try:
-        return SCORERS[kind].config.model_validate(dict(data))
+        return entry.config.model_validate(dict(data))
     except ValidationError as error:
-        raise ScorerError(f"scorer {data.get('name') or kind!r}: {error}") from None
+        raise ScorerError(f"scorer {data.get('name') or data.get('kind')!r}: {error}") from None
 
 
 def build_scorer(config: ScorerConfig | Mapping[str, Any], device: str | torch.device | None = None,
@@ -174,7 +243,7 @@ def build_scorer(config: ScorerConfig | Mapping[str, Any], device: str | torch.d
     device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     try:
-        return SCORERS[config.kind].factory(config, device, dtype)
+        return scorer_entry(config.kind).factory(config, device, dtype)
     except ScorerError:
         raise
     except Exception as error:
@@ -207,79 +276,3 @@ def check_images(images: Tensor, prompts: Sequence[str] | None = None) -> None:
         raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
     if prompts is not None and len(prompts) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-
-
-# --------------------------------------------------------------------------- file checks
-
-
-def require_file(path: Path, field: str, formats: Sequence[str]) -> None:
-    """Check ``path`` exists and is a readable file of one of ``formats``.
-
-    Formats: ``safetensors`` (header parses), ``torch`` (a ``torch.save`` zip archive),
-    ``open_clip_config`` (JSON with embed_dim / vision_cfg / text_cfg), ``json``.
-    """
-    if not path.exists():
-        raise ValueError(f"{field} file {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{field} {path} is not a file")
-    problems = [problem for fmt in formats if (problem := _FORMAT_CHECKS[fmt](path))]
-    if len(problems) == len(formats):
-        raise ValueError(f"{field} file {path} is not {' or '.join(formats)}: "
-                         f"{'; '.join(problems)}")
-
-
-def require_dir(path: Path, field: str, files: Sequence[str]) -> None:
-    """Check ``path`` is a folder holding every name in ``files``."""
-    if not path.is_dir():
-        raise ValueError(f"{field} folder {path} does not exist")
-    missing = [name for name in files if not (path / name).is_file()]
-    if missing:
-        raise ValueError(f"{field} folder {path} lacks {', '.join(missing)}")
-
-
-def _safetensors_problem(path: Path) -> str:
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return "too short for a safetensors header"
-        (length,) = struct.unpack("<Q", head)
-        if length > path.stat().st_size - 8:
-            return "header length exceeds the file size"
-        try:
-            json.loads(f.read(length))
-        except ValueError:
-            return "header is not JSON"
-    return ""
-
-
-def _torch_problem(path: Path) -> str:
-    if zipfile.is_zipfile(path):
-        return ""
-    with path.open("rb") as f:
-        legacy = f.read(1) == b"\x80"  # a pre-1.6 torch.save pickle starts with PROTO
-    return "" if legacy else "not a torch.save archive"
-
-
-def _open_clip_config_problem(path: Path) -> str:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return "not JSON"
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in data]
-    return f"missing {', '.join(missing)}" if missing else ""
-
-
-def _json_problem(path: Path) -> str:
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return "not JSON"
-    return ""
-
-
-_FORMAT_CHECKS: dict[str, Callable[[Path], str]] = {
-    "safetensors": _safetensors_problem,
-    "torch": _torch_problem,
-    "open_clip_config": _open_clip_config_problem,
-    "json": _json_problem,
-}

@@ -12,12 +12,13 @@ formulas).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from .dtypes import rounds_to
 from .methods import MergeMethod, Node, Target
+
 
 def is_fast(method: MergeMethod | None, arithmetic: str) -> bool:
     """Whether a block runs a fast kernel: a copy (method None), or fast arithmetic with a
@@ -229,7 +230,7 @@ def _patch(w: torch.Tensor, other: torch.Tensor, a: float, b: float) -> None:
         w.add_(other)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _chain_plan(nodes: tuple[Node, ...]) -> tuple[tuple[int, int, bool], ...]:
     """Per node of a ComfyUI chain: (its result's scratch buffer, the buffer its model2 is
     patched from, whether model2 is copied there first). The last result lands in buffer 0

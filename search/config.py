@@ -29,8 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from evaluators import SCORERS, ProbeSet, ScorerConfig, scorer_config
+from evaluators import ProbeSet, ScorerConfig, ScorerError, scorer_config
+from evaluators.scorer import file_fields, known_scorer_kinds, scorer_entry
 from merge_backend.architectures import ARCHITECTURES, block_names
+from merge_backend.methods import METHODS
 
 from .config_errors import nearest, problems
 
@@ -100,7 +102,7 @@ class LoraSearch(_Strict):
 
 
 class MergeSpace(_Strict):
-    method: Literal["weighted_sum", "add_difference"] = "weighted_sum"
+    method: str = "weighted_sum"  # any merge method with ratios (merge_backend.methods)
     vocabulary: str = "mbw"  # any vocabulary of the architecture's file (checked with its blocks)
     bounds: tuple[float, float] = (0.0, 1.0)
     block_bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
@@ -115,6 +117,27 @@ class MergeSpace(_Strict):
     text_encoder_dtype: Literal["fp16", "bf16", "fp32"] | None = None
     allow_extrapolation: bool = False
     loras: list[LoraSearch] = Field(default_factory=list)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        try:
+            method = METHODS[value]
+        except KeyError:
+            known = list(METHODS)
+            near = nearest(value, known)
+            raise ValueError(f"{value!r} is not one of {', '.join(known)}"
+                             + (f" (did you mean {near}?)" if near else "")
+                             + "; a plug-in method comes from an installed package's "
+                             "`mergesearch.methods` entry point") from None
+        if not method.uses_ratio:
+            raise ValueError(f"{value} ({method.formula}) has no ratios to search; a study "
+                             "needs a method with per-block ratios")
+        unknown = [r for r in method.roles if r not in Models.model_fields]
+        if unknown:
+            raise ValueError(f"{value} reads model(s) {', '.join(unknown)} that a study config "
+                             f"cannot name (models: {', '.join(Models.model_fields)})")
+        return value
 
     @field_validator("vocabulary")
     @classmethod
@@ -249,8 +272,13 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> StudyConfig:
         problems = []
-        if self.merge.method == "add_difference" and self.models.base is None:
-            problems.append("models.base: merge.method add_difference needs a base model")
+        if self.merge.method in METHODS:
+            method = METHODS[self.merge.method]
+            problems += [f"models.{role}: merge.method {method.name} needs a {role} model"
+                         for role in method.roles if getattr(self.models, role, None) is None]
+            if isinstance(self.merge.multiplier, Searched) and not method.uses_multiplier:
+                problems.append(f"merge.multiplier: merge.method {method.name} takes no "
+                                "multiplier; searching one would change nothing")
         if self.objective == "multi" and self.sampler.name in ("cmaes", "gp"):
             problems.append(f"sampler.name: {self.sampler.name} is single-objective; use tpe, "
                             "nsga2, qmc or random with objective: multi")
@@ -376,13 +404,18 @@ def _scorer_configs(items: list[Any]) -> tuple[list[ScorerConfig], list[tuple[st
             found.append((where, "expected a mapping with a `kind` (e.g. kind: clip)"))
             continue
         kind = item.get("kind")
-        if kind not in SCORERS:
-            near = nearest(str(kind), list(SCORERS))
+        known = known_scorer_kinds()
+        if kind not in known and not (isinstance(kind, str) and ":" in kind):
+            near = nearest(str(kind), known)
             hint = f" (did you mean {near}?)" if near else ""
             found.append((f"{where}.kind", f"unknown scorer kind {kind!r}{hint}; known: "
-                                           f"{', '.join(sorted(SCORERS))}"))
+                                           f"{', '.join(known)}, or package.module:Class"))
             continue
-        config_class = SCORERS[kind].config
+        try:
+            config_class = scorer_entry(kind).config
+        except ScorerError as exc:  # an installed plug-in or import path that fails to load
+            found.append((f"{where}.kind", str(exc)))
+            continue
         try:
             configs.append(config_class.model_validate(item))
         except ValidationError as exc:
@@ -420,9 +453,6 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-SCORER_PATH_FIELDS = ("weights", "head", "model_dir", "processor_dir", "references", "model")
-
-
 def map_paths(data: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
     """``data`` (a config mapping) with ``fn`` applied to every source and scorer file path:
     ``models.*``, ``merge.loras[].path`` and the scorers' files."""
@@ -439,11 +469,13 @@ def map_paths(data: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
 
 
 def _map_scorer_paths(scorer: Any, fn: Callable[[Any], Any]) -> Any:
+    """A scorer mapping with ``fn`` applied to the fields its config class marks as files
+    (``ConfigPath``); unchanged when its kind is unknown (validation says so)."""
     if not isinstance(scorer, dict):
         return scorer
-    out = dict(scorer)
-    for key in SCORER_PATH_FIELDS:
-        value = out.get(key)
-        if isinstance(value, str) and (key != "model" or value.endswith(".json")):
-            out[key] = fn(value)
-    return out
+    try:
+        fields = file_fields(scorer_entry(scorer.get("kind")).config)
+    except ScorerError:
+        return scorer
+    return {k: fn(v) if k in fields and isinstance(v, str) and fields[k].applies(v) else v
+            for k, v in scorer.items()}

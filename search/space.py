@@ -20,6 +20,7 @@ from optuna.distributions import FloatDistribution
 
 from merge_backend import ClipMerge, Recipe, Source
 from merge_backend.architectures import ARCHITECTURES, block_names, text_encoder_block
+from merge_backend.methods import METHODS
 from merge_backend.recipe import LoraSpec
 
 from .config import Searched, StudyConfig
@@ -142,11 +143,8 @@ class SearchSpace:
 
     def source_files(self) -> dict[str, str]:
         """The checkpoints a candidate is built from, by Recipe role."""
-        models = self.cfg.models
-        files = {"model1": str(models.model1), "model2": str(models.model2)}
-        if self.cfg.merge.method == "add_difference":
-            files["base"] = str(models.base)
-        return files
+        roles = METHODS[self.cfg.merge.method].roles
+        return {role: str(getattr(self.cfg.models, role)) for role in roles}
 
     def lora_files(self) -> dict[str, str]:
         return {f"lora{i}": str(lora.path) for i, lora in enumerate(self.cfg.merge.loras)}
