@@ -168,9 +168,17 @@ class SamplerConfig(_Strict):
     """``seed`` makes a single uninterrupted worker reproducible; each trial's random draws are
     seeded with (seed, trial number), so resumes and other workers draw new points."""
 
-    name: Literal["tpe", "cmaes", "gp", "qmc", "random", "nsga2", "preferential_gp"] = "tpe"
+    name: str = "tpe"  # a built-in, a `mergesearch.samplers` entry point, or package.module:Class
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .samplers import sampler_entry  # imports optuna: only when a study is read
+
+        sampler_entry(name)  # SamplerError (a ValueError) says what is wrong
+        return name
 
     @field_validator("options")
     @classmethod
@@ -279,16 +287,17 @@ class StudyConfig(_Strict):
             if isinstance(self.merge.multiplier, Searched) and not method.uses_multiplier:
                 problems.append(f"merge.multiplier: merge.method {method.name} takes no "
                                 "multiplier; searching one would change nothing")
-        if self.objective == "multi" and self.sampler.name in ("cmaes", "gp"):
+        sampler = _sampler_entry(self.sampler.name)
+        if self.objective == "multi" and not sampler.multi_objective:
             problems.append(f"sampler.name: {self.sampler.name} is single-objective; use tpe, "
                             "nsga2, qmc or random with objective: multi")
-        if self.objective in PERSON and self.sampler.name not in ("preferential_gp", "random"):
+        if self.objective in PERSON and sampler.learns_from == "scores":
             problems.append(f"sampler.name: {self.sampler.name} learns from scores, and a "
                             f"{self.objective} study has a person's choices instead; use "
                             "preferential_gp (the default) or random")
-        if self.objective not in PERSON and self.sampler.name == "preferential_gp":
-            problems.append("sampler.name: preferential_gp learns from a person's choices; use "
-                            "it with objective: preference or mixed")
+        if self.objective not in PERSON and sampler.learns_from == "choices":
+            problems.append(f"sampler.name: {self.sampler.name} learns from a person's choices; "
+                            "use it with objective: preference or mixed")
         if self.objective != "preference" and not self.scorers:
             problems.append(f"scorers: objective {self.objective} needs at least one scorer "
                             "(only objective: preference runs without: a person judges)")
@@ -315,6 +324,12 @@ class StudyConfig(_Strict):
         if self.dtype != "auto":
             return self.dtype
         return "fp32" if self.resolved_device() == "cpu" else "fp16"
+
+
+def _sampler_entry(name: str):
+    from .samplers import sampler_entry  # imports optuna: only when a study is read
+
+    return sampler_entry(name)
 
 
 def check_blocks(cfg: StudyConfig, arch_name: str) -> None:

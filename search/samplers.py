@@ -1,5 +1,11 @@
 """Samplers by name: the config says `sampler: {name, seed, options}`.
 
+``name`` is a built-in (``SAMPLERS``: tpe, cmaes, gp, qmc, random, nsga2, preferential_gp),
+another package's
+``mergesearch.samplers`` entry point, or ``package.module:Class``: any Optuna sampler class
+whose constructor takes ``seed``, or a ``SamplerEntry``. ``search/sampler_contract.py`` is the
+test every sampler passes.
+
 ``preferential_gp`` is optuna-dashboard's PreferentialGPSampler: it learns from a person's
 choices (preference and mixed studies) and needs the ``preference`` extra (botorch).
 
@@ -24,39 +30,123 @@ import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.samplers import BaseSampler
 
-SAMPLER_CLASSES: dict[str, Callable[..., BaseSampler]] = {
-    "tpe": optuna.samplers.TPESampler,
-    "cmaes": optuna.samplers.CmaEsSampler,
-    "gp": optuna.samplers.GPSampler,
-    "qmc": optuna.samplers.QMCSampler,
-    "random": optuna.samplers.RandomSampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-}
-# Learns from a person's choices (optuna-dashboard's preferential optimisation); imported only
-# when named, since it brings in botorch (seconds).
-LAZY_SAMPLERS = {"preferential_gp": "optuna_dashboard.preferential.samplers.gp:PreferentialGPSampler"}
+from merge_backend.plugins import (
+    PluginError,
+    entry_points,
+    import_object,
+    is_import_path,
+    load_entry_point,
+)
+
+ENTRY_POINT_GROUP = "mergesearch.samplers"
+
+
+class SamplerError(ValueError):
+    """A sampler name that names no sampler, or a plug-in that is not one."""
+
+
+SCORES, CHOICES, NOTHING = "scores", "choices", "nothing"
 PREFERENCE_EXTRA = "pip install 'mergesearch[preference]'"
 
 
-def sampler_class(name: str) -> Callable[..., BaseSampler]:
-    """The sampler class of ``name`` (ValueError naming the install for a missing extra)."""
-    if name in SAMPLER_CLASSES:
-        return SAMPLER_CLASSES[name]
-    module, _, attr = LAZY_SAMPLERS[name].partition(":")
-    try:
-        with warnings.catch_warnings():  # botorch's and torch.jit's import-time notices
-            warnings.simplefilter("ignore")
-            return getattr(importlib.import_module(module), attr)
-    except ImportError as exc:
-        raise ValueError(f"sampler {name} needs botorch ({exc}); {PREFERENCE_EXTRA}") from None
+@dataclass(frozen=True)
+class SamplerEntry:
+    """A kind of sampler: ``cls(seed=…, **options)`` builds it (an Optuna ``BaseSampler``;
+    ``cls`` may be ``"module:Class"``, imported when first used).
+
+    ``defaults``: options set unless the config sets them. ``per_trial_seed``: rebuilt for every
+    trial with the trial's seed (False: one instance for the run, as QMC's one sequence needs).
+    ``multi_objective``: whether it can serve ``objective: multi``. ``learns_from``: ``scores``
+    (the scorers' values), ``choices`` (a person's, in preference and mixed studies) or
+    ``nothing`` (serves either).
+    """
+
+    cls: Callable[..., BaseSampler] | str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    per_trial_seed: bool = True
+    multi_objective: bool = True
+    learns_from: str = SCORES
+
+    def sampler_class(self) -> Callable[..., BaseSampler]:
+        """The class (ValueError naming the install for a lazily imported one that is missing)."""
+        if not isinstance(self.cls, str):
+            return self.cls
+        module, _, attr = self.cls.partition(":")
+        try:
+            with warnings.catch_warnings():  # botorch's and torch.jit's import-time notices
+                warnings.simplefilter("ignore")
+                return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            raise SamplerError(f"sampler {self.cls} needs botorch ({exc}); "
+                               f"{PREFERENCE_EXTRA}") from None
+
+
 # Our defaults for TPE: multivariate, and constant liar so parallel workers spread out.
 TPE_DEFAULTS = {"multivariate": True, "constant_liar": True, "n_startup_trials": 10}
+SAMPLERS: dict[str, SamplerEntry] = {
+    "tpe": SamplerEntry(optuna.samplers.TPESampler, TPE_DEFAULTS),
+    "cmaes": SamplerEntry(optuna.samplers.CmaEsSampler, multi_objective=False),
+    "gp": SamplerEntry(optuna.samplers.GPSampler, multi_objective=False),
+    "qmc": SamplerEntry(optuna.samplers.QMCSampler, per_trial_seed=False),
+    "random": SamplerEntry(optuna.samplers.RandomSampler, learns_from=NOTHING),
+    "nsga2": SamplerEntry(optuna.samplers.NSGAIISampler),
+    # learns from a person's choices (optuna-dashboard's preferential optimisation); imported
+    # only when used, since it brings in botorch (seconds)
+    "preferential_gp": SamplerEntry(
+        "optuna_dashboard.preferential.samplers.gp:PreferentialGPSampler", learns_from=CHOICES),
+}
+
+
+def register_sampler(name: str, entry: SamplerEntry | type[BaseSampler]) -> None:
+    """Make ``name`` usable as ``sampler.name`` (a SamplerEntry, or a sampler class)."""
+    SAMPLERS[name] = _entry(entry, name)
+
+
+def sampler_entry(name: str) -> SamplerEntry:
+    """The sampler ``name`` names: a built-in, another package's ``mergesearch.samplers`` entry
+    point, or ``package.module:Class``; SamplerError says what is wrong."""
+    if not isinstance(name, str):
+        raise SamplerError(f"{name!r} is not a sampler name")
+    if name in SAMPLERS:
+        return SAMPLERS[name]
+    try:
+        obj = import_object(name) if is_import_path(name) \
+            else load_entry_point(ENTRY_POINT_GROUP, name)
+    except PluginError as exc:
+        raise SamplerError(str(exc)) from None
+    if obj is None:
+        near = difflib.get_close_matches(name, known_samplers(), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise SamplerError(f"unknown sampler {name!r}{hint}; known: "
+                           f"{', '.join(known_samplers())}, or package.module:Class")
+    return _entry(obj, name)
+
+
+def _entry(obj: object, name: str) -> SamplerEntry:
+    if isinstance(obj, SamplerEntry):
+        entry = obj
+    elif isinstance(obj, type) and issubclass(obj, BaseSampler):
+        entry = SamplerEntry(obj)
+    else:
+        raise SamplerError(f"sampler {name!r} names {obj!r}, which is neither an Optuna "
+                           "sampler class (optuna.samplers.BaseSampler) nor a SamplerEntry")
+    cls = entry.cls
+    if not isinstance(cls, str) and "seed" not in inspect.signature(cls).parameters:
+        raise SamplerError(f"sampler {name!r}: {getattr(cls, '__name__', cls)} takes no `seed` "
+                           "argument; mergesearch seeds every trial's draws with it")
+    return entry
+
+
+def known_samplers() -> list[str]:
+    """The built-in samplers and every installed ``mergesearch.samplers`` entry point."""
+    return [*SAMPLERS, *sorted(n for n in entry_points(ENTRY_POINT_GROUP) if n not in SAMPLERS)]
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -106,25 +196,20 @@ class TrialSeededSampler(BaseSampler):
 
 
 class QmcSampler(TrialSeededSampler):
-    """QMC as configured, one instance for the run (see the module docstring)."""
+    """One instance for the run, not reseeded per trial: QMC (see the module docstring), and
+    any sampler whose entry says ``per_trial_seed=False``."""
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self._inner.before_trial(study, trial)
 
 
-def _options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(options)
-    if name == "tpe":
-        for key, value in TPE_DEFAULTS.items():
-            out.setdefault(key, value)
-    return out
-
-
 def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeededSampler:
-    """tpe (default: multivariate, constant liar for parallel workers), cmaes, gp, qmc, random,
-    nsga2. ``options`` go to the sampler's constructor unchanged (see ``option_problems``)."""
-    cls = sampler_class(name)
-    kwargs = _options(name, options)
+    """The sampler ``name`` names (tpe by default: multivariate, constant liar for parallel
+    workers), wrapped so each trial's draws are seeded with (seed, trial number). ``options``
+    go to its constructor over the entry's defaults (see ``option_problems``)."""
+    entry = sampler_entry(name)
+    cls = entry.sampler_class()
+    kwargs = {**entry.defaults, **options}
 
     def build(trial_seed_: int) -> BaseSampler:
         with warnings.catch_warnings():  # QMC and some options announce they are experimental
@@ -132,20 +217,21 @@ def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeede
             warnings.simplefilter("ignore", FutureWarning)  # the preferential GP's torch.jit
             return cls(seed=trial_seed_, **kwargs)
 
-    if name == "qmc":
-        return QmcSampler(build, seed)
-    return TrialSeededSampler(build, seed)
+    return TrialSeededSampler(build, seed) if entry.per_trial_seed else QmcSampler(build, seed)
 
 
 def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:
     """What is wrong with ``sampler.options`` for sampler ``name`` ("KEY: why" each)."""
-    if name not in SAMPLER_CLASSES and name not in LAZY_SAMPLERS:
-        return []
     try:
-        cls = sampler_class(name)
-    except ValueError as exc:
+        entry = sampler_entry(name)
+    except SamplerError:
+        return []  # sampler.name reports it
+    try:
+        cls = entry.sampler_class()
+    except SamplerError as exc:
         return [str(exc)]
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "seed")]
+    title = getattr(cls, "__name__", name)
     problems = []
     for key in options:
         if key == "seed":
@@ -153,12 +239,12 @@ def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:
         elif key not in accepted:
             near = difflib.get_close_matches(key, accepted, n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
-            problems.append(f"{key}: {cls.__name__} has no option {key!r}{hint}; its "
+            problems.append(f"{key}: {title} has no option {key!r}{hint}; its "
                             f"options: {', '.join(accepted)}")
     if problems:
         return problems
     try:
         make_sampler(name, 0, options)
     except (TypeError, ValueError) as exc:
-        problems.append(f"{cls.__name__} refuses them: {exc}")
+        problems.append(f"{title} refuses them: {exc}")
     return problems

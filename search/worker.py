@@ -47,6 +47,7 @@ INTERRUPTED = "interrupted"
 CAUGHT = (TrialFailed, RuntimeError, ValueError, OSError)
 Log = Callable[[str], None]
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+RunTrial = Callable[[optuna.Trial, StudyContext], "float | list[float]"]
 
 
 @dataclass
@@ -105,9 +106,11 @@ def _wait_line(study: optuna.Study, target: int) -> str:
 
 def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = None,
              timeout: float | None = None, callbacks: Sequence[Callback] = (),
-             log: Log = _stderr, poll_seconds: float = 1.0) -> WorkerResult:
+             log: Log = _stderr, poll_seconds: float = 1.0,
+             run: RunTrial = run_trial) -> WorkerResult:
     """Run trials until the study holds ``trials`` (default: the config's) COMPLETE trials,
-    ``timeout`` seconds pass, or the worker stops (see the module docstring)."""
+    ``timeout`` seconds pass, or the worker stops (see the module docstring). ``run(trial,
+    ctx)`` is one trial (``search.trial.run_trial``; the sampler contract passes a cheap one)."""
     result = WorkerResult(trials or ctx.cfg.trials)
     timeout = timeout or ctx.cfg.timeout
     deadline = time.monotonic() + timeout if timeout else math.inf
@@ -141,7 +144,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
                 time.sleep(poll_seconds)
                 _report_stale(study, log)
                 continue
-            frozen = _one_trial(study, ctx, result)
+            frozen = _one_trial(study, ctx, result, run)
             if frozen is None:  # handed back: other workers' trials reach the target
                 continue
             waiting = False
@@ -191,8 +194,8 @@ def _report_stale(study: optuna.Study, log: Log) -> None:
             "that stopped")
 
 
-def _one_trial(study: optuna.Study, ctx: StudyContext,
-               result: WorkerResult) -> optuna.trial.FrozenTrial | None:
+def _one_trial(study: optuna.Study, ctx: StudyContext, result: WorkerResult,
+               run: RunTrial = run_trial) -> optuna.trial.FrozenTrial | None:
     """Ask, run, tell one trial; None when it was handed back to the queue unstarted."""
     with _held_interrupts() as held, warnings.catch_warnings():
         # Optuna suggests study.optimize for heartbeats; the worker beats itself (Heartbeat)
@@ -208,7 +211,7 @@ def _one_trial(study: optuna.Study, ctx: StudyContext,
     if error is None:
         with Heartbeat(study, trial):
             try:
-                value = run_trial(trial, ctx)
+                value = run(trial, ctx)
             except DuplicateTrial:
                 state = TrialState.PRUNED
             except BaseException as exc:  # noqa: BLE001 - recorded, re-raised unless CAUGHT
