@@ -5,13 +5,14 @@ In a test module of yours::
     from search.sampler_contract import SamplerContract
 
     class TestMySampler(SamplerContract):
-        sampler = "my_package.samplers:MySampler"   # or an entry point's name
-        options = {}                                # sampler.options of a study config
+        sampler = "my_package.samplers:MySampler"  # or an entry point's name
+        options = {}  # sampler.options of a study config
 
 pytest then runs every ``test_*`` below against it, through ``make_sampler`` (the per-trial
 seeding wrapper a study uses) and the study's own worker loop (``search.worker.optimize``) on
-a SQLite study (in memory where only the proposals matter), with a cheap objective over a search space shaped like a study's (block ratios
-with their own bounds, one past [0, 1], a multiplier):
+a SQLite study (in memory where only the proposals matter), with a cheap objective over a
+search space shaped like a study's (block ratios with their own bounds, one past [0, 1], a
+multiplier):
 - the name resolves and the options are accepted;
 - every proposal lies inside its parameter's bounds;
 - the same seed replays the same proposals, another seed proposes others;

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ def _env() -> dict[str, str]:
 
 
 def test_the_dist_info_says_what_the_pyproject_declares():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     declared = tomllib.loads((PLUGINS / "pyproject.toml").read_text())["project"]["entry-points"]
     written = configparser.ConfigParser()
     written.read(PLUGINS / f"{PACKAGE}-0.1.dist-info" / "entry_points.txt")

@@ -25,12 +25,9 @@ from __future__ import annotations
 import keyword
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
-
-if TYPE_CHECKING:
-    from merge_backend.recipe import Recipe
 
 F32 = torch.float32
 RATIO, SUBTRACT, ADD = "ratio", "subtract", "add"
@@ -168,9 +165,10 @@ class MergeMethod:
                                       *node.strengths(ratio, multiplier))
         return values[self.comfy[-1].name]
 
-    def check(self, recipe: Recipe) -> None:
-        """Raise ``RecipeError`` naming the field for a Recipe this method cannot merge (the
-        roles, ratios and multiplier are checked already)."""
+    def check(self, recipe: Any) -> None:
+        """Raise ``RecipeError`` naming the field for a ``Recipe`` this method cannot merge
+        (its roles, ratios and multiplier are checked already). (Typed Any: the Recipe module
+        imports this one.)"""
 
     # ------------------------------------------------------------------ derived
     def merge(self, tensors: Sequence[torch.Tensor], ratio: float = 1.0, multiplier: float = 1.0,
