@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +31,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from ..plugins import entry_points, load_entry_point
 from ._schema import SINGLE, SLIDERS, Architecture, Component, ExtraTensor, Layout, Vocabulary
 
 __all__ = [
@@ -81,8 +81,8 @@ def load_architecture(path: str | Path) -> Architecture:
 
 def _entry_point_folders() -> list[Path]:
     folders = []
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        target = ep.load()
+    for name in entry_points(ENTRY_POINT_GROUP):
+        target = load_entry_point(ENTRY_POINT_GROUP, name)
         if isinstance(target, ModuleType):
             folders.append(Path(target.__file__).parent)
         else:
