@@ -6,8 +6,10 @@ buffers — on CUDA on a side stream, double-buffered, so copies overlap the ari
 the ComfyUI-exact ops run in preallocated float32 scratch. A block held in another precision
 than the live weights (the Recipe's ``unet_dtype`` / ``text_encoder_dtype``) is computed in
 float32 scratch and rounded to that precision before it is stored. Nothing is allocated per
-candidate. The results equal ``merge_backend.methods`` to the bit (see its docstring for the
-formulas).
+candidate. Which kernel a block runs is the method's declaration (merge_backend.methods): its
+ComfyUI node chain step for step (or its own elementwise ``exact`` on float32 chunks, which
+allocates its result per chunk), or its fast ``Lerp``; the results equal the method's own
+``merge`` to the bit.
 """
 
 from __future__ import annotations
