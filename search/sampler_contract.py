@@ -81,7 +81,8 @@ class SamplerContract:
                 raise TrialFailed("a candidate that cannot be scored")
             return value
 
-        ctx = SimpleNamespace(cfg=SimpleNamespace(trials=trials, timeout=None))
+        kind = "multi" if len(study.directions) > 1 else "weighted"
+        ctx = SimpleNamespace(cfg=SimpleNamespace(trials=trials, timeout=None, objective=kind))
         return optimize(study, ctx, trials=trials, log=lambda message: None, run=run)
 
     @staticmethod
