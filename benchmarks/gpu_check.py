@@ -40,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 NEEDED = ("torch", "diffusers", "transformers", "open_clip", "ftfy", "optuna", "sqlalchemy",
-          "alembic", "colorlog", "pydantic", "safetensors", "PIL", "psutil", "yaml", "pytest")
+          "alembic", "colorlog", "pydantic", "safetensors", "PIL", "psutil", "yaml", "pytest",
+          "optuna_dashboard", "bottle")
 
 
 def steps(dry_run: bool) -> list[tuple[str, list[str], int]]:
