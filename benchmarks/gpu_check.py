@@ -70,11 +70,20 @@ def steps(dry_run: bool) -> list[tuple[str, list[str], int]]:
 
 
 def gpu_test_files() -> list[str]:
-    """The test files holding ``gpu`` marks: collecting only them keeps the run short and free of
-    the modules that need a database or a browser."""
-    mark = re.compile(r"pytest\.mark\.gpu|marks=pytest\.mark\.gpu")
+    """The test files holding ``gpu`` marks, in their own text or in a shipped contract they
+    import (``evaluators.scorer_contract``, ...): collecting only them keeps the run short and
+    free of the modules that need a database or a browser."""
+    mark = re.compile(r"pytest\.mark\.gpu")
+    imported = re.compile(r"^from ((?:merge_backend|evaluators|search)[\w.]*) import", re.M)
+
+    def has_mark(text: str) -> bool:
+        if mark.search(text):
+            return True
+        modules = (ROOT / (name.replace(".", "/") + ".py") for name in imported.findall(text))
+        return any(m.is_file() and mark.search(m.read_text(encoding="utf-8")) for m in modules)
+
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                  if mark.search(p.read_text(encoding="utf-8")))
+                  if has_mark(p.read_text(encoding="utf-8")))
 
 
 def describe_machine(dry_run: bool) -> bool:

@@ -127,7 +127,18 @@ class ScorerContract:
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_device_and_dtype_are_honoured(self, config_data, dtype):
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        self._score_on(["cpu"], config_data, dtype)
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_cuda_is_honoured_and_matches_cpu(self, config_data, dtype):
+        results = self._score_on(["cpu", "cuda"], config_data, dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(results["cuda"], results["cpu"], rtol=0,
+                                       atol=self.cuda_tolerance)
+
+    def _score_on(self, devices, config_data, dtype) -> dict[str, torch.Tensor]:
         images = random_images(seed=4)
         results = {}
         for device in devices:
@@ -145,9 +156,7 @@ class ScorerContract:
             results[device] = scorer.score(images, list(PROMPTS))
             assert results[device].device.type == "cpu"
             assert torch.isfinite(results[device]).all(), (device, dtype, results[device])
-        if "cuda" in results and dtype == torch.float32:
-            torch.testing.assert_close(results["cuda"], results["cpu"], rtol=0,
-                                       atol=self.cuda_tolerance)
+        return results
 
     def test_config_errors_name_the_field(self, config_data, tmp_path):
         with pytest.raises(ScorerError, match="no_such_field"):
