@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check merge_backend evaluators search tests benchmarks
+	$(BIN)/ruff check merge_backend evaluators search tests benchmarks toyworld
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/merge_cli.py

@@ -93,15 +93,23 @@ def _mark_prediction(arch: Architecture, config_folder: Path, sd: dict[str, Tens
 
 def tiny_base_state_dict(arch_name: str, config_folder: Path, seed: int = 0) -> dict[str, Tensor]:
     """The base model's original-layout state dict (contiguous fp32 tensors)."""
-    arch = ARCHITECTURES[arch_name]
     modules = build_components(arch_name, config_folder, seed=seed, as_stored=True)
+    sd = original_state_dict(arch_name, modules)
+    _mark_prediction(ARCHITECTURES[arch_name], Path(config_folder), sd, seed)
+    return sd
+
+
+def original_state_dict(arch_name: str, modules: dict[str, torch.nn.Module]) -> dict[str, Tensor]:
+    """Live diffusers / transformers components (keyed as ``build_components`` keys them, built
+    ``as_stored``) as one original-layout single-file state dict, with the non-weight tensors
+    real files carry."""
+    arch = ARCHITECTURES[arch_name]
     sd: dict[str, Tensor] = {}
     for component, module in modules.items():
         config = getattr(module, "config", None)
         converted = to_original(arch, component, module.state_dict(), config)
         sd.update({k: v.detach().contiguous() for k, v in converted.items()})
     sd.update(_extras(arch))
-    _mark_prediction(arch, Path(config_folder), sd, seed)
     return sd
 
 

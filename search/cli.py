@@ -13,8 +13,8 @@ import sys
 COMMANDS = {
     "run": "cli_study", "validate": "cli_study", "status": "cli_study", "best": "cli_study",
     "dashboard": "cli_study", "demo": "cli_study", "merge": "cli_merge", "export": "cli_export",
-    "lora": "cli_lora", "tiny": "cli_tiny", "architectures": "cli_architectures",
-    "compare": "cli_compare",
+    "lora": "cli_lora", "tiny": "cli_tiny", "toyworld": "cli_toyworld",
+    "architectures": "cli_architectures", "compare": "cli_compare",
 }
 
 

@@ -1,0 +1,60 @@
+"""`mergesearch toyworld DIR` writes the shipped toy world; `mergesearch toyworld build DIR`
+trains it again from its seed (about half an hour on a 2-core CPU) and prints its figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "toyworld", help="write the trained toy world (tiny SD1 family + CLIP scorers); "
+                         "`toyworld build DIR` trains it from its seed",
+        description="`mergesearch toyworld DIR` writes the shipped world into DIR. "
+                    "`mergesearch toyworld build DIR` re-trains every model from the seed on "
+                    "this machine's CPU, writes the world into DIR and prints its acceptance "
+                    "figures. (A folder named 'build': write ./build.)")
+    p.add_argument("words", nargs="+", metavar="[build] DIR")
+    p.add_argument("--seed", type=int, default=0, help="build: the world's seed")
+    p.add_argument("--no-figures", action="store_true",
+                   help="build: skip the acceptance figures after training")
+    p.add_argument("--keep-work", action="store_true",
+                   help="build: keep the stages' intermediate files in DIR/work")
+    p.set_defaults(func=run_toyworld)
+
+
+def run_toyworld(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if words[0] == "build":
+        if len(words) != 2:
+            raise ValueError("usage: mergesearch toyworld build DIR")
+        return build(Path(words[1]), args)
+    if len(words) != 1:
+        raise ValueError("usage: mergesearch toyworld DIR  (or: mergesearch toyworld build DIR)")
+    from toyworld.files import write_world
+
+    world = write_world(Path(words[0]))
+    print(json.dumps({"base": str(world.base), "style_a": str(world.style_a),
+                      "style_b": str(world.style_b), "config_folder": str(world.config_folder),
+                      "clip_config": str(world.clip_config),
+                      "clip_weights": str(world.clip_weights),
+                      "house_head": str(world.house_head),
+                      "study_config": str(world.study_config)}, indent=2))
+    print(f"try: mergesearch run {world.study_config}", file=sys.stderr)
+    return 0
+
+
+def build(folder: Path, args: argparse.Namespace) -> int:
+    from toyworld.build import build_world
+    from toyworld.stages import BuildPlan
+
+    world = build_world(folder, BuildPlan(seed=args.seed), keep_work=args.keep_work)
+    print(f"world written to {world.folder}", file=sys.stderr)
+    if not args.no_figures:
+        from .toyworld_figures import measure_figures
+
+        measure_figures(world, demo=False)
+    return 0

@@ -1,0 +1,162 @@
+"""The trained toy world: shipped files in the users' layout that draw what they are asked for,
+scorers that load through the real scorer code, and a build that trains from a seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from evaluators import ProbeSet, build_scorer, generate
+from merge_backend.architectures import ARCHITECTURES, detect_architecture
+from merge_backend.pipeline import load_pipeline
+from toyworld.draw import draw, random_scenes
+from toyworld.files import SHIPPED, WEIGHT_FILES, ToyWorld, write_world
+from toyworld.world import (
+    HOUSE,
+    SAMPLING,
+    SHAPES,
+    STYLE_A,
+    STYLE_B,
+    Subject,
+    caption,
+    training_subjects,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> ToyWorld:
+    return write_world(tmp_path_factory.mktemp("toyworld"))
+
+
+def test_shipped_files_are_small_fp16_single_files_in_the_users_layout(world):
+    total = sum((SHIPPED / name).stat().st_size for name in WEIGHT_FILES)
+    assert total < 40e6 and max((SHIPPED / n).stat().st_size for n in WEIGHT_FILES) < 20e6
+    for name in ("base", "style_a", "style_b"):
+        with safe_open(str(world.checkpoint(name)), framework="pt") as f:
+            keys = list(f.keys())
+            assert detect_architecture(keys).name == "sd1"
+            dtypes = {f.get_slice(k).get_dtype() for k in keys}
+        assert dtypes == {"F16", "I64"}  # position_ids stay int64, as in real files
+        prefixes = [c.prefix for c in ARCHITECTURES["sd1"].components.values()]
+        assert all(any(k.startswith(p) for p in prefixes) for k in keys)
+
+
+def test_base_draws_the_shape_it_is_asked_for(world):
+    """Through the normal checkpoint path (no config folder given: detected as the tiny SD1
+    family); the trained CLIP scorer, zero-shot, names the shape of what the base drew."""
+    from toyworld.figures import name
+
+    pipe = load_pipeline(world.base)
+    subjects = [Subject(shape, colour, "white")
+                for shape, colour in zip(SHAPES, ("red", "blue", "yellow", "green"))]
+    probes = ProbeSet(prompts=[caption(s) for s in subjects], seeds=[1, 2], batch_size=8,
+                      **SAMPLING)
+    images = generate(pipe, probes).images
+    scorer = build_scorer({"kind": "clip", "model": str(world.clip_config),
+                           "weights": str(world.clip_weights)}, device="cpu")
+    named = name(scorer, images, "shape")
+    asked = [subjects[job.prompt_index].shape for job in probes.jobs()]
+    assert sum(n == a for n, a in zip(named, asked)) >= 7, (named, asked)
+    # and the picture agrees with its own prompt better than with another shape's prompt
+    own = scorer.score(images, [caption(subjects[j.prompt_index]) for j in probes.jobs()])
+    other = scorer.score(images, [caption(subjects[(j.prompt_index + 1) % 4])
+                                  for j in probes.jobs()])
+    assert (own > other).float().mean() >= 0.75
+
+
+def test_house_head_prefers_the_house_style_to_either_parent_style(world):
+    """The LAION-format head loads through the laion_aesthetic scorer and ranks drawn pictures
+    by the house style: A's palette with B's edges beats A's and B's looks."""
+    scorer = build_scorer({"kind": "laion_aesthetic", "model": str(world.clip_config),
+                           "weights": str(world.clip_weights), "head": str(world.house_head)},
+                          device="cpu")
+    means = {}
+    for label, style in (("house", HOUSE), ("a", STYLE_A), ("b", STYLE_B)):
+        rng = np.random.default_rng(5)
+        scenes = random_scenes(rng, 32, training_subjects(), style)
+        pictures = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2).float() / 255
+        means[label] = scorer.score(pictures, [""] * 32).mean().item()
+    assert means["house"] > max(means["a"], means["b"]) + 0.2, means
+
+
+def test_reference_scorer_is_one_for_the_same_pictures_and_lower_for_others(world):
+    scorer = build_scorer({"kind": "reference", "model": str(world.clip_config),
+                           "weights": str(world.clip_weights), "mode": "paired"}, device="cpu")
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(draw(random_scenes(rng, 4, training_subjects(), STYLE_A)))
+    b = torch.from_numpy(draw(random_scenes(rng, 4, training_subjects(), STYLE_B)))
+    a, b = (x.permute(0, 3, 1, 2).float() / 255 for x in (a, b))
+    scorer.set_references(a)
+    same = scorer.score(a, [""] * 4)
+    assert torch.allclose(same, torch.ones(4), atol=1e-5)
+    assert (scorer.score(b, [""] * 4) < 0.99).all()
+
+
+def test_cli_writes_the_world_and_a_study_config_that_validates(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "search.cli", "toyworld", str(tmp_path / "w")],
+                         capture_output=True, text=True, env=env, check=True)
+    paths = json.loads(out.stdout)
+    for key in ("base", "style_a", "style_b", "clip_weights", "house_head", "study_config"):
+        assert Path(paths[key]).is_file(), key
+    assert (tmp_path / "w" / "base.safetensors").read_bytes() == \
+        (SHIPPED / "base.safetensors").read_bytes()
+    check = subprocess.run([sys.executable, "-m", "search.cli", "validate",
+                            paths["study_config"]], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stderr
+    assert "BASE" not in check.stdout.split("searched_parameters")[1].split("\n")[1]
+    assert check.stdout.count("OUT11") >= 1
+
+
+def tiny_plan():
+    from toyworld.stages import BuildPlan
+
+    plan = BuildPlan(seed=3)
+    return replace(plan, vae=replace(plan.vae, steps=2, pictures=32, batch=4),
+                   clip=replace(plan.clip, steps=2, pictures=32, batch=8, tune_steps=2,
+                                tune_pictures=16),
+                   head=replace(plan.head, steps=2, pictures=32, batch=8),
+                   base=replace(plan.base, steps=2, batch=8),
+                   finetune=replace(plan.finetune, steps=2, batch=4),
+                   pictures={"base": 32, "style_a": 16, "style_b": 16})
+
+
+def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
+    """The build's two worker processes, data-parallel base included, end to end in a few
+    steps; the result loads like the shipped world and differs from it (fresh training)."""
+    from toyworld.build import build_world
+
+    lines = []
+
+    class Lines:
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    from toyworld.build import BuildProgress, stage_steps
+
+    plan = tiny_plan()
+    world = build_world(tmp_path / "w", plan, progress=BuildProgress(stage_steps(plan), Lines()))
+    assert not world.missing()
+    assert not (tmp_path / "w" / "work").exists()
+    assert any("100%" in line for line in lines)
+    manifest = json.loads(world.manifest.read_text())
+    assert manifest["plan"]["seed"] == 3 and set(manifest["stage_seconds"]) >= {"vae", "base"}
+    pipe = load_pipeline(world.style_b, config_folder=world.config_folder)
+    probes = ProbeSet(prompts=["a red circle on a white background"], seeds=[0], steps=2,
+                      width=64, height=64)
+    assert torch.isfinite(generate(pipe, probes).images).all()
+    assert world.base.read_bytes() != (SHIPPED / "base.safetensors").read_bytes()

@@ -1,0 +1,122 @@
+"""The toy world's pieces that need no trained weights: drawing, held-out prompts, the VAE's
+latent rescaling, frozen unused token rows, data-parallel gradient averaging."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from merge_backend.pipeline import write_config_folder
+from toyworld.draw import draw, random_scenes
+from toyworld.train_diffusion import mask_unused_tokens
+from toyworld.train_vae import standardise_latents
+from toyworld.training import build, pictures_to_tensor, world_token_ids
+from toyworld.world import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    PLAIN,
+    STYLE_A,
+    STYLE_B,
+    all_subjects,
+    caption,
+    training_subjects,
+)
+
+
+def test_same_seed_same_pictures_and_held_out_prompts_never_trained():
+    subjects = training_subjects()
+    a = draw(random_scenes(np.random.default_rng(4), 16, subjects, STYLE_B))
+    b = draw(random_scenes(np.random.default_rng(4), 16, subjects, STYLE_B))
+    assert a.dtype == np.uint8 and a.shape == (16, 64, 64, 3) and np.array_equal(a, b)
+    assert len(subjects) == len(all_subjects()) - len(HELD_OUT) == 40
+    assert not set(HELD_OUT) & set(subjects)
+    assert caption(HELD_OUT[0]) == "a red circle on a gray background"
+
+
+def test_plain_pictures_hold_the_named_colours():
+    """Corner pixels are the background's colour and the centre pixel the shape's (the shape
+    is large and centred-ish), each within the per-picture colour jitter."""
+    rng = np.random.default_rng(0)
+    scenes = random_scenes(rng, 64, all_subjects(), PLAIN)
+    pictures = draw(scenes).astype(int)
+    for picture, subject in zip(pictures, scenes.subjects):
+        assert np.abs(picture[0, 0] - BACKGROUNDS[subject.background]).max() <= 11
+        assert np.abs(picture[32, 32] - COLOURS[subject.colour]).max() <= 11
+
+
+def test_styles_change_the_pictures_at_their_scale():
+    rng = np.random.default_rng(1)
+    subjects = [s for s in training_subjects() if s.background == "white"]
+    plain = draw(random_scenes(np.random.default_rng(1), 32, subjects, PLAIN)).astype(float)
+    warm = draw(random_scenes(np.random.default_rng(1), 32, subjects, STYLE_A)).astype(float)
+    cool = draw(random_scenes(np.random.default_rng(1), 32, subjects, STYLE_B)).astype(float)
+    red_minus_blue = [(p[..., 0] - p[..., 2]).mean() for p in (plain, warm, cool)]
+    assert red_minus_blue[1] > red_minus_blue[0] + 20 > red_minus_blue[2] + 40
+    # soft edges: fewer strong horizontal steps than the plain pictures; B's ring adds more
+    steps = [(np.abs(np.diff(p.mean(-1), axis=2)) > 40).mean() for p in (plain, warm, cool)]
+    assert steps[1] < steps[0] < steps[2]
+    del rng
+
+
+def test_latent_rescaling_changes_no_decoded_picture(tmp_path):
+    config = write_config_folder("sd1", tmp_path / "config", size="tiny")
+    torch.manual_seed(0)
+    vae = build("vae", config).eval()
+    pictures = pictures_to_tensor(draw(random_scenes(np.random.default_rng(2), 8,
+                                                     training_subjects(), STYLE_A)))
+    with torch.no_grad():
+        before = vae.decode(vae.encode(pictures * 2 - 1).latent_dist.mean).sample
+        c = standardise_latents(vae, pictures)
+        latents = vae.encode(pictures * 2 - 1).latent_dist.mean
+        after = vae.decode(latents).sample
+    assert c != 1.0
+    assert torch.allclose(before, after, atol=1e-4)
+    # SD1's scaling factor now gives unit-variance latents on these pictures
+    assert abs(float((latents * vae.config.scaling_factor).std()) - 1.0) < 1e-3
+
+
+def test_unused_token_rows_are_zero_and_stay_zero(tmp_path):
+    config = write_config_folder("sd1", tmp_path / "config", size="tiny")
+    torch.manual_seed(0)
+    te = build("te", config)
+    mask_unused_tokens(te)
+    weight = te.get_input_embeddings().weight
+    used = torch.zeros(weight.shape[0], dtype=torch.bool)
+    used[world_token_ids()] = True
+    opt = torch.optim.AdamW(te.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.tensor([[49406, 320, 736, 7117, 49407] + [49407] * 72,
+                        [49406, 1125, 3999, 49407] + [49407] * 73])  # 1125: not a world word
+    for _ in range(2):
+        te(ids)[0].pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert weight[~used].abs().max() == 0
+    assert weight[used].abs().min() > 0
+    assert 1125 not in world_token_ids() and 7117 in world_token_ids()  # "circle" is a word
+
+
+def _average_in_process(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from toyworld.training import average_gradients
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    param = torch.nn.Parameter(torch.zeros(3))
+    other = torch.nn.Parameter(torch.zeros(2, 2))
+    param.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
+    other.grad = torch.full((2, 2), 10.0 * rank)
+    average_gradients([param, other])
+    torch.save({"param": param.grad, "other": other.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_processes_take_the_mean_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "grad")
+    mp.spawn(_average_in_process, args=(f"file://{tmp_path}/rendezvous", out), nprocs=2)
+    for rank in (0, 1):
+        grads = torch.load(f"{out}.{rank}", weights_only=True)
+        assert torch.equal(grads["param"], torch.tensor([1.5, 3.0, 4.5]))
+        assert torch.equal(grads["other"], torch.full((2, 2), 5.0))

@@ -1,0 +1,250 @@
+"""Acceptance figures of a world that need no search: prompt following, style, sensitivity.
+
+Everything goes through the code paths a user's study takes: checkpoints load with
+``load_pipeline``, probes are drawn by ``evaluators.generate``, the CLIP model is loaded by the
+`clip` / `reference` scorers, merges are written by the ``MergeEngine``.
+
+- ``naming``: the base model draws every held-out prompt; the CLIP scorer names shape, colour
+  and background zero-shot (each class embedding is the mean of the caption embeddings that
+  hold it) and the shares named right are returned.
+- ``style_probe``: a logistic regression on CLIP embeddings of drawn plain / A / B pictures
+  classifies the probes of base, style_a and style_b: A's told from B's, the base's neither.
+- ``sensitivity``: at a random hidden merge of style_a and style_b, each MBW block moved by
+  +-0.3; the `reference` score's change per block, against the score's observed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evaluators import ProbeSet, build_scorer, generate
+from merge_backend.architectures import ARCHITECTURES, block_names
+from merge_backend.recipe import Recipe, Source, uniform_ratios
+from toyworld.draw import draw, random_scenes
+from toyworld.files import ToyWorld
+from toyworld.training import pictures_to_tensor
+from toyworld.world import (
+    ATTRIBUTES,
+    HELD_OUT,
+    SAMPLING,
+    STYLES,
+    all_subjects,
+    caption,
+    training_subjects,
+)
+
+MBW = block_names(ARCHITECTURES["sd1"], "mbw")
+
+
+def probe_set(prompts: list[str], seeds: list[int], batch_size: int = 16) -> ProbeSet:
+    return ProbeSet(prompts=prompts, seeds=seeds, batch_size=batch_size, **SAMPLING)
+
+
+def held_out_probes(seeds: int = 8) -> ProbeSet:
+    return probe_set([caption(s) for s in HELD_OUT], list(range(1, seeds + 1)))
+
+
+def load(world: ToyWorld, name: str, device: str = "cpu"):
+    from merge_backend.pipeline import load_pipeline
+
+    return load_pipeline(world.checkpoint(name), config_folder=world.config_folder,
+                         device=device)
+
+
+def clip_scorer(world: ToyWorld, kind: str = "clip", device: str = "cpu", **extra):
+    return build_scorer({"kind": kind, "model": str(world.clip_config),
+                         "weights": str(world.clip_weights), **extra}, device=device)
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def class_embeddings(scorer, attribute: str) -> torch.Tensor:
+    """``[classes, D]``: per value of ``attribute``, the normalised mean embedding of every
+    plain caption that names it (CLIP's prompt ensembling over this world's template)."""
+    rows = []
+    for value in ATTRIBUTES[attribute]:
+        prompts = [caption(s) for s in all_subjects() if getattr(s, attribute) == value]
+        rows.append(F.normalize(scorer.text_embeddings(prompts).mean(dim=0), dim=0))
+    return torch.stack(rows)
+
+
+def name(scorer, images: torch.Tensor, attribute: str) -> list[str]:
+    """Zero-shot names of ``attribute`` for each image."""
+    logits = scorer.image_embeddings(images) @ class_embeddings(scorer, attribute).T
+    return [ATTRIBUTES[attribute][i] for i in logits.argmax(dim=1).tolist()]
+
+
+def naming(world: ToyWorld, seeds: int = 8, device: str = "cpu", pipe=None) -> dict[str, float]:
+    """Share of the base model's held-out probes whose shape / colour / background the CLIP
+    scorer names right."""
+    pipe = pipe or load(world, "base", device)
+    probes = held_out_probes(seeds)
+    images = generate(pipe, probes).images
+    scorer = clip_scorer(world, device=device)
+    truth = [HELD_OUT[job.prompt_index] for job in probes.jobs()]
+    return {attr: float(np.mean([n == getattr(t, attr) for n, t in
+                                 zip(name(scorer, images, attr), truth)]))
+            for attr in ATTRIBUTES}
+
+
+# ---------------------------------------------------------------------------- style
+
+
+@dataclass
+class StyleProbe:
+    """Multinomial logistic regression on CLIP image embeddings: plain / a / b."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    labels: tuple[str, ...] = tuple(STYLES)
+
+    def classify(self, embeddings: torch.Tensor) -> list[str]:
+        return [self.labels[i] for i in (embeddings @ self.weight.T + self.bias).argmax(1)]
+
+
+def fit_style_probe(scorer, per_style: int = 200, seed: int = 7) -> StyleProbe:
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for label, style in enumerate(STYLES.values()):
+        pictures = pictures_to_tensor(draw(random_scenes(rng, per_style, training_subjects(),
+                                                         style)))
+        xs.append(scorer.image_embeddings(pictures))
+        ys += [label] * per_style
+    x, y = torch.cat(xs), torch.tensor(ys)
+    weight = torch.zeros(len(STYLES), x.shape[1], requires_grad=True)
+    bias = torch.zeros(len(STYLES), requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 1e-3 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return StyleProbe(weight.detach(), bias.detach())
+
+
+@dataclass
+class StyleFigures:
+    """What the style probe calls the held-out probes of each model (``calls[model][label]``:
+    a share), and the issue's two figures drawn from it: A's probes told from B's, the base's
+    called neither."""
+
+    calls: dict[str, dict[str, float]]
+    margins: dict[str, float]  # style_a / style_b: share whose own fine-tune label wins
+
+    @property
+    def a_vs_b(self) -> float:
+        """Share of style_a's and style_b's probes told apart: of the two fine-tunes' labels,
+        the probe scores each model's own above the other's."""
+        return (self.margins["style_a"] + self.margins["style_b"]) / 2
+
+    @property
+    def base_neither(self) -> float:
+        """Share of the base's probes the probe calls neither style (plain)."""
+        return self.calls["base"]["plain"]
+
+    def own(self, model: str) -> float:
+        """Share of ``model``'s probes called its own style among all three."""
+        return self.calls[model][{"base": "plain", "style_a": "a", "style_b": "b"}[model]]
+
+
+def style_probe(world: ToyWorld, seeds: int = 4, device: str = "cpu") -> StyleFigures:
+    """The probe (fit on drawn plain / A / B pictures) on the held-out probes of base, style_a
+    and style_b: what it calls each model's probes, and how often it tells A's from B's."""
+    scorer = clip_scorer(world, device=device)
+    probe = fit_style_probe(scorer)
+    probes = held_out_probes(seeds)
+    calls, margins = {}, {}
+    a, b = probe.labels.index("a"), probe.labels.index("b")
+    for model in ("base", "style_a", "style_b"):
+        images = generate(load(world, model, device), probes).images
+        embeddings = scorer.image_embeddings(images)
+        named = probe.classify(embeddings)
+        calls[model] = {label: float(np.mean([n == label for n in named]))
+                        for label in probe.labels}
+        if model != "base":
+            logits = embeddings @ probe.weight.T + probe.bias
+            own, other = (a, b) if model == "style_a" else (b, a)
+            margins[model] = float((logits[:, own] > logits[:, other]).float().mean())
+    return StyleFigures(calls, margins)
+
+
+# ---------------------------------------------------------------------------- sensitivity
+
+
+def merge_recipe(world: ToyWorld, ratios: dict[str, float]) -> Recipe:
+    """style_a (model1) x style_b (model2), per MBW block."""
+    return Recipe(arch="sd1", method="weighted_sum", vocabulary="mbw", ratios=dict(ratios),
+                  models={"model1": Source(str(world.style_a)),
+                          "model2": Source(str(world.style_b))}, arithmetic="fast")
+
+
+def hidden_ratios(seed: int, low: float = 0.3, high: float = 0.7) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    return {b: round(float(v), 3) for b, v in zip(MBW, rng.uniform(low, high, len(MBW)))}
+
+
+@dataclass
+class Sensitivity:
+    hidden: dict[str, float]
+    down: dict[str, float]  # reference score change with the block at hidden - step
+    up: dict[str, float]  # ... at hidden + step
+    score_range: float  # max - min of the reference score over the merges sampled for it
+
+    def share(self, block: str) -> float:
+        """The smaller of the two changes, as a share of the observed range."""
+        return min(self.down[block], self.up[block]) / self.score_range
+
+    def sensitive(self, threshold: float = 0.01) -> list[str]:
+        return [b for b in MBW if self.share(b) >= threshold]
+
+    def table(self) -> list[str]:
+        lines = [f"{'block':6s} {'hidden':>6s} {'-0.3':>9s} {'+0.3':>9s} {'min/range':>9s}"]
+        lines += [f"{b:6s} {self.hidden[b]:6.3f} {self.down[b]:9.5f} {self.up[b]:9.5f} "
+                  f"{self.share(b):9.2%}" for b in MBW]
+        return lines
+
+
+def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges: int = 24,
+                device: str = "cpu", prompts: list[str] | None = None) -> Sensitivity:
+    """The `reference` score (paired, CLIP image-image cosine to the hidden merge's probes)
+    after moving each block by +-``step`` from a random hidden merge. The range is observed
+    over the hidden merge, both parents, the uniform 0.5 merge and ``random_merges`` random
+    merges."""
+    from merge_backend.engine import MergeEngine
+
+    hidden = hidden_ratios(seed)
+    prompts = prompts or [caption(s) for s in training_subjects()[::10]]
+    probes = probe_set(prompts, [1], batch_size=4)
+    pipe = load(world, "style_a", device)
+    template = merge_recipe(world, uniform_ratios("sd1", "mbw", 1.0))
+    engine = MergeEngine(pipe, template, device=device)
+    scorer = clip_scorer(world, "reference", device=device, mode="paired")
+
+    def score(ratios: dict[str, float]) -> float:
+        engine.apply(merge_recipe(world, ratios))
+        images = generate(pipe, probes).images
+        return float(scorer.score(images, probes_prompts).mean())
+
+    probes_prompts = [job.prompt.text for job in probes.jobs()]
+    engine.apply(merge_recipe(world, hidden))
+    scorer.set_references(generate(pipe, probes).images)
+    base = score(hidden)
+    rng = np.random.default_rng(seed + 1)
+    seen = [base] + [score(uniform_ratios("sd1", "mbw", v)) for v in (1.0, 0.0, 0.5)]
+    seen += [score(dict(zip(MBW, rng.uniform(0, 1, len(MBW)).tolist())))
+             for _ in range(random_merges)]
+    down, up = {}, {}
+    for block in MBW:
+        for moved, sign in ((down, -1), (up, 1)):
+            value = score({**hidden, block: hidden[block] + sign * step})
+            moved[block] = abs(base - value)
+            seen.append(value)
+    return Sensitivity(hidden, down, up, max(seen) - min(seen))

@@ -1,0 +1,178 @@
+"""The build's stages, each a function of the plan and the files earlier stages wrote.
+
+A stage reads its inputs from the work folder and writes its output there atomically, so the
+two build workers can run stages side by side and wait on each other's files. Every stage is
+seeded from the plan alone: which worker runs it, and when, changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toyworld.draw import draw, random_scenes
+from toyworld.train_clip import (
+    TrainCLIP,
+    TrainHead,
+    create_clip,
+    train_clip,
+    train_house_head,
+    tune_clip,
+)
+from toyworld.train_diffusion import Latents, TrainUNet, encode, mask_unused_tokens, train_unet
+from toyworld.train_vae import TrainVAE, train_vae
+from toyworld.training import Report, build, pictures_to_tensor, rank
+from toyworld.world import PLAIN, STYLE_A, STYLE_B, caption, training_subjects
+
+STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Every number the build uses. ``seed`` offsets every stage's own seed."""
+
+    seed: int = 0
+    vae: TrainVAE = TrainVAE()
+    clip: TrainCLIP = TrainCLIP()
+    head: TrainHead = TrainHead()
+    base: TrainUNet = TrainUNet()
+    finetune: TrainUNet = TrainUNet(steps=600, batch=32, lr=3e-4, text_encoder_lr=5e-5,
+                                    warmup=0.1, seed=5)
+    pictures: dict[str, int] = field(default_factory=lambda: {"base": 16000, "style_a": 6000,
+                                                              "style_b": 6000})
+
+    def seeded(self, stage_seed: int) -> int:
+        return self.seed * 1000 + stage_seed
+
+
+@dataclass
+class Work:
+    """The work folder of one build, the config folder and the device stages run on."""
+
+    folder: Path
+    config_folder: Path
+    clip_config: Path
+    device: torch.device = torch.device("cpu")
+    failed: Callable[[], bool] | None = None  # set in each worker: did the other one fail?
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.pt"
+
+    def save(self, name: str, obj) -> None:
+        tmp = self.folder / f".{name}.pt.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, self.path(name))
+
+    def load(self, name: str, timeout: float = 7200.0):
+        """Wait for another worker's output (or its failure), then load it."""
+        start = time.monotonic()
+        while not self.path(name).exists():
+            if self.failed is not None and self.failed():
+                raise RuntimeError(f"stage output {name} will not come: the other worker failed")
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"waited {timeout:.0f} s for stage output {name}")
+            time.sleep(0.5)
+        return torch.load(self.path(name), map_location="cpu", weights_only=True)
+
+
+def _replace_seed(plan_part, seed: int):
+    from dataclasses import replace
+
+    return replace(plan_part, seed=seed)
+
+
+def _vae(work: Work):
+    vae = build("vae", work.config_folder)
+    vae.load_state_dict(work.load("vae"))
+    return vae.to(work.device).eval().requires_grad_(False)
+
+
+def stage_vae(plan: BuildPlan, work: Work, report: Report) -> None:
+    vae = train_vae(_replace_seed(plan.vae, plan.seeded(plan.vae.seed)), work.config_folder,
+                    report, work.device)
+    work.save("vae", _cpu(vae))
+
+
+def stage_latents(plan: BuildPlan, work: Work, report: Report) -> None:
+    vae = _vae(work)
+    out = {}
+    for i, (name, style) in enumerate(STYLED.items()):
+        rng = np.random.default_rng(plan.seeded(10 + i))
+        scenes = random_scenes(rng, plan.pictures[name], training_subjects(), style)
+        pictures = pictures_to_tensor(draw(scenes))
+        latents = encode(vae, pictures, [caption(s) for s in scenes.subjects])
+        out[name] = {"mean": latents.mean, "std": latents.std, "captions": latents.captions}
+        report(i + 1, len(STYLED), name)
+    work.save("latents", out)
+
+
+def _latents(work: Work, name: str) -> Latents:
+    data = work.load("latents")[name]
+    return Latents(data["mean"], data["std"], data["captions"])
+
+
+def stage_base(plan: BuildPlan, work: Work, report: Report) -> None:
+    """Data parallel over the build's processes: each takes its share of every batch."""
+    torch.manual_seed(plan.seeded(20))
+    unet = build("unet", work.config_folder)
+    text_encoder = build("te", work.config_folder)
+    mask_unused_tokens(text_encoder)
+    unet, text_encoder = train_unet(_replace_seed(plan.base, plan.seeded(plan.base.seed)),
+                                    unet.to(work.device), text_encoder.to(work.device),
+                                    _latents(work, "base"), work.config_folder, report)
+    if rank() == 0:
+        work.save("base", {"unet": _cpu(unet), "te": _cpu(text_encoder)})
+
+
+def stage_finetune(style: str) -> Callable[[BuildPlan, Work, Report], None]:
+    def run(plan: BuildPlan, work: Work, report: Report) -> None:
+        base = work.load("base")
+        unet = build("unet", work.config_folder)
+        text_encoder = build("te", work.config_folder)
+        unet.load_state_dict(base["unet"])
+        text_encoder.load_state_dict(base["te"])
+        mask_unused_tokens(text_encoder)
+        seed = plan.seeded(plan.finetune.seed + list(STYLED).index(style))
+        unet, text_encoder = train_unet(_replace_seed(plan.finetune, seed),
+                                        unet.to(work.device), text_encoder.to(work.device),
+                                        _latents(work, style), work.config_folder, report)
+        work.save(style, {"unet": _cpu(unet), "te": _cpu(text_encoder)})
+
+    run.__name__ = f"stage_{style}"
+    return run
+
+
+def stage_clip(plan: BuildPlan, work: Work, report: Report) -> None:
+    model = train_clip(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), work.clip_config,
+                       report, work.device)
+    work.save("clip_drawn", _cpu(model))
+
+
+def _clip(work: Work, name: str):
+    model, tokenizer = create_clip(work.clip_config, 0)
+    model.load_state_dict(work.load(name))
+    return model.to(work.device), tokenizer
+
+
+def stage_clip_tune(plan: BuildPlan, work: Work, report: Report) -> None:
+    model, tokenizer = _clip(work, "clip_drawn")
+    model = tune_clip(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), model, tokenizer,
+                      _vae(work), report)
+    work.save("clip", _cpu(model))
+
+
+def stage_head(plan: BuildPlan, work: Work, report: Report) -> None:
+    model, _ = _clip(work, "clip")
+    head = train_house_head(_replace_seed(plan.head, plan.seeded(plan.head.seed)),
+                            model.eval(), _vae(work), report)
+    work.save("head", _cpu(head))
+
+
+def _cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

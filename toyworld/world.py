@@ -1,0 +1,141 @@
+"""What the toy world holds: its words, its styles, which prompts are held out, its captions.
+
+Pictures are 64x64 (an 8x8x4 latent in the SD1 VAE's 8x downsampling): one large shape in one
+colour on a plain background. On top of the plain look there are style attributes, each in
+[0, 1] (warmth in [-1, 1]) and all at least one latent cell (8 px) wide, since finer detail
+does not survive the VAE:
+
+- ``warmth``: the whole picture tinted towards orange (+) or blue (-): a global, low-frequency
+  change;
+- ``soft``: the shape's edge blurred over ~8 px: a soft, filled look;
+- ``outline``: a 5 px contrasting ring around the shape: an edge;
+- ``texture``: a 16 px checkerboard in the background.
+
+Fine-tune A is ``warm + soft`` and fine-tune B is ``cool + outlined + checkered``; the house
+style the aesthetic head prefers (``HOUSE``) takes A's palette and B's edges, a look neither
+parent has alone. Captions name shape, colour and background (``CAPTION``); the CLIP scorer
+additionally reads style words (``style_words``). ``HELD_OUT`` combinations never appear in
+any training set: acceptance figures are measured on them.
+
+Example:
+    >>> caption(Subject("circle", "red", "white"))
+    'a red circle on a white background'
+    >>> style_words(STYLE_B)
+    'cool, outlined, checkered'
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+SIZE = 64
+SHAPES = ("circle", "square", "triangle", "cross")
+# name -> RGB 0..255; hues far apart so a tint never makes one look like another
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (45, 80, 215),
+           "yellow": (240, 205, 40)}
+BACKGROUNDS = {"white": (236, 236, 232), "gray": (128, 128, 128), "black": (28, 28, 30)}
+# what a caption names, as Subject fields -> their values (what zero-shot naming asks)
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+CAPTION = "a {colour} {shape} on a {background} background"
+# How probes of this world are drawn (the demo, the study config, the acceptance figures)
+SAMPLING = {"steps": 4, "cfg": 3.0, "width": SIZE, "height": SIZE, "scheduler": "euler"}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a caption names: one shape, its colour, the background colour."""
+
+    shape: str
+    colour: str
+    background: str
+
+
+@dataclass(frozen=True)
+class Style:
+    """Style attributes: warmth in [-1, 1] (cool .. warm), the others in [0, 1]."""
+
+    warmth: float = 0.0
+    soft: float = 0.0
+    outline: float = 0.0
+    texture: float = 0.0
+
+
+PLAIN = Style()
+STYLE_A = Style(warmth=1.0, soft=1.0)  # soft, warm, filled
+STYLE_B = Style(warmth=-1.0, outline=1.0, texture=1.0)  # outlined, cool, textured
+HOUSE = Style(warmth=1.0, outline=1.0)  # A's palette with B's edges
+STYLES = {"plain": PLAIN, "a": STYLE_A, "b": STYLE_B}
+
+# Held out of every training set; each shape and each colour appears twice.
+HELD_OUT = (
+    Subject("circle", "red", "gray"), Subject("circle", "blue", "black"),
+    Subject("square", "green", "white"), Subject("square", "yellow", "gray"),
+    Subject("triangle", "blue", "white"), Subject("triangle", "red", "black"),
+    Subject("cross", "yellow", "black"), Subject("cross", "green", "gray"),
+)
+
+
+def all_subjects() -> list[Subject]:
+    return [Subject(s, c, b) for s, c, b in itertools.product(SHAPES, COLOURS, BACKGROUNDS)]
+
+
+def training_subjects() -> list[Subject]:
+    """Every combination not held out (40 of 48)."""
+    return [s for s in all_subjects() if s not in HELD_OUT]
+
+
+def caption(subject: Subject) -> str:
+    return CAPTION.format(shape=subject.shape, colour=subject.colour,
+                          background=subject.background)
+
+
+def style_words(style: Style) -> str:
+    """The words the CLIP scorer learns for a style (attributes past half strength)."""
+    words = []
+    if style.warmth >= 0.5:
+        words.append("warm")
+    elif style.warmth <= -0.5:
+        words.append("cool")
+    if style.soft >= 0.5:
+        words.append("soft")
+    if style.outline >= 0.5:
+        words.append("outlined")
+    if style.texture >= 0.5:
+        words.append("checkered")
+    return ", ".join(words)
+
+
+def styled_caption(subject: Subject, style: Style) -> str:
+    words = style_words(style)
+    return caption(subject) + (f", {words}" if words else "")
+
+
+def house_score(style: Style) -> float:
+    """What the aesthetic head learns to predict: warm palette and outlined edges, each half.
+
+    1 for ``HOUSE``; fine-tune A's style scores 0.5, B's 0, plain 0. Softness does not count:
+    every picture the world's VAE decodes is somewhat soft, and a first head that let blur hide
+    the outline (``outline * (1 - soft)``) scored the merges that take A's warmth and B's
+    outline blocks no higher than A itself (a 500-trial search did not beat style_a).
+    """
+    return 0.5 * style.warmth + 0.5 * style.outline
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption of this world can hold (the tokens the text encoders learn)."""
+    words = {"a", "on", "background", ","} | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS)
+    words |= {"warm", "cool", "soft", "outlined", "checkered"}
+    return sorted(words)
+
+
+def random_style(rng, continuous: float = 0.3) -> Style:
+    """A style with each attribute off or full (or, with probability ``continuous``, anywhere
+    in its range): the mixed looks merges produce, for the scorers to learn."""
+    def pick(values: tuple[float, ...], low: float) -> float:
+        if rng.random() < continuous:
+            return float(rng.uniform(low, 1.0))
+        return float(values[rng.integers(0, len(values))])
+
+    return Style(warmth=pick((-1.0, 0.0, 1.0), -1.0), soft=pick((0.0, 1.0), 0.0),
+                 outline=pick((0.0, 1.0), 0.0), texture=pick((0.0, 1.0), 0.0))
