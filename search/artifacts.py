@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from evaluators import ProbeImages
 
+from .storage_writes import TrialWrites
+
 # optuna.artifacts.upload_artifact records an artifact as this trial system attribute (the key
 # optuna-dashboard and optuna.artifacts.get_all_artifact_meta read)
 _ARTIFACT_ATTR = "artifacts:"
@@ -104,12 +106,15 @@ def labelled_grid_png(images: ProbeImages, title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def upload_pictures(trial: optuna.Trial, store, pictures: Sequence[tuple[str, str, bytes, str]]
-                    ) -> dict[str, str]:
+def upload_pictures(trial: optuna.Trial, store, pictures: Sequence[tuple[str, str, bytes, str]],
+                    writes: TrialWrites | None = None) -> dict[str, str]:
     """Store ``pictures`` (attr, file name, bytes, mimetype) as ``trial``'s artifacts, in this
     order, and each artifact id as the user attribute ``attr``. The ids share one random hex stem
     and end in their position (``…-1``, ``…-2``; the dashboard's artifact route takes hex digits
-    and dashes only), so every storage lists them in this order."""
+    and dashes only), so every storage lists them in this order. The records go into
+    ``writes`` when given (committed by the caller), else they are written now."""
+    own = writes is None
+    writes = TrialWrites(trial.study, trial._trial_id) if own else writes
     stem = uuid.uuid4().hex
     ids = {}
     for position, (attr, name, data, mimetype) in enumerate(pictures, start=1):
@@ -117,8 +122,9 @@ def upload_pictures(trial: optuna.Trial, store, pictures: Sequence[tuple[str, st
         store.write(artifact_id, io.BytesIO(data))
         meta = ArtifactMeta(artifact_id=artifact_id, filename=f"trial{trial.number}-{name}",
                             mimetype=mimetype, encoding=None)
-        trial.storage.set_trial_system_attr(trial._trial_id, _ARTIFACT_ATTR + artifact_id,
-                                            json.dumps(asdict(meta)))
-        trial.set_user_attr(attr, artifact_id)
+        writes.system_attr(_ARTIFACT_ATTR + artifact_id, json.dumps(asdict(meta)))
+        writes.user_attr(attr, artifact_id)
         ids[attr] = artifact_id
+    if own:
+        writes.commit()
     return ids

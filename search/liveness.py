@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import run_folder as rf
+from .storage_writes import TrialWrites
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 ATTR_BOOT = "worker_boot"  # the worker machine's boot id: with host:pid, names one live process
@@ -37,11 +38,15 @@ def _boot_id() -> str:
 BOOT_ID = _boot_id()
 
 
-def mark_worker(trial: optuna.Trial) -> None:
-    """Record which process runs ``trial`` (done first, before anything can fail)."""
-    trial.set_user_attr(rf.ATTR_WORKER, WORKER)
+def mark_worker(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record which process runs ``trial``, with its first heartbeat on an RDB storage, in one
+    write (done first, before anything can fail)."""
+    writes = TrialWrites(study, trial._trial_id)
+    writes.user_attr(rf.ATTR_WORKER, WORKER)
     if BOOT_ID:
-        trial.set_user_attr(ATTR_BOOT, BOOT_ID)
+        writes.user_attr(ATTR_BOOT, BOOT_ID)
+    writes.heartbeat = bool(heartbeat_interval(study))
+    writes.commit()
 
 
 def _process_gone(trial: optuna.trial.FrozenTrial) -> bool:
@@ -93,18 +98,22 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
 
 class Heartbeat:
     """Records ``trial``'s heartbeat every heartbeat interval while it runs (what
-    ``study.optimize`` does; the worker uses ask and tell)."""
+    ``study.optimize`` does; the worker uses ask and tell). The first beat is at once, unless
+    ``beaten`` says ``mark_worker`` recorded it already: a worker killed in the first interval
+    is still found stale."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, beaten: bool = False):
         self._storage = study._storage
         self._trial_id = trial._trial_id
         self._interval = heartbeat_interval(study)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beaten = beaten
 
     def __enter__(self) -> Heartbeat:
         if self._interval:
-            self._beat()  # at once: a worker killed in the first interval is still found stale
+            if not self._beaten:
+                self._beat()
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name="mergesearch-heartbeat")
             self._thread.start()

@@ -65,7 +65,9 @@ class SamplerEntry:
     trial with the trial's seed (False: one instance for the run, as QMC's one sequence needs).
     ``multi_objective``: whether it can serve ``objective: multi``. ``learns_from``: ``scores``
     (the scorers' values), ``choices`` (a person's, in preference and mixed studies) or
-    ``nothing`` (serves either).
+    ``nothing`` (serves either). ``carried``: attributes a rebuilt instance takes over from
+    the one before (caches that depend on the study, not on the seed: the GP's fitted kernel
+    parameters, which start the next fit).
     """
 
     cls: Callable[..., BaseSampler] | str
@@ -73,6 +75,7 @@ class SamplerEntry:
     per_trial_seed: bool = True
     multi_objective: bool = True
     learns_from: str = SCORES
+    carried: tuple[str, ...] = ()
 
     def sampler_class(self) -> Callable[..., BaseSampler]:
         """The class (ValueError naming the install for a lazily imported one that is missing)."""
@@ -88,13 +91,37 @@ class SamplerEntry:
                                f"{PREFERENCE_EXTRA}") from None
 
 
+class BoundedGPSampler(optuna.samplers.GPSampler):
+    """Optuna's GPSampler with its acquisition search bounded: ``n_preliminary_samples``
+    quasi-random candidates (Optuna: 2048) of which the best ``n_local_search`` (10) are
+    refined by L-BFGS-B. Each proposal then costs a bounded number of acquisition evaluations
+    whatever the study's length (the GP fit still grows with the trials it is fit on).
+
+    Example:
+        >>> sampler = BoundedGPSampler(seed=0, n_preliminary_samples=256, n_local_search=4)
+    """
+
+    def __init__(self, *, seed: int | None = None, independent_sampler: BaseSampler | None = None,
+                 n_startup_trials: int = 10, deterministic_objective: bool = False,
+                 warn_independent_sampling: bool = True, n_preliminary_samples: int = 512,
+                 n_local_search: int = 4):
+        super().__init__(seed=seed, independent_sampler=independent_sampler,
+                         n_startup_trials=n_startup_trials,
+                         deterministic_objective=deterministic_objective,
+                         warn_independent_sampling=warn_independent_sampling)
+        self._n_preliminary_samples = n_preliminary_samples
+        self._n_local_search = n_local_search
+
+
 # Our defaults for TPE: multivariate, and constant liar so parallel workers spread out.
 TPE_DEFAULTS = {"multivariate": True, "constant_liar": True, "n_startup_trials": 10}
 SAMPLERS: dict[str, SamplerEntry] = {
     "tpe": SamplerEntry(optuna.samplers.TPESampler, TPE_DEFAULTS),
     "cmaes": SamplerEntry(optuna.samplers.CmaEsSampler, multi_objective=False),
-    "gp": SamplerEntry(optuna.samplers.GPSampler, multi_objective=False),
-    "qmc": SamplerEntry(optuna.samplers.QMCSampler, per_trial_seed=False),
+    "gp": SamplerEntry(BoundedGPSampler, multi_objective=False,
+                       carried=("_gprs_cache_list", "_constraints_gprs_cache_list")),
+    # scrambled, so that its seed matters (Optuna's default scramble=False ignores the seed)
+    "qmc": SamplerEntry(optuna.samplers.QMCSampler, {"scramble": True}, per_trial_seed=False),
     "random": SamplerEntry(optuna.samplers.RandomSampler, learns_from=NOTHING),
     "nsga2": SamplerEntry(optuna.samplers.NSGAIISampler),
     # learns from a person's choices (optuna-dashboard's preferential optimisation); imported
@@ -162,9 +189,11 @@ class TrialSeededSampler(BaseSampler):
     that its random numbers depend on the trial, not on how many trials this process has run.
     """
 
-    def __init__(self, build: Callable[[int], BaseSampler], seed: int):
+    def __init__(self, build: Callable[[int], BaseSampler], seed: int,
+                 carried: tuple[str, ...] = ()):
         self._build = build
         self._seed = seed
+        self._carried = carried
         self._inner = build(seed)
 
     @property
@@ -172,7 +201,11 @@ class TrialSeededSampler(BaseSampler):
         return self._inner
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        previous = self._inner
         self._inner = self._build(trial_seed(self._seed, trial.number))
+        for name in self._carried:
+            if hasattr(previous, name):
+                setattr(self._inner, name, getattr(previous, name))
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -217,7 +250,9 @@ def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeede
             warnings.simplefilter("ignore", FutureWarning)  # the preferential GP's torch.jit
             return cls(seed=trial_seed_, **kwargs)
 
-    return TrialSeededSampler(build, seed) if entry.per_trial_seed else QmcSampler(build, seed)
+    if not entry.per_trial_seed:
+        return QmcSampler(build, seed)
+    return TrialSeededSampler(build, seed, entry.carried)
 
 
 def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ from .artifacts import labelled_grid_png, upload_pictures
 from .config import PERSON, StudyConfig
 from .preference import ATTR_CANDIDATE
 from .space import SearchSpace
+from .storage_writes import TrialWrites
 
 ATTR_DUPLICATE = "duplicate_of"
 
@@ -77,20 +78,22 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         card = score_images(images, ctx.scorers)
         value = _value(ctx, card)
         clock.lap("score")
-        trial.set_user_attr(rf.ATTR_RECIPE, recipe.to_dict())
-        trial.set_user_attr(rf.ATTR_SCORES, card.means())
+        record = TrialWrites(trial.study, trial._trial_id)  # one write: every attribute below
+        record.user_attr(rf.ATTR_RECIPE, recipe.to_dict())
+        record.user_attr(rf.ATTR_SCORES, card.means())
         if ctx.scorers:
-            trial.set_user_attr(rf.ATTR_SCORE, value)
+            record.user_attr(rf.ATTR_SCORE, value)
         ids = upload_pictures(trial, ctx.artifact_store, [
             (rf.ARTIFACT_PROBES, "probes.png", labelled_grid_png(images, _title(trial)),
              "image/png"),
             (rf.ARTIFACT_RATIOS, "ratios.svg",
-             ratio_chart_svg(recipe, ctx.space.roles()).encode(), "image/svg+xml")])
-        write_note(trial, ctx, card.means(), value)
+             ratio_chart_svg(recipe, ctx.space.roles()).encode(), "image/svg+xml")], record)
+        write_note(trial, ctx, card.means(), value, record)
         if ctx.cfg.objective in PERSON:  # the picture the dashboard's choice page shows
-            trial.set_user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
+            record.user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
         clock.lap("bookkeeping")
-        trial.set_user_attr(rf.ATTR_TIMINGS, clock.laps)
+        record.user_attr(rf.ATTR_TIMINGS, clock.laps)
+        record.commit()
         # a person's study: the value means nothing (choices are stored in the study)
         return 0.0 if ctx.cfg.objective in PERSON else value
     except DuplicateTrial:
@@ -120,10 +123,9 @@ def _value(ctx: StudyContext, card) -> float | list[float]:
 
 
 def write_note(trial: optuna.Trial, ctx: StudyContext, scores: dict[str, float],
-               value: float | list[float]) -> None:
-    """The trial's dashboard note: its scores and the commands that export or compare it."""
-    from optuna_dashboard import save_note
-
+               value: float | list[float], writes: TrialWrites) -> None:
+    """The trial's dashboard note (its scores and the commands that export or compare it),
+    into ``writes``."""
     run = shlex.quote(str(ctx.run.path))
     lines = [f"### Trial {trial.number}", ""]
     if scores:
@@ -135,7 +137,18 @@ def write_note(trial: optuna.Trial, ctx: StudyContext, scores: dict[str, float],
               f"    mergesearch export {run} --trial {trial.number} --to checkpoint --to comfyui",
               "", "Compare it with the parents and the uniform merge:", "",
               f"    mergesearch compare {run} --trials {trial.number}"]
-    save_note(trial, "\n".join(lines))
+    note_attrs(writes, "\n".join(lines))
+
+
+def note_attrs(writes: TrialWrites, body: str) -> None:
+    """A new trial's first note, as optuna-dashboard's ``save_note`` stores it (study system
+    attributes: version 1 and the body in parts), without ``save_note``'s two reads of every
+    study system attribute, which hold every trial's note and so grow with the study."""
+    from optuna_dashboard._note import note_ver_key, split_body
+
+    writes.study_system_attr(note_ver_key(writes.trial_id), 1)
+    for key, part in split_body(body, writes.trial_id).items():
+        writes.study_system_attr(key, part)
 
 
 def evaluated_twin(trial: optuna.Trial, params: dict[str, float]) -> int | None:

@@ -74,6 +74,13 @@ def count(study: optuna.Study, state: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
+def _tally(study: optuna.Study) -> tuple[int, int]:
+    """(COMPLETE, RUNNING) trials, from one read of the storage."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    return complete, len(trials) - complete
+
+
 @contextmanager
 def _held_interrupts() -> Iterator[list[int]]:
     """Hold SIGINT while the storage is written (ask, tell): a Ctrl-C never leaves a trial
@@ -123,7 +130,10 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
             f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
     try:
-        while count(study, TrialState.COMPLETE) < result.target:
+        while True:
+            complete, running = _tally(study)
+            if complete >= result.target:
+                break
             if time.monotonic() >= deadline:
                 result.stopped = f"the timeout of {timeout:g} s passed"
                 break
@@ -136,8 +146,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
                 _report_stale(study, log)
                 continue
             choosing = False
-            if count(study, TrialState.COMPLETE) + count(study, TrialState.RUNNING) \
-                    >= result.target:
+            if complete + running >= result.target:
                 if not waiting:
                     log(_wait_line(study, result.target))
                 waiting = True
@@ -201,7 +210,7 @@ def _one_trial(study: optuna.Study, ctx: StudyContext, result: WorkerResult,
         # Optuna suggests study.optimize for heartbeats; the worker beats itself (Heartbeat)
         warnings.filterwarnings("ignore", message="Heartbeat of storage")
         trial = study.ask()
-        mark_worker(trial)
+        mark_worker(study, trial)
         if not held and _surplus(study, trial, result.target):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             return None
@@ -209,7 +218,7 @@ def _one_trial(study: optuna.Study, ctx: StudyContext, result: WorkerResult,
     state = TrialState.COMPLETE
     error: BaseException | None = KeyboardInterrupt() if held else None
     if error is None:
-        with Heartbeat(study, trial):
+        with Heartbeat(study, trial, beaten=True):
             try:
                 value = run(trial, ctx)
             except DuplicateTrial:

@@ -1,0 +1,111 @@
+"""Benchmark (issue 15): a trial's search overhead at trial 10, 100 and 500 of one study.
+
+The overhead is everything a worker does per trial besides building the candidate (engine
+apply), drawing its probes and scoring them: the sampler's proposal, storage reads and writes
+(ask, parameters, attributes, artifacts, the dashboard note, tell), the probe grid and ratio
+chart, the progress line. It is measured as the wall time between the ends of two consecutive
+trials minus that trial's apply + generate + score, and is what decides trials per GPU-hour
+once generation is fast. One study of 505 trials on the tiny SD1 family (64x64, 2 steps, one
+probe; a tiny random CLIP scorer), SQLite in the run folder, all 26 MBW blocks free, the
+worker and progress callback `mergesearch run` uses. Each figure is the median over the five
+trials ending at the mark.
+
+    .venv/bin/python benchmarks/trial_overhead.py [--sampler NAME] [--trials 505]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fullsize import goal, machine  # noqa: E402
+
+from evaluators.testing import write_tiny_open_clip  # noqa: E402
+from merge_backend.tiny import write_tiny_family  # noqa: E402
+from search import run_folder as rf  # noqa: E402
+from search.config import SamplerConfig, parse_config  # noqa: E402
+from search.progress import Progress  # noqa: E402
+from search.study import optimize, prepare  # noqa: E402
+
+MARKS = (10, 100, 500)
+ACCELERATOR = ("apply", "generate", "score")  # what is not overhead
+
+
+def study_config(folder: Path, fam, clip, sampler: str, trials: int):
+    return parse_config({
+        "name": f"overhead-{sampler}", "models": {"model1": str(fam.a), "model2": str(fam.b)},
+        "config_folder": str(fam.config_folder),
+        "merge": {"vocabulary": "mbw", "arithmetic": "fast"},
+        "probes": {"prompts": ["a lighthouse on a cliff at dawn"], "seeds": [1], "steps": 2,
+                   "cfg": 6.0, "width": 64, "height": 64},
+        "scorers": [{"kind": "clip", "model": str(clip[0]), "weights": str(clip[1])}],
+        "sampler": {"name": sampler, "seed": 0},
+        "warm_start": {"model1": True, "model2": True, "uniform": [0.5]},
+        "trials": trials, "output": str(folder), "device": "cpu", "dtype": "fp32"})
+
+
+def measure(cfg) -> list[dict[str, float]]:
+    """Per COMPLETE trial: its overhead and its parts (ms), in trial order."""
+    study, ctx = prepare(cfg, log=lambda m: None)
+    ends: dict[int, float] = {}
+    progress = Progress(cfg.trials, stream=io.StringIO())
+
+    def clock(study, trial) -> None:
+        progress(study, trial)
+        ends[trial.number] = time.perf_counter()
+
+    optimize(study, ctx, log=lambda m: None, callbacks=[clock])
+    rows, previous = [], None
+    for trial in rf.completed(study):
+        end = ends[trial.number]
+        if previous is not None:
+            laps = trial.user_attrs[rf.ATTR_TIMINGS]
+            wall = end - previous
+            busy = sum(laps[k] for k in ACCELERATOR)
+            rows.append({"number": trial.number, "wall": wall * 1e3,
+                         "overhead": (wall - busy) * 1e3, "suggest": laps["suggest"] * 1e3,
+                         "bookkeeping": laps["bookkeeping"] * 1e3,
+                         "generate": laps["generate"] * 1e3})
+        previous = end
+    return rows
+
+
+def at(rows: list[dict[str, float]], mark: int, key: str) -> float:
+    window = [r[key] for r in rows if mark - 4 <= r["number"] <= mark]
+    return statistics.median(window)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sampler", default=SamplerConfig().name,
+                        help="default: the project's default sampler")
+    parser.add_argument("--trials", type=int, default=max(MARKS) + 5)
+    args = parser.parse_args()
+    print(f"machine: {machine()}; sampler {args.sampler}; {args.trials} trials, SQLite")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clip = write_tiny_open_clip(tmp / "clip", name="bench-clip")
+        fam = write_tiny_family(tmp / "tiny", "sd1")
+        started = time.perf_counter()
+        rows = measure(study_config(tmp / "runs", fam, clip, args.sampler, args.trials))
+        print(f"{len(rows) + 1} trials in {time.perf_counter() - started:.0f} s")
+    marks = [m for m in MARKS if m <= rows[-1]["number"]]
+    print(f"{'trial':>6s} {'overhead':>9s} {'suggest':>8s} {'bookkeep':>9s} {'loop':>7s} "
+          f"{'generate':>9s} {'wall':>8s}  (ms, median of the 5 trials ending there)")
+    for mark in marks:
+        overhead, suggest, book = (at(rows, mark, k) for k in ("overhead", "suggest",
+                                                               "bookkeeping"))
+        print(f"{mark:6d} {overhead:9.1f} {suggest:8.1f} {book:9.1f} "
+              f"{overhead - suggest - book:7.1f} {at(rows, mark, 'generate'):9.1f} "
+              f"{at(rows, mark, 'wall'):8.1f}")
+    goal(f"trial_overhead_at_{marks[-1]}", at(rows, marks[-1], "overhead"), 50.0, fmt="{:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Batched storage writes (search.storage_writes) store what Optuna's own calls store.
+
+Each test makes the same trial twice, once through Optuna's public per-call API (the
+reference) and once through the batch, on SQLite (one transaction) and in memory (the
+public calls), and compares the stored trials and study attributes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+
+from search import run_folder as rf
+from search.storage_writes import TrialWrites, batched_suggests
+
+SPACE = {f"b{i}": FloatDistribution(0.0, 1.0) for i in range(6)}
+
+
+def _storage(kind: str, tmp_path):
+    if kind == "sqlite":
+        return rf.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 10, 30)
+    return optuna.storages.InMemoryStorage()
+
+
+def _stored(study: optuna.Study, trial_id: int) -> tuple:
+    t = study._storage.get_trial(trial_id)
+    return (t.params, t.distributions, t.user_attrs,
+            {k: v for k, v in t.system_attrs.items()})
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_a_batch_stores_what_the_per_call_api_stores(kind, tmp_path):
+    study = optuna.create_study(storage=_storage(kind, tmp_path),
+                                sampler=optuna.samplers.RandomSampler(seed=3))
+    reference = study.ask()
+    for name, dist in SPACE.items():
+        reference.suggest_float(name, dist.low, dist.high)
+    reference.set_user_attr("scores", {"clip": 0.25})
+    study._storage.set_trial_system_attr(reference._trial_id, "artifacts:x", "{}")
+    study._storage.set_study_system_attr(study._study_id, "note:ref", "body")
+
+    trial = study.ask()
+    writes = TrialWrites(study, trial._trial_id)
+    for name, value in reference.params.items():
+        writes.param(name, value, SPACE[name])
+    writes.user_attr("scores", {"clip": 0.25})
+    writes.system_attr("artifacts:x", "{}")
+    writes.study_system_attr("note:batch", "body")
+    writes.commit()
+    assert _stored(study, trial._trial_id) == _stored(study, reference._trial_id)
+    assert study._storage.get_study_system_attrs(study._study_id)["note:batch"] == "body"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_batched_suggests_propose_what_plain_suggests_propose(kind, tmp_path):
+    """Same sampler, same seed, same history: the batched trial's parameters equal those a
+    plain suggest_float loop gets, and enqueued (fixed) parameters are kept."""
+    def run(storage, batched: bool) -> list[dict]:
+        study = optuna.create_study(storage=storage, study_name="s",
+                                    sampler=optuna.samplers.TPESampler(seed=1,
+                                                                       n_startup_trials=3))
+        study.enqueue_trial({"b0": 0.125})
+        out = []
+        for _ in range(6):
+            trial = study.ask()
+            if batched:
+                with batched_suggests(study, trial):
+                    params = {n: trial.suggest_float(n, d.low, d.high) for n, d in SPACE.items()}
+            else:
+                params = {n: trial.suggest_float(n, d.low, d.high) for n, d in SPACE.items()}
+            study.tell(trial, sum(params.values()))
+            out.append(study._storage.get_trial(trial._trial_id).params)
+        return out
+
+    plain = run(optuna.storages.InMemoryStorage(), False)
+    batched = run(_storage(kind, tmp_path), True)
+    assert batched == plain
+    assert batched[0]["b0"] == 0.125
+
+
+def test_a_failed_proposal_writes_no_parameter(tmp_path):
+    study = optuna.create_study(storage=_storage("sqlite", tmp_path))
+    trial = study.ask()
+    with pytest.raises(RuntimeError), batched_suggests(study, trial):
+        trial.suggest_float("b0", 0.0, 1.0)
+        raise RuntimeError("the candidate could not be built")
+    assert study._storage.get_trial(trial._trial_id).params == {}
+
+
+def test_the_heartbeat_is_recorded_in_the_batch(tmp_path):
+    study = optuna.create_study(storage=_storage("sqlite", tmp_path))
+    trial = study.ask()
+    writes = TrialWrites(study, trial._trial_id)
+    writes.heartbeat = True
+    writes.commit()
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        rows = db.execute("SELECT trial_id FROM trial_heartbeats").fetchall()
+    assert rows == [(trial._trial_id,)]
+
+
+def test_run_folder_sqlite_is_in_write_ahead_log_mode(tmp_path):
+    """Commits do not wait for the disk; a killed writer still loses nothing it committed
+    (tests/test_crash_study.py kills workers)."""
+    storage = _storage("sqlite", tmp_path)
+    study = optuna.create_study(storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
