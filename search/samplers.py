@@ -91,14 +91,14 @@ class SamplerEntry:
                                f"{PREFERENCE_EXTRA}") from None
 
 
-class BoundedGPSampler(optuna.samplers.GPSampler):
+class GPBoundedSampler(optuna.samplers.GPSampler):
     """Optuna's GPSampler with its acquisition search bounded: ``n_preliminary_samples``
     quasi-random candidates (Optuna: 2048) of which the best ``n_local_search`` (10) are
     refined by L-BFGS-B. Each proposal then costs a bounded number of acquisition evaluations
     whatever the study's length (the GP fit still grows with the trials it is fit on).
 
     Example:
-        >>> sampler = BoundedGPSampler(seed=0, n_preliminary_samples=256, n_local_search=4)
+        >>> sampler = GPBoundedSampler(seed=0, n_preliminary_samples=256, n_local_search=4)
     """
 
     def __init__(self, *, seed: int | None = None, independent_sampler: BaseSampler | None = None,
@@ -118,7 +118,7 @@ TPE_DEFAULTS = {"multivariate": True, "constant_liar": True, "n_startup_trials":
 SAMPLERS: dict[str, SamplerEntry] = {
     "tpe": SamplerEntry(optuna.samplers.TPESampler, TPE_DEFAULTS),
     "cmaes": SamplerEntry(optuna.samplers.CmaEsSampler, multi_objective=False),
-    "gp": SamplerEntry(BoundedGPSampler, multi_objective=False,
+    "gp": SamplerEntry(GPBoundedSampler, multi_objective=False,
                        carried=("_gprs_cache_list", "_constraints_gprs_cache_list")),
     # scrambled, so that its seed matters (Optuna's default scramble=False ignores the seed)
     "qmc": SamplerEntry(optuna.samplers.QMCSampler, {"scramble": True}, per_trial_seed=False),
