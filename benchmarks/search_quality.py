@@ -270,10 +270,11 @@ def house_report(outcomes: list[Outcome]) -> dict[str, float]:
         held = out.held_out
         rival = max(held[k] for k in ("style_a", "style_b", "uniform"))
         margin = (held["best"] - rival) / score_range
-        share = max(out.values[:HOUSE_TRIALS]) / hi
+        n = len(out.values) if out is rand else min(len(out.values), HOUSE_TRIALS)
+        share = max(out.values[:n]) / hi
         found[sampler] = (margin, share)
-        print(f"  {sampler:8s} best of {min(len(out.values), HOUSE_TRIALS if sampler != 'random' else len(out.values))}: "
-              f"train {max(out.values[:HOUSE_TRIALS]):.4f} ({share:.1%} of random-1000's best); "
+        print(f"  {sampler:8s} best of {n}: train {max(out.values[:n]):.4f} ({share:.1%} of "
+              f"random-{len(rand.values)}'s best); "
               "held-out " + ", ".join(f"{k} {v:.4f}" for k, v in held.items())
               + f"; margin {margin:+.3f} of the range")
     return found
