@@ -38,7 +38,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+# benchmarks/toyworld.py must not shadow the toyworld package: the project first, this folder last
+sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE] \
+    + [str(HERE)]
 from _fullsize import goal, machine  # noqa: E402
 
 BUDGETS = (50, 150, 450)
@@ -305,6 +308,11 @@ def main() -> None:
     long = set(args.long.split(","))
     print(f"machine: {machine()}; default sampler: {default}; {args.jobs} jobs x 1 thread")
     started = time.perf_counter()
+    if args.world is None:  # the shipped world, written out with its config folder
+        from toyworld.files import write_world
+
+        keep = tempfile.TemporaryDirectory()
+        args.world = str(write_world(Path(keep.name) / "world").folder)
     sensitive, lines = sensitive_blocks(args.world)
     print("sensitivity (reference score, +-0.3 per block):")
     print("\n".join("  " + line for line in lines))
