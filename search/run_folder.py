@@ -198,17 +198,19 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def open_storage(url: str, heartbeat_seconds: int = DEFAULT_HEARTBEAT,
-                 grace_seconds: int = DEFAULT_GRACE) -> Any:
+                 grace_seconds: int = DEFAULT_GRACE, worker: bool = False) -> Any:
     """Optuna storage for ``url``: RDB URLs with heartbeats (a killed worker's trial can be
-    found), anything else as Optuna opens it."""
+    found), anything else as Optuna opens it. ``worker``: a SQLite file in write-ahead-log mode
+    until the worker stops (``_fast_sqlite``, ``leave_wal``)."""
     if not url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.get_storage(url)
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(6):
         try:
-            return _fast_sqlite(optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds))
+            storage = optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_seconds, grace_period=grace_seconds)
+            return _fast_sqlite(storage) if worker else storage
         except (IntegrityError, ProgrammingError, OperationalError) as exc:
             # Workers started together race to create the schema (SQLite says "table …
             # already exists", PostgreSQL a duplicate key); the loser retries and finds it made.
@@ -234,12 +236,37 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStor
     @event.listens_for(engine, "connect")
     def _pragmas(connection, _record) -> None:
         cursor = connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        if id(engine) not in _WAL_LEFT:
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     engine.dispose()  # connections opened while the schema was made take the pragmas too
     return storage
+
+
+_WAL_LEFT: set[int] = set()  # engines (by id) whose worker stopped: no WAL on reconnects
+
+
+def leave_wal(storage: Any) -> None:
+    """Back to SQLite's default rollback journal when a worker stops, so the run folder holds
+    `study.db` alone again (the `-wal` / `-shm` files go) and later readers leave nothing
+    behind. While another worker still has the database open SQLite keeps WAL: that worker
+    switches it back when it stops."""
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is None or engine.dialect.name != "sqlite" or sqlite_file(str(engine.url)) is None:
+        return
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    _WAL_LEFT.add(id(engine))
+    engine.dispose()
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("PRAGMA journal_mode=DELETE"))
+    except OperationalError:  # another worker is writing: it switches back when it stops
+        pass
+    engine.dispose()
 
 
 def default_storage(path: Path) -> str:

@@ -91,7 +91,7 @@ def storage_for(cfg: StudyConfig) -> optuna.storages.BaseStorage:
     ConfigError naming ``storage`` when it cannot be opened."""
     url = storage_url(cfg)
     try:
-        return rf.open_storage(url, cfg.heartbeat_seconds, cfg.grace_seconds)
+        return rf.open_storage(url, cfg.heartbeat_seconds, cfg.grace_seconds, worker=True)
     except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds; all mean "cannot open"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "storage" if cfg.storage else f"the run folder's database {url}"

@@ -179,6 +179,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         _report_stale(study, log)
         if shortlist:  # a round cut short: its best stays on the page
             _settle(study, shortlist)
+        rf.leave_wal(study._storage)
     result.completed = count(study, TrialState.COMPLETE)
     return result
 

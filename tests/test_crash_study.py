@@ -27,8 +27,9 @@ from search.liveness import STALE_REASON
 
 COMPLETE, RUNNING, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                            optuna.trial.TrialState.FAIL)
-# Trials slow enough (about half a second) that a signal sent just after one starts lands in it.
-SLOW_PROBES = {"prompts": ["a red apple"], "seeds": [1, 2], "steps": 8, "width": 64,
+# Trials slow enough (about a second: the search's own overhead no longer pads them) that a
+# signal sent just after one starts lands in it, even while a loaded machine slows the poller.
+SLOW_PROBES = {"prompts": ["a red apple"], "seeds": [1, 2], "steps": 16, "width": 64,
                "height": 64, "batch_size": 1}
 
 

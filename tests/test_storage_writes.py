@@ -8,6 +8,7 @@ public calls), and compares the stored trials and study attributes.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 
 import optuna
 import pytest
@@ -21,7 +22,7 @@ SPACE = {f"b{i}": FloatDistribution(0.0, 1.0) for i in range(6)}
 
 def _storage(kind: str, tmp_path):
     if kind == "sqlite":
-        return rf.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 10, 30)
+        return rf.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 10, 30, worker=True)
     return optuna.storages.InMemoryStorage()
 
 
@@ -101,11 +102,16 @@ def test_the_heartbeat_is_recorded_in_the_batch(tmp_path):
     assert rows == [(trial._trial_id,)]
 
 
-def test_run_folder_sqlite_is_in_write_ahead_log_mode(tmp_path):
-    """Commits do not wait for the disk; a killed writer still loses nothing it committed
-    (tests/test_crash_study.py kills workers)."""
+def test_a_worker_writes_sqlite_in_write_ahead_log_mode_and_leaves_it(tmp_path):
+    """Commits do not wait for the disk while a worker runs (a killed writer still loses
+    nothing it committed: tests/test_crash_study.py kills workers); when it stops the database
+    is a plain rollback-journal file again, alone in its folder."""
     storage = _storage("sqlite", tmp_path)
     study = optuna.create_study(storage=storage)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    with sqlite3.connect(tmp_path / "study.db") as db:
+    with closing(sqlite3.connect(tmp_path / "study.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    rf.leave_wal(study._storage)
+    with closing(sqlite3.connect(tmp_path / "study.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.db"]
