@@ -242,10 +242,24 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStor
         cursor.close()
 
     engine.dispose()  # connections opened while the schema was made take the pragmas too
+    _WAL_ENGINES.add(id(engine))
     return storage
 
 
-_WAL_LEFT: set[int] = set()  # engines (by id) whose worker stopped: no WAL on reconnects
+_WAL_ENGINES: set[int] = set()  # engines (by id) opened for a worker (``_fast_sqlite``)
+_WAL_LEFT: set[int] = set()  # ... whose worker stopped: no WAL on reconnects
+
+
+def _engine(storage: Any):
+    return getattr(getattr(storage, "_backend", storage), "engine", None)
+
+
+def enter_wal(storage: Any) -> None:
+    """A worker starts (again) on a storage opened for one: write-ahead log from now on."""
+    engine = _engine(storage)
+    if engine is not None and id(engine) in _WAL_LEFT:
+        _WAL_LEFT.discard(id(engine))
+        engine.dispose()
 
 
 def leave_wal(storage: Any) -> None:
@@ -253,8 +267,8 @@ def leave_wal(storage: Any) -> None:
     `study.db` alone again (the `-wal` / `-shm` files go) and later readers leave nothing
     behind. While another worker still has the database open SQLite keeps WAL: that worker
     switches it back when it stops."""
-    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
-    if engine is None or engine.dialect.name != "sqlite" or sqlite_file(str(engine.url)) is None:
+    engine = _engine(storage)
+    if engine is None or id(engine) not in _WAL_ENGINES:
         return
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError

@@ -125,6 +125,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
     waiting = choosing = False
     person = ctx.cfg.objective in PERSON
     shortlist: list[optuna.trial.FrozenTrial] = []  # this round's proposals (1 unless mixed)
+    rf.enter_wal(study._storage)
     _report_stale(study, log)
     if count(study, TrialState.COMPLETE) >= result.target:
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "

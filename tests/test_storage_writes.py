@@ -115,3 +115,7 @@ def test_a_worker_writes_sqlite_in_write_ahead_log_mode_and_leaves_it(tmp_path):
     with closing(sqlite3.connect(tmp_path / "study.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.db"]
+    rf.enter_wal(study._storage)  # the same process runs trials again
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with closing(sqlite3.connect(tmp_path / "study.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
