@@ -241,8 +241,10 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStor
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    engine.dispose()  # connections opened while the schema was made take the pragmas too
+    # WAL starts when the worker's loop does (``enter_wal``): a start that fails (another
+    # config, a changed source) leaves the database file as it was
     _WAL_ENGINES.add(id(engine))
+    _WAL_LEFT.add(id(engine))
     return storage
 
 

@@ -108,6 +108,7 @@ def test_a_worker_writes_sqlite_in_write_ahead_log_mode_and_leaves_it(tmp_path):
     is a plain rollback-journal file again, alone in its folder."""
     storage = _storage("sqlite", tmp_path)
     study = optuna.create_study(storage=storage)
+    rf.enter_wal(study._storage)  # what the worker loop does first
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     with closing(sqlite3.connect(tmp_path / "study.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
