@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -112,7 +114,12 @@ def _natural_shape(module: LoraModule, role: str) -> tuple[int, ...]:
 
 
 def _compatible(delta: tuple[int, ...], stored: tuple[int, ...]) -> bool:
-    """Same shape, or the same up to trailing 1s (a linear LoRA on a 1x1 conv)."""
+    """Same shape, the same up to trailing 1s (a linear LoRA on a 1x1 conv), or a conv
+    weight flattened to (out, in·kh·kw) as LyCORIS rebuilds LoHa / LoKr conv deltas."""
+    if len(delta) == 2 and len(stored) > 2 and delta[0] == stored[0] \
+            and delta[1] == math.prod(stored[1:]):
+        return True
+
     def strip(s: tuple[int, ...]) -> tuple[int, ...]:
         while len(s) > 2 and s[-1] == 1:
             s = s[:-1]

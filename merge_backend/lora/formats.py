@@ -46,9 +46,18 @@ _SUFFIXES: dict[str, tuple[str, str]] = {
     ".lora.up.weight": ("up", "peft"), ".lora.down.weight": ("down", "peft"),
     ".lora_linear_layer.up.weight": ("up", "peft"), ".lora_linear_layer.down.weight": ("down", "peft"),
     ".alpha": ("alpha", "kohya"), ".diff": ("diff", "kohya"), ".diff_b": ("diff_b", "kohya"),
+    # LyCORIS (kohya key layout): LoHa, LoKr and LoCon's Tucker middle
+    ".hada_w1_a": ("hada_w1_a", "loha"), ".hada_w1_b": ("hada_w1_b", "loha"),
+    ".hada_w2_a": ("hada_w2_a", "loha"), ".hada_w2_b": ("hada_w2_b", "loha"),
+    ".hada_t1": ("hada_t1", "loha"), ".hada_t2": ("hada_t2", "loha"),
+    ".lokr_w1": ("lokr_w1", "lokr"), ".lokr_w1_a": ("lokr_w1_a", "lokr"),
+    ".lokr_w1_b": ("lokr_w1_b", "lokr"), ".lokr_w2": ("lokr_w2", "lokr"),
+    ".lokr_w2_a": ("lokr_w2_a", "lokr"), ".lokr_w2_b": ("lokr_w2_b", "lokr"),
+    ".lokr_t2": ("lokr_t2", "lokr"), ".lora_mid.weight": ("mid", "locon"),
 }
 _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
-_UNSUPPORTED = (".lora_mid.weight", ".hada_w1_a", ".lokr_w1", ".dora_scale", ".oft_blocks",
+_UNSUPPORTED = (".dora_scale", ".oft_blocks", ".lora_magnitude_vector", ".oft_diag",
+                ".a1.weight", ".on_input",
                 ".lora_B.bias", ".w_norm", ".b_norm")
 _SHOW = 4
 # Metadata fields that may name the architecture (a name, or one of the file's lora.hints).
@@ -212,7 +221,8 @@ def _group(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str, dict[st
         formats[fmt] = formats.get(fmt, 0) + 1
     if unknown:
         odd = [k for k in unknown if k.endswith(_UNSUPPORTED)]
-        what = ("LyCORIS / DoRA / OFT modules are not supported" if odd else
+        what = ("DoRA / OFT / BOFT / IA3 / GLoRA modules are not supported yet (LoRA, "
+                "LoCon, LoHa and LoKr are)" if odd else
                 "these keys are not LoRA weights (is it a checkpoint or an embedding?)")
         raise LoraError(f"{path}: {len(unknown)} key(s) are not understood: "
                         f"{', '.join(sorted(unknown)[:_SHOW])}; {what}")
@@ -293,8 +303,88 @@ def _peft_alpha(peft: Mapping[str, object], name: str) -> float | None:
     return float(alpha) if alpha is not None else None
 
 
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def _tucker(core: Tensor, down: Tensor, up: Tensor) -> Tensor:
+    """Tucker rebuild: W[p, q, ...] = Σ_ij up[i, p] core[i, j, ...] down[j, q]."""
+    return torch.einsum("ij...,jq,ip->pq...", core.float(), down.float().flatten(1),
+                        up.float().flatten(1))
+
+
+def _lycoris_delta(path: Path, name: str, parts: dict[str, Tensor],
+                   metadata_alpha: float | None) -> Tensor | None:
+    """The full float32 delta of a LoHa / LoKr / Tucker-LoCon module, or None for others.
+
+    LoHa: (w1a·w1b) ⊙ (w2a·w2b) · alpha/r, r = rows of w1b (Tucker: each factor rebuilt
+    through hada_t1 / hada_t2, w1a then (r, out)). LoKr: kron(w1, w2), each full or a·b
+    (w2 Tucker through lokr_t2), scaled by alpha/r only when a factor is decomposed.
+    LoCon Tucker: up · lora_mid · down · alpha/r. A conv delta without Tucker is returned as
+    (out, in·kh·kw) and reshaped to the checkpoint's weight when applied.
+    """
+    alpha_t = parts.get("alpha")
+    try:
+        if any(k in parts for k in _LOHA):
+            missing = [k for k in _LOHA if k not in parts]
+            if missing:
+                raise LoraError(f"{path}: LoHa module {name!r} lacks {', '.join(missing)}")
+            w1a, w1b, w2a, w2b = (parts[k].float() for k in _LOHA)
+            rank = int(w1b.shape[0])
+            if "hada_t1" in parts and "hada_t2" in parts:
+                w1 = _tucker(parts["hada_t1"], w1b, w1a)
+                w2 = _tucker(parts["hada_t2"], w2b, w2a)
+            else:
+                w1 = w1a.flatten(1) @ w1b.flatten(1)
+                w2 = w2a.flatten(1) @ w2b.flatten(1)
+            alpha = _alpha_of(alpha_t, metadata_alpha)
+            return w1 * w2 * (1.0 if alpha is None else alpha / rank)
+        if any(k.startswith("lokr_") for k in parts):
+            rank = None
+            if "lokr_w1" in parts:
+                w1 = parts["lokr_w1"].float()
+            elif "lokr_w1_a" in parts and "lokr_w1_b" in parts:
+                w1 = parts["lokr_w1_a"].float() @ parts["lokr_w1_b"].float()
+                rank = int(parts["lokr_w1_b"].shape[0])
+            else:
+                raise LoraError(f"{path}: LoKr module {name!r} has neither lokr_w1 nor "
+                                "lokr_w1_a + lokr_w1_b")
+            if "lokr_w2" in parts:
+                w2 = parts["lokr_w2"].float()
+            elif "lokr_w2_a" in parts and "lokr_w2_b" in parts:
+                a, b = parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float()
+                rank = int(b.shape[0])
+                w2 = _tucker(parts["lokr_t2"], b, a) if "lokr_t2" in parts else a @ b.flatten(1)
+            else:
+                raise LoraError(f"{path}: LoKr module {name!r} has neither lokr_w2 nor "
+                                "lokr_w2_a + lokr_w2_b")
+            if w2.ndim == 4:
+                w1 = w1.reshape(*w1.shape, 1, 1)
+            alpha = _alpha_of(alpha_t, metadata_alpha)
+            scale = 1.0 if alpha is None or rank is None else alpha / rank
+            return torch.kron(w1, w2) * scale
+        if "mid" in parts:
+            up, down = parts.get("up"), parts.get("down")
+            if up is None or down is None:
+                raise LoraError(f"{path}: LoCon module {name!r} has a lora_mid but no "
+                                "lora_up / lora_down")
+            rank = int(down.shape[0])
+            alpha = _alpha_of(alpha_t, metadata_alpha)
+            return _tucker(parts["mid"], down, up.flatten(1).T) * (1.0 if alpha is None else alpha / rank)
+    except RuntimeError as exc:  # factor shapes that do not chain
+        first = str(exc).strip().splitlines()[0]
+        raise LoraError(f"{path}: module {name!r}: its factors do not fit together ({first})"
+                        ) from None
+    return None
+
+
 def _module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
             metadata_alpha: float | None) -> LoraModule:
+    lyco = _lycoris_delta(path, name, parts, metadata_alpha)
+    if lyco is not None:
+        diff = parts.get("diff")
+        if diff is not None:
+            lyco = lyco + diff.float().reshape(lyco.shape)
+        return LoraModule(target, diff=lyco, diff_b=parts.get("diff_b"), name=name)
     up, down = parts.get("up"), parts.get("down")
     if (up is None) != (down is None):
         raise LoraError(f"{path}: module {name!r} has only a lora_{'up' if up is not None else 'down'}")
