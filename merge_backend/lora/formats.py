@@ -361,7 +361,7 @@ def _lycoris_delta(path: Path, name: str, parts: dict[str, Tensor],
                 w1 = w1.reshape(*w1.shape, 1, 1)
             alpha = _alpha_of(alpha_t, metadata_alpha)
             scale = 1.0 if alpha is None or rank is None else alpha / rank
-            return torch.kron(w1, w2) * scale
+            return torch.kron(w1.contiguous(), w2.contiguous()) * scale
         if "mid" in parts:
             up, down = parts.get("up"), parts.get("down")
             if up is None or down is None:
