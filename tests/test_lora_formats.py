@@ -172,7 +172,8 @@ def test_wrong_shapes_name_the_key_and_both_shapes(tmp_path, tiny_sd1):
 
 def test_unsupported_and_broken_files(tmp_path, tiny_sd1):
     save_file({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
-    with pytest.raises(LoraError, match=r"loha\.safetensors: LoHa module 'lora_unet_conv_in' lacks hada_w1_b"):
+    with pytest.raises(LoraError,
+                       match=r"loha\.safetensors: LoHa module 'lora_unet_conv_in' lacks hada_w1_b"):
         read_lora(tmp_path / "loha.safetensors")
     save_file({"lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2)}, str(tmp_path / "half.safetensors"))
     with pytest.raises(LoraError, match=r"half\.safetensors.*'lora_unet_conv_in' has only a lora_up"):

@@ -4,7 +4,8 @@ decomposed / Tucker, LoCon with a Tucker lora_mid): our apply equals the referen
 The reference is the ``lycoris-lora`` package's ``lycoris.functional`` weight builders; the
 files are built from the diffusers pipeline's own module list with kohya's naming rule
 (``lora_unet_`` + the module path with '.' -> '_'), so neither side uses our name tables.
-Every applied pipeline weight must equal base + strength · reference delta within 1e-5.
+Through the live-pipeline apply (the engine's path) and `mergesearch lora apply`, every
+applied weight must equal base + strength · reference delta within 1e-5.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from lycoris import functional  # the reference (test dependency only)
 from safetensors.torch import save_file
 
 from merge_backend.lora import LoraError, apply_to_pipeline, read_lora
-from merge_backend.merge_file import apply_to_file
 from merge_backend.pipeline import load_pipeline
-from merge_backend.recipe import LoraSpec
+from search.cli import build_parser
 
 _PREFIX = {"sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
            "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1",
@@ -120,7 +120,9 @@ def test_lycoris_apply_equals_reference(request, tmp_path, fam_name, case):
     live = load_pipeline(fam.base, config_folder=fam.config_folder)
     changed = apply_to_pipeline(live, [(lora, strength)])
     out = tmp_path / "applied.safetensors"
-    apply_to_file(fam.base, [LoraSpec(str(path), strength)], out, dtype="fp32")
+    args = build_parser("lora").parse_args(["lora", "apply", str(fam.base), f"{path}:{strength}",
+                                             "-o", str(out), "--dtype", "fp32"])
+    assert args.func(args) in (0, None)  # the CLI command (it writes through apply_to_file)
     from_file = load_pipeline(out, config_folder=fam.config_folder)
     checked = 0
     for (comp, mpath), ref in refs.items():
