@@ -35,6 +35,7 @@ from merge_backend.export import (
     scores_json,
 )
 
+from .cli_lora import add_clamp_options
 from .compare import study_roles, trial_column
 from .run_folder import (
     ARTIFACT_PROBES,
@@ -100,6 +101,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
                    help="--to lora: store norm / bias differences (default: on for comfyui, "
                         "off for kohya)")
+    add_clamp_options(p, prefix="--to lora: ")
     p.add_argument("--top", type=int, default=5, metavar="K",
                    help="--to report from a run folder: show the study's best K trials side by "
                         "side at the end (0: none)")
@@ -245,7 +247,8 @@ def run_export(args: argparse.Namespace) -> int:
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,
                         overwrite=args.overwrite, mbw_lossy=args.mbw_lossy,
                         protected=loaded.protected, lora_base=args.base, lora_rank=args.rank,
-                        lora_format=args.lora_format, lora_bias_diff=args.bias_diff)
+                        lora_format=args.lora_format, lora_bias_diff=args.bias_diff,
+                        lora_clamp=args.clamp)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
 
@@ -253,8 +256,14 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  {out.item.title}: {out.format} -> {out.paths[0]}", file=sys.stderr)
 
+    def lora_done(out: PlannedOutput, result: Any) -> None:
+        for note in result.notes:
+            print(f"note: {out.item.title}: {note}", file=sys.stderr)
+        if not args.quiet:  # stdout stays the JSON list of written files
+            print(result.report(), file=sys.stderr)
+
     draw = _drawer(loaded.probe_set) if loaded.probe_set and "report" in args.formats else None
     paths = run_exports(plan, draw=draw, config_folder=args.config_folder or loaded.config_folder,
-                        device=pick_device(args), progress=progress)
+                        device=pick_device(args), progress=progress, on_lora=lora_done)
     print(json.dumps({"written": [str(p) for p in paths]}, indent=2))
     return 0

@@ -11,7 +11,7 @@ from merge_backend.architectures import block_names
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.lora import LoraError, add_loras, extract_lora, read_lora, save_lora
 from merge_backend.lora.extract import LORA_TYPES
-from merge_backend.lora.svd import SVD_METHODS
+from merge_backend.lora.svd import CLAMP_QUANTILE, DEFAULT_CLAMP, SVD_METHODS
 from merge_backend.merge_file import DTYPES, apply_to_file
 from merge_backend.recipe import LoraSpec, RecipeError, check_finite
 from merge_backend.source_files import resolved
@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--rank", type=int, help="resize to this rank by SVD (default: exact, ranks add)")
-    p.add_argument("--clamp", action="store_true", help="clamp resized factors at the 0.99 quantile")
+    add_clamp_options(p)
     _lora_output(p)
     p.set_defaults(func=run_add)
 
@@ -54,13 +54,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=LORA_TYPES, default="standard", dest="lora_type",
                    help="standard: low-rank factors; full_diff: whole differences (.diff keys, "
                         "which ComfyUI reads and diffusers does not)")
-    p.add_argument("--no-clamp", action="store_true", help="keep the factors unclamped")
+    add_clamp_options(p)
     p.add_argument("--bias-diff", action=argparse.BooleanOptionalAction, default=None,
                    help="also store norm (.diff) and bias (.diff_b) differences, as ComfyUI's "
                         "LoraSave does (default: on with --format comfyui, off for kohya files, "
                         "since diffusers cannot read .diff keys; ComfyUI reads both)")
     _lora_output(p)
     p.set_defaults(func=run_extract)
+
+
+def add_clamp_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--clamp QUANTILE`` / ``--no-clamp``, the same on ``lora extract``, ``lora add --rank``
+    and ``export --to lora``; the default is ``svd.DEFAULT_CLAMP``."""
+    default = "no clamp" if DEFAULT_CLAMP is None else f"--clamp {DEFAULT_CLAMP}"
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--clamp", type=float, default=DEFAULT_CLAMP, metavar="QUANTILE",
+                       help=f"{prefix}clip the LoRA factors at this quantile of their magnitudes "
+                            f"(ComfyUI and kohya clip at {CLAMP_QUANTILE}); default: {default}")
+    group.add_argument("--no-clamp", dest="clamp", action="store_const", const=None,
+                       help=f"{prefix}keep the factors unclipped (default: {default})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -149,6 +161,9 @@ def run_apply(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     if args.rank is not None and args.rank < 1:
         raise LoraError(f"--rank must be at least 1, got {args.rank}")
+    if args.rank is None and args.clamp is not None:
+        raise LoraError(f"--clamp {args.clamp}: only a resize (--rank) makes factors to clip; "
+                        "an exact add keeps the LoRAs' own")
     parsed = list(map(parse_lora_arg, args.loras))
     target = resolved(args.output, LoraError)
     for path, _ in parsed:  # the output replaces its file: never one of the inputs
@@ -177,13 +192,14 @@ def run_add(args: argparse.Namespace) -> int:
 def run_extract(args: argparse.Namespace) -> int:
     result = extract_lora(args.model1, args.model2, args.output, rank=args.rank,
                           text_encoder=args.text_encoder, fmt=args.fmt, lora_type=args.lora_type,
-                          clamp=not args.no_clamp, bias_diff=args.bias_diff, svd=args.svd,
+                          clamp=args.clamp, bias_diff=args.bias_diff, svd=args.svd,
                           device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                           progress=_progress(args, "layers"))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(result.table.format())
+    print(result.report())
     print(json.dumps({"output": str(result.output), "rank": result.rank,
-                      "modules": result.modules, "overall_error": result.table.overall,
+                      "modules": result.modules, "skipped_unchanged": result.skipped,
+                      "overall_error": result.table.overall,
                       "svd": result.svd_methods, "seconds": round(result.seconds, 2)}))
     return 0

@@ -21,6 +21,8 @@ from typing import Any
 
 from merge_backend.checkpoint import CheckpointError
 from merge_backend.hashing import sha256_of
+from merge_backend.lora.extract import ExtractResult, extract_lora
+from merge_backend.lora.svd import DEFAULT_CLAMP, check_clamp
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.recipe import Recipe, RecipeError
 
@@ -107,6 +109,7 @@ class ExportPlan:
     hashes: dict[str, str] = field(default_factory=dict)  # sha256 by resolved path, checked once
     lora_format: str = "kohya"  # --to lora: kohya or comfyui (LoraSave's layout)
     lora_bias_diff: bool | None = None  # --to lora: norm / bias differences (None: the format's default)
+    lora_clamp: float | None = None  # --to lora: the factors' clip quantile (plan_exports: the default)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -195,7 +198,8 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
                  dtype: str = "fp16", overwrite: bool = False, mbw_lossy: bool = False,
                  protected: Sequence[Path] = (), lora_base: Path | None = None,
                  lora_rank: int = 32, lora_format: str = "kohya",
-                 lora_bias_diff: bool | None = None) -> ExportPlan:
+                 lora_bias_diff: bool | None = None,
+                 lora_clamp: float | None = DEFAULT_CLAMP) -> ExportPlan:
     """Check everything and decide every output path; raise ExportError, writing nothing.
 
     ``protected``: further paths no output may take (the export's own source file).
@@ -223,11 +227,12 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
         _check_item(item, formats, mbw_lossy, hashes, notes)
         if "lora" in formats:
             _check_lora_base(item, lora_base, lora_rank)
+            check_clamp(lora_clamp, ExportError)
     outputs = [PlannedOutput(item, fmt, output_paths(item, fmt, output, as_file))
                for item in items for fmt in formats]
     _check_paths(outputs, overwrite, [*protected, *([lora_base] if lora_base else [])])
     return ExportPlan(outputs, dtype, overwrite, mbw_lossy, notes, lora_base, lora_rank, hashes,
-                      lora_format, lora_bias_diff)
+                      lora_format, lora_bias_diff, lora_clamp)
 
 
 def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
@@ -286,7 +291,8 @@ def report_images(item: ExportItem, draw: Draw | None, *, config_folder: Path | 
 
 
 def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str], Path],
-             draw: Draw | None, config_folder: Path | None, device: str) -> None:
+             draw: Draw | None, config_folder: Path | None, device: str,
+             on_lora: Callable[[PlannedOutput, ExtractResult], None] | None) -> None:
     item, recipe = out.item, out.item.recipe
     if out.format == "checkpoint":
         merge_to_file(recipe, out.paths[0], dtype=plan.dtype, overwrite=plan.overwrite,
@@ -303,7 +309,9 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
     elif out.format == "mbw":
         atomic_write_text(out.paths[0], mbw_string(recipe, lossy=plan.mbw_lossy) + "\n")
     elif out.format == "lora":
-        _export_lora(plan, item, out.paths[0], written.get((item.stem, "checkpoint")))
+        result = _export_lora(plan, item, out.paths[0], written.get((item.stem, "checkpoint")))
+        if on_lora:
+            on_lora(out, result)
     elif out.format == "report":
         images, notes = report_images(item, draw, config_folder=config_folder, device=device)
         notes += [n for n in plan.notes if n.startswith(f"{item.title}: ")]
@@ -312,12 +320,11 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
         atomic_write_text(out.paths[0], page)
 
 
-def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Path | None) -> None:
+def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Path | None
+                 ) -> ExtractResult:
     """The merge minus ``plan.lora_base`` as a LoRA (UNet and text encoders), in
-    ``plan.lora_format`` with the extraction's defaults."""
+    ``plan.lora_format`` with the plan's clamp and the extraction's other defaults."""
     import tempfile
-
-    from merge_backend.lora import extract_lora
 
     path.parent.mkdir(parents=True, exist_ok=True)  # RUN/exports of a fresh run
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as tmp:
@@ -325,22 +332,26 @@ def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Pat
         if merged is None:
             merged = Path(tmp) / "merged.safetensors"
             merge_to_file(item.recipe, merged, dtype="fp32", known_sha256=plan.hashes)
-        extract_lora(merged, plan.lora_base, path, rank=plan.lora_rank, text_encoder=True,
-                     fmt=plan.lora_format, bias_diff=plan.lora_bias_diff,
-                     overwrite=plan.overwrite)
+        return extract_lora(merged, plan.lora_base, path, rank=plan.lora_rank,
+                            text_encoder=True, fmt=plan.lora_format,
+                            bias_diff=plan.lora_bias_diff, clamp=plan.lora_clamp,
+                            overwrite=plan.overwrite)
 
 
 def run_exports(plan: ExportPlan, *, draw: Draw | None = None, config_folder: Path | None = None,
                 device: str = "cpu",
-                progress: Callable[[PlannedOutput], None] | None = None) -> list[Path]:
-    """Write every planned output (checkpoints first, so a diffusers folder reuses them)."""
+                progress: Callable[[PlannedOutput], None] | None = None,
+                on_lora: Callable[[PlannedOutput, ExtractResult], None] | None = None
+                ) -> list[Path]:
+    """Write every planned output (checkpoints first, so a diffusers folder reuses them);
+    ``on_lora`` sees each LoRA's extraction result (its per-block error)."""
     order = sorted(plan.outputs, key=lambda o: list(FORMATS).index(o.format))
     written: dict[tuple[str, str], Path] = {}
     paths: list[Path] = []
     for out in order:
         if progress:
             progress(out)
-        _run_one(plan, out, written, draw, config_folder, device)
+        _run_one(plan, out, written, draw, config_folder, device, on_lora)
         paths += out.paths
     return paths
 

@@ -25,7 +25,7 @@ from merge_backend.architectures import report_block
 from .apply import LoraUse, as_uses
 from .formats import LoraError, LoraFile, LoraModule
 from .quality import ErrorTable
-from .svd import clamp_factors, factorize, shaped
+from .svd import DEFAULT_CLAMP, check_clamp, clamp_factors, factorize, shaped
 
 
 def _contributions(uses: Sequence[LoraUse]) -> dict[tuple[str, int], list[tuple[float, float, LoraModule]]]:
@@ -71,7 +71,7 @@ def _block(arch, key: str) -> str:
     return report_block(arch, key)
 
 
-def _resize(module: LoraModule, parts, rank: int, svd: str, clamp: bool,
+def _resize(module: LoraModule, parts, rank: int, svd: str, clamp: float | None,
             device: torch.device, table: ErrorTable, arch) -> None:
     delta = _dense(parts)
     if delta is None:
@@ -83,19 +83,21 @@ def _resize(module: LoraModule, parts, rank: int, svd: str, clamp: bool,
     mat_shape = (delta.shape[0], delta[0].numel())
     r = min(rank, *mat_shape)
     up, down = factorize(delta, r, method=svd)
-    if clamp:
-        up, down = clamp_factors(up, down)
+    if clamp is not None:
+        up, down = clamp_factors(up, down, clamp)
     module.up, module.down = (t.cpu() for t in shaped(up, down, tuple(delta.shape)))
     table.record(_block(arch, module.target.key), delta, (up @ down))
 
 
 def add_loras(loras: Sequence[LoraUse | tuple[LoraFile, float]], *, rank: int | None = None,
-              svd: str = "auto", clamp: bool = False, device: str | torch.device = "cpu"
+              svd: str = "auto", clamp: float | None = DEFAULT_CLAMP,
+              device: str | torch.device = "cpu"
               ) -> tuple[LoraFile, ErrorTable | None]:
     """One LoRA equal to the strength-weighted sum of ``loras`` (see module docstring).
 
     ``rank=None`` concatenates ranks (exact; the rank grows to the sum); a rank resizes every
-    module by SVD (``clamp`` as for an extraction, off by default) and returns its error table.
+    module by SVD (``clamp``: None or a quantile, as for an extraction) and returns its error
+    table.
     Block strengths of a ``LoraUse`` are honoured. Every LoRA must be for one architecture.
     """
     uses = as_uses(loras)
@@ -108,6 +110,7 @@ def add_loras(loras: Sequence[LoraUse | tuple[LoraFile, float]], *, rank: int | 
                             f"{uses[0].lora.source} for {arch.title}; add LoRAs of one architecture")
     if rank is not None and rank < 1:
         raise LoraError(f"rank must be at least 1, got {rank}")
+    check_clamp(clamp, LoraError)
     table = ErrorTable() if rank is not None else None
     modules: dict[tuple[str, int], LoraModule] = {}
     for slot, parts in _contributions(uses).items():

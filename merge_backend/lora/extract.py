@@ -3,13 +3,21 @@
 Per layer, in float32 on ``device``: the difference (a 3x3 conv flattened to out x in·9),
 its best rank-``r`` approximation with r = min(rank, out, in) (``svd.py``: ``auto`` reaches the
 exact SVD's error, ``exact`` computes it directly, ``lowrank`` is faster and slightly worse),
-``up = U·diag(S)``, ``down = Vh``, both clamped at the 0.99 quantile of their magnitudes unless
-``clamp=False``. Every 2-D weight ComfyUI's LoraSave factorises is factorised, text-encoder
-token and position embeddings included (in the ComfyUI format: kohya-format readers have no
-name for embeddings, so kohya files leave them out and say so). ``full_diff`` stores every
-difference whole (``.diff``). ``bias_diff`` adds 1-D weight differences (``.diff``: norms) and
-bias differences (``.diff_b``), as LoraSave does by default; it is on by default for the
-ComfyUI format and off for kohya's (diffusers refuses ``.diff`` keys; ComfyUI reads them).
+``up = U·diag(S)``, ``down = Vh``, clipped at a quantile of their magnitudes only when ``clamp``
+is one (ComfyUI and kohya clamp at 0.99; ``svd.DEFAULT_CLAMP`` says why the default does not).
+Modules the two models hold unchanged are skipped (no zero factors written; ``skipped``
+counts them): "unchanged" means model1 - model2 is exactly zero in every element (float32),
+i.e. the files hold the same values there. No tolerance: a threshold is a guess about the
+scale of a change (kohya skips a text encoder whose largest change is at most 0.01, whatever
+the weights' own scale), while an exact zero is what a module a fine-tune never touched
+gives, and a small real difference costs only its factors.
+
+Every 2-D weight ComfyUI's LoraSave factorises is factorised, text-encoder token and position
+embeddings included (in the ComfyUI format: kohya-format readers have no name for embeddings,
+so kohya files leave them out and say so). ``full_diff`` stores every difference whole
+(``.diff``). ``bias_diff`` adds 1-D weight differences (``.diff``: norms) and bias differences
+(``.diff_b``), as LoraSave does by default; it is on by default for the ComfyUI format and off
+for kohya's (diffusers refuses ``.diff`` keys; ComfyUI reads them).
 
 The file streams to disk as layers are factorized (atomic, like every mergesearch output).
 kohya files (default) carry ``alpha = rank`` in every module so diffusers reads them exactly;
@@ -51,7 +59,14 @@ from .formats import (
 )
 from .names import NameTable, Target, name_table
 from .quality import ErrorTable
-from .svd import SVD_METHODS, clamp_factors, factorize_with_method, shaped
+from .svd import (
+    DEFAULT_CLAMP,
+    SVD_METHODS,
+    check_clamp,
+    clamp_factors,
+    factorize_with_method,
+    shaped,
+)
 
 LORA_TYPES = ("standard", "full_diff")
 Progress = Callable[[int, int, str], None]
@@ -74,6 +89,17 @@ class ExtractResult:
     seconds: float
     svd_methods: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    skipped: int = 0  # modules left out because model1 and model2 hold the same values
+
+    def report(self) -> str:
+        """The per-block error table and what was skipped: what ``lora extract`` and
+        ``export --to lora`` print."""
+        lines = [self.table.format()]
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} unchanged module(s) of "
+                         f"{self.skipped + self.modules} (model1 = model2 there; no factors "
+                         "written)")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -159,7 +185,7 @@ def _layout_module(job: _Job, rank: int) -> LoraModule:
 class _Extractor:
     """Turns each job into the module that is written, recording its error."""
 
-    def __init__(self, arch, rank: int, fmt: str, dtype: torch.dtype, clamp: bool, svd: str,
+    def __init__(self, arch, rank: int, fmt: str, dtype: torch.dtype, clamp: float | None, svd: str,
                  device: torch.device):
         self.arch, self.rank, self.fmt, self.dtype = arch, rank, fmt, dtype
         self.clamp, self.svd, self.device = clamp, svd, device
@@ -175,8 +201,8 @@ class _Extractor:
         r = min(self.rank, *mat_shape)
         up, down, method = factorize_with_method(delta, r, method=self.svd)
         self.methods[method] = self.methods.get(method, 0) + 1
-        if self.clamp:
-            up, down = clamp_factors(up, down)
+        if self.clamp is not None:
+            up, down = clamp_factors(up, down, self.clamp)
         if self.alpha is not None:
             up = up * (r / self.alpha)  # alpha = rank in every module; the delta stays exact
         return shaped(up.to(self.dtype), down.to(self.dtype), tuple(delta.shape))
@@ -220,9 +246,24 @@ def _differences(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch
         yield job, weight, bias
 
 
-def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str) -> None:
+def _changed(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch.device
+             ) -> list[_Job]:
+    """The jobs with what model1 and model2 hold unchanged dropped (see module docstring)."""
+    kept = []
+    for job, weight, bias in _differences(jobs, m1, m2, device):
+        weight_changed = weight is not None and bool(torch.any(weight))
+        bias_changed = bias is not None and bool(torch.any(bias))
+        if weight_changed or bias_changed:
+            kept.append(_Job(job.target, job.shape, job.weight if weight_changed else "none",
+                             job.bias_rows if bias_changed else None))
+    return kept
+
+
+def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str,
+                   clamp: float | None) -> None:
     if rank < 1:
         raise LoraError(f"--rank must be at least 1, got {rank}")
+    check_clamp(clamp, LoraError)
     for value, allowed, what in ((fmt, WRITE_FORMATS, "format"), (lora_type, LORA_TYPES, "type"),
                                  (svd, SVD_METHODS, "svd"), (dtype, tuple(DTYPES), "dtype")):
         if value not in allowed:
@@ -231,15 +272,16 @@ def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str) ->
 
 def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, rank: int = 8,
                  text_encoder: bool = False, fmt: str = "kohya", lora_type: str = "standard",
-                 clamp: bool = True, bias_diff: bool | None = None, svd: str = "auto",
+                 clamp: float | None = DEFAULT_CLAMP, bias_diff: bool | None = None,
+                 svd: str = "auto",
                  device: str | torch.device = "cpu", dtype: str = "fp16", overwrite: bool = False,
                  progress: Progress | None = None) -> ExtractResult:
     """Extract ``model1 - model2`` as a LoRA file at ``output`` (see module docstring).
 
-    ``bias_diff`` None: on for ``fmt="comfyui"`` (as LoraSave), off for kohya (diffusers
-    cannot read ``.diff`` keys)."""
+    ``clamp``: None (no clamp) or the quantile to clip the factors at. ``bias_diff`` None: on
+    for ``fmt="comfyui"`` (as LoraSave), off for kohya (diffusers cannot read ``.diff`` keys)."""
     start = time.perf_counter()
-    _check_options(rank, fmt, lora_type, svd, dtype)
+    _check_options(rank, fmt, lora_type, svd, dtype, clamp)
     if bias_diff is None:
         bias_diff = fmt == "comfyui"
     output, device = Path(output), torch.device(device)
@@ -260,6 +302,11 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
             + ((job.target.bias_key,) if job.bias_rows is not None else ())]
     for m in (m1, m2):  # NaN / inf found before the long work (the SVDs), not in the middle
         m.check_finite(dict.fromkeys(read))
+    planned_jobs = len(jobs)
+    jobs = _changed(jobs, m1, m2, device)
+    if not jobs:
+        raise LoraError(f"{m1.path} and {m2.path} hold the same values in every module extracted "
+                        f"({', '.join(components)}): there is no difference to extract")
     out_dtype = DTYPES[dtype]
     alpha = float(rank) if fmt == "kohya" else None
     planned = [PlannedTensor(k, out_dtype, tuple(v.shape)) for job in jobs
@@ -281,4 +328,4 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
                          {"mergesearch.extract": json.dumps(info, sort_keys=True)})
     stream_safetensors(output, planned, values(), meta)
     return ExtractResult(output, rank, work.table, len(jobs), time.perf_counter() - start,
-                         work.methods, notes)
+                         work.methods, notes, planned_jobs - len(jobs))

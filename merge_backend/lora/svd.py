@@ -13,11 +13,19 @@ first), the factors ComfyUI's "Extract and Save Lora" and kohya's extractor writ
   sees says the result is within ~1e-6 of exact, or takes ``exact`` where that would cost more
   (small matrices, flat spectra). Its errors are the exact SVD's.
 
-``clamp_factors`` clips both factors at ± the 0.99 quantile of the magnitudes of their values.
-ComfyUI and kohya take the 0.99 quantile of the *signed* values, which depends on the sign the
-SVD routine happens to give each singular pair (the same layer's clamped error moved by up to
-66% between sign choices on the tiny family); the magnitudes' quantile is the same for every
-sign choice and never below the signed one, so it never clips more than ComfyUI does.
+``clamp_factors`` clips both factors at ± a quantile (ComfyUI's and kohya's: 0.99) of the
+magnitudes of their values. ComfyUI and kohya take the quantile of the *signed* values, which
+depends on the sign the SVD routine happens to give each singular pair (the same layer's clamped
+error moved by up to 66% between sign choices on the tiny family); the magnitudes' quantile is
+the same for every sign choice and never below the signed one, so it never clips more than
+ComfyUI does.
+
+``DEFAULT_CLAMP`` is the one default of ``lora extract``, ``lora add --rank`` and
+``export --to lora``: no clamp. The truncated SVD is already the best rank-r approximation
+(Eckart-Young), so a clamp can only add error, and it adds the most where users extract most:
+a LoRA baked into a fine-tune, extracted at a rank at or above its own, comes back with
+relative error 0.2-0.5 clamped and 3e-4 (fp16) unclamped (``benchmarks/lora_extract_defaults.py``;
+``benchmarks/RESULTS.md`` has the measured table).
 
 Example:
     >>> import torch
@@ -37,7 +45,8 @@ import torch
 from torch import Tensor
 
 SVD_METHODS = ("auto", "exact", "lowrank")
-CLAMP_QUANTILE = 0.99
+CLAMP_QUANTILE = 0.99  # ComfyUI's "Extract and Save Lora" and kohya's extractor
+DEFAULT_CLAMP: float | None = None  # no clamp (see the module docstring for why)
 LOWRANK_NITER = 4
 LOWRANK_SEED = 0
 # auto: power iterations until (σ_q / σ_r)^(2·iterations) <= this (q = r + oversampling): on
@@ -185,6 +194,13 @@ def quantile(values: Tensor, q: float) -> Tensor:
         return low
     high = flat.kthvalue(lo + 2).values
     return low + (high - low) * (pos - lo)
+
+
+def check_clamp(clamp: float | None, error: type[ValueError] = ValueError) -> None:
+    """A clamp is None (off) or a quantile in (0, 1]; raise ``error`` naming --clamp else."""
+    if clamp is not None and (isinstance(clamp, bool) or not 0 < clamp <= 1):
+        raise error(f"--clamp {clamp!r}: give a quantile in (0, 1] (ComfyUI and kohya use "
+                         f"{CLAMP_QUANTILE}), or --no-clamp")
 
 
 def clamp_factors(up: Tensor, down: Tensor, q: float = CLAMP_QUANTILE) -> tuple[Tensor, Tensor]:
