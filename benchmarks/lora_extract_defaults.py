@@ -4,25 +4,27 @@
 difference, each at ranks 4/8/16/32, with the factors clipped at the 0.99 quantile (ComfyUI's
 and kohya's clamp) or not, written fp16 or fp32:
 
-- ``baked``: the tiny SD1 base plus a rank-8 LoRA built here (every other LoRA-able UNet
-  module; each delta's RMS ``--share`` of its weight's), baked in with ``apply_to_file`` in
-  fp32 (``lora apply --dtype fp32``): pulling a LoRA back out of a fine-tune, what users
-  extract for most. Besides the error against the difference, the *recovery* error against
-  the LoRA's own deltas is measured;
-- ``baked_fp16``: the same, with base and fine-tune stored fp16 as users' files are: the
-  fine-tune's rounding is a full-rank difference no rank recovers (the floor any extraction
-  meets on such files), shown for scale;
+- ``baked@S``: the tiny SD1 base plus a rank-8 LoRA built here (every other LoRA-able UNet
+  module; each delta's RMS S times its weight's, S in ``--shares``), baked in by
+  ``apply_to_file`` in fp32 (``lora apply --dtype fp32``): pulling a LoRA back out of a
+  fine-tune, what users extract for most. Besides the error against the difference, the
+  *recovery* error against the LoRA's own deltas is measured;
+- ``baked_random``: the same with ``random_lora(rank=8, every=2)`` (every delta's RMS 0.05
+  whatever its weight's: the project's synthetic LoRA, larger than the weights here);
+- ``baked_fp16@S``: the same (S = ``--share``) with base and fine-tune stored fp16, as users'
+  files are: the fine-tune's rounding is a full-rank difference no rank recovers (the floor
+  any extraction meets on such files), shown for scale;
 - ``finetune``: the toy world's ``style_a`` minus its ``base`` (toyworld/weights: trained
   weights, fp16, a full fine-tune's difference);
-- ``noise``: the tiny SD1 base plus i.i.d. Gaussian noise (``--share`` of each weight's RMS)
-  on every other LoRA-able UNet module: the flattest spectrum, where a low rank keeps least.
+- ``noise@S``: the tiny SD1 base plus i.i.d. Gaussian noise (S = ``--share`` times each
+  weight's RMS) on every other LoRA-able UNet module: the flattest spectrum.
 
 Errors are relative Frobenius errors ||Δ - LoRA|| / ||Δ|| over the extracted modules, of what
 the file holds (fp16 rounding and clamp included; ``ExtractResult.table``), overall and per
 block. The per-block tables are printed at rank 8. Every run is reported.
 
-    .venv/bin/python benchmarks/lora_extract_defaults.py [--ranks 4 8 16 32] [--share 0.05]
-        [--threads 1]
+    .venv/bin/python benchmarks/lora_extract_defaults.py [--ranks 4 8 16 32]
+        [--shares 0.01 0.05 0.25] [--share 0.05] [--threads 1]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from merge_backend.lora import (  # noqa: E402
     extract_lora,
     lora_deltas_for_key,
     name_table,
+    random_lora,
     read_lora,
     save_lora,
 )
@@ -143,7 +146,7 @@ def run_case(name: str, model1: Path, model2: Path, ranks, work: Path,
                        "recovery": None if deltas is None else recovery(out, deltas, model2)}
                 rows[(rank, clamp, dtype)] = row
                 rec = "" if deltas is None else f"  recovery {row['recovery']:.3e}"
-                print(f"{name:<10} rank {rank:2d} {setting_name(clamp, dtype):<14} error "
+                print(f"{name:<15} rank {rank:2d} {setting_name(clamp, dtype):<14} error "
                       f"{row['error']:.3e}{rec}  modules {row['written']} (skipped "
                       f"{row['skipped']}, zero factors {row['zero']})  {seconds:.1f} s",
                       flush=True)
@@ -162,35 +165,57 @@ def print_blocks(name: str, rows: dict, rank: int) -> None:
           + " ".join(f"{rows[(rank, *s)]['error']:>15.3e}" for s in settings))
 
 
+def build_cases(work: Path, shares: list[float], share: float) -> dict:
+    """name -> (model1, model2, the baked LoRA's deltas or None)."""
+    fam = write_tiny_family(work / "tiny", "sd1")
+    base16 = work / "base-fp16.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v
+               for k, v in load_file(str(fam.base)).items()}, str(base16))
+    cases = {}
+    for s in shares:
+        lora = work / f"baked-lora-{s}.safetensors"
+        deltas = baked_lora(fam.base, lora, s)
+        spec = [LoraSpec(str(lora), 1.0)]
+        apply_to_file(fam.base, spec, work / f"baked-{s}.safetensors", dtype="fp32")
+        cases[f"baked@{s}"] = (work / f"baked-{s}.safetensors", fam.base, deltas)
+        if s == share:
+            apply_to_file(base16, spec, work / "baked-fp16.safetensors", dtype="fp16")
+            fp16 = (work / "baked-fp16.safetensors", base16, deltas)
+    cases[f"baked_fp16@{share}"] = fp16
+    lora = random_lora(open_checkpoint(fam.base), rank=BAKED_RANK, seed=1, every=2)
+    save_lora(lora, work / "random-lora.safetensors", dtype=torch.float32)
+    apply_to_file(fam.base, [LoraSpec(str(work / "random-lora.safetensors"), 1.0)],
+                  work / "baked-random.safetensors", dtype="fp32")
+    base = open_checkpoint(fam.base)  # no alpha stored: scale 1; UNet weights: no transposes
+    deltas = {m.target.key: (m.up.flatten(1) @ m.down.flatten(1)).reshape(base.shape(m.target.key))
+              for m in lora.modules.values()}
+    cases["baked_random"] = (work / "baked-random.safetensors", fam.base, deltas)
+    cases["finetune"] = (TOYWORLD / "style_a.safetensors", TOYWORLD / "base.safetensors", None)
+    noisy(fam.base, work / "noise.safetensors", share)
+    cases[f"noise@{share}"] = (work / "noise.safetensors", fam.base, None)
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.01, 0.05, 0.25],
+                        help="the baked LoRAs' RMS relative to each weight's (the clamp's harm "
+                             "depends on the difference's scale)")
     parser.add_argument("--share", type=float, default=0.05,
-                        help="the baked LoRA's and the noise's RMS relative to each weight's")
+                        help="the noise's and the fp16-stored baked LoRA's (one of --shares)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: small SVDs on a shared 2-core machine)")
     args = parser.parse_args()
+    if args.share not in args.shares:
+        parser.error(f"--share {args.share} must be one of --shares")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}")
     print(f"default clamp: {DEFAULT_CLAMP}; default dtype: {DEFAULT_DTYPE}")
     with tempfile.TemporaryDirectory(prefix="lora-extract-defaults-") as tmp:
         work = Path(tmp)
-        fam = write_tiny_family(work / "tiny", "sd1")
-        deltas = baked_lora(fam.base, work / "baked-lora.safetensors", args.share)
-        spec = [LoraSpec(str(work / "baked-lora.safetensors"), 1.0)]
-        apply_to_file(fam.base, spec, work / "baked-fp32.safetensors", dtype="fp32")
-        base16 = work / "base-fp16.safetensors"
-        save_file({k: v.half() if v.is_floating_point() else v
-                   for k, v in load_file(str(fam.base)).items()}, str(base16))
-        apply_to_file(base16, spec, work / "baked-fp16.safetensors", dtype="fp16")
-        noisy(fam.base, work / "noise.safetensors", args.share)
-        cases = {
-            "baked": (work / "baked-fp32.safetensors", fam.base, deltas),
-            "baked_fp16": (work / "baked-fp16.safetensors", base16, deltas),
-            "finetune": (TOYWORLD / "style_a.safetensors", TOYWORLD / "base.safetensors", None),
-            "noise": (work / "noise.safetensors", fam.base, None),
-        }
+        cases = build_cases(work, args.shares, args.share)
         results = {name: run_case(name, m1, m2, args.ranks, work, d)
                    for name, (m1, m2, d) in cases.items()}
     block_rank = BAKED_RANK if BAKED_RANK in args.ranks else args.ranks[0]
@@ -198,11 +223,11 @@ def main() -> None:
         print_blocks(name, rows, block_rank)
     print(f"\ntotal benchmark time {time.perf_counter() - start:.0f} s")
 
-    baked = results["baked"]
     at_or_above = [r for r in args.ranks if r >= BAKED_RANK]
+    fp32_bakes = [*(f"baked@{s}" for s in args.shares), "baked_random"]
     goal(f"baked_rank{BAKED_RANK}_recovery_default_settings_rank_ge_{BAKED_RANK}",
-         max(baked[(r, DEFAULT_CLAMP, DEFAULT_DTYPE)]["recovery"] for r in at_or_above), 1e-3,
-         fmt="{:.2e}")
+         max(results[name][(r, DEFAULT_CLAMP, DEFAULT_DTYPE)]["recovery"]
+             for name in fp32_bakes for r in at_or_above), 1e-3, fmt="{:.2e}")
     # the default against the clamp it replaced, in every case, rank and dtype
     worst = max(rows[(r, DEFAULT_CLAMP, d)]["error"] / rows[(r, CLAMP_QUANTILE, d)]["error"]
                 for rows in results.values() for r in args.ranks for d in DTYPES)
