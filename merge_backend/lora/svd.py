@@ -23,9 +23,9 @@ ComfyUI does.
 ``DEFAULT_CLAMP`` is the one default of ``lora extract``, ``lora add --rank`` and
 ``export --to lora``: no clamp. The truncated SVD is already the best rank-r approximation
 (Eckart-Young), so a clamp can only add error, and it adds the most where users extract most:
-a LoRA baked into a fine-tune, extracted at a rank at or above its own, comes back with
-relative error 0.2-0.5 clamped and 3e-4 (fp16) unclamped (``benchmarks/lora_extract_defaults.py``;
-``benchmarks/RESULTS.md`` has the measured table).
+a LoRA baked into a fine-tune, extracted at a rank at or above its own, comes back whole only
+unclamped (measured by ``benchmarks/lora_extract_defaults.py``; figures in
+``benchmarks/RESULTS.md``, the decision in the README).
 
 Example:
     >>> import torch
