@@ -190,3 +190,19 @@ def test_identical_models_are_refused(tiny_sd1, tmp_path, capsys):
     assert main(["lora", "extract", str(tiny_sd1.base), str(tiny_sd1.base), "-o", str(out),
                  "--rank", "4"]) == 1
     assert "no difference to extract" in capsys.readouterr().err and not out.exists()
+
+
+def test_only_the_changed_part_of_a_fused_qkv_weight_is_written(tiny_sdxl, tmp_path, capsys):
+    # OpenCLIP-G stores q, k and v in one in_proj_weight; change q only
+    key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    state = load_file(str(tiny_sdxl.base))
+    d = state[key].shape[0] // 3
+    gen = torch.Generator().manual_seed(5)
+    delta = 0.01 * torch.randn(d, RANK, generator=gen) @ torch.randn(RANK, d, generator=gen)
+    state[key][:d] += delta
+    path, out = tmp_path / "q.safetensors", tmp_path / "x.safetensors"
+    save_file(state, str(path))
+    assert main(["lora", "extract", str(path), str(tiny_sdxl.base), "-o", str(out), "--rank",
+                 "8", "--text-encoder", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["modules"] == 1
+    assert recovery(out, {key: delta}) <= 1e-3

@@ -246,16 +246,34 @@ def _differences(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch
         yield job, weight, bias
 
 
-def _changed(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch.device
-             ) -> list[_Job]:
-    """The jobs with what model1 and model2 hold unchanged dropped (see module docstring)."""
+def _changed(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint) -> list[_Job]:
+    """The jobs with what model1 and model2 hold unchanged dropped (see module docstring).
+
+    Reads every tensor the jobs use once, in its stored dtype: NaN / inf raise here, before
+    the long work (the SVDs), and equal stored values are exactly a zero difference."""
+    pairs: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def same(key: str, rows: Callable[[int], slice], flat: bool) -> bool:
+        if key not in pairs:
+            if len(pairs) >= 2:  # q/k/v chunks and their bias come together; keep two keys
+                old = next(iter(pairs))
+                del pairs[old]
+                m1.release(old)
+                m2.release(old)
+            a, b = m1.get(key), m2.get(key)
+            pairs[key] = (a, b) if a.dtype == b.dtype else (a.float(), b.float())
+        a, b = (t.reshape(-1) if flat else t for t in pairs[key])
+        part = rows(a.shape[0])
+        return torch.equal(a[part], b[part])
+
     kept = []
-    for job, weight, bias in _differences(jobs, m1, m2, device):
-        weight_changed = weight is not None and bool(torch.any(weight))
-        bias_changed = bias is not None and bool(torch.any(bias))
-        if weight_changed or bias_changed:
-            kept.append(_Job(job.target, job.shape, job.weight if weight_changed else "none",
-                             job.bias_rows if bias_changed else None))
+    for job in jobs:
+        t = job.target
+        weight = job.weight != "none" and not same(t.key, t.rows, flat=False)
+        bias = job.bias_rows is not None and not same(t.bias_key, t.rows, flat=True)
+        if weight or bias:
+            kept.append(_Job(t, job.shape, job.weight if weight else "none",
+                             job.bias_rows if bias else None))
     return kept
 
 
@@ -298,12 +316,8 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
                                              if text_encoder else [])
     notes: list[str] = []
     jobs = _plan(table, m1, m2, components, lora_type, bias_diff, fmt, notes)
-    read = [k for job in jobs for k in ((job.target.key,) if job.weight != "none" else ())
-            + ((job.target.bias_key,) if job.bias_rows is not None else ())]
-    for m in (m1, m2):  # NaN / inf found before the long work (the SVDs), not in the middle
-        m.check_finite(dict.fromkeys(read))
     planned_jobs = len(jobs)
-    jobs = _changed(jobs, m1, m2, device)
+    jobs = _changed(jobs, m1, m2)  # reads each tensor once: NaN / inf raise before the SVDs
     if not jobs:
         raise LoraError(f"{m1.path} and {m2.path} hold the same values in every module extracted "
                         f"({', '.join(components)}): there is no difference to extract")
