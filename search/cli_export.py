@@ -34,6 +34,7 @@ from merge_backend.export import (
     run_exports,
     scores_json,
 )
+from merge_backend.lora import ExtractResult
 
 from .cli_lora import add_clamp_options
 from .compare import study_roles, trial_column
@@ -256,7 +257,7 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"  {out.item.title}: {out.format} -> {out.paths[0]}", file=sys.stderr)
 
-    def lora_done(out: PlannedOutput, result: Any) -> None:
+    def lora_done(out: PlannedOutput, result: ExtractResult) -> None:
         for note in result.notes:
             print(f"note: {out.item.title}: {note}", file=sys.stderr)
         if not args.quiet:  # stdout stays the JSON list of written files

@@ -161,7 +161,7 @@ def run_apply(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     if args.rank is not None and args.rank < 1:
         raise LoraError(f"--rank must be at least 1, got {args.rank}")
-    if args.rank is None and args.clamp is not None:
+    if args.rank is None and args.clamp != DEFAULT_CLAMP:
         raise LoraError(f"--clamp {args.clamp}: only a resize (--rank) makes factors to clip; "
                         "an exact add keeps the LoRAs' own")
     parsed = list(map(parse_lora_arg, args.loras))

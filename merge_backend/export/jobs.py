@@ -109,7 +109,7 @@ class ExportPlan:
     hashes: dict[str, str] = field(default_factory=dict)  # sha256 by resolved path, checked once
     lora_format: str = "kohya"  # --to lora: kohya or comfyui (LoraSave's layout)
     lora_bias_diff: bool | None = None  # --to lora: norm / bias differences (None: the format's default)
-    lora_clamp: float | None = None  # --to lora: the factors' clip quantile (plan_exports: the default)
+    lora_clamp: float | None = DEFAULT_CLAMP  # --to lora: the factors' clip quantile, or None
 
 
 # ---------------------------------------------------------------------------- planning

@@ -200,7 +200,7 @@ def check_clamp(clamp: float | None, error: type[ValueError] = ValueError) -> No
     """A clamp is None (off) or a quantile in (0, 1]; raise ``error`` naming --clamp else."""
     if clamp is not None and (isinstance(clamp, bool) or not 0 < clamp <= 1):
         raise error(f"--clamp {clamp!r}: give a quantile in (0, 1] (ComfyUI and kohya use "
-                         f"{CLAMP_QUANTILE}), or --no-clamp")
+                    f"{CLAMP_QUANTILE}), or --no-clamp")
 
 
 def clamp_factors(up: Tensor, down: Tensor, q: float = CLAMP_QUANTILE) -> tuple[Tensor, Tensor]:
