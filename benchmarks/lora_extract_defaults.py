@@ -30,6 +30,7 @@ block. The per-block tables are printed at rank 8. Every run is reported.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -64,7 +65,7 @@ from merge_backend.tiny import write_tiny_family  # noqa: E402
 
 BAKED_RANK = 8
 DTYPES = ("fp16", "fp32")
-DEFAULT_DTYPE = "fp16"  # extract_lora's and the CLI's
+DEFAULT_DTYPE = inspect.signature(extract_lora).parameters["dtype"].default
 TOYWORLD = ROOT / "toyworld" / "weights"
 
 
