@@ -26,7 +26,7 @@ from .dtypes import DTYPES, held, rounds_to
 from .engine_memory import MemoryPlan, plan_memory
 from .merge_file import open_sources
 from .methods import METHODS, TARGET
-from .naming import convert_value, key_maps
+from .naming import convert_value, key_maps, original_value
 from .plan import IncompatibleSourcesError, KeyPlan, plan_merge
 from .recipe import Recipe, RecipeError
 
@@ -68,6 +68,10 @@ class BlockGroup:
     live: torch.Tensor
     sources: dict[str, torch.Tensor] = field(default_factory=dict)
     loras: dict[int, torch.Tensor] = field(default_factory=dict)  # LoRA index -> flat delta
+    # original key -> [(parameter, KeyMap)] of the keys LoRAs change when one of them does so
+    # by a weight-dependent rule (DoRA, OFT, …): every LoRA of the block then runs after the
+    # merge, on the merged weight, in the Recipe's order
+    weighted: dict[str, list] = field(default_factory=dict)
     last: tuple | None = None
     held: torch.dtype | None = None  # the precision the block is held in (sources and result)
 
@@ -230,13 +234,19 @@ class MergeEngine:
         """Dense float32 deltas of each LoRA, laid out like the block buffers they change."""
         if not self.bound.loras:
             return
-        from .lora.apply import LoraUse, check_loras, uses_from_recipe
+        from .lora.apply import LoraUse, check_loras, needs_weight, uses_from_recipe
 
         uses = uses_from_recipe(self.bound)
         check_loras(uses, sources["model1"])
+        self._lora_files = [u.lora for u in uses]
         unit = [LoraUse(u.lora, 1.0, None, None, self.bound.vocabulary) for u in uses]
         device = torch.device("cpu") if self.memory.mode == "offload" else self.device
         for group, items in zip(self.groups, layout.values(), strict=True):
+            if any(needs_weight(unit, km.original) for _, _, km, _ in items):
+                for _, param, km, _ in items:
+                    if any(u.entries(km.original) for u in unit):
+                        group.weighted.setdefault(km.original, []).append((param, km))
+                continue
             for index, use in enumerate(unit):
                 flat = self._flat_lora(items, use, sources["model1"])
                 if flat is not None:
@@ -343,10 +353,28 @@ class MergeEngine:
             method = None if op == "copy" else METHODS[op]
             self.runner.run(group, method, ratio, multiplier, recipe.arithmetic, loras,
                             group.held)
+            if group.weighted:
+                self._apply_weighted(group, recipe)
             group.last = target
             applied += 1
         self.runner.synchronize()
         return ApplyStats(applied, skipped, time.perf_counter() - start)
+
+    def _apply_weighted(self, group: BlockGroup, recipe: Recipe) -> None:
+        """The LoRAs of a block with weight-dependent modules, applied to its merged weights
+        (the live values), each LoRA on the weight the ones before it left."""
+        from .lora.apply import LoraUse, lora_deltas_for_key
+
+        uses = [LoraUse(f, s.strength, s.block_strengths, s.te_strength, recipe.vocabulary)
+                for f, s in zip(self._lora_files, recipe.loras, strict=True)]
+        for key, params in group.weighted.items():
+            base = original_value([km for _, km in params], [p.data.float() for p, _ in params])
+            delta = lora_deltas_for_key(uses, key, base.shape, device=self.device, base=base)
+            if delta is None:
+                continue
+            value = held(base + delta, group.held)
+            for param, km in params:
+                param.data.copy_(convert_value(km, value).reshape(param.shape))
 
     def addresses(self) -> dict[str, int]:
         """data_ptr of every merged parameter (they never change after bind)."""

@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint, CheckpointError, all_finite, open_checkpoint
 from .dtypes import DTYPES, held
 from .file_kernels import KeyArithmetic
 from .hashing import sha256_of
-from .lora.apply import check_loras, lora_deltas_for_key, uses_from_recipe
+from .lora.apply import check_loras, lora_deltas_for_key, needs_weight, uses_from_recipe
 from .methods import METHODS
 from .output_files import check_new_output
 from .plan import KeyPlan, MergePlan, plan_merge
@@ -195,6 +195,8 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
     loras = _lora_uses(recipe, model1)
     plan.notes += [note for use in loras for note in use.lora.notes()]
     arithmetic = KeyArithmetic(out_dtype, recipe.arithmetic)
+    # weight-dependent LoRA modules (DoRA, OFT, …) meet the float32 merged weight
+    exact32 = KeyArithmetic(torch.float32, recipe.arithmetic) if loras else None
 
     def read(k: KeyPlan) -> list[torch.Tensor]:
         # check_sources_finite has read every one of these before the output was opened
@@ -211,10 +213,14 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                 if i + 1 < total:
                     ahead = reader.submit(read, plan.keys[i + 1])
                 use = _roles_of(recipe, k)
-                delta = _lora_delta(loras, k.key, tensors[0], lora_device)
-                changed[0] += delta is not None
                 precision = DTYPES[k.held] if k.held else None
-                if k.op == "copy":
+                weighted = exact32 is not None and needs_weight(loras, k.key)
+                delta = None if weighted else _lora_delta(loras, k.key, tensors[0], lora_device)
+                changed[0] += weighted or delta is not None
+                if weighted:
+                    merged = _merge_then_loras(loras, k, tensors, exact32, precision,
+                                               lora_device, out_dtype)
+                elif k.op == "copy":
                     merged = held(tensors[0], precision)
                     if delta is not None:
                         merged = held(merged.float() + delta, precision)
@@ -222,7 +228,7 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                 else:  # into a buffer reused for the next key, once this one is written
                     merged = arithmetic.merge(METHODS[k.op], tensors, k.ratio, k.multiplier, delta,
                                               precision)
-                if (k.op != "copy" or delta is not None) and not all_finite(merged):
+                if (k.op != "copy" or delta is not None or weighted) and not all_finite(merged):
                     _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
                 yield merged
                 for r in use:
@@ -271,6 +277,23 @@ def _lora_delta(uses: list, key: str, stored: torch.Tensor,
         return None
     delta = lora_deltas_for_key(uses, key, stored.shape, device=device)
     return None if delta is None else delta.cpu()
+
+
+def _merge_then_loras(uses: list, k: KeyPlan, tensors: list[torch.Tensor],
+                      exact32: KeyArithmetic, precision: torch.dtype | None,
+                      device: str | torch.device, out_dtype: torch.dtype) -> torch.Tensor:
+    """A key some LoRA changes by a weight-dependent rule (DoRA, OFT, …): the merge in
+    float32, then the LoRAs applied to that merged weight (as ComfyUI's LoraLoader after the
+    merge nodes), rounded once."""
+    if k.op == "copy":
+        base = held(tensors[0], precision).float()
+    else:
+        base = exact32.merge(METHODS[k.op], tensors, k.ratio, k.multiplier, None,
+                             precision).clone()
+    delta = lora_deltas_for_key(uses, k.key, base.shape, device=device, base=base)
+    if delta is not None:  # None: every LoRA's strength is 0 here
+        base = base + delta.cpu()
+    return held(base, precision).to(_out_dtype(tensors[0].dtype, out_dtype))
 
 
 def _done(value: str) -> Future:

@@ -362,7 +362,7 @@ def convert_value(km: KeyMap, original_tensor: Tensor) -> Tensor:
                      f"expected one of {TRANSFORMS}")
 
 
-def _original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
+def original_value(maps: list[KeyMap], tensors: list[Tensor]) -> Tensor:
     """Inverse of ``convert_value`` for all the KeyMaps of one original key."""
     km = maps[0]
     if km.transform == "chunk":
@@ -468,4 +468,4 @@ def to_original(arch: Architecture, component: str, diffusers_sd: Mapping[str, T
         maps, tensors = grouped.setdefault(km.original, ([], []))
         maps.append(km)
         tensors.append(diffusers_sd[km.diffusers])
-    return {key: _original_value(maps, tensors) for key, (maps, tensors) in grouped.items()}
+    return {key: original_value(maps, tensors) for key, (maps, tensors) in grouped.items()}

@@ -5,6 +5,9 @@ LoRAs of ``strength(key) · delta(key)`` in float32, in the original layout of `
 key's strength is ``strength · block_strengths[block]`` (blocks of the Recipe vocabulary, not
 named = 1.0); a text-encoder key's is ``te_strength`` when set, else ``strength`` (times
 ``block_strengths['BASE']`` in the mbw vocabulary, where BASE is the text encoder).
+A DoRA / OFT / BOFT / IA3 / GLoRA module's delta depends on the weight it meets (``base``:
+the merged weight), and with several LoRAs each one meets the weight the ones before it left,
+as ComfyUI's chain of LoraLoaders does (see ``adapters.py``).
 (``merge_file.apply_to_file`` writes a checkpoint with LoRAs applied.)
 
 Example:
@@ -25,10 +28,17 @@ from torch import Tensor
 from merge_backend.architectures import ARCHITECTURES, block_names, block_of, text_encoder_block
 from merge_backend.checkpoint import Checkpoint
 from merge_backend.hashing import sha256_of
-from merge_backend.naming import convert_value, key_maps, swap_halves, whole_rows
+from merge_backend.naming import (
+    convert_value,
+    key_maps,
+    original_value,
+    swap_halves,
+    whole_rows,
+)
 from merge_backend.recipe import Recipe
 
 from .formats import LoraError, LoraFile, LoraModule, read_lora
+from .names import Target
 
 _SHOW = 4
 
@@ -112,6 +122,32 @@ def _natural_shape(module: LoraModule, role: str) -> tuple[int, ...]:
     return (t.whole(shape[0]), *shape[1:])
 
 
+def _view_shape(t: Target, stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the module's own weight inside a stored tensor of shape ``stored``."""
+    shape = list(stored)
+    if t.parts > 1:
+        shape[0] = len(range(stored[0])[t.rows(stored[0])])
+    return tuple(reversed(shape)) if t.transpose else tuple(shape)
+
+
+def _module_view(t: Target, weight: Tensor) -> Tensor:
+    """The module's own weight (diffusers shape) inside the original tensor ``weight``."""
+    if t.parts > 1:
+        weight = weight[t.rows(weight.shape[0])]
+    if t.swap:
+        weight = swap_halves(weight)
+    return weight.T if t.transpose else weight
+
+
+def _fits(module: LoraModule, role: str, stored: tuple[int, ...]) -> tuple[int, ...] | None:
+    """None when the module fits a stored tensor of shape ``stored``, else its own shape."""
+    if module.adapter is not None and role == "weight":
+        view = _view_shape(module.target, stored)
+        return None if module.adapter.fits(view) else view
+    shape = _natural_shape(module, role)
+    return None if _compatible(shape, stored) else shape
+
+
 def _compatible(delta: tuple[int, ...], stored: tuple[int, ...]) -> bool:
     """Same shape, the same up to trailing 1s (a linear LoRA on a 1x1 conv), or a conv
     weight flattened to (out, in·kh·kw) as LyCORIS rebuilds LoHa / LoKr conv deltas."""
@@ -126,14 +162,18 @@ def _compatible(delta: tuple[int, ...], stored: tuple[int, ...]) -> bool:
     return delta == stored or strip(tuple(delta)) == strip(tuple(stored))
 
 
-def _key_delta(entries: list[tuple[LoraModule, str]], device: torch.device | str | None) -> Tensor:
+def _key_delta(entries: list[tuple[LoraModule, str]], device: torch.device | str | None,
+               current: Tensor | None = None) -> Tensor:
     total: Tensor | None = None
     for module, role in entries:
         t = module.target
         if role == "bias":
             part = module.diff_b.to(device=device, dtype=torch.float32).reshape(-1)
         else:
-            part = module.delta(device)
+            if module.adapter is not None:
+                part = module.adapter.difference(_module_view(t, current))
+            else:
+                part = module.delta(device)
             part = part.T if t.transpose else part
         if t.swap:
             part = swap_halves(part)
@@ -145,12 +185,21 @@ def _key_delta(entries: list[tuple[LoraModule, str]], device: torch.device | str
     return total
 
 
+def needs_weight(uses: Sequence[LoraUse], key: str) -> bool:
+    """Whether a LoRA changes ``key`` by a rule that depends on the weight (DoRA, OFT, …)."""
+    return any(m.adapter is not None for use in uses for m, _ in use.entries(key))
+
+
 def lora_deltas_for_key(uses: Sequence[LoraUse], key: str, shape: Sequence[int] | None = None,
-                        *, device: torch.device | str | None = None) -> Tensor | None:
+                        *, device: torch.device | str | None = None,
+                        base: Tensor | None = None) -> Tensor | None:
     """Σ strength · delta of every LoRA that changes ``key`` (float32, original layout), or None.
 
     ``shape`` is the stored tensor's shape: the sum is reshaped to it (a LoRA trained as a
     linear layer on a 1x1 conv) or a ``LoraError`` names the key and both shapes.
+    ``base`` is the weight the LoRAs are applied to (original layout); it is needed when
+    ``needs_weight``: each LoRA's weight-dependent modules meet ``base`` plus the deltas of
+    the LoRAs before it.
     """
     total: Tensor | None = None
     for use in uses:
@@ -158,7 +207,17 @@ def lora_deltas_for_key(uses: Sequence[LoraUse], key: str, shape: Sequence[int] 
         strength = use.strength_for(key) if entries else 0.0
         if not entries or strength == 0.0:
             continue
-        delta = _key_delta(entries, device)
+        current = None
+        if any(m.adapter is not None for m, _ in entries):
+            if base is None:
+                raise LoraError(f"{use.lora.source}: {key} is changed by a weight-dependent "
+                                "module; its delta needs the weight it is applied to")
+            current = base.to(device=device, dtype=torch.float32)
+            if shape is not None:
+                current = current.reshape(tuple(shape))
+            if total is not None:
+                current = current + total.reshape(current.shape)
+        delta = _key_delta(entries, device, current)
         if shape is not None:
             if not _compatible(tuple(delta.shape), tuple(shape)):
                 raise LoraError(f"{use.lora.source}: module {entries[0][0].name!r} changes {key} "
@@ -180,8 +239,8 @@ def check_loras(uses: Sequence[LoraUse], checkpoint: Checkpoint) -> None:
                             f"lacks, e.g. {', '.join(missing[:_SHOW])}")
         for key in use.keys():
             for module, role in use.entries(key):
-                shape = _natural_shape(module, role)
-                if not _compatible(shape, checkpoint.shape(key)):
+                shape = _fits(module, role, checkpoint.shape(key))
+                if shape is not None:
                     raise LoraError(
                         f"{use.lora.source}: module {module.name!r} changes {key} with shape "
                         f"{list(shape)}, {checkpoint.path} has {list(checkpoint.shape(key))} "
@@ -225,8 +284,9 @@ def _bind(pipe, arch, uses: Sequence[LoraUse]) -> dict[str, list[tuple[torch.nn.
         for key in use.keys():
             param, km = bound[key][0]
             for module, role in use.entries(key):
-                shape, stored = _natural_shape(module, role), _expected_shape(km, param)
-                if not _compatible(shape, stored):
+                stored = _expected_shape(km, param)
+                shape = _fits(module, role, stored)
+                if shape is not None:
                     raise LoraError(f"{use.lora.source}: module {module.name!r} changes {key} "
                                     f"with shape {list(shape)}, the pipeline's is {list(stored)}")
     return bound
@@ -245,12 +305,20 @@ def apply_to_pipeline(pipe, loras: Sequence[LoraUse | tuple[LoraFile, float]], *
     uses = as_uses(loras)
     if not uses:
         return 0
+    kinds = sorted({k for u in uses for k in u.lora.kinds()})
+    if sign != 1.0 and kinds:
+        raise LoraError(f"{', '.join(kinds)} modules change a weight by a rule that depends on "
+                        "it; subtracting their delta does not undo them (reload the weights)")
     arch_obj = ARCHITECTURES[arch] if arch else uses[0].lora.arch
     bound = _bind(pipe, arch_obj, uses)
     changed = 0
     for key, params in bound.items():
+        base = None
+        if needs_weight(uses, key):
+            base = original_value([km for _, km in params],
+                                  [p.data.float() for p, _ in params])
         delta = lora_deltas_for_key(uses, key, _expected_shape(params[0][1], params[0][0]),
-                                    device=params[0][0].device)
+                                    device=params[0][0].device, base=base)
         if delta is None:
             continue
         for param, km in params:

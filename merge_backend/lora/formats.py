@@ -1,9 +1,12 @@
-"""LoRA files in, one representation out: kohya, diffusers / PEFT and ComfyUI LoraSave.
+"""LoRA files in, one representation out: kohya, diffusers / PEFT, ComfyUI LoraSave, LyCORIS.
 
 Every module of a LoRA becomes a ``LoraModule`` attached to a ``Target`` — the original
-full weight key it changes (see ``names.py``). The delta of a module is
-``up @ down · (alpha / r)`` computed in float32 (a missing alpha means alpha = r), plus a
-full ``.diff`` where the file has one; ``.diff_b`` changes the bias.
+full weight key it changes (see ``names.py``; which key means what: ``keys.py``). The delta
+of a module is ``up @ down · (alpha / r)`` computed in float32 (a missing alpha means
+alpha = r), LoHa / LoKr / Tucker factors rebuilt (``factors.py``), plus a full ``.diff``
+where the file has one; ``.diff_b`` changes the bias. DoRA, OFT / BOFT, IA3 and GLoRA
+modules change a weight by a rule that depends on it (``LoraModule.adapter``, see
+``adapters.py``).
 
 Example:
     >>> lora = read_lora("style.safetensors")                      # doctest: +SKIP
@@ -35,37 +38,16 @@ from merge_backend.safetensors_io import (
 )
 from merge_backend.source_files import check_source
 
+from . import keys
+from .adapters import Adapter
+from .errors import LoraError
+from .factors import ADAPTER_ROLES, adapter_of, alpha_of, lycoris_delta
 from .names import NameTable, Target, module_shapes, name_table
 from .svd import threads_for
 
-# suffix in the file -> (role, format). Longest suffixes are tried first.
-_SUFFIXES: dict[str, tuple[str, str]] = {
-    ".lora_up.weight": ("up", "kohya"), ".lora_down.weight": ("down", "kohya"),
-    ".lora_B.weight": ("up", "peft"), ".lora_A.weight": ("down", "peft"),
-    ".lora_B.default.weight": ("up", "peft"), ".lora_A.default.weight": ("down", "peft"),
-    ".lora.up.weight": ("up", "peft"), ".lora.down.weight": ("down", "peft"),
-    ".lora_linear_layer.up.weight": ("up", "peft"), ".lora_linear_layer.down.weight": ("down", "peft"),
-    ".alpha": ("alpha", "kohya"), ".diff": ("diff", "kohya"), ".diff_b": ("diff_b", "kohya"),
-    # LyCORIS (kohya key layout): LoHa, LoKr and LoCon's Tucker middle
-    ".hada_w1_a": ("hada_w1_a", "loha"), ".hada_w1_b": ("hada_w1_b", "loha"),
-    ".hada_w2_a": ("hada_w2_a", "loha"), ".hada_w2_b": ("hada_w2_b", "loha"),
-    ".hada_t1": ("hada_t1", "loha"), ".hada_t2": ("hada_t2", "loha"),
-    ".lokr_w1": ("lokr_w1", "lokr"), ".lokr_w1_a": ("lokr_w1_a", "lokr"),
-    ".lokr_w1_b": ("lokr_w1_b", "lokr"), ".lokr_w2": ("lokr_w2", "lokr"),
-    ".lokr_w2_a": ("lokr_w2_a", "lokr"), ".lokr_w2_b": ("lokr_w2_b", "lokr"),
-    ".lokr_t2": ("lokr_t2", "lokr"), ".lora_mid.weight": ("mid", "locon"),
-}
-_SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
-_UNSUPPORTED = (".dora_scale", ".oft_blocks", ".lora_magnitude_vector", ".oft_diag",
-                ".a1.weight", ".on_input",
-                ".lora_B.bias", ".w_norm", ".b_norm")
 _SHOW = 4
 # Metadata fields that may name the architecture (a name, or one of the file's lora.hints).
 _HINT_FIELDS = ("mergesearch.arch", "ss_base_model_version", "modelspec.architecture")
-
-
-class LoraError(ValueError):
-    """A LoRA that cannot be used; the message names the file and the module or key."""
 
 
 @dataclass
@@ -92,6 +74,8 @@ class LoraModule:
     diff: Tensor | None = None
     diff_b: Tensor | None = None
     name: str = ""
+    # DoRA / OFT / BOFT / IA3 / GLoRA: a change that depends on the weight (adapters.py)
+    adapter: Adapter | None = None
 
     @property
     def rank(self) -> int:
@@ -103,7 +87,13 @@ class LoraModule:
         return 1.0 if self.alpha is None or not self.rank else float(self.alpha) / self.rank
 
     def delta(self, device: torch.device | str | None = None) -> Tensor | None:
-        """The weight difference in float32 (diffusers-module shape), or None for bias-only."""
+        """The weight difference in float32 (diffusers-module shape), or None for bias-only.
+        A weight-dependent module (``adapter``) has none: see ``difference``."""
+        if self.adapter is not None:
+            raise LoraError(f"module {self.name!r} is {self.adapter.kind}: its change depends on "
+                            "the weight it is applied to, so it has no fixed difference (apply it "
+                            "to a checkpoint or pipeline; it cannot be added to other LoRAs, "
+                            "resized or saved as a plain LoRA)")
         out = None
         if self.up is not None:
             up = self.up.to(device=device, dtype=torch.float32)
@@ -115,6 +105,13 @@ class LoraModule:
             diff = self.diff.to(device=device, dtype=torch.float32)
             out = diff if out is None else out + diff.reshape(out.shape)
         return out
+
+    def difference(self, weight: Tensor) -> Tensor | None:
+        """The weight difference at strength 1 when applied to ``weight`` (float32, the
+        diffusers module's shape), or None for bias-only."""
+        if self.adapter is None:
+            return self.delta(weight.device)
+        return self.adapter.difference(weight)
 
 
 @dataclass
@@ -134,15 +131,25 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # module names left out (strict=False)
     ignored: list[str] = field(default_factory=list)  # modules left out as ComfyUI ignores them
+    skipped: list[str] = field(default_factory=list)  # what partial reading left out, described
 
     def notes(self) -> list[str]:
         """What reading left out on purpose, to be shown to the user."""
+        out = [f"{self.source}: {note}" for note in self.skipped]
         if not self.ignored:
-            return []
+            return out
         table = name_table(self.arch.name)
         why = "; ".join(dict.fromkeys(table.comfy_only(n) or "" for n in self.ignored))
-        return [f"{self.source}: ignored {len(self.ignored)} module(s) "
-                f"({', '.join(self.ignored)}): {why}"]
+        return out + [f"{self.source}: ignored {len(self.ignored)} module(s) "
+                      f"({', '.join(self.ignored)}): {why}"]
+
+    def kinds(self) -> dict[str, int]:
+        """How many modules of each weight-dependent kind (DoRA, OFT, …) the file holds."""
+        out: dict[str, int] = {}
+        for m in self.modules.values():
+            if m.adapter is not None:
+                out[m.adapter.kind] = out.get(m.adapter.kind, 0) + 1
+        return out
 
     @property
     def source(self) -> str:
@@ -152,7 +159,7 @@ class LoraFile:
         """Original key -> the modules changing it, each with 'weight' or 'bias'."""
         out: dict[str, list[tuple[LoraModule, str]]] = {}
         for module in self.modules.values():
-            if module.up is not None or module.diff is not None:
+            if module.up is not None or module.diff is not None or module.adapter is not None:
                 out.setdefault(module.target.key, []).append((module, "weight"))
             if module.diff_b is not None and module.target.bias_key:
                 out.setdefault(module.target.bias_key, []).append((module, "bias"))
@@ -186,47 +193,38 @@ def _load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def _check_values(path: Path, tensors: Mapping[str, Tensor]) -> None:
     """A LoRA is small: every value is checked when it is read (floats, no NaN or inf)."""
     for key, value in tensors.items():
-        if not value.is_floating_point() and not (key.endswith(".alpha") and value.numel() == 1):
+        if not value.is_floating_point() and not (key.endswith((".alpha", ".on_input"))
+                                                  and value.numel() == 1):
             raise LoraError(f"{path}: tensor {key!r} is {str(value.dtype).removeprefix('torch.')}"
                             ", not floating point; LoRA weights are floats (only an alpha may "
-                            "be an integer)")
+                            "be an integer, or IA3's on_input flag)")
         if not all_finite(value):
             raise LoraError(f"{path}: tensor {key!r} holds NaN or infinite values; the LoRA is "
                             "damaged or was saved from a diverged training run")
 
 
-def _split(key: str) -> tuple[str, str, str] | None:
-    """(module name, role, format) of a file key, or None for an unknown suffix."""
-    for suffix in _SUFFIX_ORDER:
-        if key.endswith(suffix):
-            role, fmt = _SUFFIXES[suffix]
-            name = key[: -len(suffix)].removeprefix("base_model.model.")
-            if fmt == "kohya" and name.startswith(("diffusion_model.", "text_encoders.")):
-                fmt = "comfyui"
-            return name, role, fmt
-    return None
-
-
-def _group(path: Path, tensors: Mapping[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], str]:
-    groups: dict[str, dict[str, Tensor]] = {}
-    formats: dict[str, int] = {}
-    unknown = []
-    for key, value in tensors.items():
-        parts = _split(key)
-        if parts is None:
-            unknown.append(key)
-            continue
-        name, role, fmt = parts
-        groups.setdefault(name, {})[role] = value
-        formats[fmt] = formats.get(fmt, 0) + 1
-    if unknown:
-        odd = [k for k in unknown if k.endswith(_UNSUPPORTED)]
-        what = ("DoRA / OFT / BOFT / IA3 / GLoRA modules are not supported yet (LoRA, "
-                "LoCon, LoHa and LoKr are)" if odd else
-                "these keys are not LoRA weights (is it a checkpoint or an embedding?)")
-        raise LoraError(f"{path}: {len(unknown)} key(s) are not understood: "
-                        f"{', '.join(sorted(unknown)[:_SHOW])}; {what}")
-    return groups, max(formats, key=formats.get) if formats else "kohya"
+def _group(path: Path, tensors: Mapping[str, Tensor], partial: bool
+           ) -> tuple[dict[str, dict[str, Tensor]], str, list[str]]:
+    """Modules by name, the file's main format, and what ``partial`` reading skips."""
+    groups, formats, unknown = keys.group(tensors)
+    skipped: dict[str, list[str]] = {}
+    for key in unknown:
+        skipped.setdefault(keys.recognise(key) or "", []).append(key)
+    if unknown and (not partial or not groups):
+        known = [w for w in skipped if w]
+        if not groups and not known:
+            raise LoraError(f"{path}: {len(unknown)} key(s) are not LoRA weights, e.g. "
+                            f"{', '.join(unknown[:_SHOW])} (is it a checkpoint or an embedding?)")
+        what = "; ".join(f"{w or 'keys of no known LoRA format'}: first key {ks[0]!r}"
+                         for w, ks in skipped.items())
+        fix = ("" if not groups else "; pass --partial (a study's LoRA entry: partial: true) "
+               "to apply the rest and skip these")
+        raise LoraError(f"{path}: {len(unknown)} key(s) mergesearch cannot apply — {what}{fix}")
+    notes = [f"skipped {len(ks)} key(s) of {w or 'no known LoRA format'} (first {ks[0]!r})"
+             + (": mergesearch has no textual-inversion path; use the embedding in the UI "
+                "that loads the LoRA" if w.startswith("bundled") else "")
+             for w, ks in skipped.items()]
+    return groups, max(formats, key=formats.get) if formats else "kohya", notes
 
 
 def _hinted(metadata: Mapping[str, str]) -> str | None:
@@ -278,12 +276,6 @@ def detect_lora_arch(groups: Mapping[str, dict[str, Tensor]], metadata: Mapping[
     return tied[0], scores
 
 
-def _alpha_of(value: Tensor | None, metadata_alpha: float | None) -> float | None:
-    if value is not None:
-        return float(value.reshape(-1)[0].item())
-    return metadata_alpha
-
-
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, object]:
     raw = metadata.get("lora_adapter_metadata")
     try:
@@ -303,83 +295,20 @@ def _peft_alpha(peft: Mapping[str, object], name: str) -> float | None:
     return float(alpha) if alpha is not None else None
 
 
-_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-
-
-def _tucker(core: Tensor, down: Tensor, up: Tensor) -> Tensor:
-    """Tucker rebuild: W[p, q, ...] = Σ_ij up[i, p] core[i, j, ...] down[j, q]."""
-    return torch.einsum("ij...,jq,ip->pq...", core.float(), down.float().flatten(1),
-                        up.float().flatten(1))
-
-
-def _lycoris_delta(path: Path, name: str, parts: dict[str, Tensor],
-                   metadata_alpha: float | None) -> Tensor | None:
-    """The full float32 delta of a LoHa / LoKr / Tucker-LoCon module, or None for others.
-
-    LoHa: (w1a·w1b) ⊙ (w2a·w2b) · alpha/r, r = rows of w1b (Tucker: each factor rebuilt
-    through hada_t1 / hada_t2, w1a then (r, out)). LoKr: kron(w1, w2), each full or a·b
-    (w2 Tucker through lokr_t2), scaled by alpha/r only when a factor is decomposed.
-    LoCon Tucker: up · lora_mid · down · alpha/r. A conv delta without Tucker is returned as
-    (out, in·kh·kw) and reshaped to the checkpoint's weight when applied.
-    """
-    alpha_t = parts.get("alpha")
-    try:
-        if any(k in parts for k in _LOHA):
-            missing = [k for k in _LOHA if k not in parts]
-            if missing:
-                raise LoraError(f"{path}: LoHa module {name!r} lacks {', '.join(missing)}")
-            w1a, w1b, w2a, w2b = (parts[k].float() for k in _LOHA)
-            rank = int(w1b.shape[0])
-            if "hada_t1" in parts and "hada_t2" in parts:
-                w1 = _tucker(parts["hada_t1"], w1b, w1a)
-                w2 = _tucker(parts["hada_t2"], w2b, w2a)
-            else:
-                w1 = w1a.flatten(1) @ w1b.flatten(1)
-                w2 = w2a.flatten(1) @ w2b.flatten(1)
-            alpha = _alpha_of(alpha_t, metadata_alpha)
-            return w1 * w2 * (1.0 if alpha is None else alpha / rank)
-        if any(k.startswith("lokr_") for k in parts):
-            rank = None
-            if "lokr_w1" in parts:
-                w1 = parts["lokr_w1"].float()
-            elif "lokr_w1_a" in parts and "lokr_w1_b" in parts:
-                w1 = parts["lokr_w1_a"].float() @ parts["lokr_w1_b"].float()
-                rank = int(parts["lokr_w1_b"].shape[0])
-            else:
-                raise LoraError(f"{path}: LoKr module {name!r} has neither lokr_w1 nor "
-                                "lokr_w1_a + lokr_w1_b")
-            if "lokr_w2" in parts:
-                w2 = parts["lokr_w2"].float()
-            elif "lokr_w2_a" in parts and "lokr_w2_b" in parts:
-                a, b = parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float()
-                rank = int(b.shape[0])
-                w2 = _tucker(parts["lokr_t2"], b, a) if "lokr_t2" in parts else a @ b.flatten(1)
-            else:
-                raise LoraError(f"{path}: LoKr module {name!r} has neither lokr_w2 nor "
-                                "lokr_w2_a + lokr_w2_b")
-            if w2.ndim == 4:
-                w1 = w1.reshape(*w1.shape, 1, 1)
-            alpha = _alpha_of(alpha_t, metadata_alpha)
-            scale = 1.0 if alpha is None or rank is None else alpha / rank
-            return torch.kron(w1.contiguous(), w2.contiguous()) * scale
-        if "mid" in parts:
-            up, down = parts.get("up"), parts.get("down")
-            if up is None or down is None:
-                raise LoraError(f"{path}: LoCon module {name!r} has a lora_mid but no "
-                                "lora_up / lora_down")
-            rank = int(down.shape[0])
-            alpha = _alpha_of(alpha_t, metadata_alpha)
-            return _tucker(parts["mid"], down, up.flatten(1).T) * (1.0 if alpha is None else alpha / rank)
-    except RuntimeError as exc:  # factor shapes that do not chain
-        first = str(exc).strip().splitlines()[0]
-        raise LoraError(f"{path}: module {name!r}: its factors do not fit together ({first})"
-                        ) from None
-    return None
-
-
 def _module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
             metadata_alpha: float | None) -> LoraModule:
-    lyco = _lycoris_delta(path, name, parts, metadata_alpha)
+    module = _fixed_module(path, name, parts, target, metadata_alpha)
+    if not any(role in parts for role in ADAPTER_ROLES):
+        return module
+    fixed = module.delta() if module.up is not None or module.diff is not None else None
+    adapter = adapter_of(path, name, parts, metadata_alpha, fixed)
+    return LoraModule(target, diff_b=module.diff_b, name=name, adapter=adapter)
+
+
+def _fixed_module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
+                  metadata_alpha: float | None) -> LoraModule:
+    """The module's fixed difference: LoRA / LoCon factors, LoHa, LoKr, full ``diff``."""
+    lyco = lycoris_delta(path, name, parts, metadata_alpha)
     if lyco is not None:
         diff = parts.get("diff")
         if diff is not None:
@@ -392,22 +321,31 @@ def _module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
         if up.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
             raise LoraError(f"{path}: module {name!r}: up {list(up.shape)} and down "
                             f"{list(down.shape)} do not share a rank")
-    alpha = _alpha_of(parts.get("alpha"), metadata_alpha) if up is not None else None
-    return LoraModule(target, up, down, alpha, parts.get("diff"), parts.get("diff_b"), name)
+    alpha = alpha_of(parts.get("alpha"), metadata_alpha) if up is not None else None
+    module = LoraModule(target, up, down, alpha, parts.get("diff"), parts.get("diff_b"), name)
+    if "up_bias" in parts:  # PEFT lora_bias: lora_B's bias, scaled like the weight
+        if up is None:
+            raise LoraError(f"{path}: module {name!r} has a lora_B.bias but no lora_A / lora_B")
+        bias = parts["up_bias"].float() * module.scale
+        module.diff_b = bias if module.diff_b is None else module.diff_b.float() + bias
+    return module
 
 
 def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
-              strict: bool = True) -> LoraFile:
+              strict: bool = True, partial: bool = False) -> LoraFile:
     """Read a LoRA file of any supported format (see module docstring).
 
     ``arch`` is the architecture it must fit (detected from names and metadata when None).
     Raises ``LoraError`` naming the file and example keys when modules match nothing of
     ``arch`` — a LoRA for another architecture — or when a module's tensors disagree. With
     ``strict=False`` unmatched modules are left out and listed in ``LoraFile.unmatched``.
+    Keys of a format mergesearch cannot apply (bundled embeddings, PEFT OFT, …) raise a
+    ``LoraError`` naming the format and the first key; with ``partial=True`` they are skipped
+    and described in ``LoraFile.notes()``.
     """
     path = Path(path)
     tensors, metadata = _load_tensors(path)
-    groups, fmt = _group(path, tensors)
+    groups, fmt, skipped = _group(path, tensors, partial)
     if not groups:
         raise LoraError(f"{path}: holds no LoRA modules")
     _check_values(path, tensors)
@@ -435,7 +373,7 @@ def read_lora(path: str | Path, arch: str | Architecture | None = None, *,
                         f"{', '.join(ignored)}, which "
                         f"{'; '.join(dict.fromkeys(table.comfy_only(n) for n in ignored))}")
     return LoraFile(arch_obj, modules, path, fmt, dict(metadata), sorted(unmatched),
-                    sorted(ignored))
+                    sorted(ignored), skipped)
 
 
 def _unmatched_error(path: Path, arch: Architecture, unmatched: list[str],
