@@ -270,7 +270,7 @@ class MergeEngine:
         out = []
         for index, spec in enumerate(recipe.loras):
             blocks = spec.block_strengths or {}
-            if index not in group.loras:
+            if index not in group.loras and not group.weighted:
                 out.append(0.0)
             elif group.component == self.diffusion:
                 out.append(spec.strength * blocks.get(group.block, 1.0))
@@ -349,7 +349,8 @@ class MergeEngine:
                 skipped += 1
                 continue
             op, ratio, multiplier, strengths = target
-            loras = [(group.loras[i], k) for i, k in enumerate(strengths) if k != 0.0]
+            loras = [(group.loras[i], k) for i, k in enumerate(strengths)
+                     if k != 0.0 and i in group.loras]
             method = None if op == "copy" else METHODS[op]
             self.runner.run(group, method, ratio, multiplier, recipe.arithmetic, loras,
                             group.held)

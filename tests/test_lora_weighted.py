@@ -12,6 +12,7 @@ weight: LyCORIS ``get_merged_weight`` / PEFT ``merge``, computed on the weight t
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -109,11 +110,12 @@ def lycoris_reference(module, weight: torch.Tensor) -> torch.Tensor:
 
 def build_peft_dora(pipe, arch: str, seed: int = 0):
     """A PEFT DoRA file as diffusers saves it (``unet.<path>.lora_A.weight``,
-    ``…lora_magnitude_vector``) and the wrapped layers for the reference."""
+    ``…lora_magnitude_vector``, lora_alpha in the ``lora_adapter_metadata`` field), its
+    metadata and the wrapped layers for the reference."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     gen = torch.Generator().manual_seed(seed)
-    tensors, layers = {}, {}
+    tensors, layers, meta = {}, {}, {}
     for comp in _PREFIX[arch]:
         module = getattr(pipe, comp)
         names = [p for c, p, _ in _targets(pipe, arch) if c == comp]
@@ -129,7 +131,8 @@ def build_peft_dora(pipe, arch: str, seed: int = 0):
                 value.detach().clone().contiguous()
         for name in names:
             layers[(comp, name)] = wrapped.base_model.model.get_submodule(name)
-    return tensors, layers
+        meta |= {f"{_PEFT_PREFIX[comp]}.r": 4, f"{_PEFT_PREFIX[comp]}.lora_alpha": 3}
+    return tensors, {"lora_adapter_metadata": json.dumps(meta)}, layers
 
 
 def peft_reference(layer, weight: torch.Tensor) -> torch.Tensor:
@@ -196,14 +199,13 @@ def test_lycoris_weighted_apply_equals_reference(request, tmp_path, fam_name, ca
 @pytest.mark.parametrize("fam_name", ["tiny_sd1", "tiny_sdxl"])
 def test_peft_dora_apply_equals_peft_merge(request, tmp_path, fam_name):
     fam, arch = _family(request, fam_name)
-    before = _weights(load_pipeline(fam.base, config_folder=fam.config_folder),
-                      [(c, p) for c, p, _ in _targets(
-                          load_pipeline(fam.base, config_folder=fam.config_folder), arch)])
+    base = load_pipeline(fam.base, config_folder=fam.config_folder)
+    before = _weights(base, [(c, p) for c, p, _ in _targets(base, arch)])
     src = load_pipeline(fam.base, config_folder=fam.config_folder)
-    tensors, layers = build_peft_dora(src, arch)
+    tensors, metadata, layers = build_peft_dora(src, arch)
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
     path = tmp_path / "peft_dora.safetensors"
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata)
     lora, _, live, from_file = _apply_both_ways(fam, path, tmp_path, 1.0)
     assert lora.kinds() == {"DoRA": len(layers)}
     for pipe, how in ((live, "pipeline"), (from_file, "file")):
