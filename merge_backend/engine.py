@@ -232,13 +232,14 @@ class MergeEngine:
 
     def _bind_loras(self, layout: Mapping[str, list], sources) -> None:
         """Dense float32 deltas of each LoRA, laid out like the block buffers they change."""
+        self.lora_files: list = []  # the LoRAs read, in the Recipe's order
         if not self.bound.loras:
             return
         from .lora.apply import LoraUse, check_loras, needs_weight, uses_from_recipe
 
         uses = uses_from_recipe(self.bound)
         check_loras(uses, sources["model1"])
-        self._lora_files = [u.lora for u in uses]
+        self.lora_files = [u.lora for u in uses]
         unit = [LoraUse(u.lora, 1.0, None, None, self.bound.vocabulary) for u in uses]
         device = torch.device("cpu") if self.memory.mode == "offload" else self.device
         for group, items in zip(self.groups, layout.values(), strict=True):
@@ -367,7 +368,7 @@ class MergeEngine:
         from .lora.apply import LoraUse, lora_deltas_for_key
 
         uses = [LoraUse(f, s.strength, s.block_strengths, s.te_strength, recipe.vocabulary)
-                for f, s in zip(self._lora_files, recipe.loras, strict=True)]
+                for f, s in zip(self.lora_files, recipe.loras, strict=True)]
         for key, params in group.weighted.items():
             base = original_value([km for _, km in params], [p.data.float() for p, _ in params])
             delta = lora_deltas_for_key(uses, key, base.shape, device=self.device, base=base)

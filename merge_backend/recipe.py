@@ -62,6 +62,8 @@ class LoraSpec:
     block_strengths: dict[str, float] | None = None
     te_strength: float | None = None
     sha256: str | None = None
+    # apply what can be read and skip (naming them) keys of formats mergesearch cannot apply
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,11 @@ class Recipe:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for spec in out["loras"]:  # recipes without partial LoRAs keep their JSON (and hashes)
+            if not spec["partial"]:
+                del spec["partial"]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -19,6 +19,12 @@ from merge_backend.source_files import resolved
 from .cli_merge import add_precision_options
 
 
+def _partial(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--partial", action="store_true",
+                   help="apply the modules mergesearch can read and skip (and list) keys of "
+                        "formats it cannot (bundled embeddings, PEFT OFT, ...)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     lora = sub.add_parser("lora", help="apply, add and extract LoRAs")
     cmds = lora.add_subparsers(dest="lora_command", required=True, metavar="COMMAND")
@@ -33,6 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "like input_blocks.4.); repeatable; other blocks keep 1.0")
     p.add_argument("--te-strength", type=float, help="text-encoder strength (default: STRENGTH)")
     p.add_argument("--device", default="cpu", help="where the deltas are computed")
+    _partial(p)
     add_precision_options(p)
     _common(p)
     p.set_defaults(func=run_apply)
@@ -145,7 +152,7 @@ def run_apply(args: argparse.Namespace) -> int:
         _finite("--te-strength", args.te_strength)
     arch = open_checkpoint(args.checkpoint).arch
     vocabulary, blocks = parse_block_strengths(args.block_strength, arch)
-    specs = [LoraSpec(str(path), strength, blocks or None, args.te_strength)
+    specs = [LoraSpec(str(path), strength, blocks or None, args.te_strength, partial=args.partial)
              for path, strength in map(parse_lora_arg, args.loras)]
     result = apply_to_file(args.checkpoint, specs, args.output, vocabulary=vocabulary,
                            dtype=args.dtype, overwrite=args.overwrite, device=args.device,

@@ -92,6 +92,7 @@ class LoraSearch(_Strict):
     blocks: list[str] = Field(default_factory=list)
     block_range: tuple[float, float] = (0.0, 1.0)
     te_strength: float | None = None
+    partial: bool = False  # skip (and name) keys of formats mergesearch cannot apply
 
     @field_validator("path")
     @classmethod

@@ -160,7 +160,8 @@ class SearchSpace:
             strength = params.get(f"lora{i}", lora.strength)
             blocks = {b: float(params.get(f"lora{i}:{b}", 1.0)) for b in lora.blocks}
             specs.append(LoraSpec(str(lora.path), float(strength), blocks or None,
-                                  lora.te_strength, self.digests.get(str(lora.path))))
+                                  lora.te_strength, self.digests.get(str(lora.path)),
+                                  lora.partial))
         return tuple(specs)
 
     def _te_ratio(self, params: dict[str, float]) -> float | None:

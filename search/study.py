@@ -261,6 +261,9 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
                          dtype=dtype)
     engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
     log(engine.memory.describe())
+    for lora in engine.lora_files:  # what a partial LoRA skips, named
+        for note in lora.notes():
+            log(f"note: {note}")
     scorers = []
     for i, config in enumerate(cfg.scorers):
         log(f"loading scorer {config.label!r} ({config.kind})")

@@ -280,6 +280,36 @@ def _check_loras(recipe: Recipe) -> None:
             if not lo <= value <= hi:
                 raise ComfyExportError(f"recipe.loras[{i}].{what} = {value} is outside "
                                        f"LoraLoader's range [{lo}, {hi}]")
+        differs = comfyui_differences(spec, recipe.arch)
+        if differs:
+            raise ComfyExportError(f"recipe.loras[{i}]: {spec.path}: ComfyUI's LoraLoader does "
+                                   f"not apply {'; '.join(differs)} as mergesearch (and the "
+                                   "format's own writer) does; export the checkpoint instead")
+
+
+# Weight-dependent kinds ComfyUI (comfy/weight_adapter, v0.3.77) applies differently: no IA3
+# adapter; OFT / BOFT take the file's alpha itself as the constraint (LyCORIS: alpha × output
+# width), OFT ignores ``rescale`` and scales by strength twice; PEFT's lora_magnitude_vector
+# is not read; DoRA per output row is normalised by ‖W‖ instead of ‖W + ΔW‖.
+_COMFY_DIFFERS = {"IA3": "IA3 (no IA3 adapter)",
+                  "OFT": "OFT (constraint, rescale and strength rules differ)",
+                  "BOFT": "BOFT (its constraint rule differs)"}
+
+
+def comfyui_differences(spec: LoraSpec, arch: str) -> list[str]:
+    """The module kinds of a LoRA that ComfyUI's LoraLoader applies differently."""
+    from merge_backend.lora import read_lora
+    from merge_backend.lora.adapters import Dora
+
+    lora = read_lora(spec.path, arch, partial=spec.partial)
+    out = [_COMFY_DIFFERS[k] for k in lora.kinds() if k in _COMFY_DIFFERS]
+    doras = [m.adapter for m in lora.modules.values() if isinstance(m.adapter, Dora)]
+    if any(d.peft for d in doras):
+        out.append("PEFT DoRA (lora_magnitude_vector is not read)")
+    elif any(d.on_out for d in doras):
+        out.append("DoRA normalised per output row (ComfyUI divides by the norm of the base "
+                   "weight, not of the weight plus the LoRA)")
+    return out
 
 
 def _check_ranges(recipe: Recipe) -> None:

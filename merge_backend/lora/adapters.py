@@ -46,6 +46,7 @@ class Dora:
     delta: Tensor
     magnitude: Tensor
     on_out: bool
+    peft: bool = False  # PEFT's lora_magnitude_vector (kohya / LyCORIS: dora_scale)
     kind: str = "DoRA"
 
     def difference(self, weight: Tensor) -> Tensor:

@@ -99,7 +99,7 @@ def uses_from_recipe(recipe: Recipe) -> list[LoraUse]:
         if spec.sha256 and sha256_of(spec.path) != spec.sha256:
             raise LoraError(f"{spec.path}: sha256 differs from the recipe's {spec.sha256[:12]}…; "
                             "the LoRA file changed since the recipe was made")
-        lora = read_lora(spec.path, recipe.arch)
+        lora = read_lora(spec.path, recipe.arch, partial=spec.partial)
         uses.append(LoraUse(lora, spec.strength, spec.block_strengths, spec.te_strength,
                             recipe.vocabulary))
     return uses

@@ -116,7 +116,7 @@ def adapter_of(path: Path, name: str, parts: dict[str, Tensor], metadata_alpha: 
         # kohya / LyCORIS: (out, 1, …) per output row, (1, in, …) per input column;
         # PEFT: always per output row ((out,) or (1, out, 1, 1) for a conv)
         on_out = "magnitude" in parts or magnitude.ndim == 1 or magnitude.shape[0] > 1
-        return Dora(delta.float(), magnitude.float(), on_out)
+        return Dora(delta.float(), magnitude.float(), on_out, peft="magnitude" in parts)
     if "oft_blocks" in parts:
         blocks = parts["oft_blocks"].float()
         if blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
