@@ -178,7 +178,7 @@ def test_unsupported_and_broken_files(tmp_path, tiny_sd1):
     save_file({"lora_unet_conv_in.lora_up.weight": torch.zeros(32, 2)}, str(tmp_path / "half.safetensors"))
     with pytest.raises(LoraError, match=r"half\.safetensors.*'lora_unet_conv_in' has only a lora_up"):
         read_lora(tmp_path / "half.safetensors")
-    with pytest.raises(LoraError, match="not understood"):
+    with pytest.raises(LoraError, match="are not LoRA weights"):
         read_lora(tiny_sd1.base)  # a checkpoint, not a LoRA
     with pytest.raises(LoraError, match="no such LoRA file"):
         read_lora(tmp_path / "missing.safetensors")

@@ -145,11 +145,9 @@ def test_broken_loha_module_is_named(tmp_path, tiny_sd1):
         read_lora(path)
 
 
-def test_dora_file_names_the_format_and_key(tmp_path, tiny_sd1):
+def test_dora_magnitude_without_factors_is_named(tmp_path, tiny_sd1):
     path = tmp_path / "dora.safetensors"
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    save_file({f"{name}.lora_up.weight": torch.ones(4, 2),
-               f"{name}.lora_down.weight": torch.ones(2, 4),
-               f"{name}.dora_scale": torch.ones(4, 1)}, str(path))
-    with pytest.raises(LoraError, match=r"dora_scale.*DoRA"):
+    save_file({f"{name}.dora_scale": torch.ones(32, 1)}, str(path))
+    with pytest.raises(LoraError, match=rf"DoRA module '{name}' has a magnitude but no LoRA"):
         read_lora(path)

@@ -78,7 +78,8 @@ def _add_lora(state: dict, lora_path: Path, strength: float) -> dict:
     lora = [LoraUse(read_lora(lora_path))]
     out = dict(state)
     for key, weight in state.items():
-        delta = lora_deltas_for_key(lora, key, weight.shape)
+        # weight-dependent kinds (DoRA, GLoRA) patch the weight they are given
+        delta = lora_deltas_for_key(lora, key, weight.shape, base=weight)
         if delta is not None and strength != 0.0:
             out[key] = weight.float() + strength * delta
     return out
