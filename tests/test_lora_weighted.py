@@ -269,3 +269,30 @@ def test_weighted_module_cannot_be_subtracted_or_added(tmp_path, tiny_sd1):
     with pytest.raises(LoraError, match="is IA3: its change depends on the weight"):
         next(iter(lora.modules.values())).delta()
     assert load_file(path).keys() == tensors.keys()
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_study_with_searched_strength_applies_weighted_lora(request, arch, tmp_path):
+    """A study searching the strength of a LoRA mixing every LyCORIS weighted kind: the
+    scored candidate (the engine's live weights) equals the reference on that trial's merge."""
+    from evaluators.testing import write_tiny_open_clip
+    from search import run_folder as rf
+    from test_study import run, study_config
+
+    fam = request.getfixturevalue(f"tiny_{arch}")
+    src = load_pipeline(fam.a, config_folder=fam.config_folder)
+    tensors, modules = build_lycoris(src, arch, CASES["mixed"], seed=5)
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    clip = write_tiny_open_clip(tmp_path / "clip", name=f"weighted-clip-{arch}", seed=0)
+    cfg = study_config(fam, clip, tmp_path, trials=2, merge={
+        "loras": [{"path": str(path), "strength": {"low": 0.2, "high": 0.9}}]})
+    study, ctx = run(cfg)
+    last = max(rf.completed(study), key=lambda t: t.number)
+    recipe = rf.trial_recipe(last)
+    strength = recipe.loras[0].strength
+    assert strength == pytest.approx(last.params["lora0"]) and 0.2 <= strength <= 0.9
+    merge_to_file(recipe.replace(loras=()), tmp_path / "plain.safetensors", dtype="fp32")
+    before = _weights(load_pipeline(tmp_path / "plain.safetensors",
+                                    config_folder=fam.config_folder), modules)
+    _check(ctx.engine.pipe, before, modules, strength, "study", lycoris_reference)
