@@ -34,8 +34,12 @@ from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.locon import LoConModule  # noqa: E402
 
 _PREFIX = {"sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
+           "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
            "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1",
-                    "text_encoder_2": "lora_te2"}}
+                    "text_encoder_2": "lora_te2"},
+           # DiTs: the transformer, kohya-style diffusers paths (SimpleTuner, OneTrainer)
+           "flux1": {"transformer": "lora_transformer"},
+           "sd35_medium": {"transformer": "lora_transformer"}}
 _PEFT_PREFIX = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 # LyCORIS kinds: (module class, constructor arguments)
@@ -59,8 +63,14 @@ CASES = {"dora": ("dora_out", "dora_in"), "oft": ("oft", "oft_constrained_rescal
 def _targets(pipe, arch: str):
     for comp in _PREFIX[arch]:
         for path, mod in getattr(pipe, comp).named_modules():
-            if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d) and "time_emb" not in path:
+            if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d) and "time_emb" not in path \
+                    and not (arch == "sd35_medium" and path == _SD35_TINY_LAST):
                 yield comp, path, mod
+
+
+# The name tables are built from the full-size configs (24 blocks): in the tiny SD3.5 the 4th
+# block is the last, whose context AdaLayerNorm diffusers stores swapped; no real file has it.
+_SD35_TINY_LAST = "transformer_blocks.3.norm1_context.linear"
 
 
 def _randomise(module, gen: torch.Generator) -> None:
@@ -191,6 +201,22 @@ def test_lycoris_weighted_apply_equals_reference(request, tmp_path, fam_name, ca
     save_file(tensors, str(path))
     lora, changed, live, from_file = _apply_both_ways(fam, path, tmp_path, 0.7)
     assert lora.arch.name == arch and changed >= len(modules)
+    before = _weights(src, modules)
+    for pipe, how in ((live, "pipeline"), (from_file, "file")):
+        _check(pipe, before, modules, 0.7, how, lycoris_reference)
+
+
+@pytest.mark.parametrize("fam_name", ["tiny_sd2", "tiny_flux1", "tiny_sd35_medium"])
+def test_weighted_kinds_on_other_architectures(request, tmp_path, fam_name):
+    """SD2 (OpenCLIP text encoder: q/k/v in one in_proj) and the DiTs (fused qkv, Flux's
+    linear1 parts): each module's rule meets its own rows of the fused tensor."""
+    fam, arch = _family(request, fam_name)
+    src = load_pipeline(fam.base, config_folder=fam.config_folder)
+    tensors, modules = build_lycoris(src, arch, CASES["mixed"])
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    lora, _, live, from_file = _apply_both_ways(fam, path, tmp_path, 0.7)
+    assert len(lora.modules) == len(modules) and len(lora.kinds()) == 5
     before = _weights(src, modules)
     for pipe, how in ((live, "pipeline"), (from_file, "file")):
         _check(pipe, before, modules, 0.7, how, lycoris_reference)
