@@ -364,7 +364,9 @@ class MergeEngine:
 
     def _apply_weighted(self, group: BlockGroup, recipe: Recipe) -> None:
         """The LoRAs of a block with weight-dependent modules, applied to its merged weights
-        (the live values), each LoRA on the weight the ones before it left."""
+        (the live values, so a live fp16 / bf16 pipeline rounds the merge before the LoRAs;
+        the file merge uses the float32 merge), each LoRA on the weight the ones before it
+        left."""
         from .lora.apply import LoraUse, lora_deltas_for_key
 
         uses = [LoraUse(f, s.strength, s.block_strengths, s.te_strength, recipe.vocabulary)

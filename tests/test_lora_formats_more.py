@@ -126,7 +126,8 @@ def test_unreadable_kinds_are_named_and_skipped_only_with_partial(tmp_path, tiny
 def test_files_of_no_known_kind_and_peft_bias_are_described(tmp_path):
     path = tmp_path / "emb.safetensors"
     save_file({"bundle_emb.sks.string_to_param.*": torch.ones(1, 32)}, str(path))
-    with pytest.raises(LoraError, match=r"bundled textual-inversion embedding \(kohya bundle_emb\.\*\): first key"):
+    with pytest.raises(LoraError, match=r"bundled textual-inversion embedding "
+                                        r"\(kohya bundle_emb\.\*\): first key"):
         read_lora(path, partial=True)  # nothing left to apply
     bias_only = tmp_path / "bias.safetensors"
     save_file({"unet.conv_in.lora_B.bias": torch.ones(32)}, str(bias_only))

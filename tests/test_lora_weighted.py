@@ -301,9 +301,10 @@ def test_weighted_module_cannot_be_subtracted_or_added(tmp_path, tiny_sd1):
 def test_study_with_searched_strength_applies_weighted_lora(request, arch, tmp_path):
     """A study searching the strength of a LoRA mixing every LyCORIS weighted kind: the
     scored candidate (the engine's live weights) equals the reference on that trial's merge."""
+    from test_study import run, study_config
+
     from evaluators.testing import write_tiny_open_clip
     from search import run_folder as rf
-    from test_study import run, study_config
 
     fam = request.getfixturevalue(f"tiny_{arch}")
     src = load_pipeline(fam.a, config_folder=fam.config_folder)

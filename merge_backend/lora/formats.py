@@ -410,6 +410,8 @@ def lora_entries(table: NameTable, module: LoraModule, fmt: str, dtype: torch.dt
     """
     if fmt not in WRITE_FORMATS:
         raise ValueError(f"cannot write LoRA format {fmt!r}; choose one of {', '.join(WRITE_FORMATS)}")
+    if module.adapter is not None:
+        module.delta()  # raises: a weight-dependent module has no LoRA factors to write
     name = table.name(module.target, fmt)
     out: list[tuple[str, Tensor]] = []
     if module.up is not None:
