@@ -130,15 +130,6 @@ def _view_shape(t: Target, stored: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(shape)) if t.transpose else tuple(shape)
 
 
-def _module_view(t: Target, weight: Tensor) -> Tensor:
-    """The module's own weight (diffusers shape) inside the original tensor ``weight``."""
-    if t.parts > 1:
-        weight = weight[t.rows(weight.shape[0])]
-    if t.swap:
-        weight = swap_halves(weight)
-    return weight.T if t.transpose else weight
-
-
 def _fits(module: LoraModule, role: str, stored: tuple[int, ...]) -> tuple[int, ...] | None:
     """None when the module fits a stored tensor of shape ``stored``, else its own shape."""
     if module.adapter is not None and role == "weight":
@@ -171,7 +162,7 @@ def _key_delta(entries: list[tuple[LoraModule, str]], device: torch.device | str
             part = module.diff_b.to(device=device, dtype=torch.float32).reshape(-1)
         else:
             if module.adapter is not None:
-                part = module.adapter.difference(_module_view(t, current))
+                part = module.adapter.difference(t.view(current))
             else:
                 part = module.delta(device)
             part = part.T if t.transpose else part

@@ -29,7 +29,7 @@ from torch import nn
 
 from merge_backend.architectures import ARCHITECTURES, Architecture, Component
 from merge_backend.modules import build_module
-from merge_backend.naming import WRAPPERS, key_maps, part_rows, whole_rows
+from merge_backend.naming import WRAPPERS, key_maps, part_rows, swap_halves, whole_rows
 from merge_backend.pipeline_configs import config_files
 
 FORMATS = ("kohya", "comfyui", "peft")
@@ -73,6 +73,14 @@ class Target:
     def whole(self, rows: int) -> int:
         """The original tensor's rows when this module's part has ``rows``."""
         return whole_rows(rows, self.index, self.parts, self.sizes)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This module's own tensor (diffusers shape) inside its original ``tensor``."""
+        if self.parts > 1:
+            tensor = tensor[self.rows(tensor.shape[0])]
+        if self.swap:
+            tensor = swap_halves(tensor)
+        return tensor.T if self.transpose else tensor
 
     @property
     def slot(self) -> tuple[str, int, int]:
