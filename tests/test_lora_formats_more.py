@@ -133,6 +133,10 @@ def test_files_of_no_known_kind_and_peft_bias_are_described(tmp_path):
     save_file({"unet.conv_in.lora_B.bias": torch.ones(32)}, str(bias_only))
     with pytest.raises(LoraError, match=r"lora_B.bias but no lora_A / lora_B"):
         read_lora(bias_only)
+    orphan = tmp_path / "orphan.safetensors"
+    save_file({"lora_unet_conv_in.rescale": torch.ones(32, 1, 1, 1)}, str(orphan))
+    with pytest.raises(LoraError, match=r"'lora_unet_conv_in' has a rescale but no oft_blocks"):
+        read_lora(orphan)
 
 
 def _recipe(fam, lora: Path) -> Recipe:

@@ -295,8 +295,17 @@ def _peft_alpha(peft: Mapping[str, object], name: str) -> float | None:
     return float(alpha) if alpha is not None else None
 
 
+# auxiliary roles and the role they belong to (a file key suffix to name in errors)
+_NEEDS = {"rescale": "oft_blocks", "on_input": "ia3", "a2": "a1", "b1": "a1", "b2": "a1",
+          "bm": "a1"}
+_ROLE_KEYS = {"oft_blocks": "oft_blocks", "ia3": "IA3 weight", "a1": "a1.weight"}
+
+
 def _module(path: Path, name: str, parts: dict[str, Tensor], target: Target,
             metadata_alpha: float | None) -> LoraModule:
+    for role, needs in _NEEDS.items():
+        if role in parts and needs not in parts:
+            raise LoraError(f"{path}: module {name!r} has a {role} but no {_ROLE_KEYS[needs]}")
     module = _fixed_module(path, name, parts, target, metadata_alpha)
     if not any(role in parts for role in ADAPTER_ROLES):
         return module
