@@ -323,3 +323,23 @@ def test_study_with_searched_strength_applies_weighted_lora(request, arch, tmp_p
     before = _weights(load_pipeline(tmp_path / "plain.safetensors",
                                     config_folder=fam.config_folder), modules)
     _check(ctx.engine.pipe, before, modules, strength, "study", lycoris_reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory", ["auto", "offload"])
+def test_engine_on_cuda_applies_weighted_lora_as_the_cpu_file_merge(merge_case, tmp_path, memory):
+    fam, modules, plain_path, mixed = merge_case
+    specs = (LoraSpec(str(plain_path), 0.6), LoraSpec(str(mixed), 0.8))
+    recipe = Recipe(arch=fam.arch, method="weighted_sum", vocabulary="mbw",
+                    ratios=uniform_ratios(fam.arch, "mbw", 0.35),
+                    models={"model1": Source(str(fam.a)), "model2": Source(str(fam.b))},
+                    loras=specs)
+    pipe = load_pipeline(fam.a, config_folder=fam.config_folder, device="cuda")
+    engine = MergeEngine(pipe, recipe, device="cuda", memory=memory)
+    engine.apply(recipe)
+    merge_to_file(recipe, tmp_path / "m.safetensors", dtype="fp32")
+    merged = load_pipeline(tmp_path / "m.safetensors", config_folder=fam.config_folder)
+    for comp, path in modules:
+        want = getattr(merged, comp).get_submodule(path).weight.detach().float()
+        got = getattr(pipe, comp).get_submodule(path).weight.detach().float().cpu()
+        assert float((got - want).norm() / want.norm()) <= 1e-5, (comp, path)
