@@ -32,6 +32,8 @@ from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
 from lycoris.modules.glora import GLoRAModule  # noqa: E402
 from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.locon import LoConModule  # noqa: E402
+from lycoris.modules.loha import LohaModule  # noqa: E402
+from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 _PREFIX = {"sd1": {"unet": "lora_unet", "text_encoder": "lora_te"},
            "sd2": {"unet": "lora_unet", "text_encoder": "lora_te"},
@@ -47,6 +49,9 @@ KINDS = {
     "dora_out": (LoConModule, {"lora_dim": 4, "alpha": 2.0, "weight_decompose": True}),
     "dora_in": (LoConModule, {"lora_dim": 4, "alpha": 3.0, "weight_decompose": True,
                               "wd_on_out": False}),
+    "doha": (LohaModule, {"lora_dim": 4, "alpha": 2.0, "weight_decompose": True}),
+    "dokr": (LokrModule, {"lora_dim": 4, "alpha": 2.0, "weight_decompose": True,
+                          "wd_on_out": False, "decompose_both": True}),
     "oft": (DiagOFTModule, {"lora_dim": 4, "constraint": 0.0}),
     "oft_constrained_rescaled": (DiagOFTModule, {"lora_dim": 4, "constraint": 0.005,
                                                  "rescaled": True}),
@@ -55,7 +60,7 @@ KINDS = {
     "ia3_in": (IA3Module, {"train_on_input": True}),
     "glora": (GLoRAModule, {"lora_dim": 4, "alpha": 2.0}),
 }
-CASES = {"dora": ("dora_out", "dora_in"), "oft": ("oft", "oft_constrained_rescaled"),
+CASES = {"dora": ("dora_out", "dora_in", "doha", "dokr"), "oft": ("oft", "oft_constrained_rescaled"),
          "boft": ("boft",), "ia3": ("ia3_out", "ia3_in"), "glora": ("glora",),
          "mixed": tuple(KINDS)}
 
@@ -109,7 +114,12 @@ def lycoris_reference(module, weight: torch.Tensor) -> torch.Tensor:
     keep = org.weight.detach().clone()
     with torch.no_grad():
         org.weight.copy_(weight)
-        if isinstance(module, IA3Module | GLoRAModule):
+        if isinstance(module, LohaModule | LokrModule):
+            # the module's forward: get_weight (scaled by alpha/r once); lycoris-lora 4.1.3's
+            # get_diff_weight / get_merged_weight scale a second time (not what it trains)
+            out = org.weight + module.get_weight(tuple(org.weight.shape))
+            out = module.apply_weight_decompose(out) if module.wd else out
+        elif isinstance(module, IA3Module | GLoRAModule):
             out = org.weight + module.get_diff_weight(1.0)[0].reshape(org.weight.shape)
         else:
             out = module.get_merged_weight(1.0)[0].reshape(org.weight.shape)
