@@ -50,7 +50,7 @@ class HouseResult:
 
 
 def house_search(world: ToyWorld, trials: int = 500, sampler: str = "cmaes", seed: int = 0,
-                 device: str = "cpu") -> HouseResult:
+                 device: str = "cpu", train_seeds: int = 2) -> HouseResult:
     from merge_backend.engine import MergeEngine
 
     pipe = figures.load(world, "style_a", device)
@@ -59,7 +59,8 @@ def house_search(world: ToyWorld, trials: int = 500, sampler: str = "cmaes", see
     head = build_scorer({"kind": "laion_aesthetic", "model": str(world.clip_config),
                          "weights": str(world.clip_weights), "head": str(world.house_head)},
                         device=device)
-    train = figures.probe_set([caption(s) for s in training_subjects()[::5]], [1], 8)
+    train = figures.probe_set([caption(s) for s in training_subjects()[::5]],
+                              list(range(1, train_seeds + 1)), 16)
     held_out = figures.probe_set([caption(s) for s in HELD_OUT], [1, 2], 16)
 
     def score(ratios: dict[str, float], probes) -> float:

@@ -2,8 +2,9 @@
 
 Two single-threaded processes side by side beat one process with two threads on a 2-core CPU
 for models this small (most of a step is per-operation overhead, not arithmetic). The stages
-split so both stay busy: worker 0 trains the VAE and encodes the training latents while
-worker 1 trains the CLIP scorer, tunes it on VAE round trips and fits the house head; both
+split so both stay busy: worker 0 trains the VAE, passes the CLIP's tuning pictures through it
+and encodes the training latents while worker 1 trains the CLIP scorer, tunes it on those VAE
+round trips and fits the house head; both
 then train the base UNet and text encoder data-parallel (each half of every batch, gradients
 averaged over a gloo process group); last, worker 0 fine-tunes style A and worker 1 style B.
 A stage's numbers depend on the plan alone, never on timing.
@@ -39,25 +40,28 @@ from toyworld.stages import (
     stage_finetune,
     stage_head,
     stage_latents,
+    stage_tune_pictures,
     stage_vae,
 )
 from toyworld.train_clip import write_clip_config
 
 # worker -> its stages in order; stages in PARALLEL run on every worker at once
 WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
-    (("vae", stage_vae), ("latents", stage_latents), ("base", stage_base),
+    (("vae", stage_vae), ("tune_pictures", stage_tune_pictures), ("latents", stage_latents),
+     ("base", stage_base),
      ("style_a", stage_finetune("style_a"))),
     (("clip", stage_clip), ("clip_tune", stage_clip_tune), ("head", stage_head),
      ("base", stage_base), ("style_b", stage_finetune("style_b"))),
 )
 PARALLEL = ("base",)
 # seconds per step on one idle core of the 2-core CPU (measured), for the progress bar's ETA
-SECONDS_PER_STEP = {"vae": 0.34, "latents": 30.0, "base": 0.3, "style_a": 0.26, "clip": 0.2,
-                    "clip_tune": 0.25, "head": 0.1, "style_b": 0.26}
+SECONDS_PER_STEP = {"vae": 0.34, "tune_pictures": 70.0, "latents": 30.0, "base": 0.3,
+                    "style_a": 0.26, "clip": 0.2, "clip_tune": 0.25, "head": 0.1,
+                    "style_b": 0.26}
 
 
 def stage_steps(plan: BuildPlan) -> dict[str, int]:
-    return {"vae": plan.vae.steps, "latents": 3, "base": plan.base.steps,
+    return {"vae": plan.vae.steps, "tune_pictures": 1, "latents": 3, "base": plan.base.steps,
             "style_a": plan.finetune.steps, "clip": plan.clip.steps,
             "clip_tune": plan.clip.tune_steps, "head": plan.head.steps,
             "style_b": plan.finetune.steps}

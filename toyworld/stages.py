@@ -24,6 +24,7 @@ from toyworld.train_clip import (
     train_clip,
     train_house_head,
     tune_clip,
+    tune_pictures,
 )
 from toyworld.train_diffusion import Latents, TrainUNet, encode, mask_unused_tokens, train_unet
 from toyworld.train_vae import TrainVAE, train_vae
@@ -160,10 +161,16 @@ def _clip(work: Work, name: str):
     return model.to(work.device), tokenizer
 
 
+def stage_tune_pictures(plan: BuildPlan, work: Work, report: Report) -> None:
+    data = tune_pictures(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), _vae(work))
+    work.save("tune_pictures", data)
+    report(1, 1, "")
+
+
 def stage_clip_tune(plan: BuildPlan, work: Work, report: Report) -> None:
     model, tokenizer = _clip(work, "clip_drawn")
     model = tune_clip(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), model, tokenizer,
-                      _vae(work), report)
+                      work.load("tune_pictures"), report)
     work.save("clip", _cpu(model))
 
 

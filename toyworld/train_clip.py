@@ -126,17 +126,23 @@ def train_clip(plan: TrainCLIP, config_json: Path, report: Report | None = None,
     return model
 
 
-def tune_clip(plan: TrainCLIP, model, tokenizer, vae, report: Report | None = None):
-    """Continue training, at a lower learning rate, on pictures both as drawn and after an
-    encode / decode round trip through ``vae`` (the pictures the world's pipelines draw):
-    half of each batch, on average, from each."""
+def tune_pictures(plan: TrainCLIP, vae) -> dict:
+    """What ``tune_clip`` trains on: pictures both as drawn and after an encode / decode round
+    trip through ``vae`` (the pictures the world's pipelines draw), with their captions and
+    attribute labels. Apart from the tuning, so that the build runs the round trips on the
+    worker that trained the VAE while the other one still trains the CLIP."""
     rng = np.random.default_rng(plan.seed + 1)
     scenes = random_scenes(rng, plan.tune_pictures, all_subjects(), random_style)
     drawn = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)
-    pictures = torch.cat([drawn, through_vae(vae, drawn.float() / 255.0)])
-    contrastive(model, tokenizer, pictures, captioned(scenes) * 2,
-                attribute_labels(scenes).repeat(2, 1), plan.tune_steps, plan.tune_lr,
-                plan.batch, plan.noise, plan.seed + 1, report)
+    return {"pictures": torch.cat([drawn, through_vae(vae, drawn.float() / 255.0)]),
+            "captions": captioned(scenes) * 2, "labels": attribute_labels(scenes).repeat(2, 1)}
+
+
+def tune_clip(plan: TrainCLIP, model, tokenizer, data: dict, report: Report | None = None):
+    """Continue training, at a lower learning rate, on ``tune_pictures``: half of each batch,
+    on average, as drawn and half through the VAE."""
+    contrastive(model, tokenizer, data["pictures"], data["captions"], data["labels"],
+                plan.tune_steps, plan.tune_lr, plan.batch, plan.noise, plan.seed + 1, report)
     return model.eval().requires_grad_(False)
 
 

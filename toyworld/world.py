@@ -112,14 +112,18 @@ def styled_caption(subject: Subject, style: Style) -> str:
 
 
 def house_score(style: Style) -> float:
-    """What the aesthetic head learns to predict: warm palette and outlined edges, each half.
+    """What the aesthetic head learns to predict: half the warmth plus the whole outline.
 
-    1 for ``HOUSE``; fine-tune A's style scores 0.5, B's 0, plain 0. Softness does not count:
-    every picture the world's VAE decodes is somewhat soft, and a first head that let blur hide
-    the outline (``outline * (1 - soft)``) scored the merges that take A's warmth and B's
-    outline blocks no higher than A itself (a 500-trial search did not beat style_a).
+    1.5 for ``HOUSE``; fine-tune A's style and B's style score 0.5 each, plain 0: the two
+    parents' looks are worth the same, and only a merge that takes A's palette and B's edges
+    scores higher. Measured on the merges of the shipped fine-tunes: with equal weights
+    (``0.5 warmth + 0.5 outline``) style_a scored 0.46 against a best block split of 0.48 on
+    the training probes (B -0.05), since an outline survives a merge more weakly than a tint;
+    with the outline weighted twice, A 0.52, B 0.31, best split 0.81. Softness does not count:
+    every picture the world's VAE decodes is somewhat soft (a first head with
+    ``outline * (1 - soft)`` could not be beaten by any merge).
     """
-    return 0.5 * style.warmth + 0.5 * style.outline
+    return 0.5 * style.warmth + style.outline
 
 
 def vocabulary() -> list[str]:
