@@ -77,7 +77,9 @@ def test_base_draws_the_shape_it_is_asked_for(world):
 
 def test_house_head_prefers_the_house_style_to_either_parent_style(world):
     """The LAION-format head loads through the laion_aesthetic scorer and ranks drawn pictures
-    by the house style: A's palette with B's edges beats A's and B's looks."""
+    by the house style: A's palette with B's edges beats A's and B's looks. The target (half
+    the warmth plus the outline) puts the house look 1.0 above either parent's; the head must
+    keep at least half of that gap."""
     scorer = build_scorer({"kind": "laion_aesthetic", "model": str(world.clip_config),
                            "weights": str(world.clip_weights), "head": str(world.house_head)},
                           device="cpu")
@@ -87,7 +89,7 @@ def test_house_head_prefers_the_house_style_to_either_parent_style(world):
         scenes = random_scenes(rng, 32, training_subjects(), style)
         pictures = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2).float() / 255
         means[label] = scorer.score(pictures, [""] * 32).mean().item()
-    assert means["house"] > max(means["a"], means["b"]) + 0.2, means
+    assert means["house"] > max(means["a"], means["b"]) + 0.5, means
 
 
 def test_reference_scorer_is_one_for_the_same_pictures_and_lower_for_others(world):
