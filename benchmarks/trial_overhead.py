@@ -10,10 +10,13 @@ probe; a tiny random CLIP scorer), SQLite in the run folder, all 26 MBW blocks f
 worker and progress callback `mergesearch run` uses. Each figure is the median over the five
 trials ending at the mark.
 
-On a shared machine wall time measures the neighbours too, so the overhead is also measured
-in this process's CPU time (torch on one thread; apply, generate and score are timed by
-wrapping them): the CPU seconds a trial spends outside them, what a quiet machine's wall time
-would be. Each mark's line is printed as soon as the study passes it.
+The worker proposes the next trial and stores the last one on its storage lane (a background
+thread, ``search.lane``) while a trial draws, so the wall overhead is what the drawing thread
+waits for. The CPU overhead counts all the search's work instead, the lane's included: the
+process's CPU seconds per trial minus the drawing thread's own CPU seconds inside apply,
+generate and score (torch on one thread; those calls are timed by wrapping them). On a shared
+machine wall time measures the neighbours too; the CPU figure does not. Each mark's line is
+printed as soon as the study passes it.
 
     .venv/bin/python benchmarks/trial_overhead.py [--sampler NAME] [--trials 505]
 """
@@ -59,18 +62,19 @@ def study_config(folder: Path, fam, clip, sampler: str, trials: int):
 
 
 class _CpuMeter:
-    """Process CPU seconds spent inside the wrapped calls (apply, generate, score)."""
+    """The calling thread's CPU seconds inside the wrapped calls (apply, generate, score): not
+    the process's, which would count the storage lane's work beside them as generation."""
 
     def __init__(self) -> None:
         self.busy = 0.0
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
-            start = time.process_time()
+            start = time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.busy += time.process_time() - start
+                self.busy += time.thread_time() - start
         return timed
 
 

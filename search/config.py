@@ -231,6 +231,9 @@ class StudyConfig(_Strict):
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     memory: Literal["auto", "device", "offload"] = "auto"
     config_folder: Path | None = None
+    # propose trial N+1 (and store trial N-1) while trial N draws (search.lane); a person's
+    # studies never do: their proposals wait for the person's choices
+    propose_ahead: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -97,37 +97,43 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
 
 
 class Heartbeat:
-    """Records ``trial``'s heartbeat every heartbeat interval while it runs (what
-    ``study.optimize`` does; the worker uses ask and tell). The first beat is at once, unless
-    ``beaten`` says ``mark_worker`` recorded it already: a worker killed in the first interval
-    is still found stale."""
+    """Records the heartbeat of every trial the worker holds (``hold`` / ``release``: the one
+    drawing, the one proposed ahead, the one being stored) every heartbeat interval, as
+    ``study.optimize`` does for its trial (the worker uses ask and tell). ``mark_worker`` records
+    each trial's first beat, so a worker killed in the first interval is still found stale."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, beaten: bool = False):
+    def __init__(self, study: optuna.Study):
         self._storage = study._storage
-        self._trial_id = trial._trial_id
         self._interval = heartbeat_interval(study)
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._beaten = beaten
+
+    def hold(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.add(trial_id)
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.discard(trial_id)
 
     def __enter__(self) -> Heartbeat:
         if self._interval:
-            if not self._beaten:
-                self._beat()
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name="mergesearch-heartbeat")
             self._thread.start()
         return self
 
-    def _beat(self) -> None:
-        try:
-            self._storage.record_heartbeat(self._trial_id)
-        except Exception:  # noqa: BLE001 - a missed beat is retried; the trial goes on
-            pass
-
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._beat()
+            with self._lock:
+                held = sorted(self._held)
+            for trial_id in held:
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried; the trial goes on
+                    pass
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -35,6 +35,9 @@ class Progress:
         self.width = width
         self.first_start: float | None = None
         self.seen = 0
+        # a study is preferential from its creation or never: read once (it is a study system
+        # attribute, and reading those reads every trial's dashboard note)
+        self.preferential: bool | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         now = time.time()
@@ -42,12 +45,15 @@ class Progress:
             started = trial.datetime_start.timestamp() if trial.datetime_start else now
             self.first_start = min(started, now)
         self.seen += 1
+        if self.preferential is None:
+            self.preferential = preference.is_preferential(study)
+        person = self.preferential
         done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         filled = int(self.width * min(done, self.total) / max(self.total, 1))
         parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} complete",
-                 f"trial {trial.number}: {_outcome(trial, preference.is_preferential(study))}"]
-        best = rf.best_trial(study)
-        if best is not None and preference.is_preferential(study):
+                 f"trial {trial.number}: {_outcome(trial, person)}"]
+        best = rf.best_trial(study, person)
+        if best is not None and person:
             parts.append(favourite_line(study, best))
         elif best is not None and len(study.directions) == 1:
             parts.append(f"best: trial {best.number}, score {_fmt(best.values)}, "

@@ -300,12 +300,16 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+def ranked(study: optuna.Study, preferential: bool | None = None
+           ) -> list[optuna.trial.FrozenTrial]:
     """COMPLETE trials best first: the one order ``best``, ``status``, ``export --best`` and the
     progress line share. Single objective: by value (the study's direction), equal values by
     trial number (the earlier trial first). Several objectives: the Pareto front by number.
-    A person's study (preference, mixed): by the person's choices (``preference.ranked``)."""
-    if preference.is_preferential(study):
+    A person's study (preference, mixed): by the person's choices (``preference.ranked``);
+    ``preferential`` says whether it is one, when the caller knows (else it is read)."""
+    if preferential is None:
+        preferential = preference.is_preferential(study)
+    if preferential:
         return preference.ranked(study)
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: t.number)
@@ -313,9 +317,10 @@ def ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(completed(study), key=lambda t: (sign * t.value, t.number))
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+def best_trial(study: optuna.Study, preferential: bool | None = None
+               ) -> optuna.trial.FrozenTrial | None:
     """The best trial by ``ranked``'s rule (None before one completes)."""
-    order = ranked(study)
+    order = ranked(study, preferential)
     return order[0] if order else None
 
 

@@ -24,7 +24,6 @@ from merge_backend.methods import METHODS
 from merge_backend.recipe import LoraSpec
 
 from .config import Searched, StudyConfig
-from .storage_writes import batched_suggests
 
 MULTIPLIER = "multiplier"
 TEXT_ENCODER = "te_ratio"
@@ -100,11 +99,9 @@ class SearchSpace:
         return block_roles(self.param_blocks(), self.names, TEXT_ENCODER, self.te_block)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
-        """Every parameter of ``trial``, proposed by the study's sampler and stored in one
-        write (``search.storage_writes``)."""
-        with batched_suggests(trial.study, trial):
-            return {p.name: trial.suggest_float(p.name, p.low, p.high)
-                    for p in self.all_params()}
+        """Every parameter of ``trial``, proposed by the study's sampler (the worker gathers
+        the writes into one: ``search.storage_writes.deferred_suggests``)."""
+        return {p.name: trial.suggest_float(p.name, p.low, p.high) for p in self.all_params()}
 
     # ------------------------------------------------------------------ Recipe side
     def template(self) -> Recipe:

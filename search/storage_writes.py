@@ -164,16 +164,25 @@ class _DeferredParams:
 
 
 @contextmanager
-def batched_suggests(study: optuna.Study, trial: optuna.Trial) -> Iterator[TrialWrites]:
+def deferred_suggests(trial: optuna.Trial) -> Iterator[TrialWrites]:
     """``trial.suggest_*`` inside the block run as Optuna runs them (fixed, relative and
-    independent parameters alike; the sampler's own writes go through) but store nothing until
-    the block ends: then every parameter is written at once. Nothing is written when the block
-    raises."""
-    writes = TrialWrites(study, trial._trial_id)
+    independent parameters alike; the sampler's own writes go through; the trial object keeps
+    the values, so a later ``suggest_*`` of the same name returns them without a write) but
+    the parameters are only gathered into the yielded ``TrialWrites``: the caller commits them
+    (the worker does when the trial starts)."""
+    writes = TrialWrites(trial.study, trial._trial_id)
     storage = trial.storage
     trial.storage = _DeferredParams(storage, writes)
     try:
         yield writes
     finally:
         trial.storage = storage
+
+
+@contextmanager
+def batched_suggests(study: optuna.Study, trial: optuna.Trial) -> Iterator[TrialWrites]:
+    """``deferred_suggests``, then every parameter written at once when the block ends.
+    Nothing is written when the block raises."""
+    with deferred_suggests(trial) as writes:
+        yield writes
     writes.commit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ class TrialFailed(RuntimeError):
 
 class DuplicateTrial(Exception):
     """The sampler proposed the parameters of a trial already evaluated (or being evaluated):
-    the trial is recorded PRUNED with ``duplicate_of`` and costs no budget."""
+    the trial is recorded PRUNED with ``duplicate_of`` and costs no budget (the worker's
+    proposal finds these; a trial function may raise it too)."""
 
 
 @dataclass
@@ -58,15 +60,21 @@ class StudyContext:
     extra_attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
-    """One candidate, scored. Failures are recorded with their reason, then re-raised."""
+@dataclass
+class Drawn:
+    """A candidate drawn and scored whose records are still to be written: the worker calls
+    ``record()`` on its storage thread (``search.lane``), then stores ``value``."""
+
+    value: float | list[float]
+    record: Callable[[], None]
+
+
+def run_trial(trial: optuna.Trial, ctx: StudyContext) -> Drawn:
+    """One candidate: its parameters (proposed before, by the worker's lane) -> Recipe ->
+    engine apply -> probes -> scores; what it stores comes back as ``Drawn.record``."""
     clock = _Clock()
     try:
-        params = ctx.space.suggest(trial)
-        twin = evaluated_twin(trial, params)
-        if twin is not None:  # never pay twice for one point
-            trial.set_user_attr(ATTR_DUPLICATE, twin)
-            raise DuplicateTrial(f"same parameters as trial {twin}")
+        params = ctx.space.suggest(trial)  # the proposal's values: no sampler, no storage here
         recipe = ctx.space.recipe(params)
         clock.lap("suggest")
         ctx.engine.apply(recipe)
@@ -78,31 +86,32 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> float | list[float]:
         card = score_images(images, ctx.scorers)
         value = _value(ctx, card)
         clock.lap("score")
-        record = TrialWrites(trial.study, trial._trial_id)  # one write: every attribute below
-        record.user_attr(rf.ATTR_RECIPE, recipe.to_dict())
-        record.user_attr(rf.ATTR_SCORES, card.means())
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise
+
+    def record() -> None:
+        """Every record of the trial in one write: Recipe, scores, pictures, note, timings."""
+        clock.restart()
+        writes = TrialWrites(trial.study, trial._trial_id)
+        writes.user_attr(rf.ATTR_RECIPE, recipe.to_dict())
+        writes.user_attr(rf.ATTR_SCORES, card.means())
         if ctx.scorers:
-            record.user_attr(rf.ATTR_SCORE, value)
+            writes.user_attr(rf.ATTR_SCORE, value)
         ids = upload_pictures(trial, ctx.artifact_store, [
             (rf.ARTIFACT_PROBES, "probes.png", labelled_grid_png(images, _title(trial)),
              "image/png"),
             (rf.ARTIFACT_RATIOS, "ratios.svg",
-             ratio_chart_svg(recipe, ctx.space.roles()).encode(), "image/svg+xml")], record)
-        write_note(trial, ctx, card.means(), value, record)
+             ratio_chart_svg(recipe, ctx.space.roles()).encode(), "image/svg+xml")], writes)
+        write_note(trial, ctx, card.means(), value, writes)
         if ctx.cfg.objective in PERSON:  # the picture the dashboard's choice page shows
-            record.user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
+            writes.user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
         clock.lap("bookkeeping")
-        record.user_attr(rf.ATTR_TIMINGS, clock.laps)
-        record.commit()
-        # a person's study: the value means nothing (choices are stored in the study)
-        return 0.0 if ctx.cfg.objective in PERSON else value
-    except DuplicateTrial:
-        raise
-    except Exception as exc:
-        trial.set_user_attr(rf.ATTR_FAIL, f"{type(exc).__name__}: {exc}"[:2000])
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        raise
+        writes.user_attr(rf.ATTR_TIMINGS, clock.laps)
+        writes.commit()
+
+    # a person's study: the value means nothing (choices are stored in the study)
+    return Drawn(0.0 if ctx.cfg.objective in PERSON else value, record)
 
 
 def _title(trial: optuna.Trial) -> str:
@@ -164,6 +173,9 @@ def evaluated_twin(trial: optuna.Trial, params: dict[str, float]) -> int | None:
 class _Clock:
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def restart(self) -> None:
         self._last = time.perf_counter()
 
     def lap(self, name: str) -> None:

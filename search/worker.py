@@ -12,6 +12,11 @@ only while fewer than ``preference.candidates`` are on the dashboard's page, and
 for the person's choice; in a mixed study each candidate is the scorers' best of a round of
 ``preference.pool`` trials.
 
+Storage work runs on the worker's lane (``search.lane``), one background thread, in order: while
+a trial draws, the lane stores the one before and proposes the next, so an accelerator never
+waits on the sampler or the database. Callbacks (the progress line) run in the worker's thread
+once a trial is stored.
+
 Ctrl-C (SIGINT) records the running trial as FAIL with the reason ``interrupted`` and stops;
 ``WorkerResult.interrupted`` then tells the command to exit with status 130. A worker stops by
 itself after ``FAILS_IN_A_ROW`` failed trials in a row, or ``DUPLICATES_IN_A_ROW`` proposals of
@@ -25,8 +30,8 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,18 +41,18 @@ from optuna.trial import TrialState
 from . import preference
 from . import run_folder as rf
 from .config import PERSON
-from .liveness import Heartbeat, fail_stale_trials, mark_worker
-from .trial import DuplicateTrial, StudyContext, TrialFailed, run_trial
+from .lane import Lane, Proposal, Propose, propose_params
+from .liveness import Heartbeat, fail_stale_trials
+from .trial import Drawn, StudyContext, TrialFailed, run_trial
 
 FAILS_IN_A_ROW = 5
 DUPLICATES_IN_A_ROW = 20
-INTERRUPTED = "interrupted"
 # A failure of one candidate (out of memory, NaN images, a scorer's error) is recorded and the
 # study goes on; anything else is a bug and stops the worker (after recording the trial).
 CAUGHT = (TrialFailed, RuntimeError, ValueError, OSError)
 Log = Callable[[str], None]
 Callback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
-RunTrial = Callable[[optuna.Trial, StudyContext], "float | list[float]"]
+RunTrial = Callable[[optuna.Trial, StudyContext], "Drawn | float | list[float]"]
 
 
 @dataclass
@@ -114,75 +119,187 @@ def _wait_line(study: optuna.Study, target: int) -> str:
 def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = None,
              timeout: float | None = None, callbacks: Sequence[Callback] = (),
              log: Log = _stderr, poll_seconds: float = 1.0,
-             run: RunTrial = run_trial) -> WorkerResult:
+             run: RunTrial = run_trial, propose: Propose = propose_params) -> WorkerResult:
     """Run trials until the study holds ``trials`` (default: the config's) COMPLETE trials,
-    ``timeout`` seconds pass, or the worker stops (see the module docstring). ``run(trial,
-    ctx)`` is one trial (``search.trial.run_trial``; the sampler contract passes a cheap one)."""
+    ``timeout`` seconds pass, or the worker stops (see the module docstring). ``propose(trial,
+    ctx)`` suggests a trial's parameters (on the storage lane, ``search.lane``); ``run(trial,
+    ctx)`` draws it (``search.trial.run_trial``; the sampler contract passes cheap ones)."""
     result = WorkerResult(trials or ctx.cfg.trials)
-    timeout = timeout or ctx.cfg.timeout
-    deadline = time.monotonic() + timeout if timeout else math.inf
-    fails = duplicates = 0
-    waiting = choosing = False
-    person = ctx.cfg.objective in PERSON
-    shortlist: list[optuna.trial.FrozenTrial] = []  # this round's proposals (1 unless mixed)
     rf.enter_wal(study._storage)
     _report_stale(study, log)
     if count(study, TrialState.COMPLETE) >= result.target:
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
             f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
+    turns = _Turns(study, ctx, result, callbacks, run, propose)
     try:
-        while True:
-            complete, running = _tally(study)
-            if complete >= result.target:
-                break
-            if time.monotonic() >= deadline:
-                result.stopped = f"the timeout of {timeout:g} s passed"
-                break
-            if person and not shortlist and preference.active(study) \
-                    >= ctx.cfg.preference.candidates:
-                if not choosing:
-                    log(_choice_line(ctx))
-                choosing = True
-                time.sleep(poll_seconds)
-                _report_stale(study, log)
-                continue
-            choosing = False
-            if complete + running >= result.target:
-                if not waiting:
-                    log(_wait_line(study, result.target))
-                waiting = True
-                time.sleep(poll_seconds)
-                _report_stale(study, log)
-                continue
-            frozen = _one_trial(study, ctx, result, run)
-            if frozen is None:  # handed back: other workers' trials reach the target
-                continue
-            waiting = False
-            if ctx.cfg.objective == "mixed" and frozen.state == TrialState.COMPLETE:
-                shortlist.append(frozen)
-                if len(shortlist) >= ctx.cfg.preference.pool:
-                    _settle(study, shortlist)
-                    shortlist = []
-            for callback in callbacks:
-                callback(study, frozen)
-            fails = fails + 1 if frozen.state == TrialState.FAIL else 0
-            duplicates = duplicates + 1 if frozen.state == TrialState.PRUNED else 0
-            if fails >= FAILS_IN_A_ROW:
-                result.stopped = f"{fails} trials in a row failed"
-                break
-            if duplicates >= DUPLICATES_IN_A_ROW:
-                result.stopped = (f"the sampler proposed {duplicates} points in a row that were "
-                                  "already evaluated (the search has converged)")
-                break
+        with turns.heartbeat:
+            try:
+                turns.loop(timeout or ctx.cfg.timeout, log, poll_seconds)
+            finally:
+                with _held_interrupts():
+                    turns.close()
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
         _report_stale(study, log)
-        if shortlist:  # a round cut short: its best stays on the page
-            _settle(study, shortlist)
+        if turns.shortlist:  # a round cut short: its best stays on the page
+            _settle(study, turns.shortlist)
         rf.leave_wal(study._storage)
     result.completed = count(study, TrialState.COMPLETE)
     return result
+
+
+class _Turns:
+    """The worker's loop. Storage work runs on the lane (``search.lane``); the draw in this
+    thread. Proposing ahead (all but a person's studies, and unless ``propose_ahead: false``):
+    trial N+1 is proposed while trial N draws."""
+
+    def __init__(self, study: optuna.Study, ctx: StudyContext, result: WorkerResult,
+                 callbacks: Sequence[Callback], run: RunTrial, propose: Propose):
+        self.study, self.ctx, self.result = study, ctx, result
+        self.callbacks, self.run, self.propose = callbacks, run, propose
+        self.person = ctx.cfg.objective in PERSON
+        self.ahead = not self.person and getattr(ctx.cfg, "propose_ahead", True)
+        self.heartbeat = Heartbeat(study)
+        self.lane = Lane(study, self.heartbeat)
+        self.next: Future | None = None  # the proposal being made
+        self.stored: Future | None = None  # the last trial's finish
+        self.fails = self.duplicates = 0
+        self.shortlist: list[optuna.trial.FrozenTrial] = []  # this round's (1 unless mixed)
+
+    def loop(self, timeout: float | None, log: Log, poll_seconds: float) -> None:
+        result, study = self.result, self.study
+        deadline = time.monotonic() + timeout if timeout else math.inf
+        waiting = choosing = False
+        while True:
+            if self.next is None:  # nothing proposed ahead: settle the last trial, then decide
+                if self.collect():
+                    return
+                complete, running = _tally(study)
+                if complete >= result.target:
+                    return
+                if time.monotonic() >= deadline:
+                    result.stopped = f"the timeout of {timeout:g} s passed"
+                    return
+                if self.person and not self.shortlist and preference.active(study) \
+                        >= self.ctx.cfg.preference.candidates:
+                    if not choosing:
+                        log(_choice_line(self.ctx))
+                    choosing = True
+                    time.sleep(poll_seconds)
+                    _report_stale(study, log)
+                    continue
+                choosing = False
+                if complete + running >= result.target:
+                    if not waiting:
+                        log(_wait_line(study, result.target))
+                    waiting = True
+                    time.sleep(poll_seconds)
+                    _report_stale(study, log)
+                    continue
+                self.next = self._propose()
+            with _held_interrupts() as held:  # a proposal is started or handed back, whole
+                proposal, self.next = self.next.result(), None
+                if proposal is None:  # handed back: other workers' trials reach the target
+                    continue
+                waiting = False
+                if held or time.monotonic() >= deadline:
+                    self.lane.submit(self.lane.hand_back, proposal.trial)
+                    if held:
+                        raise KeyboardInterrupt
+                    continue
+                self.lane.submit(self.lane.start, proposal)
+                if proposal.twin is not None or proposal.error is not None:
+                    pending = self.lane.submit(*self._unstarted(proposal))
+                    try:
+                        stop = self.collect()
+                    finally:
+                        self.stored = pending
+                    if stop:
+                        return
+                    continue
+                if self.ahead:
+                    self.next = self._propose()
+            if self.turn(proposal):
+                return
+
+    def _propose(self) -> Future:
+        return self.lane.submit(self.lane.propose, self.ctx, self.result.target, self.propose,
+                                _surplus)
+
+    def _unstarted(self, proposal: Proposal) -> tuple:
+        if proposal.error is not None:
+            return self.lane.finish, proposal.trial, None, None, proposal.error
+        return self.lane.duplicate, proposal
+
+    def turn(self, proposal: Proposal) -> bool:
+        """Draw the proposal, settle the trial before it, hand this one to the lane; True when
+        the worker stops."""
+        trial, value, record, error = proposal.trial, None, None, None
+        try:
+            drawn = self.run(trial, self.ctx)
+            value, record = (drawn.value, drawn.record) if isinstance(drawn, Drawn) \
+                else (drawn, None)
+        except BaseException as exc:  # noqa: BLE001 - recorded, re-raised unless CAUGHT
+            error = exc
+        stop = False
+        with _held_interrupts() as held:
+            try:
+                stop = self.collect()
+            except KeyboardInterrupt:
+                error = KeyboardInterrupt()
+                raise
+            finally:
+                if held:
+                    error = KeyboardInterrupt()
+                self.stored = self.lane.submit(self.lane.finish, trial, value, record, error)
+        if isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt
+        if error is not None and not isinstance(error, CAUGHT):
+            raise error
+        return stop
+
+    def collect(self) -> bool:
+        """Wait for the last trial to be stored; its callbacks; True when the worker stops."""
+        if self.stored is None:
+            return False
+        frozen, self.stored = self.stored.result(), None
+        result = self.result
+        if frozen.state == TrialState.FAIL:
+            result.failures.append((frozen.number, frozen.user_attrs.get(rf.ATTR_FAIL, "")))
+        elif frozen.state == TrialState.COMPLETE:
+            result.completed_here += 1
+        if self.ctx.cfg.objective == "mixed" and frozen.state == TrialState.COMPLETE:
+            self.shortlist.append(frozen)
+            if len(self.shortlist) >= self.ctx.cfg.preference.pool:
+                _settle(self.study, self.shortlist)
+                self.shortlist = []
+        for callback in self.callbacks:
+            callback(self.study, frozen)
+        self.fails = self.fails + 1 if frozen.state == TrialState.FAIL else 0
+        self.duplicates = self.duplicates + 1 if frozen.state == TrialState.PRUNED else 0
+        if self.fails >= FAILS_IN_A_ROW:
+            result.stopped = f"{self.fails} trials in a row failed"
+        elif self.duplicates >= DUPLICATES_IN_A_ROW:
+            result.stopped = (f"the sampler proposed {self.duplicates} points in a row that "
+                              "were already evaluated (the search has converged)")
+        return result.stopped is not None
+
+    def close(self) -> None:
+        """Everything handed to the lane is stored; a proposal not started goes back to the
+        queue; the last trial's callbacks run (unless one stops the worker again)."""
+        try:
+            if self.next is not None:
+                proposal, self.next = self.next.result(), None
+                if proposal is not None:
+                    self.lane.submit(self.lane.hand_back, proposal.trial)
+            if self.stored is not None:
+                try:
+                    self.collect()
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            self.lane.close()
 
 
 def _choice_line(ctx: StudyContext) -> str:
@@ -203,60 +320,3 @@ def _report_stale(study: optuna.Study, log: Log) -> None:
     if failed:
         log(f"marked FAIL: trial(s) {', '.join(map(str, failed))}, left RUNNING by a worker "
             "that stopped")
-
-
-def _one_trial(study: optuna.Study, ctx: StudyContext, result: WorkerResult,
-               run: RunTrial = run_trial) -> optuna.trial.FrozenTrial | None:
-    """Ask, run, tell one trial; None when it was handed back to the queue unstarted."""
-    with _held_interrupts() as held, warnings.catch_warnings():
-        # Optuna suggests study.optimize for heartbeats; the worker beats itself (Heartbeat)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage")
-        trial = study.ask()
-        mark_worker(study, trial)
-        if not held and _surplus(study, trial, result.target):
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
-            return None
-    value = None
-    state = TrialState.COMPLETE
-    error: BaseException | None = KeyboardInterrupt() if held else None
-    if error is None:
-        with Heartbeat(study, trial, beaten=True):
-            try:
-                value = run(trial, ctx)
-            except DuplicateTrial:
-                state = TrialState.PRUNED
-            except BaseException as exc:  # noqa: BLE001 - recorded, re-raised unless CAUGHT
-                error = exc
-    with _held_interrupts() as held:
-        if isinstance(error, KeyboardInterrupt):
-            trial.set_user_attr(rf.ATTR_FAIL, INTERRUPTED)
-            _requeue_warm_start(study, trial)
-        frozen = _tell(study, trial, TrialState.FAIL if error else state, value)
-    if held and error is None:
-        error = KeyboardInterrupt()
-    if frozen.state == TrialState.FAIL:
-        result.failures.append((frozen.number, frozen.user_attrs.get(rf.ATTR_FAIL, "")))
-    elif frozen.state == TrialState.COMPLETE:
-        result.completed_here += 1
-    if error is not None and not isinstance(error, CAUGHT):
-        raise error
-    return frozen
-
-
-def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState,
-          value) -> optuna.trial.FrozenTrial:
-    try:
-        if state == TrialState.COMPLETE:
-            return study.tell(trial, value)
-        return study.tell(trial, state=state)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        # another worker marked it FAIL while it ran (its heartbeat was late); its result is lost
-        return study._storage.get_trial(trial._trial_id)
-
-
-def _requeue_warm_start(study: optuna.Study, trial: optuna.Trial) -> None:
-    """An interrupted warm start runs again on resume (warm starts are enqueued only once)."""
-    stored = study._storage.get_trial(trial._trial_id)
-    label, params = stored.user_attrs.get("warm_start"), stored.system_attrs.get("fixed_params")
-    if label and params:
-        study.enqueue_trial(params, user_attrs={"warm_start": label})

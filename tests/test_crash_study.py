@@ -69,13 +69,15 @@ class Worker:
 
     count = 0
 
-    def __init__(self, config: Path):
+    def __init__(self, config: Path, trials: int | None = None):
         Worker.count += 1
         self.err_path = config.parent / f"worker{Worker.count}.err"
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        more = ["--trials", str(trials)] if trials else []
         with open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(config)],
-                                         stdout=subprocess.DEVNULL, stderr=err, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "search.cli", "run", str(config), *more],
+                stdout=subprocess.DEVNULL, stderr=err, env=env)
 
     @property
     def tag(self) -> str:  # the `worker` attribute of its trials ends with its pid
@@ -101,8 +103,10 @@ def load(url: str, name: str) -> optuna.Study | None:
 
 def wait_for_fresh_trial(url: str, name: str, worker: Worker, min_complete: int,
                          timeout: float = 240) -> int:
-    """Wait until ``worker`` has just started a trial (and the study holds ``min_complete``
-    COMPLETE trials); return its number. A signal sent now lands inside that trial."""
+    """Wait until ``worker`` has just started drawing a trial (and the study holds
+    ``min_complete`` COMPLETE trials); return its number. A signal sent now lands inside that
+    trial. A trial is drawing once its parameters are stored: the worker also holds the next
+    trial, proposed ahead, RUNNING without parameters."""
     seen: set[int] = set()
     first = True
     deadline = time.monotonic() + timeout
@@ -110,7 +114,7 @@ def wait_for_fresh_trial(url: str, name: str, worker: Worker, min_complete: int,
         study = load(url, name)
         if study is not None:
             trials = study.get_trials(deepcopy=False)
-            mine = [t for t in trials if t.state == RUNNING
+            mine = [t for t in trials if t.state == RUNNING and t.params
                     and str(t.user_attrs.get(rf.ATTR_WORKER, "")).endswith(worker.tag)]
             done = sum(t.state == COMPLETE for t in trials)
             fresh = [t.number for t in mine if t.number not in seen and not first]
@@ -146,31 +150,37 @@ def check_end(study: optuna.Study, target: int, kept: dict[int, tuple]) -> None:
 
 def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys):
     """SIGINT: exit 130, no traceback, the trial FAIL `interrupted`, the budget intact;
-    SIGKILL: the trial found stale on resume; two resumes reach the target exactly."""
+    SIGKILL: the trial found stale on resume; two resumes reach the target exactly.
+
+    The interrupted and the killed worker each get a target far beyond what they reach before
+    the signal (however slowly a loaded machine lets the poller see their trials), so the
+    signal always finds them drawing; the last resume's target is set from what they left."""
     config = write_config(tmp_path, tiny_sd1, clip, "crash", 6)
     url = rf.default_storage(tmp_path / "runs" / "crash")
-    first = Worker(config)
+    first = Worker(config, trials=100)
     interrupted = wait_for_fresh_trial(url, "crash", first, min_complete=2)
     first.proc.send_signal(signal.SIGINT)
     assert first.finish() == 130, first.err
     assert "Traceback" not in first.err
     study = load(url, "crash")
     done = snapshot(study)
-    assert f"interrupted: {len(done)} of 6 trials are complete and stored" in first.err
+    assert f"interrupted: {len(done)} of 100 trials are complete and stored" in first.err
     assert study.trials[interrupted].state == FAIL
     assert study.trials[interrupted].user_attrs[rf.ATTR_FAIL] == "interrupted"
+    assert not [t.number for t in study.trials if t.state == RUNNING]  # nothing left running
 
-    second = Worker(config)
+    second = Worker(config, trials=100)
     killed = wait_for_fresh_trial(url, "crash", second, min_complete=len(done) + 1)
     second.proc.kill()
     second.finish()
     kept = snapshot(load(url, "crash"))
     assert load(url, "crash").trials[killed].state == RUNNING  # what a killed worker leaves
 
-    assert main(["run", str(config)]) == 0  # the second resume, in this process
+    target = len(kept) + 3
+    assert main(["run", str(config), "--trials", str(target)]) == 0  # the last resume, here
     err = capsys.readouterr().err
     study = load(url, "crash")
-    check_end(study, 6, {**done, **kept})
+    check_end(study, target, {**done, **kept})
     assert study.trials[killed].state == FAIL
     assert study.trials[killed].user_attrs[rf.ATTR_FAIL] == STALE_REASON
     assert f"marked FAIL: trial(s) {killed}" in err

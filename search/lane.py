@@ -1,0 +1,152 @@
+"""The worker's storage lane: every storage write of a worker, in order, on one thread beside
+the draw.
+
+A trial's storage work (asking for a trial, the sampler's proposal, its parameters, the
+pictures and attributes, telling its value) costs tens of milliseconds that grow with the
+study, while the accelerator would wait. The worker hands that work to the lane, a single
+background thread that runs each job in the order given, so the writes stay ordered exactly
+as a serial worker makes them. While trial N draws, the lane stores trial N-1 (``finish``:
+records, then its value) and then proposes trial N+1 (``propose``), so the proposal sees
+every trial before N and trial N itself as running (its parameters are stored when it starts,
+``start``); a sampler with constant liar (TPE's default here) spreads the two apart.
+
+What is stored is the same as a serial worker stores, and nothing is reported before it is:
+the worker's callbacks (the progress line) run for a trial once ``finish`` has told it, so a
+worker killed at any moment loses no trial it reported. A trial proposed ahead but not started
+when the worker stops goes back to the queue (WAITING, no parameters: the next ``ask`` draws
+anew); a killed worker's is found stale like its running trial (``search.liveness``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from . import run_folder as rf
+from .liveness import Heartbeat, mark_worker
+from .storage_writes import TrialWrites, deferred_suggests
+from .trial import ATTR_DUPLICATE, DuplicateTrial, evaluated_twin
+
+INTERRUPTED = "interrupted"
+Propose = Callable[[optuna.Trial, Any], object]
+
+
+def propose_params(trial: optuna.Trial, ctx) -> None:
+    """The default proposal: every parameter of the study's search space."""
+    ctx.space.suggest(trial)
+
+
+@dataclass
+class Proposal:
+    """A trial asked for and its parameters proposed (held in the trial object, stored by
+    ``start``); ``twin``: an evaluated trial with the same parameters; ``error``: why the
+    proposal failed (the trial is then recorded FAIL)."""
+
+    trial: optuna.Trial
+    writes: TrialWrites
+    twin: int | None = None
+    error: BaseException | None = None
+
+
+class Lane:
+    """One background thread running storage jobs in the order submitted."""
+
+    def __init__(self, study: optuna.Study, heartbeat: Heartbeat):
+        self.study = study
+        self.heartbeat = heartbeat
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergesearch-storage")
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ jobs
+    def propose(self, ctx, target: int, propose: Propose, surplus) -> Proposal | None:
+        """Ask for a trial and propose its parameters; None when the COMPLETE and running
+        trials reach ``target`` already (none is asked for), or ``surplus`` finds so once it
+        is asked for (another worker asked at the same moment: it goes back to the queue)."""
+        running = (TrialState.COMPLETE, TrialState.RUNNING)
+        if len(self.study.get_trials(deepcopy=False, states=running)) >= target:
+            return None
+        with warnings.catch_warnings():
+            # Optuna suggests study.optimize for heartbeats; the worker beats itself
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask()
+        mark_worker(self.study, trial)
+        self.heartbeat.hold(trial._trial_id)
+        if surplus(self.study, trial, target):
+            self.hand_back(trial)
+            return None
+        try:
+            with deferred_suggests(trial) as writes:
+                propose(trial, ctx)
+        except Exception as exc:  # noqa: BLE001 - a sampler's error fails this trial only
+            return Proposal(trial, TrialWrites(self.study, trial._trial_id), error=exc)
+        return Proposal(trial, writes, evaluated_twin(trial, trial.params))
+
+    def start(self, proposal: Proposal) -> None:
+        """The trial starts drawing: its parameters are stored (one write)."""
+        proposal.writes.commit()
+
+    def hand_back(self, trial: optuna.Trial) -> None:
+        """A trial never started goes back to the queue (WAITING): the next ask takes it."""
+        self.heartbeat.release(trial._trial_id)
+        self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+
+    def finish(self, trial: optuna.Trial, value: Any, record: Callable[[], None] | None,
+               error: BaseException | None) -> optuna.trial.FrozenTrial:
+        """Store the trial's records, then tell its value (or FAIL / PRUNED with the reason)."""
+        state = TrialState.COMPLETE
+        try:
+            if error is None and record is not None:
+                record()
+        except Exception as exc:  # noqa: BLE001 - recorded as the trial's failure
+            error = exc
+        if isinstance(error, DuplicateTrial):
+            state, error = TrialState.PRUNED, None
+        elif isinstance(error, KeyboardInterrupt):
+            state = TrialState.FAIL
+            self.study._storage.set_trial_user_attr(trial._trial_id, rf.ATTR_FAIL, INTERRUPTED)
+            _requeue_warm_start(self.study, trial)
+        elif error is not None:
+            state = TrialState.FAIL
+            reason = f"{type(error).__name__}: {error}"[:2000]
+            self.study._storage.set_trial_user_attr(trial._trial_id, rf.ATTR_FAIL, reason)
+        try:
+            return _tell(self.study, trial, state, value)
+        finally:
+            self.heartbeat.release(trial._trial_id)
+
+    def duplicate(self, proposal: Proposal) -> optuna.trial.FrozenTrial:
+        """A proposal of an evaluated point: stored PRUNED with ``duplicate_of``, not drawn."""
+        proposal.writes.user_attr(ATTR_DUPLICATE, proposal.twin)
+        proposal.writes.commit()
+        return self.finish(proposal.trial, None, None,
+                           DuplicateTrial(f"same parameters as trial {proposal.twin}"))
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState,
+          value) -> optuna.trial.FrozenTrial:
+    try:
+        if state == TrialState.COMPLETE:
+            return study.tell(trial, value)
+        return study.tell(trial, state=state)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # another worker marked it FAIL while it ran (its heartbeat was late); its result is lost
+        return study._storage.get_trial(trial._trial_id)
+
+
+def _requeue_warm_start(study: optuna.Study, trial: optuna.Trial) -> None:
+    """An interrupted warm start runs again on resume (warm starts are enqueued only once)."""
+    stored = study._storage.get_trial(trial._trial_id)
+    label, params = stored.user_attrs.get("warm_start"), stored.system_attrs.get("fixed_params")
+    if label and params:
+        study.enqueue_trial(params, user_attrs={"warm_start": label})
