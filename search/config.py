@@ -35,6 +35,7 @@ from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.methods import METHODS
 
 from .config_errors import nearest, problems
+from .config_search import FidelityConfig, ScreeningConfig
 
 PERSON = ("preference", "mixed")  # objectives where a person chooses in the dashboard
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one plain path component: output/NAME
@@ -199,6 +200,8 @@ class WarmStart(_Strict):
     model2: bool = True
     uniform: list[float] = Field(default_factory=lambda: [0.5])
     presets: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # smooth ratio curves over the blocks' depth (search.curves): how many
+    curves: int = Field(0, ge=0, le=256)
 
 
 class PreferenceConfig(_Strict):
@@ -221,6 +224,8 @@ class StudyConfig(_Strict):
     preference: PreferenceConfig = PreferenceConfig()
     sampler: SamplerConfig = SamplerConfig()
     warm_start: WarmStart = WarmStart()
+    screening: ScreeningConfig | None = None
+    fidelity: FidelityConfig | None = None
     trials: int = Field(50, ge=1)
     timeout: float | None = Field(None, gt=0)
     storage: str | None = None
@@ -307,9 +312,22 @@ class StudyConfig(_Strict):
                             "(only objective: preference runs without: a person judges)")
         if len({s.label for s in self.scorers}) != len(self.scorers):
             problems.append("scorers: two scorers share a name; give each a distinct `name`")
+        problems += self._strategy_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _strategy_problems(self) -> list[str]:
+        problems = []
+        for name, option in (("screening", self.screening), ("fidelity", self.fidelity)):
+            if option is not None and self.objective != "weighted":
+                problems.append(f"{name}: works on one scored objective (objective: weighted), "
+                                f"not objective: {self.objective}; remove `{name}`")
+        if self.fidelity is not None and self.fidelity.steps >= self.probes.steps:
+            problems.append(f"fidelity.steps: {self.fidelity.steps} is not below probes.steps "
+                            f"({self.probes.steps}): cheap probes would cost as much as the "
+                            "full ones; use fewer steps")
+        return problems
 
     @property
     def run_folder(self) -> Path:

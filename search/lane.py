@@ -25,13 +25,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from . import run_folder as rf
 from .liveness import Heartbeat, mark_worker
 from .storage_writes import TrialWrites, deferred_suggests
-from .trial import ATTR_DUPLICATE, DuplicateTrial, evaluated_twin
+from .trial import ATTR_CHEAP, ATTR_DUPLICATE, DuplicateTrial, evaluated_twin
 
 INTERRUPTED = "interrupted"
 Propose = Callable[[optuna.Trial, Any], object]
@@ -52,14 +53,16 @@ class Proposal:
     writes: TrialWrites
     twin: int | None = None
     error: BaseException | None = None
+    cheap_bar: float | None = None  # fidelity: the cheap score to reach (None: draw in full)
 
 
 class Lane:
     """One background thread running storage jobs in the order submitted."""
 
-    def __init__(self, study: optuna.Study, heartbeat: Heartbeat):
+    def __init__(self, study: optuna.Study, heartbeat: Heartbeat, screening=None):
         self.study = study
         self.heartbeat = heartbeat
+        self.screening = screening  # search.screening.Screening, or None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergesearch-storage")
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -69,28 +72,32 @@ class Lane:
         self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ jobs
-    def propose(self, ctx, target: int, propose: Propose, surplus) -> Proposal | None:
+    def propose(self, ctx, target: int, propose: Propose) -> Proposal | None:
         """Ask for a trial and propose its parameters; None when the COMPLETE and running
-        trials reach ``target`` already (none is asked for), or ``surplus`` finds so once it
-        is asked for (another worker asked at the same moment: it goes back to the queue)."""
+        trials reach ``target`` already (none is asked for), or reach it once it is asked
+        for (another worker asked at the same moment: it goes back to the queue)."""
         running = (TrialState.COMPLETE, TrialState.RUNNING)
         if len(self.study.get_trials(deepcopy=False, states=running)) >= target:
             return None
+        if self.screening is not None:
+            self.screening.before_proposal(self.study)
         with warnings.catch_warnings():
             # Optuna suggests study.optimize for heartbeats; the worker beats itself
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = self.study.ask()
         mark_worker(self.study, trial)
         self.heartbeat.hold(trial._trial_id)
-        if surplus(self.study, trial, target):
-            self.hand_back(trial)
-            return None
         try:
             with deferred_suggests(trial) as writes:
                 propose(trial, ctx)
         except Exception as exc:  # noqa: BLE001 - a sampler's error fails this trial only
             return Proposal(trial, TrialWrites(self.study, trial._trial_id), error=exc)
-        return Proposal(trial, writes, evaluated_twin(trial, trial.params))
+        others = self.study.get_trials(deepcopy=False, states=running)  # one read for both
+        if surplus(others, trial, target):
+            self.hand_back(trial)  # its parameters were never stored: the next ask draws anew
+            return None
+        return Proposal(trial, writes, evaluated_twin(others, trial, trial.params),
+                        cheap_bar=cheap_bar(self.study, getattr(ctx.cfg, "fidelity", None)))
 
     def start(self, proposal: Proposal) -> None:
         """The trial starts drawing: its parameters are stored (one write)."""
@@ -102,9 +109,10 @@ class Lane:
         self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
 
     def finish(self, trial: optuna.Trial, value: Any, record: Callable[[], None] | None,
-               error: BaseException | None) -> optuna.trial.FrozenTrial:
-        """Store the trial's records, then tell its value (or FAIL / PRUNED with the reason)."""
-        state = TrialState.COMPLETE
+               error: BaseException | None, pruned: bool = False) -> optuna.trial.FrozenTrial:
+        """Store the trial's records, then tell its value (or FAIL / PRUNED with the reason;
+        ``pruned``: its cheap probes scored below the bar)."""
+        state = TrialState.PRUNED if pruned else TrialState.COMPLETE
         try:
             if error is None and record is not None:
                 record()
@@ -131,6 +139,27 @@ class Lane:
         proposal.writes.commit()
         return self.finish(proposal.trial, None, None,
                            DuplicateTrial(f"same parameters as trial {proposal.twin}"))
+
+
+def surplus(others: list[optuna.trial.FrozenTrial], trial: optuna.Trial, target: int) -> bool:
+    """Whether COMPLETE trials plus those running ahead of ``trial`` (lower numbers) among
+    ``others`` (the study's COMPLETE and RUNNING trials) already reach the target."""
+    ahead = [t for t in others if t.state == TrialState.COMPLETE or t.number < trial.number]
+    return len(ahead) >= target
+
+
+def cheap_bar(study: optuna.Study, fidelity) -> float | None:
+    """The cheap score a new candidate must reach to be drawn in full: the ``1 - keep``
+    quantile of every cheap score in the study (None for the first ``warmup`` candidates, or
+    without ``fidelity``)."""
+    if fidelity is None:
+        return None
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    scores = [t.user_attrs[ATTR_CHEAP] for t in study.get_trials(deepcopy=False, states=states)
+              if ATTR_CHEAP in t.user_attrs]
+    if len(scores) < fidelity.warmup:
+        return None
+    return float(np.quantile(scores, 1.0 - fidelity.keep))
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState,

@@ -9,6 +9,7 @@ and an error message that follows starts on a line of its own.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -17,9 +18,12 @@ import optuna
 from . import preference
 from . import run_folder as rf
 from .tables import favourite_line
-from .trial import ATTR_DUPLICATE
+from .trial import ATTR_CHEAP, ATTR_CHEAP_BAR, ATTR_DUPLICATE
 
 _SHOWN_PARAMS = 8
+
+
+REFRESH_SECONDS = 5.0
 
 
 class Progress:
@@ -27,6 +31,10 @@ class Progress:
 
     The ETA is the remaining COMPLETE trials times this worker's own pace so far (every trial
     it ran, failed and skipped ones included, over the time since its first trial started).
+    The COMPLETE count and the best trial are read from the storage at most every
+    ``REFRESH_SECONDS`` (a read costs ~10 ms on SQLite, in the thread that draws) and brought
+    up to date with this worker's own trials in between; other workers' trials show at the
+    next read. Several objectives and a person's studies are read every time.
     """
 
     def __init__(self, total: int, stream=None, width: int = 24):
@@ -38,6 +46,9 @@ class Progress:
         # a study is preferential from its creation or never: read once (it is a study system
         # attribute, and reading those reads every trial's dashboard note)
         self.preferential: bool | None = None
+        self.done = 0
+        self.best: optuna.trial.FrozenTrial | None = None
+        self.read_at = -math.inf
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         now = time.time()
@@ -48,11 +59,10 @@ class Progress:
         if self.preferential is None:
             self.preferential = preference.is_preferential(study)
         person = self.preferential
-        done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        done, best = self._count(study, trial, person)
         filled = int(self.width * min(done, self.total) / max(self.total, 1))
         parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} complete",
                  f"trial {trial.number}: {_outcome(trial, person)}"]
-        best = rf.best_trial(study, person)
         if best is not None and person:
             parts.append(favourite_line(study, best))
         elif best is not None and len(study.directions) == 1:
@@ -67,12 +77,33 @@ class Progress:
         print(" | ".join(parts), file=self.stream, flush=True)
 
 
+    def _count(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, person: bool
+               ) -> tuple[int, optuna.trial.FrozenTrial | None]:
+        """COMPLETE trials and the best one (see the class docstring)."""
+        now = time.monotonic()
+        if person or len(study.directions) > 1 or now - self.read_at >= REFRESH_SECONDS:
+            complete = (optuna.trial.TrialState.COMPLETE,)
+            self.done = len(study.get_trials(deepcopy=False, states=complete))
+            self.best = rf.best_trial(study, person)
+            self.read_at = now
+        elif trial.state == optuna.trial.TrialState.COMPLETE:
+            self.done += 1
+            sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+            if self.best is None or (sign * trial.value, -trial.number) > (
+                    sign * self.best.value, -self.best.number):
+                self.best = trial
+        return self.done, self.best
+
+
 def _outcome(trial: optuna.trial.FrozenTrial, person: bool = False) -> str:
     seconds = ""
     if trial.datetime_start and trial.datetime_complete:
         seconds = f" ({(trial.datetime_complete - trial.datetime_start).total_seconds():.1f} s)"
     if trial.state == optuna.trial.TrialState.FAIL:
         return f"FAILED{seconds}: {trial.user_attrs.get(rf.ATTR_FAIL) or 'no reason recorded'}"
+    if trial.state == optuna.trial.TrialState.PRUNED and ATTR_CHEAP in trial.user_attrs:
+        return (f"pruned{seconds}: cheap probes scored {trial.user_attrs[ATTR_CHEAP]:.6g}, "
+                f"below the bar {trial.user_attrs.get(ATTR_CHEAP_BAR, float('nan')):.6g}")
     if trial.state == optuna.trial.TrialState.PRUNED:
         return (f"skipped, same parameters as trial {trial.user_attrs.get(ATTR_DUPLICATE)} "
                 "(not evaluated again)")

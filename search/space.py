@@ -24,6 +24,7 @@ from merge_backend.methods import METHODS
 from merge_backend.recipe import LoraSpec
 
 from .config import Searched, StudyConfig
+from .curves import curve_starts
 
 MULTIPLIER = "multiplier"
 TEXT_ENCODER = "te_ratio"
@@ -217,4 +218,4 @@ def warm_start_params(space: SearchSpace) -> list[tuple[str, dict[str, float]]]:
         out.append((f"uniform {u}", space.params_for({}, default=u)))
     for name, ratios in warm.presets.items():
         out.append((f"preset {name}", space.params_for(ratios)))
-    return out
+    return out + curve_starts(space, warm.curves, space.cfg.sampler.seed)

@@ -76,7 +76,24 @@ def check_config(cfg: StudyConfig) -> SearchSpace:
         raise ConfigError("merge.fixed: nothing to search: every block is fixed")
     template = space.template()
     plan_merge(template, open_sources(template))  # architecture, keys and shapes agree
+    _check_screening(cfg, len(space.all_params()))
     return space
+
+
+def _check_screening(cfg: StudyConfig, parameters: int) -> None:
+    """``screening.after`` against the searched parameters (known once the space is built)."""
+    if cfg.screening is None:
+        return
+    from .screening import min_trials
+
+    after, least = cfg.screening.after or min_trials(parameters), min_trials(parameters)
+    if after < least:
+        raise ConfigError(f"screening.after: {after} trials are too few to estimate the "
+                          f"influence of {parameters} searched parameters (2 coefficients "
+                          f"each); use at least {least}, or leave `after` out")
+    if after >= cfg.trials:
+        raise ConfigError(f"screening.after: {after} is not below trials ({cfg.trials}): "
+                          f"screening would never run; raise `trials` or fix blocks")
 
 
 # ---------------------------------------------------------------------------- storage

@@ -32,6 +32,8 @@ from .space import SearchSpace
 from .storage_writes import TrialWrites
 
 ATTR_DUPLICATE = "duplicate_of"
+ATTR_CHEAP = "cheap_score"  # the value on the cheap probes (fidelity)
+ATTR_CHEAP_BAR = "cheap_bar"  # the cheap score it had to reach to be drawn in full
 
 
 class TrialFailed(RuntimeError):
@@ -58,15 +60,20 @@ class StudyContext:
     run: rf.RunFolder
     artifact_store: Any
     extra_attrs: dict[str, Any] = field(default_factory=dict)
+    # fidelity: the cheap score the trial being drawn must reach to be drawn in full (set per
+    # trial by the worker from the study's cheap scores; None: drawn in full regardless)
+    cheap_bar: float | None = None
 
 
 @dataclass
 class Drawn:
     """A candidate drawn and scored whose records are still to be written: the worker calls
-    ``record()`` on its storage thread (``search.lane``), then stores ``value``."""
+    ``record()`` on its storage thread (``search.lane``), then stores ``value`` (or PRUNED when
+    ``pruned``: its cheap probes scored below the bar)."""
 
-    value: float | list[float]
+    value: float | list[float] | None
     record: Callable[[], None]
+    pruned: bool = False
 
 
 def run_trial(trial: optuna.Trial, ctx: StudyContext) -> Drawn:
@@ -79,7 +86,10 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> Drawn:
         clock.lap("suggest")
         ctx.engine.apply(recipe)
         clock.lap("apply")
-        images = generate(ctx.pipe, ctx.probes)
+        cheap, bar = _cheap_value(ctx, clock), ctx.cheap_bar
+        if cheap is not None and bar is not None and cheap < bar:
+            return _pruned(trial, ctx, cheap, clock)
+        images = generate(ctx.pipe, ctx.probes, device=ctx.engine.device)
         clock.lap("generate")
         if not torch.isfinite(images.images).all():
             raise TrialFailed("the candidate drew NaN or infinite images")
@@ -106,12 +116,45 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> Drawn:
         write_note(trial, ctx, card.means(), value, writes)
         if ctx.cfg.objective in PERSON:  # the picture the dashboard's choice page shows
             writes.user_attr(ATTR_CANDIDATE, ids[rf.ARTIFACT_PROBES])
+        if cheap is not None:
+            writes.user_attr(ATTR_CHEAP, cheap)
+            writes.user_attr(ATTR_CHEAP_BAR, bar)
         clock.lap("bookkeeping")
         writes.user_attr(rf.ATTR_TIMINGS, clock.laps)
         writes.commit()
 
     # a person's study: the value means nothing (choices are stored in the study)
     return Drawn(0.0 if ctx.cfg.objective in PERSON else value, record)
+
+
+def _cheap_value(ctx: StudyContext, clock: _Clock) -> float | None:
+    """The candidate's value on the cheap probes (the probes with ``fidelity.steps``), or None
+    without ``fidelity``."""
+    fidelity = getattr(ctx.cfg, "fidelity", None)
+    if fidelity is None:
+        return None
+    images = generate(ctx.pipe, ctx.probes.model_copy(update={"steps": fidelity.steps}),
+                      device=ctx.engine.device)
+    if not torch.isfinite(images.images).all():
+        raise TrialFailed("the candidate drew NaN or infinite images (cheap probes)")
+    value = _value(ctx, score_images(images, ctx.scorers))
+    clock.lap("cheap")
+    return float(value)
+
+
+def _pruned(trial: optuna.Trial, ctx: StudyContext, cheap: float, clock: _Clock) -> Drawn:
+    """A candidate whose cheap score is below the bar: PRUNED with both numbers, not drawn in
+    full (its cheap images are not kept)."""
+    bar = ctx.cheap_bar
+
+    def record() -> None:
+        writes = TrialWrites(trial.study, trial._trial_id)
+        writes.user_attr(ATTR_CHEAP, cheap)
+        writes.user_attr(ATTR_CHEAP_BAR, bar)
+        writes.user_attr(rf.ATTR_TIMINGS, clock.laps)
+        writes.commit()
+
+    return Drawn(None, record, pruned=True)
 
 
 def _title(trial: optuna.Trial) -> str:
@@ -160,10 +203,11 @@ def note_attrs(writes: TrialWrites, body: str) -> None:
         writes.study_system_attr(key, part)
 
 
-def evaluated_twin(trial: optuna.Trial, params: dict[str, float]) -> int | None:
-    """The number of a COMPLETE trial, or of an earlier RUNNING one, with exactly ``params``."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    for other in trial.study.get_trials(deepcopy=False, states=states):
+def evaluated_twin(others: list[optuna.trial.FrozenTrial], trial: optuna.Trial,
+                   params: dict[str, float]) -> int | None:
+    """The number of a COMPLETE trial, or of an earlier RUNNING one, among ``others`` (the
+    study's COMPLETE and RUNNING trials) with exactly ``params``."""
+    for other in others:
         if other.number != trial.number and other.params == params and (
                 other.state == optuna.trial.TrialState.COMPLETE or other.number < trial.number):
             return other.number

@@ -43,7 +43,8 @@ from . import run_folder as rf
 from .config import PERSON
 from .lane import Lane, Proposal, Propose, propose_params
 from .liveness import Heartbeat, fail_stale_trials
-from .trial import Drawn, StudyContext, TrialFailed, run_trial
+from .screening import Screening
+from .trial import ATTR_DUPLICATE, Drawn, StudyContext, TrialFailed, run_trial
 
 FAILS_IN_A_ROW = 5
 DUPLICATES_IN_A_ROW = 20
@@ -101,14 +102,6 @@ def _held_interrupts() -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
-    """Whether COMPLETE trials plus those running ahead of ``trial`` already reach the target."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    ahead = [t for t in trials if t.state == TrialState.COMPLETE
-             or t.number < trial.number]
-    return len(ahead) >= target
-
-
 def _wait_line(study: optuna.Study, target: int) -> str:
     running = count(study, TrialState.RUNNING)
     return (f"waiting: {count(study, TrialState.COMPLETE)} of {target} trials are complete and "
@@ -130,7 +123,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
     if count(study, TrialState.COMPLETE) >= result.target:
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
             f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
-    turns = _Turns(study, ctx, result, callbacks, run, propose)
+    turns = _Turns(study, ctx, result, callbacks, run, propose, log)
     try:
         with turns.heartbeat:
             try:
@@ -155,13 +148,15 @@ class _Turns:
     trial N+1 is proposed while trial N draws."""
 
     def __init__(self, study: optuna.Study, ctx: StudyContext, result: WorkerResult,
-                 callbacks: Sequence[Callback], run: RunTrial, propose: Propose):
+                 callbacks: Sequence[Callback], run: RunTrial, propose: Propose, log: Log):
         self.study, self.ctx, self.result = study, ctx, result
         self.callbacks, self.run, self.propose = callbacks, run, propose
         self.person = ctx.cfg.objective in PERSON
         self.ahead = not self.person and getattr(ctx.cfg, "propose_ahead", True)
         self.heartbeat = Heartbeat(study)
-        self.lane = Lane(study, self.heartbeat)
+        screening = getattr(ctx.cfg, "screening", None)
+        self.lane = Lane(study, self.heartbeat, screening and Screening(
+            screening.after, screening.threshold, ctx.space, log))
         self.next: Future | None = None  # the proposal being made
         self.stored: Future | None = None  # the last trial's finish
         self.fails = self.duplicates = 0
@@ -224,8 +219,7 @@ class _Turns:
                 return
 
     def _propose(self) -> Future:
-        return self.lane.submit(self.lane.propose, self.ctx, self.result.target, self.propose,
-                                _surplus)
+        return self.lane.submit(self.lane.propose, self.ctx, self.result.target, self.propose)
 
     def _unstarted(self, proposal: Proposal) -> tuple:
         if proposal.error is not None:
@@ -235,11 +229,13 @@ class _Turns:
     def turn(self, proposal: Proposal) -> bool:
         """Draw the proposal, settle the trial before it, hand this one to the lane; True when
         the worker stops."""
-        trial, value, record, error = proposal.trial, None, None, None
+        trial, value, record, error, pruned = proposal.trial, None, None, None, False
         try:
+            if hasattr(self.ctx, "cheap_bar"):
+                self.ctx.cheap_bar = proposal.cheap_bar
             drawn = self.run(trial, self.ctx)
-            value, record = (drawn.value, drawn.record) if isinstance(drawn, Drawn) \
-                else (drawn, None)
+            value, record, pruned = (drawn.value, drawn.record, drawn.pruned) \
+                if isinstance(drawn, Drawn) else (drawn, None, False)
         except BaseException as exc:  # noqa: BLE001 - recorded, re-raised unless CAUGHT
             error = exc
         stop = False
@@ -252,7 +248,8 @@ class _Turns:
             finally:
                 if held:
                     error = KeyboardInterrupt()
-                self.stored = self.lane.submit(self.lane.finish, trial, value, record, error)
+                self.stored = self.lane.submit(self.lane.finish, trial, value, record, error,
+                                               pruned)
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt
         if error is not None and not isinstance(error, CAUGHT):
@@ -277,7 +274,7 @@ class _Turns:
         for callback in self.callbacks:
             callback(self.study, frozen)
         self.fails = self.fails + 1 if frozen.state == TrialState.FAIL else 0
-        self.duplicates = self.duplicates + 1 if frozen.state == TrialState.PRUNED else 0
+        self.duplicates = self.duplicates + 1 if ATTR_DUPLICATE in frozen.user_attrs else 0
         if self.fails >= FAILS_IN_A_ROW:
             result.stopped = f"{self.fails} trials in a row failed"
         elif self.duplicates >= DUPLICATES_IN_A_ROW:
