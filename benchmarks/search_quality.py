@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import pickle
 import statistics
 import sys
 import tempfile
@@ -85,10 +86,27 @@ def study_data(world, folder: Path, name: str, sampler: dict, trials: int, score
     }
 
 
+# strategies beside the samplers: "SAMPLER+STRATEGY" runs the sampler with these config parts
+STRATEGIES = {
+    "screen": {"screening": {}},  # after 2 x 26 + 10 = 62 trials, threshold 0.1
+    "fidelity": {"fidelity": {"steps": 2, "keep": 0.5}},  # cheap probes at 2 of 4 steps
+    "curves": {"warm_start": {"model1": True, "model2": True, "uniform": [0.5], "curves": 16}},
+}
+
+
 def sampler_config(name: str, seed: int) -> dict:
     from search.config import SamplerConfig
 
+    name = name.split("+")[0]
     return {"name": SamplerConfig().name if name == DEFAULT else name, "seed": seed}
+
+
+def strategy_config(name: str) -> dict:
+    """The config parts of ``name``'s strategies (``tpe+screen+fidelity``)."""
+    parts: dict = {}
+    for strategy in name.split("+")[1:]:
+        parts.update(STRATEGIES[strategy])
+    return parts
 
 
 @dataclass
@@ -112,9 +130,11 @@ class Outcome:
     hidden_score: float = math.nan
     held_out: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    candidates: int = 0  # COMPLETE + PRUNED (fidelity's pruned candidates cost no budget)
 
 
 def run_job(job: Job) -> Outcome:
+    import optuna
     import torch
 
     torch.set_num_threads(1)
@@ -139,6 +159,7 @@ def run_job(job: Job) -> Outcome:
         data = study_data(world, Path(tmp), f"{job.task}-{job.sampler}-{job.secret}",
                           sampler_config(job.sampler, job.seed), job.trials, scorer,
                           warm=job.task == "hidden" or job.sampler != "random")
+        data.update(strategy_config(job.sampler))
         study, ctx = prepare(parse_config(data), log=lambda m: None)
         if job.task == "hidden":
             from toyworld.figures import hidden_ratios
@@ -154,14 +175,22 @@ def run_job(job: Job) -> Outcome:
         first = time.perf_counter()
         optimize(study, ctx, log=lambda m: None,
                  callbacks=[lambda s, t: ends.__setitem__(t.number, time.perf_counter())])
-        previous = first
-        for trial in rf.completed(study):
-            laps = trial.user_attrs[rf.ATTR_TIMINGS]
+        previous, busy = first, 0.0
+        for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+            laps = trial.user_attrs.get(rf.ATTR_TIMINGS, {})
+            # generation: apply, cheap probes (fidelity), full probes, scoring; a pruned
+            # trial's counts towards the next COMPLETE one, whose wall time spans it
+            busy += sum(laps.get(k, 0.0) for k in ("apply", "cheap", "generate", "score"))
+            if trial.state != optuna.trial.TrialState.COMPLETE:
+                continue
             out.values.append(float(trial.value))
             out.ratios.append(dict(ctx.space.recipe(trial.params).ratios))
-            out.busy.append(laps["apply"] + laps["generate"] + laps["score"])
+            out.busy.append(busy)
             out.wall.append(ends.get(trial.number, previous) - previous)
-            previous = ends.get(trial.number, previous)
+            previous, busy = ends.get(trial.number, previous), 0.0
+        out.candidates = len([t for t in study.get_trials(deepcopy=False)
+                              if t.state in (optuna.trial.TrialState.COMPLETE,
+                                             optuna.trial.TrialState.PRUNED)])
         if job.task == "house":
             out.held_out = _held_out(ctx, out)
     out.seconds = time.perf_counter() - started
@@ -298,6 +327,8 @@ def main() -> None:
     parser.add_argument("--no-house", action="store_true")
     parser.add_argument("--dry-run", action="store_true",
                         help="plumbing only: 12 trials a study, no goals judged")
+    parser.add_argument("--save", default=None,
+                        help="append each finished study's outcome to this file (pickle lines)")
     args = parser.parse_args()
     from search.config import SamplerConfig
 
@@ -332,8 +363,12 @@ def main() -> None:
         outcomes = []
         for out in pool.imap_unordered(run_job, jobs):
             outcomes.append(out)
+            if args.save:
+                with open(args.save, "ab") as saved:
+                    pickle.dump(out, saved)
             print(f"  done: {out.job.task} {out.job.sampler} secret {out.job.secret}, "
-                  f"{len(out.values)} trials in {out.seconds:.0f} s", flush=True)
+                  f"{len(out.values)} trials ({out.candidates} drawn) in {out.seconds:.0f} s",
+                  flush=True)
     hidden = [o for o in outcomes if o.job.task == "hidden"]
     report = hidden_report(hidden, sensitive, list(MBW))
     if args.dry_run:
