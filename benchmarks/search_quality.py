@@ -250,6 +250,21 @@ def sensitive_blocks(world_folder: str | None) -> tuple[list[str], list[str]]:
     return table.sensitive(), table.table()
 
 
+def _cached_sensitivity(args) -> tuple[list[str], list[str]]:
+    """The sensitivity table, or the one ``--sensitivity FILE`` holds (written the first time:
+    the same world gives the same table, and it costs two minutes)."""
+    import json
+
+    path = Path(args.sensitivity) if args.sensitivity else None
+    if path is not None and path.exists():
+        data = json.loads(path.read_text())
+        return data["sensitive"], data["lines"]
+    sensitive, lines = sensitive_blocks(args.world)
+    if path is not None:
+        path.write_text(json.dumps({"sensitive": sensitive, "lines": lines}))
+    return sensitive, lines
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return statistics.median(xs) if xs else math.nan
@@ -327,6 +342,8 @@ def main() -> None:
     parser.add_argument("--no-house", action="store_true")
     parser.add_argument("--dry-run", action="store_true",
                         help="plumbing only: 12 trials a study, no goals judged")
+    parser.add_argument("--sensitivity", default=None,
+                        help="cache the world's sensitivity table in this JSON file")
     parser.add_argument("--save", default=None,
                         help="append each finished study's outcome to this file (pickle lines)")
     args = parser.parse_args()
@@ -344,7 +361,7 @@ def main() -> None:
 
         keep = tempfile.TemporaryDirectory()
         args.world = str(write_world(Path(keep.name) / "world").folder)
-    sensitive, lines = sensitive_blocks(args.world)
+    sensitive, lines = _cached_sensitivity(args)
     print("sensitivity (reference score, +-0.3 per block):")
     print("\n".join("  " + line for line in lines))
     from toyworld.figures import MBW

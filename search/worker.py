@@ -213,7 +213,7 @@ class _Turns:
                     if stop:
                         return
                     continue
-                if self.ahead:
+                if self.ahead and not self.fails:  # after a failure, in turn: a stop may be near
                     self.next = self._propose()
             if self.turn(proposal):
                 return
@@ -238,6 +238,9 @@ class _Turns:
                 if isinstance(drawn, Drawn) else (drawn, None, False)
         except BaseException as exc:  # noqa: BLE001 - recorded, re-raised unless CAUGHT
             error = exc
+        # failures in a row are counted as drawn (not once stored, a trial later): the worker
+        # stops before it draws another
+        self.fails = self.fails + 1 if error is not None else 0
         stop = False
         with _held_interrupts() as held:
             try:
@@ -254,7 +257,9 @@ class _Turns:
             raise KeyboardInterrupt
         if error is not None and not isinstance(error, CAUGHT):
             raise error
-        return stop
+        if self.fails >= FAILS_IN_A_ROW:
+            self.result.stopped = f"{self.fails} trials in a row failed"
+        return stop or self.fails >= FAILS_IN_A_ROW
 
     def collect(self) -> bool:
         """Wait for the last trial to be stored; its callbacks; True when the worker stops."""
@@ -273,11 +278,8 @@ class _Turns:
                 self.shortlist = []
         for callback in self.callbacks:
             callback(self.study, frozen)
-        self.fails = self.fails + 1 if frozen.state == TrialState.FAIL else 0
         self.duplicates = self.duplicates + 1 if ATTR_DUPLICATE in frozen.user_attrs else 0
-        if self.fails >= FAILS_IN_A_ROW:
-            result.stopped = f"{self.fails} trials in a row failed"
-        elif self.duplicates >= DUPLICATES_IN_A_ROW:
+        if self.duplicates >= DUPLICATES_IN_A_ROW:
             result.stopped = (f"the sampler proposed {self.duplicates} points in a row that "
                               "were already evaluated (the search has converged)")
         return result.stopped is not None
