@@ -156,7 +156,7 @@ def run_job(job: Job) -> Outcome:
                   "head": str(world.house_head), "range": [0.0, 1.0]}
     out = Outcome(job)
     with tempfile.TemporaryDirectory() as tmp:
-        data = study_data(world, Path(tmp), f"{job.task}-{job.sampler}-{job.secret}",
+        data = study_data(world, Path(tmp), f"{job.task}-{job.sampler.replace('+', '_')}-{job.secret}",
                           sampler_config(job.sampler, job.seed), job.trials, scorer,
                           warm=job.task == "hidden" or job.sampler != "random")
         data.update(strategy_config(job.sampler))
@@ -265,6 +265,32 @@ def _cached_sensitivity(args) -> tuple[list[str], list[str]]:
     return sensitive, lines
 
 
+def _key(job: Job) -> tuple:
+    """A job without its world folder (a temporary copy of the shipped world differs per run)."""
+    return job.task, job.sampler, job.secret, job.seed, job.trials
+
+
+def _saved(path: str | None, jobs: list[Job]) -> list[Outcome]:
+    """The outcomes ``--save FILE`` holds for any of ``jobs`` (a run stopped part way resumes:
+    those studies are not run again)."""
+    if not path or not Path(path).exists():
+        return []
+    found = []
+    with open(path, "rb") as saved:
+        while True:
+            try:
+                out = pickle.load(saved)
+            except EOFError:
+                break
+            if _key(out.job) in [_key(j) for j in jobs] and \
+                    _key(out.job) not in [_key(o.job) for o in found]:
+                found.append(out)
+    if found:
+        print(f"reusing {len(found)} finished studies from {path} "
+              f"({sum(o.seconds for o in found) / 60:.1f} min of study time)")
+    return found
+
+
 def _median(xs):
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return statistics.median(xs) if xs else math.nan
@@ -345,7 +371,8 @@ def main() -> None:
     parser.add_argument("--sensitivity", default=None,
                         help="cache the world's sensitivity table in this JSON file")
     parser.add_argument("--save", default=None,
-                        help="append each finished study's outcome to this file (pickle lines)")
+                        help="append each finished study's outcome to this file (pickles); "
+                             "studies already in it are not run again")
     args = parser.parse_args()
     from search.config import SamplerConfig
 
@@ -375,9 +402,10 @@ def main() -> None:
         jobs += [Job("house", "random", 0, args.seed, min(cap, HOUSE_RANDOM), args.world),
                  Job("house", DEFAULT, 0, args.seed, min(cap, HOUSE_TRIALS), args.world)]
     jobs.sort(key=lambda j: -j.trials)  # the longest first: the pool ends together
+    outcomes = _saved(args.save, jobs)
+    jobs = [j for j in jobs if _key(j) not in [_key(o.job) for o in outcomes]]
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.jobs) as pool:
-        outcomes = []
         for out in pool.imap_unordered(run_job, jobs):
             outcomes.append(out)
             if args.save:
