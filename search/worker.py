@@ -44,7 +44,7 @@ from .config import PERSON
 from .lane import Lane, Proposal, Propose, propose_params
 from .liveness import Heartbeat, fail_stale_trials
 from .screening import Screening
-from .trial import ATTR_DUPLICATE, Drawn, StudyContext, TrialFailed, run_trial
+from .trial import ATTR_DUPLICATE, Drawn, DuplicateTrial, StudyContext, TrialFailed, run_trial
 
 FAILS_IN_A_ROW = 5
 DUPLICATES_IN_A_ROW = 20
@@ -210,6 +210,8 @@ class _Turns:
                         stop = self.collect()
                     finally:
                         self.stored = pending
+                    if proposal.error is not None and self._failed(proposal.error):
+                        return
                     if stop:
                         return
                     continue
@@ -240,7 +242,8 @@ class _Turns:
             error = exc
         # failures in a row are counted as drawn (not once stored, a trial later): the worker
         # stops before it draws another
-        self.fails = self.fails + 1 if error is not None else 0
+        failed = error is not None and not isinstance(error, DuplicateTrial)
+        self.fails = self.fails + 1 if failed else 0
         stop = False
         with _held_interrupts() as held:
             try:
@@ -257,9 +260,20 @@ class _Turns:
             raise KeyboardInterrupt
         if error is not None and not isinstance(error, CAUGHT):
             raise error
+        return self._too_many_fails() or stop
+
+    def _failed(self, error: BaseException) -> bool:
+        """A proposal that failed (the sampler raised): counted like a failed draw; True when
+        the worker stops. Anything but a CAUGHT kind is a bug: re-raised (it is recorded)."""
+        self.fails += 1
+        if not isinstance(error, CAUGHT):
+            raise error
+        return self._too_many_fails()
+
+    def _too_many_fails(self) -> bool:
         if self.fails >= FAILS_IN_A_ROW:
             self.result.stopped = f"{self.fails} trials in a row failed"
-        return stop or self.fails >= FAILS_IN_A_ROW
+        return self.fails >= FAILS_IN_A_ROW
 
     def collect(self) -> bool:
         """Wait for the last trial to be stored; its callbacks; True when the worker stops."""
