@@ -148,6 +148,9 @@ def _pruned(trial: optuna.Trial, ctx: StudyContext, cheap: float, clock: _Clock)
     bar = ctx.cheap_bar
 
     def record() -> None:
+        # the cheap score as the trial's intermediate value: TPE learns from a pruned trial
+        # through it (ranked below every COMPLETE one); the attributes say it in words
+        trial.study._storage.set_trial_intermediate_value(trial._trial_id, 0, cheap)
         writes = TrialWrites(trial.study, trial._trial_id)
         writes.user_attr(ATTR_CHEAP, cheap)
         writes.user_attr(ATTR_CHEAP_BAR, bar)

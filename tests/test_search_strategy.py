@@ -239,6 +239,8 @@ def test_cheap_probes_prune_below_the_bar_and_cost_no_budget(tiny_sd1, clip_file
     again = combine(score_images(images, ctx.scorers), ctx.norms)
     assert again == pytest.approx(trial.user_attrs[ATTR_CHEAP], abs=1e-6)
     assert rf.ATTR_RECIPE not in trial.user_attrs  # never drawn in full
+    # TPE ranks pruned trials by their last intermediate value: the cheap score
+    assert all(t.intermediate_values == {0: t.user_attrs[ATTR_CHEAP]} for t in pruned)
 
 
 # ---------------------------------------------------------------------------- curves
