@@ -19,7 +19,10 @@ and a dashboard note with its scores and export command. In a preference or mixe
 each trial carries ``candidate_image`` (``search.preference``). So anything downstream (export,
 dashboard, notebook) needs only the storage and this folder.
 A failed trial carries ``fail_reason`` (``interrupted`` after Ctrl-C); a trial skipped because
-its parameters were already evaluated is PRUNED with ``duplicate_of``.
+its parameters were already evaluated is PRUNED with ``duplicate_of``; with ``fidelity``, every
+trial carries ``cheap_score`` (and ``cheap_bar`` once there is one), and one whose cheap probes
+scored below the bar is PRUNED with those two (and ``timings``) only. With ``screening``, the
+study carries the decision as its user attribute ``screening``.
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ a trial draws, the lane stores the one before and proposes the next, so an accel
 waits on the sampler or the database. Callbacks (the progress line) run in the worker's thread
 once a trial is stored.
 
-Ctrl-C (SIGINT) records the running trial as FAIL with the reason ``interrupted`` and stops;
+Ctrl-C (SIGINT) records the running trial as FAIL with the reason ``interrupted`` (the trial
+proposed ahead goes back to the queue unstarted) and stops;
 ``WorkerResult.interrupted`` then tells the command to exit with status 130. A worker stops by
-itself after ``FAILS_IN_A_ROW`` failed trials in a row, or ``DUPLICATES_IN_A_ROW`` proposals of
-points already evaluated.
+itself after ``FAILS_IN_A_ROW`` failed trials in a row (after a failure it proposes in turn, so
+it stops before drawing another), or ``DUPLICATES_IN_A_ROW`` proposals of points already
+evaluated.
 """
 
 from __future__ import annotations
