@@ -168,6 +168,9 @@ def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys
     assert study.trials[interrupted].state == FAIL
     assert study.trials[interrupted].user_attrs[rf.ATTR_FAIL] == "interrupted"
     assert not [t.number for t in study.trials if t.state == RUNNING]  # nothing left running
+    # the trial proposed ahead went back to the queue unstarted: no parameters stored
+    assert all(not t.params for t in study.trials
+               if t.state == optuna.trial.TrialState.WAITING)
 
     second = Worker(config, trials=100)
     killed = wait_for_fresh_trial(url, "crash", second, min_complete=len(done) + 1)
