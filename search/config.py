@@ -6,7 +6,7 @@ Errors name the field path (``merge.bounds.IN04``) and what would fix it. See
 Example:
     >>> cfg = load_config("configs/sd15_example.yaml")      # doctest: +SKIP
     >>> cfg.merge.vocabulary, cfg.sampler.name               # doctest: +SKIP
-    ('mbw', 'tpe')
+    ('mbw', 'cmaes')
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ from .config_errors import nearest, problems
 from .config_search import FidelityConfig, ScreeningConfig
 
 PERSON = ("preference", "mixed")  # objectives where a person chooses in the dashboard
+# The sampler a study uses unless it names one, by objective: CMA-ES for one scored objective
+# (chosen by benchmarks/search_quality.py: 26 continuous ratios, 100-300 trials; see
+# benchmarks/RESULTS.md), TPE for several (CMA-ES serves one), the preferential GP for a person.
+DEFAULT_SAMPLERS = {"weighted": "cmaes", "multi": "tpe", "preference": "preferential_gp",
+                    "mixed": "preferential_gp"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one plain path component: output/NAME
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -170,7 +175,9 @@ class SamplerConfig(_Strict):
     """``seed`` makes a single uninterrupted worker reproducible; each trial's random draws are
     seeded with (seed, trial number), so resumes and other workers draw new points."""
 
-    name: str = "tpe"  # a built-in, a `mergesearch.samplers` entry point, or package.module:Class
+    # a built-in, a `mergesearch.samplers` entry point, or package.module:Class; a study left
+    # without one gets its objective's default (StudyConfig, DEFAULT_SAMPLERS)
+    name: str = DEFAULT_SAMPLERS["weighted"]
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -187,7 +194,7 @@ class SamplerConfig(_Strict):
     def _options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from .samplers import option_problems  # imports optuna: only when a study is read
 
-        found = option_problems(info.data.get("name", "tpe"), options)
+        found = option_problems(info.data.get("name", DEFAULT_SAMPLERS["weighted"]), options)
         if found:
             raise ValueError("\n".join(found))
         return options
@@ -242,14 +249,15 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _person_samples_with_preferences(cls, data: Any) -> Any:
-        """A preference study proposes with the preferential GP unless a sampler is named."""
-        if isinstance(data, dict) and data.get("objective") in PERSON:
+    def _default_sampler(cls, data: Any) -> Any:
+        """Unless a sampler is named, the objective's default (``DEFAULT_SAMPLERS``)."""
+        if isinstance(data, dict):
+            name = DEFAULT_SAMPLERS.get(data.get("objective", "weighted"))
             sampler = data.get("sampler")
-            if sampler is None:
-                data = {**data, "sampler": {"name": "preferential_gp"}}
-            elif isinstance(sampler, dict) and "name" not in sampler:
-                data = {**data, "sampler": {**sampler, "name": "preferential_gp"}}
+            if name is not None and sampler is None:
+                data = {**data, "sampler": {"name": name}}
+            elif name is not None and isinstance(sampler, dict) and "name" not in sampler:
+                data = {**data, "sampler": {**sampler, "name": name}}
         return data
 
     @field_validator("scorers", mode="before")

@@ -237,8 +237,8 @@ class QmcSampler(TrialSeededSampler):
 
 
 def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeededSampler:
-    """The sampler ``name`` names (tpe by default: multivariate, constant liar for parallel
-    workers), wrapped so each trial's draws are seeded with (seed, trial number). ``options``
+    """The sampler ``name`` names (tpe: multivariate, constant liar for parallel workers),
+    wrapped so each trial's draws are seeded with (seed, trial number). ``options``
     go to its constructor over the entry's defaults (see ``option_problems``)."""
     entry = sampler_entry(name)
     cls = entry.sampler_class()
