@@ -5,7 +5,9 @@ is gone:
 - its process: every trial records the worker (``host:pid``) and the machine's boot id; on the
   same machine and boot, a pid that no longer exists is a dead worker, known at once;
 - its heartbeat: RDB storages with ``heartbeat_seconds`` hold each running trial's last sign of
-  life; one older than ``grace_seconds`` is stale (the only sign across machines).
+  life; one older than ``grace_seconds`` is stale (the only sign across machines); a trial with
+  neither a worker nor a heartbeat (its worker was killed between asking for it and marking it)
+  is stale once it started longer than ``grace_seconds`` ago.
 Workers fail such trials when they start, while they wait, and when they stop; ``mergesearch
 status RUN --fail-stale`` does it by hand. Each gets the fail reason ``STALE_REASON``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -76,10 +79,18 @@ def stale_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     if not running:
         return []
     stale_ids: set[int] = set()
-    if heartbeat_interval(study):
+    interval = heartbeat_interval(study)
+    if interval:
         # Optuna's own query (what optuna.storages.fail_stale_trials uses), so the rule is the
         # storage's: last heartbeat older than the grace period
         stale_ids.update(study._storage._get_stale_trial_ids(study._study_id))
+        # a trial asked for but never marked (its worker killed between ask and mark_worker)
+        # has no heartbeat for that query: stale once it is older than the grace period
+        backend = getattr(study._storage, "_backend", study._storage)
+        grace = timedelta(seconds=getattr(backend, "grace_period", None) or 2 * interval)
+        now = datetime.now()
+        stale_ids.update(t._trial_id for t in running if rf.ATTR_WORKER not in t.user_attrs
+                         and t.datetime_start is not None and now - t.datetime_start > grace)
     return [t for t in running if t._trial_id in stale_ids or _process_gone(t)]
 
 

@@ -280,3 +280,16 @@ def test_curve_warm_starts_are_smooth_shapes_over_depth(tiny_sd1, clip_files, tm
 
     assert labels(again) == [t.user_attrs["warm_start"] for t in queued]
     assert labels(other) != labels(again)
+
+
+def test_a_trial_asked_for_but_never_marked_is_stale_after_the_grace_period(tmp_path):
+    """A worker killed between `ask` and marking its trial leaves it RUNNING with no worker and
+    no heartbeat; without this rule every other worker would wait for it forever."""
+    from search.liveness import fail_stale_trials
+
+    storage = rf.open_storage(rf.default_storage(tmp_path), 1, 2)
+    study = optuna.create_study(storage=storage, direction="maximize")
+    orphan = study.ask()
+    assert fail_stale_trials(study) == []  # younger than the grace period: left alone
+    time.sleep(2.2)
+    assert fail_stale_trials(study) == [orphan.number]
