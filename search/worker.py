@@ -197,28 +197,34 @@ class _Turns:
                 self.next = self._propose()
             with _held_interrupts() as held:  # a proposal is started or handed back, whole
                 proposal, self.next = self.next.result(), None
-                if proposal is None:  # handed back: other workers' trials reach the target
-                    continue
-                waiting = False
-                if held or time.monotonic() >= deadline:
+                started = proposal is not None and not held and time.monotonic() < deadline
+                unstarted = started and (proposal.twin is not None or proposal.error is not None)
+                if started:
+                    self.lane.submit(self.lane.start, proposal)
+                    if unstarted:
+                        pending = self.lane.submit(*self._unstarted(proposal))
+                    elif self.ahead and not self.fails:  # after a failure, in turn
+                        self.next = self._propose()
+                elif proposal is not None:  # Ctrl-C or the timeout first: back to the queue
                     self.lane.submit(self.lane.hand_back, proposal.trial)
-                    if held:
-                        raise KeyboardInterrupt
-                    continue
-                self.lane.submit(self.lane.start, proposal)
-                if proposal.twin is not None or proposal.error is not None:
-                    pending = self.lane.submit(*self._unstarted(proposal))
-                    try:
-                        stop = self.collect()
-                    finally:
-                        self.stored = pending
-                    if proposal.error is not None and self._failed(proposal.error):
-                        return
-                    if stop:
-                        return
-                    continue
-                if self.ahead and not self.fails:  # after a failure, in turn: a stop may be near
-                    self.next = self._propose()
+            if held:  # Ctrl-C while it was started: it is recorded interrupted, never drawn
+                if started and not unstarted:
+                    self.lane.submit(self.lane.finish, proposal.trial, None, None,
+                                     KeyboardInterrupt())
+                raise KeyboardInterrupt
+            if proposal is None or not started:  # handed back: the next turn decides
+                continue
+            waiting = False
+            if unstarted:
+                try:
+                    stop = self.collect()
+                finally:
+                    self.stored = pending
+                if proposal.error is not None and self._failed(proposal.error):
+                    return
+                if stop:
+                    return
+                continue
             if self.turn(proposal):
                 return
 
