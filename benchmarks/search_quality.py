@@ -431,20 +431,21 @@ def main() -> None:
               f"({reused / 60:.1f} min)")
     table, reach = report["table"], report["reach"]
     best_sampler = args.judge or (DEFAULT if DEFAULT in samplers else samplers[0])
-    goal("hidden_rmse_sensitive_at_150", table[best_sampler, 150][1], 0.05, fmt="{:.4f}")
-    goal("hidden_rmse_all_at_150", table[best_sampler, 150][0], 0.10, fmt="{:.4f}")
-    if "random" in reach:
-        ratio = reach["random"] / reach[best_sampler]
-        ran = max(len(o.values) for o in hidden if o.job.sampler == "random")
-        if math.isinf(reach[best_sampler]):
-            ratio = 0.0
-            print(f"{best_sampler} never reached RMSE {THRESHOLD} (all blocks): ratio 0")
-        elif math.isinf(reach["random"]):  # random never got there: a lower bound
-            ratio = ran / reach[best_sampler]
-            print(f"random search never reached RMSE {THRESHOLD} in {ran} trials: the ratio "
-                  f"below is a lower bound ({ran} / {best_sampler}'s trials)")
-        goal("trials_to_rmse_0.10_random_over_default", ratio, 3.0, higher_is_better=True,
-             fmt="{:.2f}")
+    if hidden:  # --secrets 0: the house task alone
+        goal("hidden_rmse_sensitive_at_150", table[best_sampler, 150][1], 0.05, fmt="{:.4f}")
+        goal("hidden_rmse_all_at_150", table[best_sampler, 150][0], 0.10, fmt="{:.4f}")
+        if "random" in reach:
+            ratio = reach["random"] / reach[best_sampler]
+            ran = max(len(o.values) for o in hidden if o.job.sampler == "random")
+            if math.isinf(reach[best_sampler]):
+                ratio = 0.0
+                print(f"{best_sampler} never reached RMSE {THRESHOLD} (all blocks): ratio 0")
+            elif math.isinf(reach["random"]):  # random never got there: a lower bound
+                ratio = ran / reach[best_sampler]
+                print(f"random search never reached RMSE {THRESHOLD} in {ran} trials: the ratio "
+                      f"below is a lower bound ({ran} / {best_sampler}'s trials)")
+            goal("trials_to_rmse_0.10_random_over_default", ratio, 3.0, higher_is_better=True,
+                 fmt="{:.2f}")
     if not args.no_house:
         house = house_report([o for o in outcomes if o.job.task == "house"])
         margin, share = house[DEFAULT]
