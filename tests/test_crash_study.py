@@ -96,9 +96,19 @@ def load(url: str, name: str) -> optuna.Study | None:
     if db is not None and not db.exists():  # opening would make the file the worker makes
         return None
     try:  # open_storage retries while the worker is still creating the schema
-        return optuna.load_study(study_name=name, storage=rf.open_storage(url))
+        if db is None:  # a server: one storage (one connection pool) per URL, however often polled
+            storage = _server_storages.get(url) or _server_storages.setdefault(
+                url, rf.open_storage(url))
+        else:
+            storage = rf.open_storage(url)
+        return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return None
+
+
+# polling opened a fresh engine 20 times a second; each kept its connection until garbage
+# collection and the server ran out of clients ("too many clients already")
+_server_storages: dict[str, optuna.storages.BaseStorage] = {}
 
 
 def wait_for_fresh_trial(url: str, name: str, worker: Worker, min_complete: int,
