@@ -11,7 +11,12 @@ from merge_backend.architectures import block_names
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.lora import LoraError, add_loras, extract_lora, read_lora, save_lora
 from merge_backend.lora.extract import LORA_TYPES
-from merge_backend.lora.svd import CLAMP_QUANTILE, DEFAULT_CLAMP, SVD_METHODS
+from merge_backend.lora.svd import (
+    CLAMP_QUANTILE,
+    DEFAULT_CLAMP,
+    DEFAULT_FACTOR_DTYPE,
+    SVD_METHODS,
+)
 from merge_backend.merge_file import DTYPES, apply_to_file
 from merge_backend.recipe import LoraSpec, RecipeError, check_finite
 from merge_backend.source_files import resolved
@@ -89,7 +94,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _lora_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("kohya", "comfyui"), default="kohya", dest="fmt")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_FACTOR_DTYPE)
     p.add_argument("--svd", choices=SVD_METHODS, default="auto",
                    help="auto (default): the exact SVD's error, randomized where that is as "
                         "accurate and faster; exact; lowrank: fastest, up to ~0.5%% worse per layer")

@@ -61,6 +61,7 @@ from .names import NameTable, Target, name_table
 from .quality import ErrorTable
 from .svd import (
     DEFAULT_CLAMP,
+    DEFAULT_FACTOR_DTYPE,
     SVD_METHODS,
     check_clamp,
     clamp_factors,
@@ -292,7 +293,8 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
                  text_encoder: bool = False, fmt: str = "kohya", lora_type: str = "standard",
                  clamp: float | None = DEFAULT_CLAMP, bias_diff: bool | None = None,
                  svd: str = "auto",
-                 device: str | torch.device = "cpu", dtype: str = "fp16", overwrite: bool = False,
+                 device: str | torch.device = "cpu", dtype: str = DEFAULT_FACTOR_DTYPE,
+                 overwrite: bool = False,
                  progress: Progress | None = None) -> ExtractResult:
     """Extract ``model1 - model2`` as a LoRA file at ``output`` (see module docstring).
 
