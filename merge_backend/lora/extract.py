@@ -113,17 +113,8 @@ class _Job:
     bias_rows: int | None  # diff_b length, or None
 
 
-def _module_view(target: Target, tensor: Tensor) -> Tensor:
-    """The diffusers-module tensor of ``target`` from its original tensor (chunk, transpose)."""
-    if target.parts > 1:
-        tensor = tensor[target.rows(tensor.shape[0])]
-    if target.swap:
-        tensor = swap_halves(tensor)
-    return tensor.T if target.transpose else tensor
-
-
 def _diffusers_shape(target: Target, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(_module_view(target, torch.empty(shape, device="meta")).shape)
+    return tuple(target.view(torch.empty(shape, device="meta")).shape)
 
 
 def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str],
@@ -238,7 +229,7 @@ def _differences(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint, device: torch
 
     for job in jobs:
         t = job.target
-        weight = _module_view(t, diff(t.key)) if job.weight != "none" else None
+        weight = t.view(diff(t.key)) if job.weight != "none" else None
         bias = None
         if job.bias_rows is not None:
             flat = diff(t.bias_key).reshape(-1)
