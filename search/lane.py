@@ -96,7 +96,10 @@ class Lane:
         if surplus(others, trial, target):
             self.hand_back(trial)  # its parameters were never stored: the next ask draws anew
             return None
-        return Proposal(trial, writes, evaluated_twin(others, trial, trial.params),
+        twin = evaluated_twin(others, trial, trial.params)
+        if twin is None:
+            twin = queued_twin(self.study, trial)
+        return Proposal(trial, writes, twin,
                         cheap_bar=cheap_bar(self.study, getattr(ctx.cfg, "fidelity", None)))
 
     def start(self, proposal: Proposal) -> None:
@@ -139,6 +142,26 @@ class Lane:
         proposal.writes.commit()
         return self.finish(proposal.trial, None, None,
                            DuplicateTrial(f"same parameters as trial {proposal.twin}"))
+
+
+def queued_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """For a warm start queued twice, the number of the copy to draw, when it is not ``trial``.
+
+    Workers starting together can each queue the warm starts before either has marked them
+    queued (measured: two PostgreSQL workers drew model1 as trials 0 and 1). Both copies are
+    trials from the moment they are queued, so every worker agrees without a lock: the
+    lowest-numbered copy that has not failed is drawn, any other is a duplicate of it. A copy
+    proposed by another worker has no stored parameters yet, so ``evaluated_twin`` cannot see it.
+    """
+    stored = study._storage.get_trial(trial._trial_id)
+    label, fixed = stored.user_attrs.get("warm_start"), stored.system_attrs.get("fixed_params")
+    if not label or fixed is None:
+        return None
+    copies = [t.number for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get("warm_start") == label and t.state != TrialState.FAIL
+              and t.system_attrs.get("fixed_params") == fixed]
+    first = min(copies, default=trial.number)
+    return first if first != trial.number else None
 
 
 def surplus(others: list[optuna.trial.FrozenTrial], trial: optuna.Trial, target: int) -> bool:

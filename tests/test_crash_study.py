@@ -141,18 +141,29 @@ def snapshot(study: optuna.Study) -> dict[int, tuple]:
     return {t.number: (t.params, t.values) for t in study.get_trials() if t.state == COMPLETE}
 
 
-def repeated(study: optuna.Study) -> int:
-    """Evaluated trials (all parameters drawn) whose parameters another one already had."""
-    points = [tuple(sorted(t.params.items())) for t in study.get_trials()
-              if t.state != optuna.trial.TrialState.PRUNED and len(t.params) == 3]
-    return len(points) - len(set(points))
+def repeated(study: optuna.Study) -> list[str]:
+    """Evaluated trials (all parameters drawn) whose parameters another one already had, each
+    with the trial it repeats (number, state, worker)."""
+    seen: dict[tuple, optuna.trial.FrozenTrial] = {}
+    out = []
+    for t in study.get_trials():
+        if t.state == optuna.trial.TrialState.PRUNED or len(t.params) != 3:
+            continue
+        point = tuple(sorted(t.params.items()))
+        if point in seen:
+            first = seen[point]
+            out.append(f"trial {t.number} ({t.state.name}, {t.user_attrs.get(rf.ATTR_WORKER)}) "
+                       f"repeats {first.number} ({first.state.name}, "
+                       f"{first.user_attrs.get(rf.ATTR_WORKER)}): {dict(point)}")
+        seen.setdefault(point, t)
+    return out
 
 
 def check_end(study: optuna.Study, target: int, kept: dict[int, tuple]) -> None:
     trials = study.get_trials()
     assert sum(t.state == COMPLETE for t in trials) == target
     assert not [t.number for t in trials if t.state == RUNNING]
-    assert repeated(study) == 0
+    assert repeated(study) == []
     assert all(rf.ATTR_RECIPE in t.user_attrs for t in trials if t.state == COMPLETE)
     now = snapshot(study)
     assert {n: now.get(n) for n in kept} == kept  # no COMPLETE trial lost or changed

@@ -271,6 +271,44 @@ def test_a_point_already_scored_is_not_scored_again(ran, study_dir, capsys):
     assert len(set(done)) == 4
 
 
+def test_a_warm_start_queued_twice_is_drawn_once(study_dir, tmp_path):
+    """Two workers starting together can both queue the warm starts (measured: the PostgreSQL
+    crash test drew model1 as trials 0 and 1 in 2 of 4 runs). Both copies are popped before
+    either stores its parameters, as two workers pop them; the lowest-numbered copy is drawn,
+    the other is a duplicate of it, and a run then draws the warm start once."""
+    from search.config import parse_config
+    from search.lane import Lane, propose_params
+    from search.liveness import Heartbeat
+    from search.study import optimize, prepare
+
+    data = yaml.safe_load((study_dir / "study" / "c.yaml").read_text())
+    data.update(name="twice", output=str(tmp_path / "runs"), trials=3,
+                models={role: str((study_dir / "study" / path).resolve())
+                        for role, path in data["models"].items()})
+    study, ctx = prepare(parse_config(data), log=lambda m: None)
+    queued = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["warm_start"] for t in queued] == ["model1"]
+    study.enqueue_trial(queued[0].params or queued[0].system_attrs["fixed_params"],
+                        user_attrs={"warm_start": "model1"})  # what the second worker queues
+    with Heartbeat(study) as heartbeat:
+        lane = Lane(study, heartbeat)
+        first = lane.propose(ctx, 10, propose_params)
+        second = lane.propose(ctx, 10, propose_params)
+        assert (first.trial.number, first.twin) == (0, None)
+        assert (second.trial.number, second.twin) == (1, 0)
+        lane.hand_back(first.trial)
+        lane.hand_back(second.trial)
+        lane.close()
+    optimize(study, ctx, log=lambda m: None)
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3
+    ones = [t for t in done if set(t.params.values()) == {1.0}]
+    assert len(ones) == 1  # model1 drawn once
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert [t.user_attrs[ATTR_DUPLICATE] for t in pruned] == [ones[0].number]
+
+
 # ---------------------------------------------------------------------------- --help
 
 
