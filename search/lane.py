@@ -98,7 +98,7 @@ class Lane:
             return None
         twin = evaluated_twin(others, trial, trial.params)
         if twin is None:
-            twin = queued_twin(self.study, trial)
+            twin = queued_twin(self.study, others, trial)
         return Proposal(trial, writes, twin,
                         cheap_bar=cheap_bar(self.study, getattr(ctx.cfg, "fidelity", None)))
 
@@ -144,24 +144,33 @@ class Lane:
                            DuplicateTrial(f"same parameters as trial {proposal.twin}"))
 
 
-def queued_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
-    """For a warm start queued twice, the number of the copy to draw, when it is not ``trial``.
+def queued_twin(study: optuna.Study, others: list[optuna.trial.FrozenTrial],
+                trial: optuna.Trial) -> int | None:
+    """For a warm start queued twice, the number of the copy to draw, when it is not ``trial``
+    (``others``: the study's COMPLETE and RUNNING trials, ``trial`` among them).
 
     Workers starting together can each queue the warm starts before either has marked them
     queued (measured: two PostgreSQL workers drew model1 as trials 0 and 1). Both copies are
     trials from the moment they are queued, so every worker agrees without a lock: the
     lowest-numbered copy that has not failed is drawn, any other is a duplicate of it. A copy
     proposed by another worker has no stored parameters yet, so ``evaluated_twin`` cannot see it.
+    Only a warm start reads the study again (its copies may still be WAITING).
     """
-    stored = study._storage.get_trial(trial._trial_id)
-    label, fixed = stored.user_attrs.get("warm_start"), stored.system_attrs.get("fixed_params")
-    if not label or fixed is None:
+    own = next((t for t in others if t.number == trial.number), None) \
+        or study._storage.get_trial(trial._trial_id)
+    start = _warm_start(own)
+    if start is None:
         return None
     copies = [t.number for t in study.get_trials(deepcopy=False)
-              if t.user_attrs.get("warm_start") == label and t.state != TrialState.FAIL
-              and t.system_attrs.get("fixed_params") == fixed]
+              if t.state != TrialState.FAIL and _warm_start(t) == start]
     first = min(copies, default=trial.number)
     return first if first != trial.number else None
+
+
+def _warm_start(trial: optuna.trial.FrozenTrial) -> tuple[str, dict] | None:
+    """A queued warm start's label and fixed parameters; None for any other trial."""
+    label, params = trial.user_attrs.get("warm_start"), trial.system_attrs.get("fixed_params")
+    return (label, params) if label and params else None
 
 
 def surplus(others: list[optuna.trial.FrozenTrial], trial: optuna.Trial, target: int) -> bool:
@@ -198,7 +207,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState,
 
 def _requeue_warm_start(study: optuna.Study, trial: optuna.Trial) -> None:
     """An interrupted warm start runs again on resume (warm starts are enqueued only once)."""
-    stored = study._storage.get_trial(trial._trial_id)
-    label, params = stored.user_attrs.get("warm_start"), stored.system_attrs.get("fixed_params")
-    if label and params:
+    start = _warm_start(study._storage.get_trial(trial._trial_id))
+    if start is not None:
+        label, params = start
         study.enqueue_trial(params, user_attrs={"warm_start": label})
