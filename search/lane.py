@@ -35,6 +35,10 @@ from .storage_writes import TrialWrites, deferred_suggests
 from .trial import ATTR_CHEAP, ATTR_DUPLICATE, DuplicateTrial, evaluated_twin
 
 INTERRUPTED = "interrupted"
+# Read the study before asking only this close to the target (at the last proposal): further
+# off, the read after proposing (``surplus``) is the check; a trial asked for past the target
+# goes back to the queue unstored, as one another worker's trials overtook does.
+NEAR_TARGET = 8
 Propose = Callable[[optuna.Trial, Any], object]
 
 
@@ -64,6 +68,7 @@ class Lane:
         self.heartbeat = heartbeat
         self.screening = screening  # search.screening.Screening, or None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergesearch-storage")
+        self._left: int | None = None  # trials short of the target at the last proposal's read
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(fn, *args)
@@ -74,10 +79,12 @@ class Lane:
     # ------------------------------------------------------------------ jobs
     def propose(self, ctx, target: int, propose: Propose) -> Proposal | None:
         """Ask for a trial and propose its parameters; None when the COMPLETE and running
-        trials reach ``target`` already (none is asked for), or reach it once it is asked
-        for (another worker asked at the same moment: it goes back to the queue)."""
+        trials reach ``target`` already (none is asked for; read only ``NEAR_TARGET`` trials
+        from it), or reach it once it is asked for (another worker asked at the same moment:
+        it goes back to the queue)."""
         running = (TrialState.COMPLETE, TrialState.RUNNING)
-        if len(self.study.get_trials(deepcopy=False, states=running)) >= target:
+        if (self._left is None or self._left <= NEAR_TARGET) and \
+                len(self.study.get_trials(deepcopy=False, states=running)) >= target:
             return None
         if self.screening is not None:
             self.screening.before_proposal(self.study)
@@ -92,7 +99,11 @@ class Lane:
                 propose(trial, ctx)
         except Exception as exc:  # noqa: BLE001 - a sampler's error fails this trial only
             return Proposal(trial, TrialWrites(self.study, trial._trial_id), error=exc)
-        others = self.study.get_trials(deepcopy=False, states=running)  # one read for both
+        # the study as read since this ask (the sampler's read, Optuna's per-trial cache;
+        # one read here for a sampler that reads nothing): every trial asked before this one,
+        # which is all ``surplus`` counts; one list for both checks
+        others = self.study._get_trials(deepcopy=False, states=running, use_cache=True)
+        self._left = target - len(others)
         if surplus(others, trial, target):
             self.hand_back(trial)  # its parameters were never stored: the next ask draws anew
             return None

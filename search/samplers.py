@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.samplers import BaseSampler
+from optuna.search_space import IntersectionSearchSpace
 
 from merge_backend.plugins import (
     PluginError,
@@ -67,7 +68,10 @@ class SamplerEntry:
     (the scorers' values), ``choices`` (a person's, in preference and mixed studies) or
     ``nothing`` (serves either). ``carried``: attributes a rebuilt instance takes over from
     the one before (caches that depend on the study, not on the seed: the GP's fitted kernel
-    parameters, which start the next fit).
+    parameters, which start the next fit). ``search_space``: the attribute where the sampler
+    keeps Optuna's ``IntersectionSearchSpace``; it is carried too (it is brought up to date
+    trial by trial: a fresh one goes over every trial again) and reads the study through
+    Optuna's per-trial cache, the read the sampler makes anyway (see ``TrialCachedSpace``).
     """
 
     cls: Callable[..., BaseSampler] | str
@@ -76,6 +80,7 @@ class SamplerEntry:
     multi_objective: bool = True
     learns_from: str = SCORES
     carried: tuple[str, ...] = ()
+    search_space: str | None = None
 
     def sampler_class(self) -> Callable[..., BaseSampler]:
         """The class (ValueError naming the install for a lazily imported one that is missing)."""
@@ -116,10 +121,12 @@ class GPBoundedSampler(optuna.samplers.GPSampler):
 # Our defaults for TPE: multivariate, and constant liar so parallel workers spread out.
 TPE_DEFAULTS = {"multivariate": True, "constant_liar": True, "n_startup_trials": 10}
 SAMPLERS: dict[str, SamplerEntry] = {
-    "tpe": SamplerEntry(optuna.samplers.TPESampler, TPE_DEFAULTS),
-    "cmaes": SamplerEntry(optuna.samplers.CmaEsSampler, multi_objective=False),
+    "tpe": SamplerEntry(optuna.samplers.TPESampler, TPE_DEFAULTS, search_space="_search_space"),
+    "cmaes": SamplerEntry(optuna.samplers.CmaEsSampler, multi_objective=False,
+                          search_space="_search_space"),
     "gp": SamplerEntry(GPBoundedSampler, multi_objective=False,
-                       carried=("_gprs_cache_list", "_constraints_gprs_cache_list")),
+                       carried=("_gprs_cache_list", "_constraints_gprs_cache_list"),
+                       search_space="_intersection_search_space"),
     # scrambled, so that its seed matters (Optuna's default scramble=False ignores the seed)
     "qmc": SamplerEntry(optuna.samplers.QMCSampler, {"scramble": True}, per_trial_seed=False),
     "random": SamplerEntry(optuna.samplers.RandomSampler, learns_from=NOTHING),
@@ -181,6 +188,17 @@ def trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed % 2**32, number]).generate_state(1)[0])
 
 
+class TrialCachedSpace(IntersectionSearchSpace):
+    """Optuna's intersection search space, reading the study's trials through the per-trial
+    cache (``Study._get_trials(use_cache=True)``: one read per asked trial, shared with the
+    sampler's own read of the history) as TPE already asks it to. CMA-ES and the GP ask for a
+    fresh read: one more query of the storage per trial, 3-4 ms on SQLite
+    (benchmarks/trial_overhead.py)."""
+
+    def calculate(self, study: optuna.Study, use_cache: bool = False):
+        return super().calculate(study, use_cache=True)
+
+
 class TrialSeededSampler(BaseSampler):
     """A sampler rebuilt for every trial with the seed ``trial_seed(seed, trial.number)``.
 
@@ -190,11 +208,14 @@ class TrialSeededSampler(BaseSampler):
     """
 
     def __init__(self, build: Callable[[int], BaseSampler], seed: int,
-                 carried: tuple[str, ...] = ()):
+                 carried: tuple[str, ...] = (), search_space: str | None = None):
         self._build = build
         self._seed = seed
-        self._carried = carried
+        self._carried = carried + ((search_space,) if search_space else ())
         self._inner = build(seed)
+        if search_space and hasattr(self._inner, search_space):
+            own = getattr(self._inner, search_space)
+            setattr(self._inner, search_space, TrialCachedSpace(own._include_pruned))
 
     @property
     def inner(self) -> BaseSampler:
@@ -252,7 +273,7 @@ def make_sampler(name: str, seed: int, options: Mapping[str, Any]) -> TrialSeede
 
     if not entry.per_trial_seed:
         return QmcSampler(build, seed)
-    return TrialSeededSampler(build, seed, entry.carried)
+    return TrialSeededSampler(build, seed, entry.carried, entry.search_space)
 
 
 def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ storage (in memory, journal) gets the same writes one by one through the public 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -105,9 +106,14 @@ class TrialWrites:
                                                         dist)
             for model, attrs in ((_models.TrialUserAttributeModel, self.user_attrs),
                                  (_models.TrialSystemAttributeModel, self.system_attrs)):
-                for key, value in attrs.items():
-                    rdb._set_trial_attr_without_commit(session, model, self.trial_id, key, value)
-            if self.study_system_attrs:
+                if attrs and not _upsert(session, rdb.engine.name, model, "trial_id",
+                                         self.trial_id, attrs):
+                    for key, value in attrs.items():
+                        rdb._set_trial_attr_without_commit(session, model, self.trial_id, key,
+                                                           value)
+            if self.study_system_attrs and not _upsert(
+                    session, rdb.engine.name, _models.StudySystemAttributeModel, "study_id",
+                    self.study._study_id, self.study_system_attrs):
                 _set_study_system_attrs(session, self.study._study_id, self.study_system_attrs)
             if self.heartbeat:
                 _record_heartbeat(session, self.trial_id)
@@ -122,6 +128,26 @@ def _known_distributions(storage, study_id: int) -> dict[str, BaseDistribution]:
     if studies is None or study_id not in studies:
         return {}
     return studies[study_id].param_distribution
+
+
+def _upsert(session, dialect: str, model, owner: str, owner_id: int,
+            attrs: Mapping[str, Any]) -> bool:
+    """Every attribute in one INSERT … ON CONFLICT UPDATE (rows keyed by ``owner`` and
+    ``key``, as Optuna's attribute tables are): one statement, where Optuna's per-attribute
+    helper makes two for each. False on a database without that statement (nothing done)."""
+    if dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0):
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        return False
+    rows = [{owner: owner_id, "key": key, "value_json": json.dumps(value)}
+            for key, value in attrs.items()]
+    statement = insert(model).values(rows)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=[getattr(model, owner), model.key],
+        set_={"value_json": statement.excluded.value_json}))
+    return True
 
 
 def _set_study_system_attrs(session, study_id: int, attrs: Mapping[str, Any]) -> None:
@@ -148,7 +174,8 @@ def _record_heartbeat(session, trial_id: int) -> None:
 
 
 class _DeferredParams:
-    """A trial's storage, except that ``set_trial_param`` is gathered into ``writes``."""
+    """A trial's storage, except that its parameters and system attributes (a sampler's
+    state: CMA-ES stores its optimizer and generation there) are gathered into ``writes``."""
 
     def __init__(self, storage, writes: TrialWrites):
         self._storage = storage
@@ -159,6 +186,12 @@ class _DeferredParams:
         assert trial_id == self._writes.trial_id
         self._writes.params[name] = (internal, distribution)
 
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if trial_id != self._writes.trial_id:
+            self._storage.set_trial_system_attr(trial_id, key, value)
+        else:
+            self._writes.system_attrs[key] = value
+
     def __getattr__(self, name: str):
         return getattr(self._storage, name)
 
@@ -166,17 +199,19 @@ class _DeferredParams:
 @contextmanager
 def deferred_suggests(trial: optuna.Trial) -> Iterator[TrialWrites]:
     """``trial.suggest_*`` inside the block run as Optuna runs them (fixed, relative and
-    independent parameters alike; the sampler's own writes go through; the trial object keeps
-    the values, so a later ``suggest_*`` of the same name returns them without a write) but
-    the parameters are only gathered into the yielded ``TrialWrites``: the caller commits them
-    (the worker does when the trial starts)."""
+    independent parameters alike; the trial object keeps the values, so a later
+    ``suggest_*`` of the same name returns them without a write) but the parameters, and the
+    system attributes the sampler writes to this trial, are only gathered into the yielded
+    ``TrialWrites``: the caller commits them (the worker does when the trial starts)."""
     writes = TrialWrites(trial.study, trial._trial_id)
-    storage = trial.storage
-    trial.storage = _DeferredParams(storage, writes)
+    storage, study_storage = trial.storage, trial.study._storage
+    # samplers write through the study (CMA-ES), suggest_* through the trial; the proxy passes
+    # every other call through, so another thread using the study meanwhile sees no change
+    trial.storage = trial.study._storage = _DeferredParams(storage, writes)
     try:
         yield writes
     finally:
-        trial.storage = storage
+        trial.storage, trial.study._storage = storage, study_storage
 
 
 @contextmanager

@@ -73,3 +73,47 @@ def test_gp_runs_without_the_greenlet_fallback(recwarn):
     # the next trial's fresh instance starts from the fitted kernel, not from scratch
     study.sampler.before_trial(study, study.trials[-1])
     assert study.sampler.inner._gprs_cache_list is not None
+
+
+@pytest.mark.parametrize("name,options", [("cmaes", {"n_startup_trials": 3}),
+                                          ("tpe", {"n_startup_trials": 3})])
+def test_a_reseeded_sampler_proposes_what_a_fresh_optuna_sampler_does(name, options, tmp_path):
+    """The registry keeps the intersection search space across the per-trial rebuilds and
+    reads it through Optuna's per-trial cache; the proposals must be those of a sampler built
+    anew for each trial, as Optuna's own class is (the oracle: a plain loop, SQLite both).
+    Not the GP: it carries its fitted kernel on purpose, so its fits start elsewhere."""
+    import optuna
+
+    from search.samplers import SAMPLERS, make_sampler, trial_seed
+
+    def objective(params: dict[str, float]) -> float:
+        return -sum((v - 0.1 * i) ** 2 for i, v in enumerate(params.values()))
+
+    def run(sampler_for) -> list[dict[str, float]]:
+        storage = f"sqlite:///{tmp_path / f'{len(list(tmp_path.iterdir()))}.db'}"
+        study = optuna.create_study(storage=storage, direction="maximize")
+        for number in range(8):
+            study.sampler = sampler_for(number)
+            trial = study.ask()
+            study.tell(trial, objective({f"b{i}": trial.suggest_float(f"b{i}", 0, 1)
+                                         for i in range(4)}))
+        return [t.params for t in study.trials]
+
+    ours = make_sampler(name, 5, options)
+    entry = SAMPLERS[name]
+    kwargs = {**entry.defaults, **options}
+    fresh = run(lambda n: entry.sampler_class()(seed=trial_seed(5, n), **kwargs))
+    assert run(lambda n: ours) == fresh
+
+
+def test_the_intersection_search_space_is_carried_across_trials():
+    import optuna
+
+    from search.samplers import TrialCachedSpace, make_sampler
+
+    study = optuna.create_study(sampler=make_sampler("cmaes", 0, {}))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    space = study.sampler.inner._search_space
+    assert isinstance(space, TrialCachedSpace)
+    study.sampler.before_trial(study, study.trials[-1])
+    assert study.sampler.inner._search_space is space

@@ -20,9 +20,23 @@ from search.storage_writes import TrialWrites, batched_suggests
 SPACE = {f"b{i}": FloatDistribution(0.0, 1.0) for i in range(6)}
 
 
-def _storage(kind: str, tmp_path):
+@pytest.fixture(scope="module")
+def postgres_url():
+    from postgres_server import PostgresServer, find_bin
+
+    if find_bin("initdb") is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql); .ci/run installs it")
+    pytest.importorskip("psycopg")
+    server = PostgresServer()
+    yield server.start()
+    server.stop()
+
+
+def _storage(kind: str, tmp_path, request=None):
     if kind == "sqlite":
         return rf.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 10, 30, worker=True)
+    if kind == "postgresql":
+        return rf.open_storage(request.getfixturevalue("postgres_url"), 10, 30, worker=True)
     return optuna.storages.InMemoryStorage()
 
 
@@ -32,9 +46,9 @@ def _stored(study: optuna.Study, trial_id: int) -> tuple:
             {k: v for k, v in t.system_attrs.items()})
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "memory"])
-def test_a_batch_stores_what_the_per_call_api_stores(kind, tmp_path):
-    study = optuna.create_study(storage=_storage(kind, tmp_path),
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "memory"])
+def test_a_batch_stores_what_the_per_call_api_stores(kind, tmp_path, request):
+    study = optuna.create_study(storage=_storage(kind, tmp_path, request),
                                 sampler=optuna.samplers.RandomSampler(seed=3))
     reference = study.ask()
     for name, dist in SPACE.items():
@@ -120,3 +134,54 @@ def test_a_worker_writes_sqlite_in_write_ahead_log_mode_and_leaves_it(tmp_path):
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with closing(sqlite3.connect(tmp_path / "study.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_samplers_own_trial_writes_wait_for_the_commit(tmp_path):
+    """CMA-ES stores its optimizer and generation in the trial's system attributes through the
+    study's storage; inside ``deferred_suggests`` they join the batch: nothing is stored before
+    the commit, and after it the study holds what plain suggests store (CMA-ES continues from
+    it identically: the oracle is the same loop without the batch, in memory)."""
+    def run(storage, batched: bool) -> list[tuple]:
+        study = optuna.create_study(storage=storage, study_name="s",
+                                    sampler=optuna.samplers.CmaEsSampler(seed=2,
+                                                                         n_startup_trials=2))
+        for _ in range(9):
+            trial = study.ask()
+            if batched:
+                with batched_suggests(study, trial):
+                    params = {n: trial.suggest_float(n, d.low, d.high) for n, d in SPACE.items()}
+                    if trial.number >= 2:  # CMA-ES proposes from the third trial on
+                        assert study._storage.get_trial(trial._trial_id).system_attrs == {}
+            else:
+                params = {n: trial.suggest_float(n, d.low, d.high) for n, d in SPACE.items()}
+            study.tell(trial, sum((v - 0.3) ** 2 for v in params.values()))
+        return [_stored(study, t._trial_id) for t in study.trials]
+
+    plain = run(optuna.storages.InMemoryStorage(), False)
+    batched = run(_storage("sqlite", tmp_path), True)
+    assert any("cma:generation" in row[3] for row in plain)
+    assert batched == plain
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_batch_overwrites_attributes_already_stored(kind, tmp_path, request):
+    """Attributes go in as one upsert on SQLite and PostgreSQL: a key stored before (by
+    Optuna's call or by an earlier batch) takes the new value, as ``set_trial_user_attr``
+    would give it."""
+    study = optuna.create_study(storage=_storage(kind, tmp_path, request))
+    trial = study.ask()
+    study._storage.set_trial_user_attr(trial._trial_id, "scores", {"clip": 0.1})
+    writes = TrialWrites(study, trial._trial_id)
+    writes.user_attr("scores", {"clip": 0.2})
+    writes.user_attr("timings", [1, 2])
+    writes.system_attr("artifacts:x", "{}")
+    writes.study_system_attr("note:a", "one")
+    writes.commit()
+    writes.user_attr("timings", [3])
+    writes.system_attr("artifacts:x", "{\"id\": 1}")
+    writes.study_system_attr("note:a", "two")
+    writes.commit()
+    stored = study._storage.get_trial(trial._trial_id)
+    assert stored.user_attrs == {"scores": {"clip": 0.2}, "timings": [3]}
+    assert stored.system_attrs == {"artifacts:x": "{\"id\": 1}"}
+    assert study._storage.get_study_system_attrs(study._study_id)["note:a"] == "two"
