@@ -57,8 +57,8 @@ def trial_column(run: rf.RunFolder, study: optuna.Study,
                  trial: optuna.trial.FrozenTrial) -> Column:
     recipe = rf.trial_recipe(trial)
     label = f"trial {trial.number}"
-    if trial.user_attrs.get("warm_start"):
-        label += f" ({trial.user_attrs['warm_start']})"
+    if trial.user_attrs.get(rf.ATTR_WARM_START):
+        label += f" ({trial.user_attrs[rf.ATTR_WARM_START]})"
     return Column(label, run.artifact_bytes(trial.user_attrs.get(rf.ARTIFACT_PROBES)),
                   trial_scores(study, trial), recipe, study_roles(study, recipe),
                   what=f"mergesearch export {shlex.quote(str(run.path.absolute()))} --trial "

@@ -33,6 +33,7 @@ from . import run_folder as rf
 from .liveness import Heartbeat, mark_worker
 from .storage_writes import TrialWrites, deferred_suggests
 from .trial import ATTR_CHEAP, ATTR_DUPLICATE, DuplicateTrial, evaluated_twin
+from .warm_starts import requeue, warm_start_of
 
 INTERRUPTED = "interrupted"
 # Read the study before asking only this close to the target (at the last proposal): further
@@ -137,7 +138,7 @@ class Lane:
         elif isinstance(error, KeyboardInterrupt):
             state = TrialState.FAIL
             self.study._storage.set_trial_user_attr(trial._trial_id, rf.ATTR_FAIL, INTERRUPTED)
-            _requeue_warm_start(self.study, trial)
+            requeue(self.study, self.study._storage.get_trial(trial._trial_id))
         elif error is not None:
             state = TrialState.FAIL
             reason = f"{type(error).__name__}: {error}"[:2000]
@@ -169,19 +170,13 @@ def queued_twin(study: optuna.Study, others: list[optuna.trial.FrozenTrial],
     """
     own = next((t for t in others if t.number == trial.number), None) \
         or study._storage.get_trial(trial._trial_id)
-    start = _warm_start(own)
+    start = warm_start_of(own)
     if start is None:
         return None
     copies = [t.number for t in study.get_trials(deepcopy=False)
-              if t.state != TrialState.FAIL and _warm_start(t) == start]
+              if t.state != TrialState.FAIL and warm_start_of(t) == start]
     first = min(copies, default=trial.number)
     return first if first != trial.number else None
-
-
-def _warm_start(trial: optuna.trial.FrozenTrial) -> tuple[str, dict] | None:
-    """A queued warm start's label and fixed parameters; None for any other trial."""
-    label, params = trial.user_attrs.get("warm_start"), trial.system_attrs.get("fixed_params")
-    return (label, params) if label and params else None
 
 
 def surplus(others: list[optuna.trial.FrozenTrial], trial: optuna.Trial, target: int) -> bool:
@@ -214,11 +209,3 @@ def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState,
     except optuna.exceptions.UpdateFinishedTrialError:
         # another worker marked it FAIL while it ran (its heartbeat was late); its result is lost
         return study._storage.get_trial(trial._trial_id)
-
-
-def _requeue_warm_start(study: optuna.Study, trial: optuna.Trial) -> None:
-    """An interrupted warm start runs again on resume (warm starts are enqueued only once)."""
-    start = _warm_start(study._storage.get_trial(trial._trial_id))
-    if start is not None:
-        label, params = start
-        study.enqueue_trial(params, user_attrs={"warm_start": label})

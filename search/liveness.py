@@ -9,7 +9,8 @@ is gone:
   neither a worker nor a heartbeat (its worker was killed between asking for it and marking it)
   is stale once it started longer than ``grace_seconds`` ago.
 Workers fail such trials when they start, while they wait, and when they stop; ``mergesearch
-status RUN --fail-stale`` does it by hand. Each gets the fail reason ``STALE_REASON``.
+status RUN --fail-stale`` does it by hand. Each gets the fail reason ``STALE_REASON``; a warm
+start failed so is queued again (``search.warm_starts``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from . import run_folder as rf
+from . import warm_starts
 from .storage_writes import TrialWrites
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -102,6 +104,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
             study._storage.set_trial_user_attr(trial._trial_id, rf.ATTR_FAIL, STALE_REASON)
             if study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 failed.append(trial.number)
+                warm_starts.requeue(study, trial)  # only the worker that failed it
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first, or it finished after all
     return failed

@@ -49,6 +49,7 @@ ATTR_SCORE = "score"
 ATTR_TIMINGS = "timings"
 ATTR_FAIL = "fail_reason"
 ATTR_WORKER = "worker"  # host:pid of the process that ran the trial
+ATTR_WARM_START = "warm_start"  # a queued warm start's label (search.warm_starts)
 ARTIFACT_PROBES = "artifact:probes"
 ARTIFACT_RATIOS = "artifact:ratios"
 STUDY_ATTR_PROBES = "probe_set"

@@ -33,6 +33,7 @@ from merge_backend.pipeline import load_pipeline
 from merge_backend.plan import plan_merge
 
 from . import run_folder as rf
+from . import warm_starts
 from .config import PERSON, ConfigError, StudyConfig, check_blocks, map_paths
 from .samplers import make_sampler
 from .space import SearchSpace, warm_start_params
@@ -246,7 +247,7 @@ def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, log: Log = _std
         return
     starts = warm_start_params(space)
     for label, params in starts:
-        study.enqueue_trial(params, user_attrs={"warm_start": label}, skip_if_exists=True)
+        warm_starts.enqueue(study, label, params, skip_if_exists=True)
     study.set_user_attr(STUDY_ATTR_WARM, True)
     if starts:
         log(f"queued {len(starts)} warm start(s): {', '.join(label for label, _ in starts)}")

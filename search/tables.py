@@ -23,8 +23,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row.update({f"score:{k}": v for k, v in t.user_attrs.get(rf.ATTR_SCORES, {}).items()})
         row.update(t.params)
         row.update({f"s:{k}": v for k, v in t.user_attrs.get(rf.ATTR_TIMINGS, {}).items()})
-        if t.user_attrs.get("warm_start"):
-            row["warm_start"] = t.user_attrs["warm_start"]
+        if t.user_attrs.get(rf.ATTR_WARM_START):
+            row["warm_start"] = t.user_attrs[rf.ATTR_WARM_START]
         if t.number in choices:
             wins, losses, hidden = choices[t.number]
             row.update({"wins": wins, "chosen_worst": losses, "on_page": not hidden and (

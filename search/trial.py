@@ -161,7 +161,7 @@ def _pruned(trial: optuna.Trial, ctx: StudyContext, cheap: float, clock: _Clock)
 
 
 def _title(trial: optuna.Trial) -> str:
-    warm = trial.user_attrs.get("warm_start")
+    warm = trial.user_attrs.get(rf.ATTR_WARM_START)
     return f"trial {trial.number}" + (f" ({warm})" if warm else "")
 
 

@@ -309,6 +309,34 @@ def test_a_warm_start_queued_twice_is_drawn_once(study_dir, tmp_path):
     assert [t.user_attrs[ATTR_DUPLICATE] for t in pruned] == [ones[0].number]
 
 
+@pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
+def test_a_warm_start_left_by_a_killed_worker_runs_again(study_dir, tmp_path):
+    """A worker killed while it held the model1 warm start leaves it RUNNING; the next worker
+    fails it as stale and must queue it again (warm starts are queued once per study), so the
+    resumed study still draws model1."""
+    from search.config import parse_config
+    from search.study import optimize, prepare
+
+    data = yaml.safe_load((study_dir / "study" / "c.yaml").read_text())
+    data.update(name="killed", output=str(tmp_path / "runs"), trials=3,
+                models={role: str((study_dir / "study" / path).resolve())
+                        for role, path in data["models"].items()})
+    study, ctx = prepare(parse_config(data), log=lambda m: None)
+    held = study.ask()  # what the killed worker had popped
+    assert held.user_attrs["warm_start"] == "model1"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    held.set_user_attr(rf.ATTR_WORKER, f"{socket.gethostname()}:{gone.pid}")
+    held.set_user_attr(ATTR_BOOT, BOOT_ID)
+    optimize(study, ctx, log=lambda m: None)
+    trials = study.get_trials()
+    assert trials[held.number].state == optuna.trial.TrialState.FAIL
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3
+    ones = [t for t in done if set(t.params.values()) == {1.0}]
+    assert [t.user_attrs.get("warm_start") for t in ones] == ["model1"]
+
+
 # ---------------------------------------------------------------------------- --help
 
 
