@@ -36,10 +36,6 @@ from .trial import ATTR_CHEAP, ATTR_DUPLICATE, DuplicateTrial, evaluated_twin
 from .warm_starts import requeue, warm_start_of
 
 INTERRUPTED = "interrupted"
-# Read the study before asking only this close to the target (at the last proposal): further
-# off, the read after proposing (``surplus``) is the check; a trial asked for past the target
-# goes back to the queue unstored, as one another worker's trials overtook does.
-NEAR_TARGET = 8
 Propose = Callable[[optuna.Trial, Any], object]
 
 
@@ -69,7 +65,10 @@ class Lane:
         self.heartbeat = heartbeat
         self.screening = screening  # search.screening.Screening, or None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergesearch-storage")
-        self._left: int | None = None  # trials short of the target at the last proposal's read
+        # trials short of the target at the last proposal's read, less those other workers
+        # may ask before the next one (one per trial they hold): while above 0, the target
+        # cannot be reached before the next ask, and no read is needed to know it
+        self._slack: int | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         return self._pool.submit(fn, *args)
@@ -80,11 +79,11 @@ class Lane:
     # ------------------------------------------------------------------ jobs
     def propose(self, ctx, target: int, propose: Propose) -> Proposal | None:
         """Ask for a trial and propose its parameters; None when the COMPLETE and running
-        trials reach ``target`` already (none is asked for; read only ``NEAR_TARGET`` trials
-        from it), or reach it once it is asked for (another worker asked at the same moment:
-        it goes back to the queue)."""
+        trials reach ``target`` already (none is asked for; the study is read for it only
+        when the last proposal left no slack), or reach it once it is asked for (another worker
+        asked at the same moment: it goes back to the queue)."""
         running = (TrialState.COMPLETE, TrialState.RUNNING)
-        if (self._left is None or self._left <= NEAR_TARGET) and \
+        if (self._slack is None or self._slack <= 0) and \
                 len(self.study.get_trials(deepcopy=False, states=running)) >= target:
             return None
         if self.screening is not None:
@@ -104,7 +103,9 @@ class Lane:
         # one read here for a sampler that reads nothing): every trial asked before this one,
         # which is all ``surplus`` counts; one list for both checks
         others = self.study._get_trials(deepcopy=False, states=running, use_cache=True)
-        self._left = target - len(others)
+        mine = self.heartbeat.held()
+        self._slack = target - len(others) - sum(
+            1 for t in others if t.state == TrialState.RUNNING and t._trial_id not in mine)
         if surplus(others, trial, target):
             self.hand_back(trial)  # its parameters were never stored: the next ask draws anew
             return None

@@ -132,6 +132,11 @@ class Heartbeat:
         with self._lock:
             self._held.discard(trial_id)
 
+    def held(self) -> frozenset[int]:
+        """The ids of the trials this worker holds now."""
+        with self._lock:
+            return frozenset(self._held)
+
     def __enter__(self) -> Heartbeat:
         if self._interval:
             self._thread = threading.Thread(target=self._run, daemon=True,

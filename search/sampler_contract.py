@@ -137,6 +137,7 @@ class SamplerContract:
         states = [t.state for t in sorted(study.get_trials(), key=lambda t: t.number)]
         assert result.completed == 6 and states.count(optuna.trial.TrialState.COMPLETE) == 6
         assert states[2] == optuna.trial.TrialState.FAIL
+        assert len(states) == 7  # nothing asked for past the target (left WAITING)
         assert self._proposals(study)[0] == warm  # the warm start, as given
 
     def test_multi_objective_studies_where_it_serves_them(self, tmp_path):

@@ -27,6 +27,7 @@ evaluated.
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import sys
@@ -126,6 +127,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         log(f"study {study.study_name!r} already holds {count(study, TrialState.COMPLETE)} "
             f"COMPLETE trials (target {result.target}); raise `trials` (or --trials) to run more")
     turns = _Turns(study, ctx, result, callbacks, run, propose, log)
+    gc.freeze()  # the models and libraries loaded by now: the cyclic collector skips them
     try:
         with turns.heartbeat:
             try:
@@ -140,6 +142,7 @@ def optimize(study: optuna.Study, ctx: StudyContext, *, trials: int | None = Non
         if turns.shortlist:  # a round cut short: its best stays on the page
             _settle(study, turns.shortlist)
         rf.leave_wal(study._storage)
+        gc.unfreeze()
     result.completed = count(study, TrialState.COMPLETE)
     return result
 
