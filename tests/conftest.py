@@ -64,3 +64,4 @@ for _arch in ("sd1", "sd2", "sdxl", "sd35_large", "sd35_medium", "flux1"):
 
 
 from browser import browser  # noqa: E402, F401 - the headless Chromium fixture (tests/browser.py)
+from postgres_server import postgres_url  # noqa: E402, F401 - a PostgreSQL server fixture

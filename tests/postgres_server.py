@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 
 def find_bin(name: str) -> str | None:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
@@ -59,3 +61,14 @@ class PostgresServer:
         subprocess.run([*self.prefix, find_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate",
                         "stop"], capture_output=True, timeout=60)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A server for the session (per xdist worker); tests use their own study names."""
+    if find_bin("initdb") is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql); .ci/run installs it")
+    pytest.importorskip("psycopg")
+    server = PostgresServer()
+    yield server.start()
+    server.stop()

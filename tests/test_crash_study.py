@@ -18,7 +18,6 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from postgres_server import PostgresServer, find_bin
 
 from evaluators.testing import write_tiny_open_clip
 from search import run_folder as rf
@@ -36,17 +35,6 @@ SLOW_PROBES = {"prompts": ["a red apple"], "seeds": [1, 2], "steps": 16, "width"
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return write_tiny_open_clip(tmp_path_factory.mktemp("clip"), name="crash-clip", seed=0)
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    if find_bin("initdb") is None:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql); .ci/run installs it")
-    pytest.importorskip("psycopg")
-    server = PostgresServer()
-    url = server.start()
-    yield url
-    server.stop()
 
 
 def write_config(folder: Path, fam, clip, name: str, trials: int, **extra) -> Path:

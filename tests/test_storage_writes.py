@@ -20,18 +20,6 @@ from search.storage_writes import TrialWrites, batched_suggests
 SPACE = {f"b{i}": FloatDistribution(0.0, 1.0) for i in range(6)}
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    from postgres_server import PostgresServer, find_bin
-
-    if find_bin("initdb") is None:
-        pytest.skip("PostgreSQL is not installed (Debian package postgresql); .ci/run installs it")
-    pytest.importorskip("psycopg")
-    server = PostgresServer()
-    yield server.start()
-    server.stop()
-
-
 def _storage(kind: str, tmp_path, request=None):
     if kind == "sqlite":
         return rf.open_storage(f"sqlite:///{tmp_path / 'study.db'}", 10, 30, worker=True)
