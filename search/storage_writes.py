@@ -183,8 +183,10 @@ class _DeferredParams:
 
     def set_trial_param(self, trial_id: int, name: str, internal: float,
                         distribution: BaseDistribution) -> None:
-        assert trial_id == self._writes.trial_id
-        self._writes.params[name] = (internal, distribution)
+        if trial_id != self._writes.trial_id:  # another trial's: not this batch's to hold
+            self._storage.set_trial_param(trial_id, name, internal, distribution)
+        else:
+            self._writes.params[name] = (internal, distribution)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         if trial_id != self._writes.trial_id:
