@@ -20,6 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 from browser import assert_not_blank, loaded_images, missing, wait_for
+from child_signals import interruptible
 
 from search import run_folder as rf
 
@@ -42,7 +43,8 @@ class Run:
                 [sys.executable, "-m", "search.cli", "demo", "--preference", "--folder",
                  str(folder), "--trials", str(TRIALS), "--candidates", str(CANDIDATES),
                  "--port", "0"],
-                stdout=out, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                stdout=out, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                preexec_fn=interruptible)
         line = wait_for(lambda: re.search(r"at (http://127\.0\.0\.1:\d+/dashboard/studies/\d+)",
                                           self.text()), 240, "the run's dashboard URL")
         self.study_url = line.group(1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from child_signals import interruptible
 
 from evaluators.testing import write_tiny_open_clip
 from search import run_folder as rf
@@ -65,7 +66,7 @@ class Worker:
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "search.cli", "run", str(config), *more],
-                stdout=subprocess.DEVNULL, stderr=err, env=env)
+                stdout=subprocess.DEVNULL, stderr=err, env=env, preexec_fn=interruptible)
 
     @property
     def tag(self) -> str:  # the `worker` attribute of its trials ends with its pid
