@@ -36,6 +36,7 @@ import optuna
 import pytest
 
 from . import run_folder as rf
+from . import warm_starts
 from .samplers import make_sampler, option_problems, sampler_entry
 from .trial import TrialFailed
 from .worker import optimize
@@ -132,7 +133,7 @@ class SamplerContract:
     def test_the_worker_loop_reaches_its_target(self, tmp_path):
         study = self._study(tmp_path, "worker", seed=2)
         warm = {name: HIDDEN[name] for name, _, _ in SPACE}
-        study.enqueue_trial(warm, user_attrs={"warm_start": "hidden"})
+        warm_starts.enqueue(study, "hidden", warm)
         result = self._run(study, 6, fail_at=2)
         states = [t.state for t in sorted(study.get_trials(), key=lambda t: t.number)]
         assert result.completed == 6 and states.count(optuna.trial.TrialState.COMPLETE) == 6

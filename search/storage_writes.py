@@ -173,7 +173,7 @@ def _record_heartbeat(session, trial_id: int) -> None:
         beat.heartbeat = session.execute(sqlalchemy.func.now()).scalar()
 
 
-class _DeferredParams:
+class _DeferredWrites:
     """A trial's storage, except that its parameters and system attributes (a sampler's
     state: CMA-ES stores its optimizer and generation there) are gathered into ``writes``."""
 
@@ -209,7 +209,7 @@ def deferred_suggests(trial: optuna.Trial) -> Iterator[TrialWrites]:
     storage, study_storage = trial.storage, trial.study._storage
     # samplers write through the study (CMA-ES), suggest_* through the trial; the proxy passes
     # every other call through, so another thread using the study meanwhile sees no change
-    trial.storage = trial.study._storage = _DeferredParams(storage, writes)
+    trial.storage = trial.study._storage = _DeferredWrites(storage, writes)
     try:
         yield writes
     finally:
