@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from merge_backend.recipe import Recipe, Source, uniform_ratios
+
 RATIO = 0.3
 
 
@@ -28,13 +30,14 @@ def merge_cmd(fam, out: Path) -> list[str]:
             "--ratio", str(RATIO), "--quiet", "-o", str(out)]
 
 
-def start(fam, out: Path, moment: str | None = None) -> subprocess.Popen:
+def start(fam, out: Path, moment: str | None = None,
+          cmd: list[str] | None = None) -> subprocess.Popen:
     env = dict(os.environ)
     env.pop("MERGESEARCH_PAUSE_AT", None)
     if moment:
         env["MERGESEARCH_PAUSE_AT"] = moment
-    return subprocess.Popen(merge_cmd(fam, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env)
+    return subprocess.Popen(cmd or merge_cmd(fam, out), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
 
 
 def wait_paused(proc: subprocess.Popen, moment: str, timeout: float = 120) -> None:
@@ -110,6 +113,31 @@ def test_killed_while_writing_leaves_no_output_and_the_next_merge_cleans_up(
     assert sources_digest(tiny_sd1) == before
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_killed_diffusers_export_leaves_no_folder_behind(tiny_sd1, tmp_path):
+    """A diffusers export builds its folder under a temporary name: killed, that folder is a
+    partial like a merge's file, named by writer and host, and the next writer removes it."""
+    recipe = Recipe(arch="sd1", method="weighted_sum", vocabulary="mbw",
+                    ratios=uniform_ratios("sd1", "mbw", RATIO),
+                    models={"model1": Source(str(tiny_sd1.a)), "model2": Source(str(tiny_sd1.b))})
+    recipe_file = tmp_path / "my-merge.json"
+    recipe_file.write_text(recipe.to_json())
+    out = tmp_path / "out"
+    proc = start(tiny_sd1, out, "mid-stream", cmd=[
+        sys.executable, "-m", "search.cli", "export", str(recipe_file), "--to", "diffusers",
+        "-o", str(out), "--config-folder", str(tiny_sd1.config_folder), "--quiet"])
+    wait_paused(proc, "mid-stream")  # writing the merged checkpoint inside the folder
+    ticks = start_ticks(proc.pid)
+    kill(proc)
+    [partial] = partials(out)
+    assert partial.is_dir()
+    assert partial.name.startswith(f".my-merge-diffusers.{proc.pid}-{ticks}@")
+    assert not (out / "my-merge-diffusers").exists()
+    merge_ok(tiny_sd1, out / "next.safetensors")
+    assert partials(out) == []
+    assert_valid(out / "next.safetensors", tiny_sd1)
+
+
 def test_killed_after_the_rename_leaves_a_complete_output(tiny_sd1, tmp_path):
     out = tmp_path / "merged.safetensors"
     proc = start(tiny_sd1, out, "after-rename")
@@ -173,7 +201,12 @@ def test_only_our_stale_partials_of_this_host_are_removed(tiny_sd1, tmp_path):
     for path in stale[1:] + kept:
         path.write_bytes(b"x")
     (tmp_path / f".i.safetensors.{gone}.partial").mkdir()                     # a folder
-    kept.append(tmp_path / f".i.safetensors.{gone}.partial")
+    kept.append(tmp_path / f".i.safetensors.{gone}.partial")                  # ... old name
+    (tmp_path / f".j-diffusers.{gone}-{ticks}@{host}.partial").mkdir()        # an export's
+    (tmp_path / f".j-diffusers.{gone}-{ticks}@{host}.partial" / "unet").mkdir()
+    stale.append(tmp_path / f".j-diffusers.{gone}-{ticks}@{host}.partial")    # ... dead
+    (tmp_path / f".k-diffusers.{me}-{ticks}@{host}.partial").mkdir()
+    kept.append(tmp_path / f".k-diffusers.{me}-{ticks}@{host}.partial")       # ... alive
     merge_ok(tiny_sd1, tmp_path / "next.safetensors")
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from merge_backend.file_sinks import AtomicWriter
+from merge_backend.partial_files import partial_name, remove_stale_partials
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -27,11 +28,14 @@ def atomic_folder(target: Path) -> Iterator[Path]:
 
     On an exception the temporary folder is removed and ``target`` is left as it was. An
     existing ``target`` (the caller has checked overwriting is wanted) is moved aside first and
-    deleted only after the new folder is in place.
+    deleted only after the new folder is in place. The temporary folder is named as
+    partial_files names partials, so the next writer into that folder removes one a killed
+    export left behind.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    remove_stale_partials(target.parent)
+    tmp = target.with_name(partial_name(target.name))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
