@@ -224,7 +224,7 @@ def open_sink(path: Path, direct: bool) -> BufferedSink | DirectSink:
     return BufferedSink(path)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (where folders can be opened: not on Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -274,7 +274,7 @@ class AtomicWriter:
             raise named from error
         if ok:
             pause_point("after-rename")
-            _sync_folder(self.target.parent)
+            sync_folder(self.target.parent)
             return
         self.tmp.unlink(missing_ok=True)
         named = _naming(exc, self.target)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from merge_backend.architectures import ARCHITECTURES
+from merge_backend.atomic_files import atomic_write_text
 
 CACHE_ENV = "MERGESEARCH_CACHE"
 _N_MERGES = 49152 - 256 - 2  # CLIP's BPE: 48894 merges after the version line
@@ -116,13 +116,7 @@ TOKENIZER_WRITERS: dict[str, Callable[[Path, dict[str, Any]], None]] = {
 def _write_if_changed(path: Path, text: str) -> None:
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # write-then-rename so a concurrent reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; config files are not secrets
-    os.replace(tmp, path)
+    atomic_write_text(path, text)  # a concurrent reader never sees half a file
 
 
 def write_config_folder(arch_name: str, folder: Path | None = None, size: str = "full") -> Path:

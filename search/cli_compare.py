@@ -42,7 +42,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
-    from merge_backend.export._files import atomic_write_text
+    from merge_backend.atomic_files import atomic_write_text
 
     from .cli_export import pick_device
     from .compare import compare

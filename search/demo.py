@@ -23,6 +23,7 @@ import yaml
 
 from evaluators import combine, generate, score_images
 from merge_backend.architectures import ARCHITECTURES, text_encoder_block
+from merge_backend.atomic_files import atomic_write_text
 from toyworld.files import SHIPPED, write_world
 from toyworld.world import SAMPLING, caption, training_subjects
 
@@ -76,8 +77,8 @@ def write_preference_config(folder: Path, trials: int = 30, candidates: int = 4)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "preference.yaml"
-    path.write_text(yaml.safe_dump(preference_config(folder.absolute(), trials, candidates),
-                                   sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(preference_config(folder.absolute(), trials,
+                                                             candidates), sort_keys=False))
     return path
 
 
@@ -101,7 +102,7 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
         shutil.rmtree(folder)
     data = demo_config(folder, trials, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "demo.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(folder / "demo.yaml", yaml.safe_dump(data, sort_keys=False))
     cfg: StudyConfig = parse_config(data, source=str(folder / "demo.yaml"))
     study, ctx = prepare(cfg)
     hidden = hidden_ratios()
@@ -148,5 +149,5 @@ def report(study, ctx, hidden: dict[str, float], hidden_score: float, out) -> di
     result = {"rmse": rmse, "best_score": best.value, "hidden_score": hidden_score,
               "gap": gap, "best_trial": best.number, "found": found, "hidden": dict(hidden),
               "trials": len(study.trials)}
-    (Path(run) / "demo_result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(Path(run) / "demo_result.json", json.dumps(result, indent=2))
     return result

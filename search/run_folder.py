@@ -39,6 +39,7 @@ import optuna
 import yaml
 
 from merge_backend import Recipe
+from merge_backend.atomic_files import atomic_write_text
 
 from . import preference
 
@@ -85,9 +86,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         data = {"study_name": self.study_name, "storage": self.storage,
                 "heartbeat_seconds": self.heartbeat_seconds, "grace_seconds": self.grace_seconds}
-        tmp = self.path / f".{RUN_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path / RUN_FILE)
+        atomic_write_text(self.path / RUN_FILE, json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> RunFolder:

@@ -11,7 +11,6 @@ worker with the same config and storage URL joins the same study.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ import torch
 import yaml
 
 from evaluators import ScorerError, build_scorer, score_norms
+from merge_backend.atomic_files import atomic_write_text
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.dtypes import DTYPES
 from merge_backend.engine import MergeEngine
@@ -207,9 +207,7 @@ def _write_run_folder(cfg: StudyConfig) -> rf.RunFolder:
                        cfg.grace_seconds)
     run.save()
     text = yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
-    tmp = run.config_path.with_name(f".{run.config_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, run.config_path)
+    atomic_write_text(run.config_path, text)
     return run
 
 

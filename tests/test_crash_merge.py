@@ -114,9 +114,12 @@ def test_killed_while_writing_leaves_no_output_and_the_next_merge_cleans_up(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_a_killed_diffusers_export_leaves_no_folder_behind(tiny_sd1, tmp_path):
-    """A diffusers export builds its folder under a temporary name: killed, that folder is a
-    partial like a merge's file, named by writer and host, and the next writer removes it."""
+@pytest.mark.parametrize("fmt,left", [("diffusers", "my-merge-diffusers"),
+                                      ("lora", "my-merge.lora.safetensors.scratch")])
+def test_a_killed_export_leaves_no_folder_behind(tiny_sd1, tmp_path, fmt, left):
+    """A diffusers export builds its folder under a temporary name, a LoRA export merges into a
+    scratch folder: killed, that folder is a partial like a merge's file, named by writer and
+    host, and the next writer into the folder removes it."""
     recipe = Recipe(arch="sd1", method="weighted_sum", vocabulary="mbw",
                     ratios=uniform_ratios("sd1", "mbw", RATIO),
                     models={"model1": Source(str(tiny_sd1.a)), "model2": Source(str(tiny_sd1.b))})
@@ -124,15 +127,16 @@ def test_a_killed_diffusers_export_leaves_no_folder_behind(tiny_sd1, tmp_path):
     recipe_file.write_text(recipe.to_json())
     out = tmp_path / "out"
     proc = start(tiny_sd1, out, "mid-stream", cmd=[
-        sys.executable, "-m", "search.cli", "export", str(recipe_file), "--to", "diffusers",
-        "-o", str(out), "--config-folder", str(tiny_sd1.config_folder), "--quiet"])
-    wait_paused(proc, "mid-stream")  # writing the merged checkpoint inside the folder
+        sys.executable, "-m", "search.cli", "export", str(recipe_file), "--to", fmt, "-o",
+        str(out), "--config-folder", str(tiny_sd1.config_folder), "--base", str(tiny_sd1.base),
+        "--quiet"])
+    wait_paused(proc, "mid-stream")  # writing the merged checkpoint inside that folder
     ticks = start_ticks(proc.pid)
     kill(proc)
     [partial] = partials(out)
     assert partial.is_dir()
-    assert partial.name.startswith(f".my-merge-diffusers.{proc.pid}-{ticks}@")
-    assert not (out / "my-merge-diffusers").exists()
+    assert partial.name.startswith(f".{left}.{proc.pid}-{ticks}@")
+    assert [p.name for p in out.iterdir()] == [partial.name]  # no output
     merge_ok(tiny_sd1, out / "next.safetensors")
     assert partials(out) == []
     assert_valid(out / "next.safetensors", tiny_sd1)

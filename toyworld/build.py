@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from merge_backend.atomic_files import atomic_write_text
 from toyworld.files import CHECKPOINTS, ToyWorld, save_safetensors, save_torch, write_world
 from toyworld.stages import (
     BuildPlan,
@@ -145,7 +146,7 @@ def build_world(folder: Path, plan: BuildPlan = BuildPlan(), *, progress=None,
             "build_seconds": round(time.monotonic() - started, 1),
             "torch": torch.__version__, "threads": "2 processes x 1 thread",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
-    (folder / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(folder / "manifest.json", json.dumps(info, indent=2) + "\n")
     if not keep_work:
         shutil.rmtree(work_folder)
     progress.close()

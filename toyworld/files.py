@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
+
+from merge_backend.atomic_files import atomic_path, atomic_write_text
 
 SHIPPED = Path(__file__).resolve().parent / "weights"
 CHECKPOINTS = ("base", "style_a", "style_b")
@@ -88,15 +89,13 @@ def fp16(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     """fp16, one metadata key (safetensors writes several in random order: bytes would vary),
     written beside and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(fp16(state), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(fp16(state), str(tmp), metadata={"format": "pt"})
 
 
 def save_torch(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def write_world(folder: Path, source: Path = SHIPPED) -> ToyWorld:
@@ -111,11 +110,10 @@ def write_world(folder: Path, source: Path = SHIPPED) -> ToyWorld:
     world.folder.mkdir(parents=True, exist_ok=True)
     if Path(source).resolve() != world.folder.resolve():
         for name in WEIGHT_FILES:
-            tmp = world.folder / f".{name}.tmp"
-            shutil.copyfile(Path(source) / name, tmp)
-            os.replace(tmp, world.folder / name)
+            with atomic_path(world.folder / name) as tmp:
+                shutil.copyfile(Path(source) / name, tmp)
     write_config_folder("sd1", world.config_folder, size="tiny")
-    world.study_config.write_text(yaml.safe_dump(study_config(world), sort_keys=False))
+    atomic_write_text(world.study_config, yaml.safe_dump(study_config(world), sort_keys=False))
     return world
 
 

@@ -7,7 +7,6 @@ seeded from the plan alone: which worker runs it, and when, changes nothing.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merge_backend.atomic_files import atomic_path
 from toyworld.draw import draw, random_scenes
 from toyworld.train_clip import (
     TrainCLIP,
@@ -66,9 +66,8 @@ class Work:
         return self.folder / f"{name}.pt"
 
     def save(self, name: str, obj) -> None:
-        tmp = self.folder / f".{name}.pt.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, self.path(name))
+        with atomic_path(self.path(name)) as tmp:
+            torch.save(obj, tmp)
 
     def load(self, name: str, timeout: float = 7200.0):
         """Wait for another worker's output (or its failure), then load it."""

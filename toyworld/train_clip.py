@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluators._aesthetic_head import AestheticHead
+from merge_backend.atomic_files import atomic_write_text
 from toyworld.draw import Scenes, draw, random_scenes
 from toyworld.training import Report, pictures_to_tensor, world_token_ids
 from toyworld.world import (
@@ -72,8 +73,7 @@ class TrainHead:
 
 
 def write_clip_config(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(CLIP_CONFIG, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(CLIP_CONFIG, indent=2) + "\n")
     return path
 
 

@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from merge_backend.architectures import ARCHITECTURES, SINGLE, SLIDERS, convert_ratios
+from merge_backend.atomic_files import atomic_write_text
 from merge_backend.methods import METHODS, NODE_KINDS
 from merge_backend.recipe import LoraSpec, Recipe
-
-from ._files import atomic_write_text
 
 Link = tuple[int, int]  # (node id, output slot)
 

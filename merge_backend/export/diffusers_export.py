@@ -15,11 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from merge_backend.atomic_files import atomic_folder
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.pipeline import load_pipeline
 from merge_backend.recipe import Recipe
-
-from ._files import atomic_folder
 
 
 def export_diffusers(recipe: Recipe, folder: Path, *, dtype: str = "fp16",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merge_backend.atomic_files import atomic_write_text, scratch_folder
 from merge_backend.checkpoint import CheckpointError
 from merge_backend.hashing import sha256_of
 from merge_backend.lora.extract import ExtractResult, extract_lora
@@ -26,7 +27,6 @@ from merge_backend.lora.svd import DEFAULT_CLAMP, check_clamp
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.recipe import Recipe, RecipeError
 
-from ._files import atomic_write_text
 from .comfyui import ComfyPrompt, comfy_settings, comfy_workflow, write_comfy_workflow
 from .diffusers_export import export_diffusers
 from .mbw import mbw_ratios, mbw_string
@@ -324,13 +324,10 @@ def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Pat
                  ) -> ExtractResult:
     """The merge minus ``plan.lora_base`` as a LoRA (UNet and text encoders), in
     ``plan.lora_format`` with the plan's clamp and the extraction's other defaults."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)  # RUN/exports of a fresh run
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as tmp:
+    with scratch_folder(path) as tmp:  # beside the LoRA: a full merge, on the output's disk
         merged = checkpoint
         if merged is None:
-            merged = Path(tmp) / "merged.safetensors"
+            merged = tmp / "merged.safetensors"
             merge_to_file(item.recipe, merged, dtype="fp32", known_sha256=plan.hashes)
         return extract_lora(merged, plan.lora_base, path, rank=plan.lora_rank,
                             text_encoder=True, fmt=plan.lora_format,

@@ -1,0 +1,102 @@
+"""Outputs that appear complete under their name or not at all: small files, files a library
+writes by name, folders, and scratch folders.
+
+Every temporary name here is a partial name (``partial_files``): the writer's PID, start time
+and host. A process killed while writing cannot remove what it left, so each of these first
+removes, from the folder it writes into, the partials of writers that are gone.
+
+Example:
+    >>> atomic_write_text(Path("run/config.yaml"), text)                  # doctest: +SKIP
+    >>> with atomic_path(Path("world/unet.safetensors")) as tmp:          # doctest: +SKIP
+    ...     save_file(state, str(tmp))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from merge_backend.file_sinks import AtomicWriter, sync_folder
+from merge_backend.partial_files import partial_name, remove_stale_partials
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    with AtomicWriter(Path(path)) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` for a library that writes by file name
+    (``torch.save``, safetensors' ``save_file``, ``shutil.copyfile``); once the block ends the
+    file is synced and renamed onto ``target``. On an exception it is removed and ``target`` is
+    left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent)
+    tmp = target.with_name(partial_name(target.name))
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_folder(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``.
+
+    On an exception the temporary folder is removed and ``target`` is left as it was. An
+    existing ``target`` (the caller has checked overwriting is wanted) is moved aside first and
+    deleted only after the new folder is in place.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent)
+    tmp = target.with_name(partial_name(target.name))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.{os.getpid()}.old")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(beside: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside the output ``beside`` (on its disk) for files
+    that must not outlive the block; it is removed when the block ends, however it ends."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(beside.parent)
+    tmp = beside.with_name(partial_name(f"{beside.name}.scratch"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""merge_backend.atomic_files: an output is the old file or the new one, never half of one, and
+no temporary name outlives the writer (a killed writer's: tests/test_crash_merge.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from merge_backend.atomic_files import atomic_path, atomic_write_text, scratch_folder
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_library_writing_by_name_replaces_the_target_whole(tmp_path):
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name != target.name
+        assert target.read_bytes() == b"old"  # nothing is visible before the block ends
+        torch.save({"w": torch.arange(3)}, tmp)
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_a_failed_write_leaves_the_old_target_and_no_temporary_file(tmp_path):
+    target = tmp_path / "sub" / "world.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    with pytest.raises(Boom), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise Boom
+    assert target.read_bytes() == b"old"
+    assert os.listdir(target.parent) == ["world.safetensors"]
+    with pytest.raises(Boom), atomic_path(tmp_path / "new.txt"):
+        raise Boom  # nothing was written at all
+    assert sorted(os.listdir(tmp_path)) == ["sub"]
+
+
+def test_text_lands_whole_in_a_folder_made_for_it(tmp_path):
+    target = tmp_path / "a" / "b" / "run.json"
+    atomic_write_text(target, "{\"x\": 1}\n")
+    assert target.read_text() == "{\"x\": 1}\n"
+    assert os.listdir(target.parent) == ["run.json"]
+
+
+def test_a_scratch_folder_is_gone_however_its_block_ends(tmp_path):
+    out = tmp_path / "best.lora.safetensors"
+    with scratch_folder(out) as scratch:
+        assert scratch.is_dir() and scratch.parent == tmp_path and not any(scratch.iterdir())
+        (scratch / "merged.safetensors").write_bytes(b"x" * 1000)
+    with pytest.raises(Boom), scratch_folder(out) as scratch:
+        (scratch / "merged.safetensors").write_bytes(b"x")
+        raise Boom
+    assert os.listdir(tmp_path) == []
