@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,15 +35,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, thread: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` for a library that writes by file name
     (``torch.save``, safetensors' ``save_file``, ``shutil.copyfile``); once the block ends the
     file is synced and renamed onto ``target``. On an exception it is removed and ``target`` is
-    left as it was."""
+    left as it was. ``thread``: threads of one process may write ``target`` at once (the name
+    then carries the thread's id too)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target.parent)
-    tmp = target.with_name(partial_name(target.name))
+    name = f"{target.name}.t{threading.get_ident()}" if thread else target.name
+    tmp = target.with_name(partial_name(name))
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

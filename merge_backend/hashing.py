@@ -20,8 +20,9 @@ import hashlib
 import json
 import mmap
 import os
-import threading
 from pathlib import Path
+
+from .atomic_files import atomic_path
 
 CACHE_ENV = "MERGESEARCH_HASH_CACHE"
 _WINDOW = 1 << 26  # bytes hashed per mapped window before its pages are let go
@@ -120,11 +121,6 @@ def _read(cache: Path) -> dict:
 
 
 def _write(cache: Path, entries: dict) -> None:
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
+    # readers see the old file or the new one, never half of one
+    with contextlib.suppress(OSError), atomic_path(cache, thread=True) as tmp:
         tmp.write_text(json.dumps(entries, indent=0, sort_keys=True))
-        os.replace(tmp, cache)  # readers see the old file or the new one, never half of one
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)

@@ -77,3 +77,21 @@ def test_off_and_broken_caches_never_decide_a_digest(tmp_path, cache, monkeypatc
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a-file" / "sha256.json"))
     assert sha256_of(file) == real  # a cache that cannot be written is skipped
+
+
+def test_threads_hashing_at_once_leave_one_readable_cache(tmp_path, cache):
+    """Each thread writes the cache under its own temporary name; the folder ends with the
+    cache alone, and what it holds are right digests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for i in range(24):
+        files.append(tmp_path / f"m{i}.safetensors")
+        files[-1].write_bytes(os.urandom(4096 + i))
+    with ThreadPoolExecutor(8) as pool:
+        digests = list(pool.map(sha256_of, files))
+    assert digests == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert os.listdir(cache.parent) == ["sha256.json"]
+    entries = json.loads(cache.read_text())
+    by_path = {str(f.resolve()): d for f, d in zip(files, digests)}
+    assert entries and all(e["sha256"] == by_path[p] for p, e in entries.items())
