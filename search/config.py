@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FiniteFloat,
     SerializeAsAny,
     ValidationError,
     ValidationInfo,
@@ -178,7 +179,7 @@ class SamplerConfig(_Strict):
     # a built-in, a `mergesearch.samplers` entry point, or package.module:Class; a study left
     # without one gets its objective's default (StudyConfig, DEFAULT_SAMPLERS)
     name: str = DEFAULT_SAMPLERS["weighted"]
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # what numpy's generators (QMC's) accept
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -205,8 +206,8 @@ class WarmStart(_Strict):
 
     model1: bool = True
     model2: bool = True
-    uniform: list[float] = Field(default_factory=lambda: [0.5])
-    presets: dict[str, dict[str, float]] = Field(default_factory=dict)
+    uniform: list[FiniteFloat] = Field(default_factory=lambda: [0.5])  # inside merge.bounds
+    presets: dict[str, dict[str, FiniteFloat]] = Field(default_factory=dict)
     # smooth ratio curves over the blocks' depth (search.curves): how many
     curves: int = Field(0, ge=0, le=256)
 
@@ -320,6 +321,10 @@ class StudyConfig(_Strict):
                             "(only objective: preference runs without: a person judges)")
         if len({s.label for s in self.scorers}) != len(self.scorers):
             problems.append("scorers: two scorers share a name; give each a distinct `name`")
+        low, high = self.merge.bounds
+        problems += [f"warm_start.uniform[{i}]: {u} is outside merge.bounds ({low}, {high}); "
+                     "the uniform merge would not be the one asked for"
+                     for i, u in enumerate(self.warm_start.uniform) if not low <= u <= high]
         problems += self._strategy_problems()
         if problems:
             raise ValueError("\n".join(problems))

@@ -1,6 +1,7 @@
 """Studies end to end on the tiny family: SQLite storage, artifacts, resume, failures, seeds."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -169,9 +170,15 @@ def test_same_config_and_seed_same_sequence(tiny_sd1, clip_files, tmp_path):
     ({"scorers": [{"kind": "clip", "model": "ViT-B-32", "weights": "/missing.pt"}]}, "/missing.pt"),
     ({"name": "has space"}, "name"),
     ({"objective": "multi", "sampler": {"name": "cmaes"}}, "single-objective"),
+    ({"sampler": {"seed": -1}}, "sampler.seed"),
+    ({"sampler": {"seed": 2**32}}, "sampler.seed"),
+    ({"warm_start": {"uniform": [0.5, float("nan")]}}, "warm_start.uniform[1]"),
+    ({"warm_start": {"uniform": [1.5]}}, "warm_start.uniform[0]"),
+    ({"merge": {"bounds": [0.2, 0.8]}, "warm_start": {"uniform": [0.1]}}, "warm_start.uniform[0]"),
+    ({"warm_start": {"presets": {"p": {"IN01": float("inf")}}}}, "warm_start.presets.p.IN01"),
 ])
 def test_each_invalid_field_has_its_own_message(tiny_sd1, clip_files, tmp_path, change, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         study_config(tiny_sd1, clip_files, tmp_path, **change)
 
 
