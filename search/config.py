@@ -73,8 +73,8 @@ class Models(_Strict):
 class Searched(_Strict):
     """A value searched in [low, high]."""
 
-    low: float
-    high: float
+    low: FiniteFloat
+    high: FiniteFloat
 
     @model_validator(mode="after")
     def _ordered(self) -> Searched:
@@ -112,11 +112,11 @@ class LoraSearch(_Strict):
 class MergeSpace(_Strict):
     method: str = "weighted_sum"  # any merge method with ratios (merge_backend.methods)
     vocabulary: str = "mbw"  # any vocabulary of the architecture's file (checked with its blocks)
-    bounds: tuple[float, float] = (0.0, 1.0)
-    block_bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    fixed: dict[str, float] = Field(default_factory=dict)
+    bounds: tuple[FiniteFloat, FiniteFloat] = (0.0, 1.0)
+    block_bounds: dict[str, tuple[FiniteFloat, FiniteFloat]] = Field(default_factory=dict)
+    fixed: dict[str, FiniteFloat] = Field(default_factory=dict)
     tied: list[list[str]] = Field(default_factory=list)
-    multiplier: float | Searched = 1.0
+    multiplier: FiniteFloat | Searched = 1.0
     text_encoder: TextEncoderPolicy = TextEncoderPolicy()
     arithmetic: Literal["comfy", "fast"] = "fast"
     # The precision the UNet / text encoders are held in while merging, as ComfyUI holds them
@@ -167,6 +167,10 @@ class MergeSpace(_Strict):
             elif not self.allow_extrapolation and not (0 <= low and high <= 1):
                 problems.append(f"{name}: ({low}, {high}) leaves [0, 1]; set "
                                 "merge.allow_extrapolation: true to extrapolate")
+        if not self.allow_extrapolation:
+            problems += [f"fixed.{block}: {value} is outside [0, 1]; set "
+                         "merge.allow_extrapolation: true to extrapolate"
+                         for block, value in self.fixed.items() if not 0 <= value <= 1]
         if problems:
             raise ValueError("\n".join(problems))
         return self

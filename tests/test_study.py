@@ -176,6 +176,10 @@ def test_same_config_and_seed_same_sequence(tiny_sd1, clip_files, tmp_path):
     ({"warm_start": {"uniform": [1.5]}}, "warm_start.uniform[0]"),
     ({"merge": {"bounds": [0.2, 0.8]}, "warm_start": {"uniform": [0.1]}}, "warm_start.uniform[0]"),
     ({"warm_start": {"presets": {"p": {"IN01": float("inf")}}}}, "warm_start.presets.p.IN01"),
+    ({"merge": {"fixed": {"IN01": float("nan")}}}, "merge.fixed.IN01"),
+    ({"merge": {"fixed": {"IN01": 3.0}}}, "merge.fixed.IN01"),
+    ({"merge": {"multiplier": float("nan")}}, "merge.multiplier"),
+    ({"merge": {"bounds": [0.0, float("inf")], "allow_extrapolation": True}}, "merge.bounds"),
 ])
 def test_each_invalid_field_has_its_own_message(tiny_sd1, clip_files, tmp_path, change, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
