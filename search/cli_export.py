@@ -243,6 +243,8 @@ def pick_device(args: argparse.Namespace) -> str:
 def run_export(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise ExportError(f"--top {args.top}: give a number of trials, 0 or more")
+    if args.pareto is not None and args.pareto < 1:
+        raise ExportError(f"--pareto {args.pareto}: give a number of trials, 1 or more")
     loaded = load_source(args)
     output = args.output if args.output is not None else loaded.default_output
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,

@@ -187,6 +187,8 @@ def best_cmd(args: argparse.Namespace) -> int:
     from .run_folder import RunFolder
     from .tables import best_table
 
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: give a number of trials, 1 or more")
     table = best_table(RunFolder.load(args.run).study(), args.top)
     with pd.option_context("display.max_columns", 60, "display.width", 200):
         print(table.to_string(index=False) if not table.empty else "no completed trial yet")

@@ -296,6 +296,19 @@ def test_export_file_name_for_two_formats(check, done, tmp_path):
           "names a file", "give a folder")
 
 
+def test_export_file_name_with_another_formats_suffix(check, done, tmp_path):
+    check(["export", done, "--to", "checkpoint", "-o", tmp_path / "x.txt"],
+          "--to checkpoint writes a .safetensors file", "give a folder")
+
+
+@pytest.mark.parametrize("argv,needle", [(["best", "--top", "0"], "--top 0"),
+                                         (["best", "--top", "-1"], "--top -1"),
+                                         (["export", "--pareto", "0", "--to", "mbw"], "--pareto 0"),
+                                         (["export", "--pareto", "-2", "--to", "mbw"], "--pareto -2")])
+def test_counts_of_trials_below_one(check, done, argv, needle):
+    check([argv[0], done, *argv[1:]], needle, "1 or more")
+
+
 def test_export_lora_without_base(check, done):
     check(["export", done, "--to", "lora"], "--base")
 

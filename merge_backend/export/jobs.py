@@ -216,6 +216,11 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     as_file = (len(items) == 1 and len(formats) == 1
                and output.suffix.lower() == _FILE_SUFFIX.get(formats[0]))
     if not as_file and output.suffix.lower() in (*_FILE_SUFFIX.values(), ".htm"):
+        if len(items) == 1 and len(formats) == 1:
+            wanted = _FILE_SUFFIX.get(formats[0])
+            raise ExportError(f"-o {output}: --to {formats[0]} writes "
+                              + (f"a {wanted} file; name one ending in {wanted}" if wanted
+                                 else "a folder") + ", or give a folder to write into")
         raise ExportError(f"-o {output} names a file, but {len(items)} item(s) x "
                           f"{len(formats)} format(s) are written; give a folder")
     if output.exists() and not output.is_dir() and not as_file:
