@@ -229,12 +229,10 @@ def _drawer(probe_set: Mapping[str, Any]):
 
 
 def pick_device(args: argparse.Namespace) -> str:
-    """--device, else cuda where there is one, else cpu."""
-    if args.device:
-        return args.device
-    import torch
+    """--device, else cuda where there is one, else cpu (ValueError: not here)."""
+    from merge_backend.devices import usable_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(usable_device(args.device, "--device"))
 
 
 # ---------------------------------------------------------------------------- command

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from merge_backend.architectures import block_names
 from merge_backend.checkpoint import open_checkpoint
+from merge_backend.devices import usable_device
 from merge_backend.lora import LoraError, add_loras, extract_lora, read_lora, save_lora
 from merge_backend.lora.extract import LORA_TYPES
 from merge_backend.lora.svd import (
@@ -153,6 +154,7 @@ def _progress(args: argparse.Namespace, what: str):
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    device = usable_device(args.device, "--device")  # before any work
     if args.te_strength is not None:
         _finite("--te-strength", args.te_strength)
     arch = open_checkpoint(args.checkpoint).arch
@@ -160,7 +162,7 @@ def run_apply(args: argparse.Namespace) -> int:
     specs = [LoraSpec(str(path), strength, blocks or None, args.te_strength, partial=args.partial)
              for path, strength in map(parse_lora_arg, args.loras)]
     result = apply_to_file(args.checkpoint, specs, args.output, vocabulary=vocabulary,
-                           dtype=args.dtype, overwrite=args.overwrite, device=args.device,
+                           dtype=args.dtype, overwrite=args.overwrite, device=device,
                            progress=_progress(args, "writing"), unet_dtype=args.unet_dtype,
                            text_encoder_dtype=args.text_encoder_dtype)
     for note in result.notes:
@@ -171,6 +173,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
+    device = usable_device(args.device, "--device")  # before any work
     if args.rank is not None and args.rank < 1:
         raise LoraError(f"--rank must be at least 1, got {args.rank}")
     if args.rank is None and args.clamp != DEFAULT_CLAMP:
@@ -188,7 +191,7 @@ def run_add(args: argparse.Namespace) -> int:
         for note in lora.notes():
             print(f"note: {note}", file=sys.stderr)
     merged, table = add_loras(loras, rank=args.rank, svd=args.svd, clamp=args.clamp,
-                              device=args.device)
+                              device=device)
     sources = {str(p): s for p, s in map(parse_lora_arg, args.loras)}
     save_lora(merged, args.output, fmt=args.fmt, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
               metadata={"mergesearch.add": json.dumps({"loras": sources, "rank": args.rank})})
@@ -202,10 +205,11 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    device = usable_device(args.device, "--device")  # before any work
     result = extract_lora(args.model1, args.model2, args.output, rank=args.rank,
                           text_encoder=args.text_encoder, fmt=args.fmt, lora_type=args.lora_type,
                           clamp=args.clamp, bias_diff=args.bias_diff, svd=args.svd,
-                          device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                          device=device, dtype=args.dtype, overwrite=args.overwrite,
                           progress=_progress(args, "layers"))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

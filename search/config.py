@@ -33,6 +33,7 @@ from pydantic import (
 from evaluators import ProbeSet, ScorerConfig, ScorerError, scorer_config
 from evaluators.scorer import file_fields, known_scorer_kinds, scorer_entry
 from merge_backend.architectures import ARCHITECTURES, block_names
+from merge_backend.devices import DEVICE, auto_device
 from merge_backend.methods import METHODS
 
 from .config_errors import nearest, problems
@@ -45,7 +46,6 @@ PERSON = ("preference", "mixed")  # objectives where a person chooses in the das
 DEFAULT_SAMPLERS = {"weighted": "cmaes", "multi": "tpe", "preference": "preferential_gp",
                     "mixed": "preferential_gp"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one plain path component: output/NAME
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -352,11 +352,7 @@ class StudyConfig(_Strict):
 
     def resolved_device(self) -> str:
         """``device`` with ``auto`` resolved (CUDA where there is one)."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return auto_device() if self.device == "auto" else self.device
 
     def resolved_dtype(self) -> str:
         """``dtype`` with ``auto`` resolved: fp16 on a GPU, fp32 on the CPU."""

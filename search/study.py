@@ -25,6 +25,7 @@ import yaml
 from evaluators import ScorerError, build_scorer, score_norms
 from merge_backend.atomic_files import atomic_write_text
 from merge_backend.checkpoint import open_checkpoint
+from merge_backend.devices import usable_device
 from merge_backend.dtypes import DTYPES
 from merge_backend.engine import MergeEngine
 from merge_backend.hashing import cached_sha256, sha256_of
@@ -53,18 +54,10 @@ def _stderr(message: str) -> None:
 
 def resolve_device(cfg: StudyConfig) -> tuple[torch.device, torch.dtype]:
     """The device and dtype the config asks for; ConfigError when this machine lacks it."""
-    device = torch.device(cfg.resolved_device())
-    if cfg.device != "auto":
-        if device.type == "cuda" and not torch.cuda.is_available():
-            why = "this torch has no CUDA support" if torch.version.cuda is None else \
-                "no CUDA GPU is visible"
-            raise ConfigError(f"device: {cfg.device}, but {why}; use device: cpu (or auto)")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"device: {cfg.device}, but this machine has "
-                              f"{torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...); pick one "
-                              "of them")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("device: mps is not available here; use device: cpu (or auto)")
+    try:
+        device = usable_device(cfg.device, "device:")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return device, DTYPES[cfg.resolved_dtype()]
 
 

@@ -339,3 +339,21 @@ def test_study_name_taken_by_another_config(check, done, tiny_sd1, clip, models,
     config = write(tmp_path / "c.yaml", data)
     check.watch = done
     check(["run", config], "name: study 'done'", "give the new config another name")
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize("device,needles", [
+    ("foo", ["--device 'foo' is not a device"]),
+    pytest.param("cuda", ["--device cuda, but", "use --device cpu"], marks=NO_CUDA),
+])
+@pytest.mark.parametrize("command", ["lora extract", "lora apply", "export", "compare"])
+def test_a_device_this_machine_lacks_is_refused_before_work(check, done, tiny_sd1, tmp_path,
+                                                            device, needles, command):
+    out = tmp_path / "out.safetensors"
+    argv = {"lora extract": ["lora", "extract", tiny_sd1.a, tiny_sd1.b, "--rank", "4", "-o", out],
+            "lora apply": ["lora", "apply", tiny_sd1.a, tmp_path / "style.safetensors", "-o", out],
+            "export": ["export", done, "--to", "report", "-o", tmp_path / "r"],
+            "compare": ["compare", done, "--trials", "0", "-o", tmp_path / "c.html"]}[command]
+    check([*argv, "--device", device], *needles)
