@@ -76,12 +76,19 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _at_least_one(flag: str, value: int | None) -> None:
+    """A count of trials a user typed (None: not given): 0 or less is refused, not ignored."""
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} {value}: give a number of trials, 1 or more")
+
+
 def run_study_cmd(args: argparse.Namespace) -> int:
     from .config import PERSON, load_config
     from .dashboard import DashboardServer
     from .progress import Progress
     from .study import optimize, prepare
 
+    _at_least_one("--trials", args.trials)
     quiet_optuna()
     cfg = load_config(args.config)
     # a person's study is chosen in the dashboard: its port is taken before the long work
@@ -93,7 +100,7 @@ def run_study_cmd(args: argparse.Namespace) -> int:
             server.start(ctx.run)
             print(f"choose among the candidates at {server.study_url(study)}", file=sys.stderr,
                   flush=True)
-        target = args.trials or cfg.trials
+        target = args.trials if args.trials is not None else cfg.trials
         result = optimize(study, ctx, trials=target, timeout=args.timeout,
                           callbacks=[Progress(target)])
         if server is not None and not result.interrupted and not result.all_failed:
@@ -187,8 +194,7 @@ def best_cmd(args: argparse.Namespace) -> int:
     from .run_folder import RunFolder
     from .tables import best_table
 
-    if args.top < 1:
-        raise ValueError(f"--top {args.top}: give a number of trials, 1 or more")
+    _at_least_one("--top", args.top)
     table = best_table(RunFolder.load(args.run).study(), args.top)
     with pd.option_context("display.max_columns", 60, "display.width", 200):
         print(table.to_string(index=False) if not table.empty else "no completed trial yet")
@@ -219,15 +225,18 @@ def dashboard_cmd(args: argparse.Namespace) -> int:
 def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
+    _at_least_one("--trials", args.trials)
     quiet_optuna()
     if args.preference:
         from .demo import write_preference_config
 
-        config = write_preference_config(args.folder, args.trials or 30, args.candidates)
+        config = write_preference_config(args.folder, args.trials if args.trials is not None
+                                         else 30, args.candidates)
         print(f"wrote {config}; running it (the same as `mergesearch run {config}`)",
               file=sys.stderr, flush=True)
         return run_study_cmd(argparse.Namespace(config=config, trials=None, timeout=None,
                                                 host=args.host, port=args.port,
                                                 no_dashboard=False))
-    result = run_demo(args.folder, trials=args.trials or DEFAULT_TRIALS, fresh=args.fresh)
+    result = run_demo(args.folder, trials=args.trials if args.trials is not None
+                      else DEFAULT_TRIALS, fresh=args.fresh)
     return 130 if result.get("interrupted") else 0

@@ -309,6 +309,14 @@ def test_counts_of_trials_below_one(check, done, argv, needle):
     check([argv[0], done, *argv[1:]], needle, "1 or more")
 
 
+@pytest.mark.parametrize("trials", ["0", "-5"])
+def test_run_and_demo_refuse_trials_below_one(check, tmp_path, tiny_sd1, clip, models, trials):
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path))
+    check(["run", config, "--trials", trials], f"--trials {trials}", "1 or more")
+    check(["demo", "--folder", tmp_path / "demo", "--trials", trials], f"--trials {trials}",
+          "1 or more")
+
+
 def test_export_lora_without_base(check, done):
     check(["export", done, "--to", "lora"], "--base")
 
