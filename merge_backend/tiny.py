@@ -37,6 +37,7 @@ from merge_backend.architectures import (
     Architecture,
     extra_tensor_value,
 )
+from merge_backend.atomic_files import atomic_path
 from merge_backend.naming import to_original
 from merge_backend.pipeline import build_components
 from merge_backend.pipeline_configs import read_json, write_config_folder
@@ -158,18 +159,30 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
     base = tiny_base_state_dict(arch, config_folder, seed)
     # one metadata key only: safetensors writes several in random order (bytes would differ)
     metadata = {"format": "pt"}
+    files = family_files(folder, arch)
     paths = {}
     for i, name in enumerate(("base", *finetunes(arch))):
         sd = base if name == "base" else perturb(arch, base, name, seed * 1000 + i, unet_strength)
-        paths[name] = folder / f"{name}.safetensors"
-        save_file(sd, str(paths[name]), metadata=metadata)
+        paths[name] = files[name]
+        with atomic_path(paths[name]) as tmp:
+            save_file(sd, str(tmp), metadata=metadata)
     a, b = (paths[name] for name in finetunes(arch))
     layouts = {}
     for layout in ARCHITECTURES[arch].layouts:  # the second fine-tune as its authors store it
-        layouts[layout.name] = folder / f"{b.stem}.{layout.name}.safetensors"
-        save_file(in_layout(arch, layout.name, load_file(b)), str(layouts[layout.name]),
-                  metadata=metadata)
+        layouts[layout.name] = files[layout.name]
+        with atomic_path(layouts[layout.name]) as tmp:
+            save_file(in_layout(arch, layout.name, load_file(b)), str(tmp), metadata=metadata)
     return TinyFamily(arch, paths["base"], a, b, config_folder, layouts)
+
+
+def family_files(folder: Path, arch: str) -> dict[str, Path]:
+    """The checkpoints ``write_tiny_family`` writes into ``folder`` (beside its config folder):
+    base, the two fine-tunes, and the second fine-tune in each of the architecture's layouts."""
+    files = {name: Path(folder) / f"{name}.safetensors" for name in ("base", *finetunes(arch))}
+    second = files[list(finetunes(arch))[1]].stem
+    files.update({layout.name: Path(folder) / f"{second}.{layout.name}.safetensors"
+                  for layout in ARCHITECTURES[arch].layouts})
+    return files
 
 
 def in_layout(arch_name: str, layout_name: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from merge_backend.tiny import tiny_archs, write_tiny_family
+from merge_backend.output_files import check_new_output
+from merge_backend.tiny import family_files, tiny_archs, write_tiny_family
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +15,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", type=Path)
     p.add_argument("--arch", choices=tiny_archs(), default="sd1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace checkpoints of those names already in the folder")
     p.set_defaults(func=run_tiny)
 
 
 def run_tiny(args: argparse.Namespace) -> int:
+    for path in family_files(args.folder, args.arch).values():
+        check_new_output(path, args.overwrite, ValueError)
     family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed)
     shown = {k: ({n: str(p) for n, p in v.items()} if isinstance(v, dict) else str(v))
              for k, v in vars(family).items()}

@@ -23,20 +23,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="build: skip the acceptance figures after training")
     p.add_argument("--keep-work", action="store_true",
                    help="build: keep the stages' intermediate files in DIR/work")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a world's files (and, for build, DIR/work) already in DIR")
     p.set_defaults(func=run_toyworld)
 
 
 def run_toyworld(args: argparse.Namespace) -> int:
-    words = list(args.words)
-    if words[0] == "build":
-        if len(words) != 2:
-            raise ValueError("usage: mergesearch toyworld build DIR")
-        return build(Path(words[1]), args)
-    if len(words) != 1:
-        raise ValueError("usage: mergesearch toyworld DIR  (or: mergesearch toyworld build DIR)")
-    from toyworld.files import write_world
+    from merge_backend.output_files import check_new_output
+    from toyworld.files import world_files, write_world
 
-    world = write_world(Path(words[0]))
+    words = list(args.words)
+    if words[0] == "build" and len(words) != 2:
+        raise ValueError("usage: mergesearch toyworld build DIR")
+    if words[0] != "build" and len(words) != 1:
+        raise ValueError("usage: mergesearch toyworld DIR  (or: mergesearch toyworld build DIR)")
+    folder = Path(words[-1])
+    for path in world_files(folder):  # before half an hour of training, too
+        check_new_output(path, args.overwrite, ValueError)
+    if words[0] == "build":
+        if (folder / "work").exists() and not args.overwrite:
+            raise ValueError(f"{folder / 'work'} exists, and a build starts it afresh; pass "
+                             "--overwrite to replace it, or choose another folder")
+        return build(folder, args)
+    world = write_world(folder)
     print(json.dumps({"base": str(world.base), "style_a": str(world.style_a),
                       "style_b": str(world.style_b), "config_folder": str(world.config_folder),
                       "clip_config": str(world.clip_config),

@@ -151,3 +151,19 @@ def test_loads_and_generates_on_gpu_in_fp16(fam):
     assert torch.isfinite(_generate(pipe)).all()
     empty = empty_pipeline(fam.arch, "tiny", "cuda", torch.float16, config_folder=fam.config_folder)
     assert torch.isfinite(_generate(empty)).all()
+
+
+def test_the_tiny_command_never_replaces_a_users_file_unasked(tmp_path, capsys):
+    """A checkpoint of the family's names already in the folder (here: the user's own bytes)
+    stops `mergesearch tiny` before it writes anything; --overwrite replaces the family."""
+    from search.cli import main
+
+    (tmp_path / "finetune_b.safetensors").write_bytes(b"the user's own model")
+    assert main(["tiny", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'finetune_b.safetensors'} exists" in err and "--overwrite" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune_b.safetensors"]
+    assert (tmp_path / "finetune_b.safetensors").read_bytes() == b"the user's own model"
+    assert main(["tiny", str(tmp_path), "--overwrite"]) == 0
+    expected = write_tiny_family(tmp_path / "fresh", "sd1", seed=0)
+    assert (tmp_path / "finetune_b.safetensors").read_bytes() == expected.b.read_bytes()

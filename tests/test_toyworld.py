@@ -162,3 +162,25 @@ def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
                       width=64, height=64)
     assert torch.isfinite(generate(pipe, probes).images).all()
     assert world.base.read_bytes() != (SHIPPED / "base.safetensors").read_bytes()
+
+
+def test_the_toyworld_command_keeps_a_users_edits_unless_told(tmp_path, capsys):
+    from search.cli import main
+
+    world = tmp_path / "w"
+    assert main(["toyworld", str(world)]) == 0
+    study = world / "study.yaml"
+    study.write_text(study.read_text().replace("trials: 200", "trials: 7"))
+    edited = study.read_bytes()
+    capsys.readouterr()
+    assert main(["toyworld", str(world)]) == 1
+    assert f"{world / 'base.safetensors'} exists; pass --overwrite" in capsys.readouterr().err
+    assert study.read_bytes() == edited
+    # a build refuses before it trains: here, because of an earlier build's work folder
+    (tmp_path / "b" / "work").mkdir(parents=True)
+    (tmp_path / "b" / "work" / "mine.txt").write_text("kept")
+    assert main(["toyworld", "build", str(tmp_path / "b")]) == 1
+    assert "work exists" in capsys.readouterr().err
+    assert (tmp_path / "b" / "work" / "mine.txt").read_text() == "kept"
+    assert main(["toyworld", str(world), "--overwrite"]) == 0
+    assert b"trials: 7" not in study.read_bytes()

@@ -98,6 +98,11 @@ def save_torch(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def world_files(folder: Path) -> list[Path]:
+    """The files ``write_world`` puts into ``folder`` (beside its config folder)."""
+    return [Path(folder) / name for name in WEIGHT_FILES] + [ToyWorld(Path(folder)).study_config]
+
+
 def write_world(folder: Path, source: Path = SHIPPED) -> ToyWorld:
     """Copy a world's weights (the shipped ones by default) into ``folder`` with the config
     folder and a ready study config; returns its paths. Existing files are replaced."""
