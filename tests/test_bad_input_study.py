@@ -365,3 +365,8 @@ def test_a_device_this_machine_lacks_is_refused_before_work(check, done, tiny_sd
             "export": ["export", done, "--to", "report", "-o", tmp_path / "r"],
             "compare": ["compare", done, "--trials", "0", "-o", tmp_path / "c.html"]}[command]
     check([*argv, "--device", device], *needles)
+
+
+@pytest.mark.parametrize("port", ["65536", "99999", "-1"])
+def test_a_port_outside_tcps_range(check, done, port):
+    check(["dashboard", done, "--port", port], f"--port {port}: a TCP port is 0-65535")
