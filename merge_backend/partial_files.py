@@ -6,11 +6,12 @@ that killed writers left behind.
 place when it is complete. A process killed while writing (SIGKILL, power loss) cannot remove
 its partial file, so every writer first removes, from the folder it writes into, the partials
 whose process is gone: written on this host, and the PID is dead, a zombie, or now a different
-process (another start time: the PID was reused). A diffusers export's temporary folder is named the
-same way and removed the same way. Partials of other hosts (a folder shared over
-the network), of live writers, and every file not named this way are left alone. Partials of
-the older naming ``.<target>.<pid>.partial`` (no start time, no host) are removed when their
-PID is dead and their target is a ``.safetensors`` file, the large outputs that used it.
+process (another start time: the PID was reused). The temporary folders of ``atomic_files`` (a
+diffusers export's folder, a LoRA export's scratch folder) are named and removed the same way.
+Partials of other hosts (a folder shared over the network), of live writers, and every file not
+named this way are left alone. Partials of the older naming ``.<target>.<pid>.partial`` (no
+start time, no host) are removed when their PID is dead and their target is a ``.safetensors``
+file, the large outputs that used it.
 
 Example:
     >>> partial_name("out.safetensors")                  # doctest: +SKIP
@@ -98,9 +99,9 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         match = _PARTIAL.match(entry.name)
         if match is None:
             continue
-        folder = entry.is_dir(follow_symlinks=False)
-        if not (entry.is_file(follow_symlinks=False) or folder and match["host"]):
-            continue  # a folder is ours only under the full name (diffusers exports)
+        is_folder = entry.is_dir(follow_symlinks=False)
+        if not (entry.is_file(follow_symlinks=False) or is_folder and match["host"]):
+            continue  # a folder is ours only under the full name (atomic_files' folders)
         if match["host"] is None and not match["target"].endswith(".safetensors"):
             continue  # an old-style name is only ours for the large outputs that used it
         if match["host"] not in (None, host):
@@ -108,7 +109,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         start = int(match["start"]) if match["start"] else None
         if _writer_gone(int(match["pid"]), start):
             try:
-                shutil.rmtree(entry.path) if folder else os.unlink(entry.path)
+                shutil.rmtree(entry.path) if is_folder else os.unlink(entry.path)
             except OSError:
                 continue
             removed.append(Path(entry.path))
