@@ -2,7 +2,8 @@
 
     RUN/
       run.json        study name, storage URL, heartbeat and grace seconds (written when the
-                      study starts)
+                      study starts; a folder moved or copied elsewhere reads the study.db
+                      inside it when the stored path no longer holds one)
       config.yaml     the resolved study config (absolute paths)
       study.db        SQLite storage (default; any Optuna RDB URL may be used instead)
       artifacts/      optuna FileSystemArtifactStore: probe grids, ratio charts
@@ -110,7 +111,7 @@ class RunFolder:
             raise RunError(f"{meta}: lacks {' and '.join(missing)}; {redo}")
         timing = {k: data[k] for k in ("heartbeat_seconds", "grace_seconds")
                   if isinstance(data.get(k), int)}
-        return cls(path, data["study_name"], data["storage"], **timing)
+        return cls(path, data["study_name"], _moved_with_folder(data["storage"], path), **timing)
 
     def study(self) -> optuna.Study:
         """The study, through a storage that knows the heartbeat settings (for stale trials)."""
@@ -190,6 +191,17 @@ class RunFolder:
         loras = tuple(dataclasses.replace(lora, path=self.resolve(lora.path))
                       for lora in recipe.loras)
         return recipe.replace(models=models, loras=loras)
+
+
+def _moved_with_folder(url: str, folder: Path) -> str:
+    """``url``, or the run folder's own database where the folder was moved or copied since
+    run.json was written: a SQLite file that is no longer at its stored path, and one of its
+    name inside the folder (the default storage keeps it there). The study name is still
+    checked when the study is opened."""
+    db = sqlite_file(url)
+    if db is None or db.is_file() or not (folder / db.name).is_file():
+        return url
+    return f"sqlite:///{(folder / db.name).resolve()}"
 
 
 def sqlite_file(url: str) -> Path | None:

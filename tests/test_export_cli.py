@@ -230,3 +230,28 @@ def test_png_bytes_round_trip():
     image = torch.rand(3, 8, 16)
     back = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png_bytes(image)))))  # HWC
     assert torch.equal(back.permute(2, 0, 1), (image * 255).round().to(torch.uint8))
+
+
+def test_a_moved_run_folder_reads_its_own_database(tiny_sd1, tmp_path, capsys):
+    """A run folder copied or moved elsewhere (another disk, a colleague's machine) keeps its
+    SQLite database inside: status, best and export read it there, and read what the folder
+    held before the move."""
+    from search.cli import main
+
+    run = make_run(tmp_path / "here" / "run", [_recipe(tiny_sd1, 0.2, 0.4),
+                                               _recipe(tiny_sd1, 0.9, 1.0)], [1.0, 2.0])
+    assert export(run.path, "--best", "--to", "mbw", "-o", tmp_path / "before.txt") == 0
+    before = optuna.load_study(study_name=run.study_name, storage=run.storage).trials
+    moved = tmp_path / "elsewhere" / "renamed-run"
+    moved.parent.mkdir()
+    shutil.move(run.path, moved)
+    assert not run.path.exists()
+    loaded = RunFolder.load(moved)
+    assert [(t.number, t.value, t.user_attrs) for t in loaded.study().trials] == \
+        [(t.number, t.value, t.user_attrs) for t in before]
+    assert export(moved, "--best", "--to", "mbw", "-o", tmp_path / "after.txt") == 0
+    assert (tmp_path / "after.txt").read_text() == (tmp_path / "before.txt").read_text()
+    capsys.readouterr()
+    assert main(["status", str(moved)]) == 0
+    assert "best: trial 1" in capsys.readouterr().out
+    assert not run.path.exists()  # reading it did not make an empty database at the old path
