@@ -45,6 +45,7 @@ from merge_backend.atomic_files import atomic_write_text
 from . import preference
 
 RUN_FILE = "run.json"
+DB_FILE = "study.db"  # the default storage, inside the run folder
 ATTR_RECIPE = "recipe"
 ATTR_SCORES = "scores"
 ATTR_SCORE = "score"
@@ -87,6 +88,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         data = {"study_name": self.study_name, "storage": self.storage,
                 "heartbeat_seconds": self.heartbeat_seconds, "grace_seconds": self.grace_seconds}
+        if sqlite_file(self.storage) == (self.path / DB_FILE).resolve():
+            data["storage_in_folder"] = DB_FILE  # a copy of the folder reads its own copy
         atomic_write_text(self.path / RUN_FILE, json.dumps(data, indent=2))
 
     @classmethod
@@ -111,7 +114,12 @@ class RunFolder:
             raise RunError(f"{meta}: lacks {' and '.join(missing)}; {redo}")
         timing = {k: data[k] for k in ("heartbeat_seconds", "grace_seconds")
                   if isinstance(data.get(k), int)}
-        return cls(path, data["study_name"], _moved_with_folder(data["storage"], path), **timing)
+        storage, db = data["storage"], sqlite_file(data["storage"])
+        if data.get("storage_in_folder") == DB_FILE and db is not None and db.name == DB_FILE:
+            storage = default_storage(path)
+        else:  # custom storage, or a run.json written before storage_in_folder
+            storage = _moved_with_folder(storage, path)
+        return cls(path, data["study_name"], storage, **timing)
 
     def study(self) -> optuna.Study:
         """The study, through a storage that knows the heartbeat settings (for stale trials)."""
@@ -194,10 +202,10 @@ class RunFolder:
 
 
 def _moved_with_folder(url: str, folder: Path) -> str:
-    """``url``, or the run folder's own database where the folder was moved or copied since
-    run.json was written: a SQLite file that is no longer at its stored path, and one of its
-    name inside the folder (the default storage keeps it there). The study name is still
-    checked when the study is opened."""
+    """``url``, or the run folder's own database where the folder was moved since an older
+    run.json (no ``storage_in_folder``) was written: a SQLite file that is no longer at its
+    stored path, and one of its name inside the folder. The study name is still checked when
+    the study is opened."""
     db = sqlite_file(url)
     if db is None or db.is_file() or not (folder / db.name).is_file():
         return url
@@ -301,7 +309,7 @@ def leave_wal(storage: Any) -> None:
 
 
 def default_storage(path: Path) -> str:
-    return f"sqlite:///{(Path(path) / 'study.db').resolve()}"
+    return f"sqlite:///{(Path(path) / DB_FILE).resolve()}"
 
 
 def trial_recipe(trial: optuna.trial.FrozenTrial) -> Recipe:

@@ -255,3 +255,16 @@ def test_a_moved_run_folder_reads_its_own_database(tiny_sd1, tmp_path, capsys):
     assert main(["status", str(moved)]) == 0
     assert "best: trial 1" in capsys.readouterr().out
     assert not run.path.exists()  # reading it did not make an empty database at the old path
+    # A copy reads its own database, not the one it was copied from.
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    study = RunFolder.load(moved).study()
+    study.tell(study.ask(), 3.0)
+    assert len(RunFolder.load(moved).study().trials) == 3
+    assert len(RunFolder.load(copy).study().trials) == 2
+    # run.json written before it said so (no storage_in_folder): read in the moved folder too
+    meta = json.loads((copy / "run.json").read_text())
+    assert meta.pop("storage_in_folder") == "study.db"
+    (copy / "run.json").write_text(json.dumps({**meta, "storage": run.storage}))
+    shutil.move(copy, tmp_path / "old-style")
+    assert len(RunFolder.load(tmp_path / "old-style").study().trials) == 2
