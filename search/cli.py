@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error("mergesearch: interrupted")
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`mergesearch best RUN | head`): stop quietly, as
+        # command-line tools do; stdout goes to /dev/null so the exit's flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except (ValueError, OSError) as exc:
         # Our errors are ValueError subclasses whose message names the file, key or field.
         if os.environ.get("MERGESEARCH_DEBUG"):

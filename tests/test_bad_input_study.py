@@ -370,3 +370,21 @@ def test_a_device_this_machine_lacks_is_refused_before_work(check, done, tiny_sd
 @pytest.mark.parametrize("port", ["65536", "99999", "-1"])
 def test_a_port_outside_tcps_range(check, done, port):
     check(["dashboard", done, "--port", port], f"--port {port}: a TCP port is 0-65535")
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path, tiny_sd1, clip, models):
+    """`mergesearch validate CONFIG | head -1`: the pipe closes while the command writes; it
+    stops without an error message or a traceback, with SIGPIPE's status, as `git` or `grep`."""
+    import subprocess
+    import sys
+
+    prompts = [f"a red apple, picture {i} of a long list" for i in range(3000)]  # > 64 KiB
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    probes={"prompts": prompts}))
+    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "validate", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert first and err == ""
