@@ -93,6 +93,18 @@ class _LineTracker:
         return getattr(self._stream, name)
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real stdout
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
@@ -109,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error("mergesearch: interrupted")
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not _stdout_gone():  # another pipe broke: an error like any other
+            error(f"mergesearch: error: {exc}")
+            return 1
         # the reader of stdout went away (`mergesearch best RUN | head`): stop quietly, as
         # command-line tools do; stdout goes to /dev/null so the exit's flush cannot fail
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
