@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # The module that defines each command (its ``add_parsers(sub)``). Only the module a command
 # line names is imported: `mergesearch merge` does not load optuna and pandas, which cost a
@@ -93,6 +95,22 @@ class _LineTracker:
         return getattr(self._stream, name)
 
 
+def _ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_ctrl_c():
+    """SIGTERM (``kill``, systemd, docker stop, a batch system's time limit) stops a command
+    as Ctrl-C does: a study records its running trial ``interrupted``, a merge removes its
+    partial file. Returns the handler to put back (None: left alone: not the main thread, or
+    SIGTERM is already handled or ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _ctrl_c)
+
+
 def _stdout_gone() -> bool:
     """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
     import select
@@ -116,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     def error(message: str) -> None:
         print(("\n" if tracker.open_line else "") + message, file=stderr, flush=True)
 
+    terminate = _sigterm_as_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -137,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         sys.stderr = stderr
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
 
 
 if __name__ == "__main__":

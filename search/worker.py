@@ -92,17 +92,20 @@ def _tally(study: optuna.Study) -> tuple[int, int]:
 
 @contextmanager
 def _held_interrupts() -> Iterator[list[int]]:
-    """Hold SIGINT while the storage is written (ask, tell): a Ctrl-C never leaves a trial
-    half-recorded. Yields the list of signals held; the caller acts on them afterwards."""
+    """Hold SIGINT and SIGTERM while the storage is written (ask, tell): a Ctrl-C or a
+    ``kill`` never leaves a trial half-recorded. Yields the list of signals held; the caller
+    acts on them afterwards (as on Ctrl-C: ``cli.main`` makes SIGTERM one)."""
     pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield pending
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield pending
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait_line(study: optuna.Study, target: int) -> str:

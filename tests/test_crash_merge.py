@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_signals import interruptible
 from safetensors.torch import load_file
 
 from merge_backend.recipe import Recipe, Source, uniform_ratios
@@ -37,7 +38,7 @@ def start(fam, out: Path, moment: str | None = None,
     if moment:
         env["MERGESEARCH_PAUSE_AT"] = moment
     return subprocess.Popen(cmd or merge_cmd(fam, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, preexec_fn=interruptible)
 
 
 def wait_paused(proc: subprocess.Popen, moment: str, timeout: float = 120) -> None:
@@ -140,6 +141,21 @@ def test_a_killed_export_leaves_no_folder_behind(tiny_sd1, tmp_path, fmt, left):
     merge_ok(tiny_sd1, out / "next.safetensors")
     assert partials(out) == []
     assert_valid(out / "next.safetensors", tiny_sd1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopped_while_writing_removes_its_own_partial(tiny_sd1, tmp_path, sig):
+    """Ctrl-C or SIGTERM (`kill`, docker stop) mid-write: the merge removes its partial file
+    itself and exits 130; nothing is left for the next writer to clean."""
+    out = tmp_path / "merged.safetensors"
+    proc = start(tiny_sd1, out, "mid-stream")
+    wait_paused(proc, "mid-stream")
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Traceback" not in err and "mergesearch: interrupted" in err
+    assert os.listdir(tmp_path) == []
 
 
 def test_killed_after_the_rename_leaves_a_complete_output(tiny_sd1, tmp_path):

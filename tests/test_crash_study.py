@@ -199,6 +199,25 @@ def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys
     assert f"marked FAIL: trial(s) {killed}" in err
 
 
+def test_sigterm_stops_a_worker_as_ctrl_c_does(tiny_sd1, clip, tmp_path):
+    """SIGTERM (what `kill`, systemd, docker stop and Slurm's time limit send): the running
+    trial is recorded `interrupted` at once, not left RUNNING for the next worker to find
+    stale; exit 130, no traceback."""
+    config = write_config(tmp_path, tiny_sd1, clip, "term", 6)
+    url = rf.default_storage(tmp_path / "runs" / "term")
+    worker = Worker(config, trials=100)
+    stopped = wait_for_fresh_trial(url, "term", worker, min_complete=1)
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.finish() == 130, worker.err
+    assert "Traceback" not in worker.err
+    study = load(url, "term")
+    assert f"interrupted: {len(snapshot(study))} of 100 trials are complete and stored" \
+        in worker.err
+    assert study.trials[stopped].state == FAIL
+    assert study.trials[stopped].user_attrs[rf.ATTR_FAIL] == "interrupted"
+    assert not [t.number for t in study.trials if t.state == RUNNING]
+
+
 def test_three_postgres_workers_one_killed(tiny_sd1, clip, tmp_path, postgres_url, capsys):
     """Two worker processes start together; one is killed mid-trial and a third worker (this
     test's own process) joins while the other still runs."""
