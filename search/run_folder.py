@@ -2,8 +2,8 @@
 
     RUN/
       run.json        study name, storage URL, heartbeat and grace seconds (written when the
-                      study starts; a folder moved or copied elsewhere reads the study.db
-                      inside it when the stored path no longer holds one)
+                      study starts; a folder moved or copied elsewhere reads its own
+                      study.db, `storage_in_folder`)
       config.yaml     the resolved study config (absolute paths)
       study.db        SQLite storage (default; any Optuna RDB URL may be used instead)
       artifacts/      optuna FileSystemArtifactStore: probe grids, ratio charts
