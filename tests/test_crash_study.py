@@ -213,9 +213,13 @@ def test_sigterm_stops_a_worker_as_ctrl_c_does(tiny_sd1, clip, tmp_path):
     study = load(url, "term")
     assert f"interrupted: {len(snapshot(study))} of 100 trials are complete and stored" \
         in worker.err
-    assert study.trials[stopped].state == FAIL
-    assert study.trials[stopped].user_attrs[rf.ATTR_FAIL] == "interrupted"
+    # What a SIGKILL leaves (see above) is a RUNNING trial; here none is. The signal lands in
+    # the trial drawing when it is sent, or, on a loaded machine that let the poller see it
+    # late, just after that trial was stored: then the next one never starts.
     assert not [t.number for t in study.trials if t.state == RUNNING]
+    assert study.trials[stopped].state in (FAIL, COMPLETE)
+    assert all(t.user_attrs[rf.ATTR_FAIL] == "interrupted"
+               for t in study.trials if t.state == FAIL)
 
 
 def test_three_postgres_workers_one_killed(tiny_sd1, clip, tmp_path, postgres_url, capsys):
