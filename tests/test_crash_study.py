@@ -158,6 +158,23 @@ def check_end(study: optuna.Study, target: int, kept: dict[int, tuple]) -> None:
     assert {n: now.get(n) for n in kept} == kept  # no COMPLETE trial lost or changed
 
 
+def stop_while_drawing(config: Path, url: str, name: str, sig: int, min_complete: int
+                       ) -> tuple[optuna.Study, int]:
+    """A worker with a target it cannot reach gets ``sig`` just after a trial starts drawing:
+    it exits 130 without a traceback, says what it stored, and leaves nothing RUNNING.
+    Returns the study and the trial the signal was sent in."""
+    worker = Worker(config, trials=100)
+    trial = wait_for_fresh_trial(url, name, worker, min_complete=min_complete)
+    worker.proc.send_signal(sig)
+    assert worker.finish() == 130, worker.err
+    assert "Traceback" not in worker.err
+    study = load(url, name)
+    assert f"interrupted: {len(snapshot(study))} of 100 trials are complete and stored" \
+        in worker.err
+    assert not [t.number for t in study.trials if t.state == RUNNING]  # nothing left running
+    return study, trial
+
+
 def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys):
     """SIGINT: exit 130, no traceback, the trial FAIL `interrupted`, the budget intact;
     SIGKILL: the trial found stale on resume; two resumes reach the target exactly.
@@ -167,17 +184,10 @@ def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys
     signal always finds them drawing; the last resume's target is set from what they left."""
     config = write_config(tmp_path, tiny_sd1, clip, "crash", 6)
     url = rf.default_storage(tmp_path / "runs" / "crash")
-    first = Worker(config, trials=100)
-    interrupted = wait_for_fresh_trial(url, "crash", first, min_complete=2)
-    first.proc.send_signal(signal.SIGINT)
-    assert first.finish() == 130, first.err
-    assert "Traceback" not in first.err
-    study = load(url, "crash")
+    study, interrupted = stop_while_drawing(config, url, "crash", signal.SIGINT, min_complete=2)
     done = snapshot(study)
-    assert f"interrupted: {len(done)} of 100 trials are complete and stored" in first.err
     assert study.trials[interrupted].state == FAIL
     assert study.trials[interrupted].user_attrs[rf.ATTR_FAIL] == "interrupted"
-    assert not [t.number for t in study.trials if t.state == RUNNING]  # nothing left running
     # the trial proposed ahead went back to the queue unstarted: no parameters stored
     assert all(not t.params for t in study.trials
                if t.state == optuna.trial.TrialState.WAITING)
@@ -205,18 +215,10 @@ def test_sigterm_stops_a_worker_as_ctrl_c_does(tiny_sd1, clip, tmp_path):
     stale; exit 130, no traceback."""
     config = write_config(tmp_path, tiny_sd1, clip, "term", 6)
     url = rf.default_storage(tmp_path / "runs" / "term")
-    worker = Worker(config, trials=100)
-    stopped = wait_for_fresh_trial(url, "term", worker, min_complete=1)
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.finish() == 130, worker.err
-    assert "Traceback" not in worker.err
-    study = load(url, "term")
-    assert f"interrupted: {len(snapshot(study))} of 100 trials are complete and stored" \
-        in worker.err
+    study, stopped = stop_while_drawing(config, url, "term", signal.SIGTERM, min_complete=1)
     # What a SIGKILL leaves (see above) is a RUNNING trial; here none is. The signal lands in
     # the trial drawing when it is sent, or, on a loaded machine that let the poller see it
     # late, just after that trial was stored: then the next one never starts.
-    assert not [t.number for t in study.trials if t.state == RUNNING]
     assert study.trials[stopped].state in (FAIL, COMPLETE)
     assert all(t.user_attrs[rf.ATTR_FAIL] == "interrupted"
                for t in study.trials if t.state == FAIL)
