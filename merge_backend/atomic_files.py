@@ -72,8 +72,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target.parent)
     tmp = target.with_name(partial_name(target.name))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir()  # the name is this process's alone
     try:
         yield tmp
     except BaseException:
@@ -97,8 +96,7 @@ def scratch_folder(beside: Path) -> Iterator[Path]:
     beside.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(beside.parent)
     tmp = beside.with_name(partial_name(f"{beside.name}.scratch"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir()  # the name is this process's alone
     try:
         yield tmp
     finally:

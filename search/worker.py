@@ -94,13 +94,15 @@ def _tally(study: optuna.Study) -> tuple[int, int]:
 def _held_interrupts() -> Iterator[list[int]]:
     """Hold SIGINT and SIGTERM while the storage is written (ask, tell): a Ctrl-C or a
     ``kill`` never leaves a trial half-recorded. Yields the list of signals held; the caller
-    acts on them afterwards (as on Ctrl-C: ``cli.main`` makes SIGTERM one)."""
+    acts on them afterwards (as on Ctrl-C: ``cli.main`` makes SIGTERM one). A signal the
+    process ignores stays ignored."""
     pending: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield pending
         return
     previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield pending
     finally:
