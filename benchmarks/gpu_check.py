@@ -16,7 +16,8 @@ into benchmarks/RESULTS.md:
 3. ``benchmarks/merge_engine.py --device cuda`` (full-size SD1.5, fp16: apply vs the memory
    floor, vs save + load);
 4. ``benchmarks/trial_breakdown.py``: a realistic trial — full-size SD1.5 with random weights,
-   4 probes of 512x512, 20 steps, fp16 — split into suggest / apply / generate / score;
+   4 probes of 512x512, 20 steps, fp16 — split into suggest / apply / generate / score,
+   and the share of its wall time the card is not drawing or scoring;
 5. ``benchmarks/scorer_preprocess.py --device cuda`` (preprocessing equal to the references,
    and its speed against the PIL path).
 
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 NEEDED = ("torch", "diffusers", "transformers", "open_clip", "ftfy", "optuna", "sqlalchemy",
           "alembic", "colorlog", "pydantic", "safetensors", "PIL", "psutil", "yaml", "pytest",
-          "optuna_dashboard", "bottle")
+          "optuna_dashboard", "bottle", "lycoris", "toml")
 
 
 def steps(dry_run: bool) -> list[tuple[str, list[str], int]]:
@@ -64,7 +65,7 @@ def steps(dry_run: bool) -> list[tuple[str, list[str], int]]:
                               "--repeat", "3"], 150),
             ("trial_breakdown", [py, str(BENCH / "trial_breakdown.py"), "--device", "cuda",
                                  "--dtype", "fp16", "--probes", "4", "--size", "512",
-                                 "--steps", "20", "--trials", "3"], 90),
+                                 "--steps", "20", "--trials", "6"], 90),
             ("scorer_preprocess", [py, str(BENCH / "scorer_preprocess.py"), "--device", "cuda"],
              20)]
 

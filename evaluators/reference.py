@@ -71,10 +71,12 @@ class ReferenceScorer:
         return cls(config.label, backbone, config.mode, config.batch_size, references)
 
     def set_references(self, images: Tensor | Sequence[Tensor]) -> None:
-        """Embed reference images (``[R, 3, H, W]`` in [0, 1], or a list of any sizes) once."""
+        """Embed reference images (``[R, 3, H, W]`` in [0, 1], or a list of any sizes) once;
+        the embeddings stay on the scorer's device, like its weights."""
         if isinstance(images, Tensor):
             check_images(images)
-        self.reference_embeddings = self.backbone.encode_images(images, self.batch_size)
+        embeddings = self.backbone.encode_images(images, self.batch_size)
+        self.reference_embeddings = embeddings.to(self.backbone.device)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """L2-normalised image embeddings ``[N, D]`` (float32, CPU)."""
@@ -86,13 +88,13 @@ class ReferenceScorer:
         if references is None:
             raise ValueError(f"scorer {self.name!r} has no references: set `references` in its "
                              "config or call set_references(images)")
-        embeddings = self.image_embeddings(images)
+        embeddings = self.image_embeddings(images).to(references.device)
         if self.mode == "mean":
-            return (embeddings @ references.T).mean(dim=-1)
+            return (embeddings @ references.T).mean(dim=-1).cpu()
         if references.shape[0] != embeddings.shape[0]:
             raise ValueError(f"scorer {self.name!r} is paired: {embeddings.shape[0]} images but "
                              f"{references.shape[0]} references (draw both with one probe set)")
-        return (embeddings * references).sum(dim=-1)
+        return (embeddings * references).sum(dim=-1).cpu()
 
 
 register_scorer("reference", ReferenceConfig, ReferenceScorer.from_config)
