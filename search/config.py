@@ -407,11 +407,30 @@ def read_yaml_mapping(path: Path, where: str, error: type[ValueError]) -> dict[s
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read and validate a study config; relative paths resolve next to the YAML file."""
+    """Read and validate a study config; relative paths resolve next to the YAML file. A run
+    folder's own copy (``RUN/config.yaml``) names that folder, wherever it was moved."""
     path = Path(path)
     data = read_yaml_mapping(path, f"{path}", ConfigError)
     data.update(overrides or {})
-    return parse_config(data, base_dir=path.parent, source=str(path))
+    return _in_its_run_folder(parse_config(data, base_dir=path.parent, source=str(path)), path)
+
+
+def _in_its_run_folder(cfg: StudyConfig, path: Path) -> StudyConfig:
+    """A config lying in a run folder (run.json beside it) is that folder's copy: its `output`
+    still names where the study first ran, so after a move it would start a new, empty study
+    there. It runs the folder it lies in; one renamed since is refused, as its study's name no
+    longer names it (output/NAME)."""
+    from .run_folder import RUN_FILE
+
+    folder = Path(os.path.abspath(path.parent))
+    if not (folder / RUN_FILE).is_file() or folder == Path(os.path.abspath(cfg.run_folder)):
+        return cfg
+    if folder.name != cfg.name:
+        raise ConfigError(f"{path}: the config of study {cfg.name!r}, in a run folder named "
+                          f"{folder.name!r}; a run folder is OUTPUT/NAME: rename it back to "
+                          f"{cfg.name!r} to resume it, or copy the config elsewhere to start "
+                          "a new run")
+    return cfg.model_copy(update={"output": folder.parent})
 
 
 def parse_config(data: dict[str, Any], base_dir: Path = Path("."), source: str = "config"

@@ -11,6 +11,7 @@ import urllib.request
 import optuna
 import pytest
 import torch
+import yaml
 
 from evaluators import register_scorer
 from evaluators.sanity import SanityConfig
@@ -99,6 +100,37 @@ def test_resume_keeps_completed_trials(tiny_sd1, clip_files, tmp_path):
     done = {t.number: (t.params, t.value) for t in rf.completed(study)}
     assert len(done) == 5
     assert all(done[n] == first[n] for n in first)
+
+
+def test_a_moved_run_folders_config_resumes_the_moved_folder(tiny_sd1, clip_files, tmp_path,
+                                                              capsys):
+    """`mergesearch run RUN/config.yaml` on a run folder that was moved resumes that folder: its
+    config.yaml still names the old place as `output`, which must not get a new, empty study."""
+    import shutil
+
+    from search.cli import main
+
+    cfg = study_config(tiny_sd1, clip_files, tmp_path / "first", trials=2)
+    study, _ = run(cfg)
+    first = {t.number: t.params for t in rf.completed(study)}
+    moved = tmp_path / "elsewhere" / cfg.name
+    moved.parent.mkdir()
+    shutil.move(cfg.run_folder, moved)
+    assert main(["run", str(moved / "config.yaml"), "--trials", "3"]) == 0
+    assert not cfg.run_folder.exists()  # nothing written at the old place
+    done = {t.number: t.params for t in rf.completed(rf.RunFolder.load(moved).study())}
+    assert len(done) == 3 and all(done[n] == first[n] for n in first)
+    # its config.yaml now names where it is
+    assert yaml.safe_load((moved / "config.yaml").read_text())["output"] == str(moved.parent)
+    # renamed as well: the study's name no longer names the folder, so it is refused, not
+    # started afresh beside it
+    renamed = tmp_path / "elsewhere" / "renamed"
+    shutil.move(moved, renamed)
+    capsys.readouterr()
+    assert main(["run", str(renamed / "config.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert str(renamed / "config.yaml") in err and "'s'" in err and "renamed" in err, err
+    assert sorted(p.name for p in renamed.parent.iterdir()) == ["renamed"]
 
 
 def test_sources_are_hashed_once_recorded_and_checked_by_every_worker(tiny_sd1, clip_files,
