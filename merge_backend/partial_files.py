@@ -37,8 +37,9 @@ _PARTIAL = re.compile(r"^\.(?P<target>.+)\.(?P<pid>[0-9]+)"
 
 def pause_point(moment: str) -> None:
     """A test hook, and the only reader of ``MERGESEARCH_PAUSE_AT``: when it names ``moment``
-    (``mid-stream``, ``before-rename``, ``after-rename``), say so on stderr and sleep until
-    killed. The crash tests SIGKILL a writer at a named moment this way."""
+    (``mid-stream``, ``before-rename``, ``after-rename``, ``removing-replaced``), say so on
+    stderr and sleep until killed. The crash tests SIGKILL a writer at a named moment this
+    way."""
     if os.environ.get(PAUSE_ENV) != moment:
         return
     print(f"mergesearch: paused at {moment} ({PAUSE_ENV})", file=sys.stderr, flush=True)

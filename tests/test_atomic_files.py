@@ -4,11 +4,14 @@ no temporary name outlives the writer (a killed writer's: tests/test_crash_merge
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from merge_backend.atomic_files import atomic_path, atomic_write_text, scratch_folder
+from merge_backend.atomic_files import atomic_folder, atomic_path, atomic_write_text, scratch_folder
 
 
 class Boom(Exception):
@@ -56,3 +59,33 @@ def test_a_scratch_folder_is_gone_however_its_block_ends(tmp_path):
         (scratch / "merged.safetensors").write_bytes(b"x")
         raise Boom
     assert os.listdir(tmp_path) == []
+
+
+def test_a_writer_killed_while_deleting_the_replaced_folder_leaves_it_to_the_next(tmp_path):
+    """The folder an atomic_folder replaces is deleted after the new one is in place; a writer
+    killed then leaves it under a partial name (its PID, start time and host), which the next
+    writer into that folder removes, and the new folder stands whole."""
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    code = ("import sys; from pathlib import Path; "
+            "from merge_backend.atomic_files import atomic_folder\n"
+            "with atomic_folder(Path(sys.argv[1])) as tmp:\n"
+            "    (tmp / 'new.txt').write_text('new')\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(target)], stderr=subprocess.PIPE,
+                              env={**os.environ, "MERGESEARCH_PAUSE_AT": "removing-replaced"},
+                              text=True)
+    try:
+        assert "paused at removing-replaced" in writer.stderr.readline()
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stderr.close()
+    assert os.listdir(target) == ["new.txt"]
+    left = sorted(set(os.listdir(tmp_path)) - {"export"})
+    assert len(left) == 1 and re.fullmatch(rf"\.export\.old\.{writer.pid}-[0-9]+@.+\.partial",
+                                           left[0]), left
+    assert os.listdir(tmp_path / left[0]) == ["old.txt"]
+    with atomic_folder(tmp_path / "other") as tmp:
+        (tmp / "x").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == ["export", "other"]
