@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
 import socketserver
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -43,8 +45,13 @@ class DashboardServer:
             self._server = make_server(host, port, _not_ready, server_class=_ThreadingServer,
                                        handler_class=_QuietHandler)
         except OSError as exc:
-            raise OSError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})"
-                          "; pick another --port (0 takes any free port)") from None
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                raise OSError(f"--host {host}: not an address of this machine ({reason}); give "
+                              "one of its addresses or names (127.0.0.1: this machine only, "
+                              "0.0.0.0: every network)") from None
+            raise OSError(f"--port {port}: cannot listen on {host}:{port} ({reason}); pick "
+                          "another --port (0 takes any free port)") from None
         self.host = host
         self.port = self._server.server_port
         self._thread: threading.Thread | None = None

@@ -372,6 +372,14 @@ def test_a_port_outside_tcps_range(check, done, port):
     check(["dashboard", done, "--port", port], f"--port {port}: a TCP port is 0-65535")
 
 
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid", "192.0.2.1"])
+def test_a_host_this_machine_cannot_listen_on_is_named(check, done, host):
+    """A mistyped name or address (192.0.2.1: TEST-NET, never this machine's) is blamed on
+    --host, not on the port."""
+    check(["dashboard", done, "--host", host, "--port", "0"], f"--host {host}: ",
+          "not an address of this machine")
+
+
 def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path, tiny_sd1, clip, models):
     """`mergesearch validate CONFIG | head -1`: the pipe closes while the command writes; it
     stops without an error message or a traceback, with SIGPIPE's status, as `git` or `grep`."""
