@@ -37,6 +37,7 @@ from merge_backend.export import (
 from merge_backend.lora import ExtractResult
 
 from .cli_lora import add_clamp_options
+from .cli_study import check_count
 from .compare import study_roles, trial_column
 from .run_folder import (
     ARTIFACT_PROBES,
@@ -239,10 +240,8 @@ def pick_device(args: argparse.Namespace) -> str:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if args.top < 0:
-        raise ExportError(f"--top {args.top}: give a number of trials, 0 or more")
-    if args.pareto is not None and args.pareto < 1:
-        raise ExportError(f"--pareto {args.pareto}: give a number of trials, 1 or more")
+    check_count("--top", args.top, least=0)
+    check_count("--pareto", args.pareto)
     loaded = load_source(args)
     output = args.output if args.output is not None else loaded.default_output
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,

@@ -76,10 +76,11 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _at_least_one(flag: str, value: int | None) -> None:
-    """A count of trials a user typed (None: not given): 0 or less is refused, not ignored."""
-    if value is not None and value < 1:
-        raise ValueError(f"{flag} {value}: give a number of trials, 1 or more")
+def check_count(flag: str, value: int | None, least: int = 1) -> None:
+    """A count of trials a user typed (None: not given): below ``least`` it is refused, not
+    ignored."""
+    if value is not None and value < least:
+        raise ValueError(f"{flag} {value}: give a number of trials, {least} or more")
 
 
 def run_study_cmd(args: argparse.Namespace) -> int:
@@ -88,7 +89,7 @@ def run_study_cmd(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .study import optimize, prepare
 
-    _at_least_one("--trials", args.trials)
+    check_count("--trials", args.trials)
     quiet_optuna()
     cfg = load_config(args.config)
     # a person's study is chosen in the dashboard: its port is taken before the long work
@@ -194,7 +195,7 @@ def best_cmd(args: argparse.Namespace) -> int:
     from .run_folder import RunFolder
     from .tables import best_table
 
-    _at_least_one("--top", args.top)
+    check_count("--top", args.top)
     table = best_table(RunFolder.load(args.run).study(), args.top)
     with pd.option_context("display.max_columns", 60, "display.width", 200):
         print(table.to_string(index=False) if not table.empty else "no completed trial yet")
@@ -225,7 +226,7 @@ def dashboard_cmd(args: argparse.Namespace) -> int:
 def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
-    _at_least_one("--trials", args.trials)
+    check_count("--trials", args.trials)
     quiet_optuna()
     if args.preference:
         from .demo import write_preference_config
