@@ -309,6 +309,11 @@ def test_counts_of_trials_below_one(check, done, argv, needle):
     check([argv[0], done, *argv[1:]], needle, "1 or more")
 
 
+def test_export_top_below_zero(check, done):
+    """`export --to report --top K` shows the best K trials (0: none); below 0 is refused."""
+    check(["export", done, "--top", "-1", "--to", "report"], "--top -1", "0 or more")
+
+
 @pytest.mark.parametrize("trials", ["0", "-5"])
 def test_run_and_demo_refuse_trials_below_one(check, tmp_path, tiny_sd1, clip, models, trials):
     config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path))
