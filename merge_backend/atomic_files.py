@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from merge_backend.file_sinks import AtomicWriter, sync_folder
-from merge_backend.partial_files import partial_name, pause_point, remove_stale_partials
+from merge_backend.partial_files import ASIDE, partial_name, pause_point, remove_stale_partials
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -79,10 +79,12 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # the replaced folder is set aside under a partial name: if this process is killed while
-    # deleting it (a diffusers folder takes a while), the next writer removes what is left
-    old = target.with_name(partial_name(f"{target.name}.old"))
+    # deleting it (a diffusers folder takes a while), the next writer removes what is left; if
+    # killed before the new folder took its place, the next writer puts it back
+    old = target.with_name(partial_name(target.name + ASIDE))
     if target.exists():
         os.replace(target, old)
+        pause_point("between-renames")
     os.replace(tmp, target)
     pause_point("removing-replaced")
     if old.is_dir():

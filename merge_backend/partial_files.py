@@ -11,7 +11,9 @@ diffusers export's folder, a LoRA export's scratch folder) are named and removed
 Partials of other hosts (a folder shared over the network), of live writers, and every file not
 named this way are left alone. Partials of the older naming ``.<target>.<pid>.partial`` (no
 start time, no host) are removed when their PID is dead and their target is a ``.safetensors``
-file, the large outputs that used it.
+file, the large outputs that used it. A dead writer's folder set aside by ``atomic_folder``
+(target ``<name>.old``: the output it was replacing) is put back as ``<name>`` when nothing took
+that name (the writer died between its two renames), else removed.
 
 Example:
     >>> partial_name("out.safetensors")                  # doctest: +SKIP
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 PAUSE_ENV = "MERGESEARCH_PAUSE_AT"
+ASIDE = ".old"  # atomic_folder's replaced folder: partial_name(name + ASIDE)
 NAME_MAX = 255  # bytes in one file name on ext4, XFS, btrfs, tmpfs, APFS and NTFS
 # Our own temporary names; the older ``.<target>.<pid>.partial`` (no start time, no host) too.
 _PARTIAL = re.compile(r"^\.(?P<target>.+)\.(?P<pid>[0-9]+)"
@@ -37,9 +40,9 @@ _PARTIAL = re.compile(r"^\.(?P<target>.+)\.(?P<pid>[0-9]+)"
 
 def pause_point(moment: str) -> None:
     """A test hook, and the only reader of ``MERGESEARCH_PAUSE_AT``: when it names ``moment``
-    (``mid-stream``, ``before-rename``, ``after-rename``, ``removing-replaced``), say so on
-    stderr and sleep until killed. The crash tests SIGKILL a writer at a named moment this
-    way."""
+    (``mid-stream``, ``before-rename``, ``after-rename``, ``between-renames``,
+    ``removing-replaced``), say so on stderr and sleep until killed. The crash tests SIGKILL a
+    writer at a named moment this way."""
     if os.environ.get(PAUSE_ENV) != moment:
         return
     print(f"mergesearch: paused at {moment} ({PAUSE_ENV})", file=sys.stderr, flush=True)
@@ -108,10 +111,15 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         if match["host"] not in (None, host):
             continue  # another machine's writer: we cannot tell whether it is alive
         start = int(match["start"]) if match["start"] else None
-        if _writer_gone(int(match["pid"]), start):
-            try:
-                shutil.rmtree(entry.path) if is_folder else os.unlink(entry.path)
-            except OSError:
+        if not _writer_gone(int(match["pid"]), start):
+            continue
+        replaced = Path(folder) / match["target"].removesuffix(ASIDE)
+        try:
+            if is_folder and match["target"].endswith(ASIDE) and not replaced.exists():
+                os.rename(entry.path, replaced)  # its new output never came: the old one back
                 continue
-            removed.append(Path(entry.path))
+            shutil.rmtree(entry.path) if is_folder else os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
     return removed

@@ -61,31 +61,54 @@ def test_a_scratch_folder_is_gone_however_its_block_ends(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_writer_killed_while_deleting_the_replaced_folder_leaves_it_to_the_next(tmp_path):
-    """The folder an atomic_folder replaces is deleted after the new one is in place; a writer
-    killed then leaves it under a partial name (its PID, start time and host), which the next
-    writer into that folder removes, and the new folder stands whole."""
-    target = tmp_path / "export"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+def _killed_at(moment: str, target) -> int:
+    """Run a writer that replaces the folder ``target`` (with one file, new.txt), SIGKILL it at
+    ``moment``; its PID."""
     code = ("import sys; from pathlib import Path; "
             "from merge_backend.atomic_files import atomic_folder\n"
             "with atomic_folder(Path(sys.argv[1])) as tmp:\n"
             "    (tmp / 'new.txt').write_text('new')\n")
     writer = subprocess.Popen([sys.executable, "-c", code, str(target)], stderr=subprocess.PIPE,
-                              env={**os.environ, "MERGESEARCH_PAUSE_AT": "removing-replaced"},
-                              text=True)
+                              env={**os.environ, "MERGESEARCH_PAUSE_AT": moment}, text=True)
     try:
-        assert "paused at removing-replaced" in writer.stderr.readline()
+        assert f"paused at {moment}" in writer.stderr.readline()
     finally:
         writer.kill()
         writer.wait()
         writer.stderr.close()
+    return writer.pid
+
+
+def _old_output(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    return target
+
+
+def test_a_writer_killed_while_deleting_the_replaced_folder_leaves_it_to_the_next(tmp_path):
+    """The folder an atomic_folder replaces is deleted after the new one is in place; a writer
+    killed then leaves it under a partial name (its PID, start time and host), which the next
+    writer into that folder removes, and the new folder stands whole."""
+    target = _old_output(tmp_path)
+    pid = _killed_at("removing-replaced", target)
     assert os.listdir(target) == ["new.txt"]
     left = sorted(set(os.listdir(tmp_path)) - {"export"})
-    assert len(left) == 1 and re.fullmatch(rf"\.export\.old\.{writer.pid}-[0-9]+@.+\.partial",
+    assert len(left) == 1 and re.fullmatch(rf"\.export\.old\.{pid}-[0-9]+@.+\.partial",
                                            left[0]), left
     assert os.listdir(tmp_path / left[0]) == ["old.txt"]
     with atomic_folder(tmp_path / "other") as tmp:
         (tmp / "x").write_text("x")
     assert sorted(os.listdir(tmp_path)) == ["export", "other"]
+
+
+def test_a_writer_killed_between_its_two_renames_gets_the_old_folder_put_back(tmp_path):
+    """Killed after setting the old folder aside but before the new one took its name: the next
+    writer into that folder puts the old one back (and removes the unfinished new one)."""
+    target = _old_output(tmp_path)
+    _killed_at("between-renames", target)
+    assert not target.exists()
+    with atomic_folder(tmp_path / "other") as tmp:
+        (tmp / "x").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == ["export", "other"]
+    assert os.listdir(target) == ["old.txt"]
