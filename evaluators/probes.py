@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from evaluators.schedulers import check_scheduler_name, make_scheduler
+from merge_backend.yaml_files import read_yaml
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -108,7 +108,7 @@ class ProbeSet(BaseModel):
     def from_yaml(cls, path: str | Path) -> ProbeSet:
         """Read a probe set from a YAML mapping; prompt files resolve next to it."""
         path = Path(path)
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path, ValueError)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a probe set must be a YAML mapping, "
                              f"got {type(data).__name__}")
@@ -128,13 +128,13 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Prompts from a YAML or text file, as ``{text, weight[, negative]}`` mappings."""
     if not path.is_file():
         raise ValueError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in _YAML_SUFFIXES:
-        data = yaml.safe_load(text)
+        data = read_yaml(path, ValueError)
         data = data.get("prompts") if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise ValueError(f"prompt file {path}: expected a list of prompts or a 'prompts' key")
         return [{"text": item} if isinstance(item, str) else item for item in data]
+    text = path.read_text(encoding="utf-8")
     return [_parse_prompt_line(line) for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")]
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -35,6 +34,7 @@ from evaluators.scorer import file_fields, known_scorer_kinds, scorer_entry
 from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.devices import DEVICE, auto_device
 from merge_backend.methods import METHODS
+from merge_backend.yaml_files import read_yaml
 
 from .config_errors import nearest, problems
 from .config_search import FidelityConfig, ScreeningConfig
@@ -398,9 +398,9 @@ def check_blocks(cfg: StudyConfig, arch_name: str) -> None:
 def read_yaml_mapping(path: Path, where: str, error: type[ValueError]) -> dict[str, Any]:
     """A YAML (or JSON) file that must hold a mapping; ``error(where: …)`` otherwise."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise error(f"{where}: cannot read it ({exc})") from None
+        data = read_yaml(path, ValueError)
+    except ValueError as exc:  # named as the caller names the file (a flag, say)
+        raise error(f"{where}{str(exc).removeprefix(str(path))}") from None
     if not isinstance(data, dict):
         raise error(f"{where}: expected a YAML mapping, got {type(data).__name__}")
     return data

@@ -100,8 +100,10 @@ def test_a_bad_file_names_the_file_and_the_field(tmp_path):
     with pytest.raises(ArchitectureFileError, match=r"vocabularies\.mbw\.groups.*label_emb"):
         load_architecture(bad)
     bad.write_text("name: [")
-    with pytest.raises(ArchitectureFileError, match=r"bad\.yaml: cannot read it"):
+    with pytest.raises(ArchitectureFileError, match=r"bad\.yaml: cannot read it \(not valid "
+                       r"YAML: line [0-9]+, column [0-9]+: .+\)$") as refused:
         load_architecture(bad)
+    assert "\n" not in str(refused.value)
 
 
 def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -154,6 +154,24 @@ def test_config_file_that_is_not_a_mapping(check, tmp_path, text, needle):
     check(["run", config], str(config), needle)
 
 
+@pytest.mark.parametrize("kind", ["config", "prompt file", "ratios file"])
+def test_a_yaml_syntax_error_is_one_line_naming_its_line_and_column(check, tmp_path, tiny_sd1,
+                                                                    clip, models, kind):
+    """PyYAML reports a syntax error on five lines (a prompt file's escaped as a traceback);
+    the user gets one, naming the file and where it breaks (the bracket opened on line 2 is
+    still open when the file ends on line 3)."""
+    broken = write(tmp_path / "broken.yaml", "a: 1\nb: [unclosed\n")
+    argv = {"config": ["run", broken],
+            "prompt file": ["run", write(tmp_path / "c.yaml", config_data(
+                tiny_sd1, clip, models, tmp_path, probes={"prompts": str(broken)}))],
+            "ratios file": ["merge", "layers", tiny_sd1.a, tiny_sd1.b, "--vocabulary", "mbw",
+                            "--ratios-file", broken, "-o", tmp_path / "out.safetensors"]}[kind]
+    err = check(argv, f"{broken}: cannot read it (not valid YAML: line 3, column 1: ",
+                "at line 2, column 4)")
+    # one line; a config's problems come as a header and one line each
+    assert len(err.strip().splitlines()) == (2 if kind == "prompt file" else 1), err
+
+
 def test_missing_config_file(check, tmp_path):
     check(["run", tmp_path / "nope.yaml"], str(tmp_path / "nope.yaml"), "cannot read it")
 

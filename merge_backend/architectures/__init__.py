@@ -31,6 +31,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from merge_backend.yaml_files import read_yaml
+
 from ..plugins import entry_points, load_entry_point
 from ._schema import SINGLE, SLIDERS, Architecture, Component, ExtraTensor, Layout, Vocabulary
 
@@ -64,10 +66,7 @@ class ArchitectureFileError(ValueError):
 def load_architecture(path: str | Path) -> Architecture:
     """Read and check one architecture file."""
     path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ArchitectureFileError(f"{path}: cannot read it ({exc})") from None
+    data = read_yaml(path, ArchitectureFileError, _Loader)
     if not isinstance(data, dict):
         raise ArchitectureFileError(f"{path}: not a mapping of fields")
     try:

@@ -1,0 +1,45 @@
+"""The YAML (and JSON) files users write — study configs, architecture files, prompt and ratio
+files — read with one-line errors: a file that cannot be read or parsed is refused naming the
+file and the line and column where it breaks, never with a traceback or PyYAML's multi-line
+report.
+
+Example:
+    >>> read_yaml(Path("study.yaml"), ConfigError)               # doctest: +SKIP
+    ConfigError: study.yaml: cannot read it (not valid YAML: line 3, column 1: expected ',' or
+    '}', but got '<stream end>' (while parsing a flow mapping at line 2, column 9))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def read_yaml(path: str | Path, error: type[Exception], loader: type = yaml.SafeLoader) -> Any:
+    """``path``'s data (safe loading: plain data only); ``error(one line)`` when the file cannot
+    be read, is not UTF-8 or is not valid YAML."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: cannot read it (not UTF-8 text: byte {exc.start})") from None
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - loader is a safe loader
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: cannot read it (not valid YAML: {yaml_problem(exc)})") from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: where it broke, what broke, and what it was reading."""
+    mark = getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or mark is None:
+        return " ".join(str(exc).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if exc.context:
+        where = exc.context_mark
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        text += f" ({exc.context}{at})"
+    return " ".join(text.split())
