@@ -110,6 +110,9 @@ def parse_lora_arg(arg: str) -> tuple[Path, float]:
         try:
             strength = float(value)
         except ValueError:
+            if Path(path).is_file() and not Path(arg).exists():  # a typo in the strength
+                raise LoraError(f"LORA:STRENGTH {arg!r}: the strength {value!r} is not a "
+                                "number") from None
             return Path(arg), 1.0
         _finite(f"LORA:STRENGTH {arg!r}: the strength", strength)
         return Path(path), strength

@@ -26,6 +26,20 @@ def test_parse_lora_arg():
     assert parse_lora_arg("a.safetensors:-1")[1] == -1.0
 
 
+def test_a_strength_that_is_not_a_number_is_named(tmp_path):
+    """`style.safetensors:0,8` (a comma) where style.safetensors exists: the strength is the
+    mistake, not a missing file; a file whose name holds the colon is still read whole."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    with pytest.raises(LoraError, match=r"LORA:STRENGTH '.*style\.safetensors:0,8': the "
+                                        r"strength '0,8' is not a number"):
+        parse_lora_arg(f"{lora}:0,8")
+    odd = tmp_path / "odd:name.safetensors"
+    odd.write_bytes(b"")
+    assert parse_lora_arg(str(odd)) == (odd, 1.0)
+    assert parse_lora_arg(f"{tmp_path}/gone.safetensors:x")[1] == 1.0  # left to the file check
+
+
 def test_extract_add_apply_on_the_command_line(tmp_path, tiny_sd1, capsys):
     lora = tmp_path / "diff.safetensors"
     assert run(["lora", "extract", str(tiny_sd1.a), str(tiny_sd1.base), "-o", str(lora),
