@@ -97,8 +97,9 @@ class RunFolder:
         path = Path(path)
         meta = path / RUN_FILE
         if not path.is_dir():
-            raise RunError(f"{path}: no such run folder; pass the folder `mergesearch run` "
-                           "made (output/NAME)")
+            what = "a file, not a run folder" if path.exists() else "no such run folder"
+            raise RunError(f"{path}: {what}; pass the folder `mergesearch run` made "
+                           "(output/NAME)")
         if not meta.is_file():
             raise RunError(f"{path}: not a mergesearch run folder (no {RUN_FILE}); pass the "
                            "output folder of `mergesearch run`")

@@ -292,6 +292,11 @@ def test_status_of_a_missing_folder(check, tmp_path):
     check(["status", tmp_path / "nowhere"], str(tmp_path / "nowhere"), "no such run folder")
 
 
+def test_a_file_given_for_a_run_folder(check, tiny_sd1):
+    """`mergesearch best model.safetensors`: the path exists, it is just not a folder."""
+    check(["best", tiny_sd1.a], f"{tiny_sd1.a}: a file, not a run folder")
+
+
 def test_run_json_naming_another_study(check, run_copy):
     meta = json.loads((run_copy / rf.RUN_FILE).read_text())
     (run_copy / rf.RUN_FILE).write_text(json.dumps({**meta, "study_name": "other"}))
