@@ -72,6 +72,13 @@ def partial_name(target_name: str) -> str:
     return f".{target_name.encode()[:room].decode(errors='ignore')}{suffix}"
 
 
+def output_of(path: str | Path) -> Path:
+    """The output a partial name is written for; any other path as it is."""
+    path = Path(path)
+    match = _PARTIAL.match(path.name)
+    return path.with_name(match["target"]) if match else path
+
+
 def _writer_gone(pid: int, start: int | None) -> bool:
     """Whether the process that named a partial file on this host can no longer be writing."""
     try:

@@ -123,6 +123,18 @@ def _stdout_gone() -> bool:
         return False
 
 
+def os_error_line(exc: OSError) -> str:
+    """An OSError the system raised, as ``path: reason``, the path being the output a temporary
+    name stood for (a full disk fails on ``.best.safetensors.<pid>-<start>@<host>.partial``);
+    ours, which carry no file name, as they are."""
+    from merge_backend.partial_files import output_of
+
+    name = exc.filename2 if exc.filename2 is not None else exc.filename
+    if name is None or not exc.strerror:
+        return str(exc)
+    return f"{output_of(os.fsdecode(name))}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors are ValueError subclasses whose message names the file, key or field.
         if os.environ.get("MERGESEARCH_DEBUG"):
             raise
-        error(f"mergesearch: error: {exc}")
+        error(f"mergesearch: error: {os_error_line(exc) if isinstance(exc, OSError) else exc}")
         return 1
     finally:
         sys.stderr = stderr

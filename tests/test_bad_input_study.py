@@ -3,6 +3,7 @@ file or field, the right exit status, no traceback, nothing left behind, sources
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -393,6 +394,44 @@ def test_a_device_this_machine_lacks_is_refused_before_work(check, done, tiny_sd
             "export": ["export", done, "--to", "report", "-o", tmp_path / "r"],
             "compare": ["compare", done, "--trials", "0", "-o", tmp_path / "c.html"]}[command]
     check([*argv, "--device", device], *needles)
+
+
+LINUX = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+
+
+@LINUX
+@pytest.mark.parametrize("command", ["merge", "lora extract", "export checkpoint",
+                                     "export diffusers", "export comfyui", "tiny"])
+def test_a_folder_that_takes_no_files_is_refused_before_work(check, done, tiny_sd1, tmp_path,
+                                                             command):
+    """/proc takes no new files, even for root (who passes every permission check): the
+    output is refused before the merge, the SVDs or the export start, naming the output."""
+    out = Path("/proc/mergesearch-test")
+    argv = {"merge": ["merge", "simple", tiny_sd1.a, tiny_sd1.b, "-o", f"{out}.safetensors"],
+            "lora extract": ["lora", "extract", tiny_sd1.a, tiny_sd1.b, "--rank", "4", "-o",
+                             f"{out}.safetensors"],
+            "export checkpoint": ["export", done, "--best", "--to", "checkpoint", "-o",
+                                  f"{out}.safetensors"],
+            "export diffusers": ["export", done, "--best", "--to", "diffusers", "-o", out],
+            "export comfyui": ["export", done, "--best", "--to", "comfyui", "-o", f"{out}.json"],
+            "tiny": ["tiny", out]}[command]
+    err = check(argv, "cannot write in /proc")
+    assert ".partial" not in err and "Errno" not in err, err
+    assert "merging" not in err and "skipped" not in err, err  # no work was started
+
+
+def test_an_os_error_names_the_output_not_its_temporary_name():
+    """A write that fails midway (a full disk) fails on the temporary name it writes under;
+    the user is told the output's name."""
+    from search.cli import os_error_line
+
+    full = OSError(errno.ENOSPC, "No space left on device",
+                   "/data/.best.safetensors.4242-123456@myhost.partial")
+    assert os_error_line(full) == "/data/best.safetensors: No space left on device"
+    renamed = OSError(errno.EXDEV, "Invalid cross-device link",
+                      "/a/.x.json.1-2@h.partial", None, "/b/x.json")  # (.., winerror, filename2)
+    assert os_error_line(renamed) == "/b/x.json: Invalid cross-device link"
+    assert os_error_line(OSError("--port 1: cannot listen")) == "--port 1: cannot listen"
 
 
 @pytest.mark.parametrize("port", ["65536", "99999", "-1"])

@@ -25,6 +25,7 @@ from merge_backend.hashing import sha256_of
 from merge_backend.lora.extract import ExtractResult, extract_lora
 from merge_backend.lora.svd import DEFAULT_CLAMP, check_clamp
 from merge_backend.merge_file import DTYPES, merge_to_file
+from merge_backend.output_files import check_output_folder
 from merge_backend.recipe import Recipe, RecipeError
 
 from .comfyui import ComfyPrompt, comfy_settings, comfy_workflow, write_comfy_workflow
@@ -192,6 +193,7 @@ def _check_paths(outputs: Sequence[PlannedOutput], overwrite: bool,
             if path.exists() and (path.is_dir() != (out.format == "diffusers")):
                 raise ExportError(f"output {path} exists and is a "
                                   f"{'folder' if path.is_dir() else 'file'}; remove it first")
+            check_output_folder(path, ExportError)
 
 
 def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Path, *,
