@@ -43,6 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def compare_cmd(args: argparse.Namespace) -> int:
     from merge_backend.atomic_files import atomic_write_text
+    from merge_backend.output_files import check_new_output
 
     from .cli_export import pick_device
     from .compare import compare
@@ -52,8 +53,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     output = args.output or run.exports / f"compare-{'-'.join(map(str, args.trials))}.html"
     if output.suffix.lower() not in (".html", ".htm"):
         raise RunError(f"-o {output}: the page is HTML; give a file name ending in .html")
-    if output.exists() and not args.overwrite:
-        raise RunError(f"{output} exists; pass --overwrite to replace it")
+    check_new_output(output, args.overwrite, RunError)
     probe_set = None
     if args.probes is not None:
         from evaluators import ProbeSet

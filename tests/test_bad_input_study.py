@@ -401,7 +401,7 @@ LINUX = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux'
 
 @LINUX
 @pytest.mark.parametrize("command", ["merge", "lora extract", "export checkpoint",
-                                     "export diffusers", "export comfyui", "tiny"])
+                                     "export diffusers", "export comfyui", "tiny", "compare"])
 def test_a_folder_that_takes_no_files_is_refused_before_work(check, done, tiny_sd1, tmp_path,
                                                              command):
     """/proc takes no new files, even for root (who passes every permission check): the
@@ -414,7 +414,8 @@ def test_a_folder_that_takes_no_files_is_refused_before_work(check, done, tiny_s
                                   f"{out}.safetensors"],
             "export diffusers": ["export", done, "--best", "--to", "diffusers", "-o", out],
             "export comfyui": ["export", done, "--best", "--to", "comfyui", "-o", f"{out}.json"],
-            "tiny": ["tiny", out]}[command]
+            "tiny": ["tiny", out],
+            "compare": ["compare", done, "--trials", "0", "-o", f"{out}.html"]}[command]
     err = check(argv, "cannot write in /proc")
     assert ".partial" not in err and "Errno" not in err, err
     assert "merging" not in err and "skipped" not in err, err  # no work was started
