@@ -412,7 +412,21 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
     path = Path(path)
     data = read_yaml_mapping(path, f"{path}", ConfigError)
     data.update(overrides or {})
-    return _in_its_run_folder(parse_config(data, base_dir=path.parent, source=str(path)), path)
+    cfg = parse_config(data, base_dir=path.parent, source=str(path))
+    _check_runnable_from_a_file(cfg, path)
+    return _in_its_run_folder(cfg, path)
+
+
+def _check_runnable_from_a_file(cfg: StudyConfig, path: Path) -> None:
+    """What only code can supply: the reference scorer's images (``set_references``, which
+    ``mergesearch demo`` and the benchmarks call). Read from a file, a reference scorer without
+    ``references`` would fail every trial."""
+    for i, scorer in enumerate(cfg.scorers):
+        if getattr(scorer, "kind", None) == "reference" and scorer.references is None:
+            raise ConfigError(f"{path}: scorers[{i}].references: the reference scorer compares "
+                              "each candidate's probes with reference images; give a folder of "
+                              "them (`mergesearch demo` draws its own: resume it with "
+                              "`mergesearch demo`)")
 
 
 def _in_its_run_folder(cfg: StudyConfig, path: Path) -> StudyConfig:

@@ -173,6 +173,18 @@ def test_a_yaml_syntax_error_is_one_line_naming_its_line_and_column(check, tmp_p
     assert len(err.strip().splitlines()) == (2 if kind == "prompt file" else 1), err
 
 
+def test_a_reference_scorer_without_references_in_a_config_file(check, tmp_path, tiny_sd1, clip,
+                                                               models):
+    """Only code can hand the reference scorer its images (set_references, as `mergesearch demo`
+    does); a config file without `references:` would fail every trial, so `run` and `validate`
+    refuse it before any work, naming the field."""
+    scorer = {"kind": "reference", "model": str(clip[0]), "weights": str(clip[1])}
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    scorers=[scorer]))
+    for command in ("run", "validate"):
+        check([command, config], f"{config}: scorers[0].references: ", "give a folder")
+
+
 def test_missing_config_file(check, tmp_path):
     check(["run", tmp_path / "nope.yaml"], str(tmp_path / "nope.yaml"), "cannot read it")
 
