@@ -90,6 +90,9 @@ def run_study_cmd(args: argparse.Namespace) -> int:
     from .study import optimize, prepare
 
     check_count("--trials", args.trials)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout {args.timeout:g}: give the seconds this worker may run, "
+                         "more than 0")
     quiet_optuna()
     cfg = load_config(args.config)
     # a person's study is chosen in the dashboard: its port is taken before the long work
@@ -227,6 +230,9 @@ def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
     check_count("--trials", args.trials)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout {args.timeout:g}: give the seconds this worker may run, "
+                         "more than 0")
     quiet_optuna()
     if args.preference:
         from .demo import write_preference_config

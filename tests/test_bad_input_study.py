@@ -248,14 +248,16 @@ def test_study_that_never_ran_a_trial_is_made_again_with_a_fixed_config(tmp_path
 
 def test_every_trial_failing_exits_non_zero_with_the_first_reason(tmp_path, tiny_sd1, clip,
                                                                  models, capsys):
-    """A `reference` scorer without references fails every candidate."""
-    scorers = [{"kind": "reference", "model": str(clip[0]), "weights": str(clip[1])}]
-    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
-                                                    scorers=scorers, trials=3))
+    """Ratios a million times past the models (extrapolation allowed, no warm start) make
+    every candidate's weights overflow into NaN pictures."""
+    config = write(tmp_path / "c.yaml", config_data(
+        tiny_sd1, clip, models, tmp_path, trials=3,
+        merge={"allow_extrapolation": True, "bounds": [1e6, 2e6]},
+        warm_start={"model1": False, "model2": False, "uniform": []}))
     assert main(["run", str(config)]) == 1
     err = capsys.readouterr().err
     assert "error: every trial of this run failed (5); the first, trial 0:" in err
-    assert "reference" in err.split("the first, trial 0:")[1]
+    assert "NaN" in err.split("the first, trial 0:")[1]
     assert "Traceback" not in err
     study = rf.RunFolder.load(tmp_path / "runs" / "bad").study()
     assert [t.state.name for t in study.trials] == ["FAIL"] * 5
@@ -348,6 +350,15 @@ def test_counts_of_trials_below_one(check, done, argv, needle):
 def test_export_top_below_zero(check, done):
     """`export --to report --top K` shows the best K trials (0: none); below 0 is refused."""
     check(["export", done, "--top", "-1", "--to", "report"], "--top -1", "0 or more")
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_run_refuses_a_timeout_that_is_not_a_time(check, tmp_path, tiny_sd1, clip, models,
+                                                  timeout):
+    """0 and -5 ran as if no timeout were given; nan stopped before the first trial as if time
+    had run out (exit 124)."""
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path))
+    check(["run", config, "--timeout", timeout], f"--timeout {timeout}: ", "more than 0")
 
 
 @pytest.mark.parametrize("trials", ["0", "-5"])
