@@ -230,9 +230,6 @@ def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
     check_count("--trials", args.trials)
-    if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout {args.timeout:g}: give the seconds this worker may run, "
-                         "more than 0")
     quiet_optuna()
     if args.preference:
         from .demo import write_preference_config
