@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .architectures import ARCHITECTURES, block_names, text_encoder_block
 from .dtypes import DTYPES
@@ -117,6 +120,25 @@ class Recipe:
 
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+    def with_sources_in(self, folders: Sequence[str | Path]) -> Recipe:
+        """This Recipe with each source (checkpoint or LoRA) that is not at its recorded path
+        taken from the first of ``folders`` holding a file of its name: a run folder or Recipe
+        used where the models live elsewhere. Whether it is the same file is for its recorded
+        sha256 to say, where the sources are checked."""
+        def found(path: str) -> str:
+            if os.path.exists(path):
+                return path
+            for folder in folders:
+                candidate = Path(folder) / Path(path).name
+                if candidate.is_file():
+                    return str(candidate.absolute())
+            return path
+
+        models = {role: dataclasses.replace(src, path=found(src.path))
+                  for role, src in self.models.items()}
+        loras = tuple(dataclasses.replace(lora, path=found(lora.path)) for lora in self.loras)
+        return self.replace(models=models, loras=loras)
 
     # ------------------------------------------------------------------ meaning
     @property

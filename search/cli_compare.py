@@ -36,9 +36,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config-folder", type=Path,
                    help="diffusers config folder to load the parents with (default: the run's, "
                         "else built in)")
+    add_sources_option(p)
     p.add_argument("--device", help="where the references are drawn (default: cuda if present, "
                                     "else cpu)")
     p.set_defaults(func=compare_cmd)
+
+
+def add_sources_option(p: argparse.ArgumentParser) -> None:
+    """--sources DIR (compare and export): where moved source models are now."""
+    p.add_argument("--sources", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder holding source models (or LoRAs) that are no longer where the "
+                        "run recorded them: found by file name, proved the same by their "
+                        "sha256 (repeatable)")
+
+
+def source_folders(args: argparse.Namespace) -> list[Path]:
+    """--sources, each checked to be a folder."""
+    for folder in args.sources:
+        if not folder.is_dir():
+            raise ValueError(f"--sources {folder}: not a folder")
+    return list(args.sources)
 
 
 def compare_cmd(args: argparse.Namespace) -> int:
@@ -49,6 +66,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     from .compare import compare
     from .run_folder import RunError, RunFolder
 
+    folders = source_folders(args)
     run = RunFolder.load(args.run)
     output = args.output or run.exports / f"compare-{'-'.join(map(str, args.trials))}.html"
     if output.suffix.lower() not in (".html", ".htm"):
@@ -60,7 +78,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
         probe_set = ProbeSet.from_yaml(args.probes)
     page = compare(run, args.trials, device=pick_device(args), config_folder=args.config_folder,
-                   probe_set=probe_set)
+                   probe_set=probe_set, sources=folders)
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, page)
     print(json.dumps({"written": [str(output)]}, indent=2))

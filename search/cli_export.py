@@ -16,7 +16,7 @@ import re
 import sys
 import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from merge_backend.export import (
 )
 from merge_backend.lora import ExtractResult
 
+from .cli_compare import add_sources_option, source_folders
 from .cli_lora import add_clamp_options
 from .cli_study import check_count
 from .compare import study_roles, trial_column
@@ -89,6 +90,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config-folder", type=Path,
                    help="diffusers config folder to load checkpoints with (default: the run's, "
                         "else built in)")
+    add_sources_option(p)
     p.add_argument("--device", help="where the report draws images (default: cuda if present, "
                                     "else cpu)")
     p.add_argument("--mbw-lossy", action="store_true",
@@ -242,7 +244,10 @@ def pick_device(args: argparse.Namespace) -> str:
 def run_export(args: argparse.Namespace) -> int:
     check_count("--top", args.top, least=0)
     check_count("--pareto", args.pareto)
+    folders = source_folders(args)
     loaded = load_source(args)
+    loaded.items = [replace(item, recipe=item.recipe.with_sources_in(folders))
+                    for item in loaded.items]
     output = args.output if args.output is not None else loaded.default_output
     plan = plan_exports(loaded.items, args.formats, output, dtype=args.dtype,
                         overwrite=args.overwrite, mbw_lossy=args.mbw_lossy,

@@ -122,13 +122,15 @@ def chosen_trials(study: optuna.Study, numbers: Sequence[int]) -> list[optuna.tr
 
 
 def compare(run: rf.RunFolder, numbers: Sequence[int], *, device: str = "cpu",
-            config_folder: Path | None = None, probe_set=None) -> str:
-    """The comparison page of trials ``numbers`` (see the module docstring)."""
+            config_folder: Path | None = None, probe_set=None,
+            sources: Sequence[Path] = ()) -> str:
+    """The comparison page of trials ``numbers`` (see the module docstring); ``sources``:
+    folders to find moved source models in (``Recipe.with_sources_in``)."""
     from evaluators import ProbeSet
 
     study = run.study()
     trials = chosen_trials(study, numbers)
-    recipe = run.portable(rf.trial_recipe(trials[0]))
+    recipe = run.portable(rf.trial_recipe(trials[0])).with_sources_in(sources)
     check_sources(recipe)
     if probe_set is None:
         stored = study.user_attrs.get(rf.STUDY_ATTR_PROBES)

@@ -232,6 +232,42 @@ def test_png_bytes_round_trip():
     assert torch.equal(back.permute(2, 0, 1), (image * 255).round().to(torch.uint8))
 
 
+def test_sources_kept_in_another_folder_are_found_with_sources(tiny_sd1, tmp_path, capsys):
+    """A run folder taken to another machine whose models live in another folder: `--sources
+    DIR` finds each source by the file name its Recipe recorded, and the recorded sha256 proves
+    it is the same file (a different file of that name is refused)."""
+    from types import SimpleNamespace
+
+    here = tmp_path / "models"
+    here.mkdir()
+    fam = SimpleNamespace(a=Path(shutil.copy(tiny_sd1.a, here / "a.safetensors")),
+                          b=Path(shutil.copy(tiny_sd1.b, here / "b.safetensors")))
+    run = make_run(tmp_path / "run", [_recipe(fam, 0.2, 0.4)], [1.0])
+    assert export(run.path, "--best", "--to", "mbw", "-o", tmp_path / "before.txt") == 0
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(here, elsewhere)
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert export(run.path, "--best", "--to", "mbw", "-o", tmp_path / "x.txt") == 1
+    err = capsys.readouterr().err
+    assert str(here / "a.safetensors") in err and "--sources" in err, err
+    assert export(run.path, "--best", "--to", "mbw", "-o", tmp_path / "after.txt",
+                  "--sources", tmp_path / "empty", "--sources", elsewhere) == 0
+    assert (tmp_path / "after.txt").read_text() == (tmp_path / "before.txt").read_text()
+    assert cli.main(["compare", str(run.path), "--trials", "0", "-o", str(tmp_path / "c.html"),
+                     "--sources", str(elsewhere)]) == 0
+    assert (tmp_path / "c.html").read_text().startswith("<!DOCTYPE html>")
+    shutil.copy(tiny_sd1.base, elsewhere / "b.safetensors")  # another file, the same name
+    capsys.readouterr()
+    assert export(run.path, "--best", "--to", "mbw", "-o", tmp_path / "y.txt",
+                  "--sources", elsewhere) == 1
+    assert "changed since the merge was scored" in capsys.readouterr().err
+    for command in (["export", str(run.path), "--best", "--to", "mbw"], ["compare", str(run.path),
+                                                                         "--trials", "0"]):
+        assert cli.main([*command, "--sources", str(tmp_path / "nowhere")]) == 1
+        assert f"--sources {tmp_path / 'nowhere'}: not a folder" in capsys.readouterr().err
+
+
 def test_a_moved_run_folder_reads_its_own_database(tiny_sd1, tmp_path, capsys):
     """A run folder copied or moved elsewhere (another disk, a colleague's machine) keeps its
     SQLite database inside: status, best and export read it there, and read what the folder

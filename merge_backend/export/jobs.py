@@ -132,7 +132,8 @@ def check_sources(recipe: Recipe, hashes: dict[str, str] | None = None) -> None:
         path = Path(src.path)
         if not path.exists():
             raise ExportError(f"recipe.models.{role}: source {path} is missing (resolved from "
-                              f"{Path.cwd()}); put the file back where the recipe points")
+                              f"{Path.cwd()}); put the file back where the recipe points, or "
+                              "pass --sources DIR, the folder it is in now")
         if src.sha256 is None:
             continue
         key = str(path.resolve())
