@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_options import add_sources_option, source_folders
+
 
 def _numbers(text: str) -> list[int]:
     try:
@@ -40,22 +42,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="where the references are drawn (default: cuda if present, "
                                     "else cpu)")
     p.set_defaults(func=compare_cmd)
-
-
-def add_sources_option(p: argparse.ArgumentParser) -> None:
-    """--sources DIR (compare and export): where moved source models are now."""
-    p.add_argument("--sources", type=Path, action="append", default=[], metavar="DIR",
-                   help="a folder holding source models (or LoRAs) that are no longer where the "
-                        "run recorded them: found by file name, proved the same by their "
-                        "sha256 (repeatable)")
-
-
-def source_folders(args: argparse.Namespace) -> list[Path]:
-    """--sources, each checked to be a folder."""
-    for folder in args.sources:
-        if not folder.is_dir():
-            raise ValueError(f"--sources {folder}: not a folder")
-    return list(args.sources)
 
 
 def compare_cmd(args: argparse.Namespace) -> int:

@@ -36,9 +36,8 @@ from merge_backend.export import (
 )
 from merge_backend.lora import ExtractResult
 
-from .cli_compare import add_sources_option, source_folders
 from .cli_lora import add_clamp_options
-from .cli_study import check_count
+from .cli_options import add_sources_option, check_count, source_folders
 from .compare import study_roles, trial_column
 from .run_folder import (
     ARTIFACT_PROBES,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .cli_options import check_count
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run (or resume) the study a config describes")
@@ -74,13 +76,6 @@ def quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def check_count(flag: str, value: int | None, least: int = 1) -> None:
-    """A count of trials a user typed (None: not given): below ``least`` it is refused, not
-    ignored."""
-    if value is not None and value < least:
-        raise ValueError(f"{flag} {value}: give a number of trials, {least} or more")
 
 
 def run_study_cmd(args: argparse.Namespace) -> int:

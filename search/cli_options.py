@@ -1,0 +1,30 @@
+"""Command-line options and checks that several commands share (kept light: a command's parser
+is built without importing the heavy modules behind the others)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def check_count(flag: str, value: int | None, least: int = 1) -> None:
+    """A count of trials a user typed (None: not given): below ``least`` it is refused, not
+    ignored."""
+    if value is not None and value < least:
+        raise ValueError(f"{flag} {value}: give a number of trials, {least} or more")
+
+
+def add_sources_option(p: argparse.ArgumentParser) -> None:
+    """--sources DIR (compare and export): where moved source models are now."""
+    p.add_argument("--sources", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder holding source models (or LoRAs) that are no longer where the "
+                        "run recorded them: found by file name, proved the same by their "
+                        "sha256 (repeatable)")
+
+
+def source_folders(args: argparse.Namespace) -> list[Path]:
+    """--sources, each checked to be a folder."""
+    for folder in args.sources:
+        if not folder.is_dir():
+            raise ValueError(f"--sources {folder}: not a folder")
+    return list(args.sources)
