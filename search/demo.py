@@ -149,5 +149,5 @@ def report(study, ctx, hidden: dict[str, float], hidden_score: float, out) -> di
     result = {"rmse": rmse, "best_score": best.value, "hidden_score": hidden_score,
               "gap": gap, "best_trial": best.number, "found": found, "hidden": dict(hidden),
               "trials": len(study.trials)}
-    atomic_write_text(Path(run) / "demo_result.json", json.dumps(result, indent=2))
+    atomic_write_text(Path(ctx.run.path) / "demo_result.json", json.dumps(result, indent=2))
     return result

@@ -17,11 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("demo")
+    """A short demo in a folder whose name holds a space, run from an empty folder: nothing
+    may land anywhere but in its own folder (its result file once went to a folder named by
+    the shell-quoted path, under the working directory)."""
+    folder = tmp_path_factory.mktemp("demo") / "my demo"
+    cwd = tmp_path_factory.mktemp("cwd")
     proc = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--folder", str(folder),
                            "--trials", "30"], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                        "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
     return folder, proc.stdout
 
 
