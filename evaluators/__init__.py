@@ -8,6 +8,7 @@ Example:
     >>> value = combine(card, score_norms(configs))                         # doctest: +SKIP
 """
 
+from evaluators._image_ops import load_image_folder
 from evaluators.aesthetic import LaionAestheticConfig, LaionAestheticScorer
 from evaluators.clip_score import ClipScoreConfig, HpsV2Config, TextImageScorer
 from evaluators.pickscore import PickScoreConfig, PickScoreScorer
@@ -74,6 +75,7 @@ __all__ = [
     "evaluate",
     "generate",
     "known_scorer_kinds",
+    "load_image_folder",
     "normalised_means",
     "objective_vector",
     "register_scorer",

@@ -169,6 +169,16 @@ class ProbeImages:
     prompt_index: list[int]
     weights: Tensor
 
+    @classmethod
+    def of(cls, probe_set: ProbeSet, images: Tensor) -> ProbeImages:
+        """``images`` (one per probe, in ``probe_set.jobs()`` order) with the probe set's
+        prompts, seeds and prompt weights."""
+        jobs = probe_set.jobs()
+        return cls(images=images, prompts=[job.prompt.text for job in jobs],
+                   seeds=[job.seed for job in jobs],
+                   prompt_index=[job.prompt_index for job in jobs],
+                   weights=torch.tensor([job.prompt.weight for job in jobs], dtype=torch.float32))
+
     def __len__(self) -> int:
         return self.images.shape[0]
 
@@ -202,13 +212,7 @@ def generate(pipe: Any, probe_set: ProbeSet,
         chunks = [_draw(pipe, probe_set, batch, device) for batch in _batches(probe_set, jobs)]
     finally:
         pipe.scheduler = original_scheduler
-    return ProbeImages(
-        images=torch.cat(chunks),
-        prompts=[job.prompt.text for job in jobs],
-        seeds=[job.seed for job in jobs],
-        prompt_index=[job.prompt_index for job in jobs],
-        weights=torch.tensor([job.prompt.weight for job in jobs], dtype=torch.float32),
-    )
+    return ProbeImages.of(probe_set, torch.cat(chunks))
 
 
 def _negative(probe_set: ProbeSet, job: ProbeJob) -> str:

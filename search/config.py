@@ -419,14 +419,13 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
 
 def _check_runnable_from_a_file(cfg: StudyConfig, path: Path) -> None:
     """What only code can supply: the reference scorer's images (``set_references``, which
-    ``mergesearch demo`` and the benchmarks call). Read from a file, a reference scorer without
-    ``references`` would fail every trial."""
+    the benchmarks call). Read from a file, a reference scorer without ``references`` would
+    fail every trial."""
     for i, scorer in enumerate(cfg.scorers):
         if getattr(scorer, "kind", None) == "reference" and scorer.references is None:
             raise ConfigError(f"{path}: scorers[{i}].references: the reference scorer compares "
                               "each candidate's probes with reference images; give a folder of "
-                              "them (`mergesearch demo` draws its own: resume it with "
-                              "`mergesearch demo`)")
+                              "them (in probe order for mode: paired)")
 
 
 def _in_its_run_folder(cfg: StudyConfig, path: Path) -> StudyConfig:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from evaluators import combine, generate, score_images
+from evaluators import ProbeImages, combine, generate, load_image_folder, score_images
 from merge_backend.architectures import ARCHITECTURES, text_encoder_block
-from merge_backend.atomic_files import atomic_write_text
+from merge_backend.atomic_files import atomic_folder, atomic_write_text
 from toyworld.files import SHIPPED, write_world
 from toyworld.world import SAMPLING, caption, training_subjects
 
@@ -35,12 +35,15 @@ from .study import optimize, prepare
 
 DEFAULT_TRIALS = 150
 HIDDEN_SEED = 0
+REFERENCES = "references"  # FOLDER/references: the hidden merge's probes, one PNG each
 
 
 def demo_config(folder: Path, trials: int = DEFAULT_TRIALS, seed: int = 0,
                 world_source: Path = SHIPPED) -> dict:
-    """The demo's study config (also written to FOLDER/demo.yaml for users to read), on the
-    shipped world or another world folder (``world_source``)."""
+    """The demo's study config (also written to FOLDER/demo.yaml, which `mergesearch run`
+    runs like `mergesearch demo`), on the shipped world or another world folder
+    (``world_source``). Its reference scorer compares with FOLDER/references
+    (``draw_hidden_merge``)."""
     world = write_world(folder / "models", source=world_source)
     prompts = [caption(s) for s in training_subjects()[::10]]
     return {
@@ -51,7 +54,8 @@ def demo_config(folder: Path, trials: int = DEFAULT_TRIALS, seed: int = 0,
                   "text_encoder": {"mode": "merge", "ratio": {"low": 0.0, "high": 1.0}}},
         "probes": {"prompts": prompts, "seeds": [1], **SAMPLING, "batch_size": 4},
         "scorers": [{"kind": "reference", "name": "reference", "model": str(world.clip_config),
-                     "weights": str(world.clip_weights), "mode": "paired", "range": [0.5, 1.0]}],
+                     "weights": str(world.clip_weights), "mode": "paired", "range": [0.5, 1.0],
+                     "references": str(Path(folder).absolute() / REFERENCES)}],
         # the project's default sampler with its defaults (chosen by benchmarks/search_quality.py)
         "sampler": {"seed": seed},
         "warm_start": {"model1": True, "model2": True, "uniform": [0.5]},
@@ -102,16 +106,16 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
         shutil.rmtree(folder)
     data = demo_config(folder, trials, seed)
     folder.mkdir(parents=True, exist_ok=True)
+    hidden = hidden_ratios()
+    references = folder / REFERENCES
+    if not references.is_dir():
+        draw_hidden_merge(data, hidden, references)
     atomic_write_text(folder / "demo.yaml", yaml.safe_dump(data, sort_keys=False))
     cfg: StudyConfig = parse_config(data, source=str(folder / "demo.yaml"))
     study, ctx = prepare(cfg)
-    hidden = hidden_ratios()
-    target = ctx.space.recipe(ctx.space.params_for(
-        {**hidden, TEXT_ENCODER: hidden[text_encoder_block(ARCHITECTURES["sd1"], "mbw")]}))
-    ctx.engine.apply(target)
-    reference = generate(ctx.pipe, ctx.probes)
-    ctx.scorers[0].set_references(reference.images)
-    hidden_score = combine(score_images(reference, ctx.scorers), ctx.norms)
+    # the hidden merge's own score: its probes as the scorer holds them (8-bit, from the files)
+    drawn = ProbeImages.of(cfg.probes, torch.stack(load_image_folder(references)))
+    hidden_score = combine(score_images(drawn, ctx.scorers), ctx.norms)
     result = optimize(study, ctx, callbacks=[Progress(cfg.trials)])
     if result.interrupted or rf.best_trial(study) is None:
         print(f"\n{'interrupted' if result.interrupted else 'no trial completed'}: "
@@ -119,6 +123,29 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
               "again resumes", file=sys.stderr)
         return {"interrupted": result.interrupted, "trials": result.completed}
     return report(study, ctx, hidden, hidden_score, out)
+
+
+def draw_hidden_merge(data: dict, hidden: dict[str, float], folder: Path) -> None:
+    """The hidden merge's probes as PNG files in ``folder`` (000.png, ... in probe order: what
+    the demo's `reference` scorer compares with), drawn the way the study draws a candidate."""
+    from merge_backend.engine import MergeEngine
+    from merge_backend.export import png_bytes
+    from merge_backend.pipeline import load_pipeline
+
+    from .study import check_config, resolve_device
+
+    cfg = parse_config({**data, "scorers": [{**s, "references": None} for s in data["scorers"]]})
+    space = check_config(cfg)
+    device, dtype = resolve_device(cfg)
+    pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
+                         dtype=dtype)
+    engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
+    te_block = text_encoder_block(ARCHITECTURES["sd1"], "mbw")
+    engine.apply(space.recipe(space.params_for({**hidden, TEXT_ENCODER: hidden[te_block]})))
+    images = generate(pipe, cfg.probes).images
+    with atomic_folder(folder) as tmp:
+        for i, image in enumerate(images):
+            (tmp / f"{i:03d}.png").write_bytes(png_bytes(image))
 
 
 def found_ratios(ctx, params: dict[str, float]) -> dict[str, float]:

@@ -43,6 +43,22 @@ def test_short_demo_improves_on_the_warm_start(demo_run):
     assert result["best_score"] <= result["hidden_score"] + 1e-6
 
 
+def test_the_demo_config_runs_with_mergesearch_run(demo_run):
+    """demo.yaml is a complete study config: the hidden merge's probes are files beside it, so
+    `mergesearch run` goes on with the demo's own study (its trials kept) like `mergesearch
+    demo` would."""
+    folder, _ = demo_run
+    assert sorted(p.name for p in (folder / "references").iterdir()) == \
+        ["000.png", "001.png", "002.png", "003.png"]
+    before = {t.number: t.params for t in rf.completed(rf.RunFolder.load(folder / "demo").study())}
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "run", str(folder / "demo.yaml"),
+                           "--trials", "32"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {t.number: t.params for t in rf.completed(rf.RunFolder.load(folder / "demo").study())}
+    assert len(after) == 32 and all(after[n] == before[n] for n in before)
+
+
 def test_notebook_executes_against_the_study(demo_run, tmp_path):
     folder, _ = demo_run
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
