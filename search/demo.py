@@ -31,7 +31,7 @@ from . import run_folder as rf
 from .config import StudyConfig, parse_config
 from .progress import Progress
 from .space import TEXT_ENCODER
-from .study import optimize, prepare
+from .study import OtherConfigError, optimize, prepare
 
 DEFAULT_TRIALS = 150
 HIDDEN_SEED = 0
@@ -112,7 +112,12 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
         draw_hidden_merge(data, hidden, references)
     atomic_write_text(folder / "demo.yaml", yaml.safe_dump(data, sort_keys=False))
     cfg: StudyConfig = parse_config(data, source=str(folder / "demo.yaml"))
-    study, ctx = prepare(cfg)
+    try:
+        study, ctx = prepare(cfg)
+    except OtherConfigError:
+        raise OtherConfigError(f"{folder}: its study was made by another version of the demo "
+                               "and cannot go on; `mergesearch demo --fresh` starts it over"
+                               ) from None
     # the hidden merge's own score: its probes as the scorer holds them (8-bit, from the files)
     drawn = ProbeImages.of(cfg.probes, torch.stack(load_image_folder(references)))
     hidden_score = combine(score_images(drawn, ctx.scorers), ctx.norms)

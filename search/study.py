@@ -146,8 +146,12 @@ def _same_config(study: optuna.Study, cfg: StudyConfig) -> bool:
     return stored is None or _comparable(stored) == _comparable(_stored_config(cfg))
 
 
+class OtherConfigError(ConfigError):
+    """The study of this name was started with another config (it cannot be resumed)."""
+
+
 def _other_config(cfg: StudyConfig, trials: int) -> ConfigError:
-    return ConfigError(f"name: study {cfg.name!r} in {storage_url(cfg)} was started with another "
+    return OtherConfigError(f"name: study {cfg.name!r} in {storage_url(cfg)} was started with another "
                        "models / merge / probes / scorers / objective config and holds "
                        f"{trials} trial(s); give the new config another name")
 

@@ -59,6 +59,28 @@ def test_the_demo_config_runs_with_mergesearch_run(demo_run):
     assert len(after) == 32 and all(after[n] == before[n] for n in before)
 
 
+def test_a_demo_folder_of_another_version_is_refused_with_the_way_out(demo_run, tmp_path):
+    """A demo folder whose study was started with another config (an older demo's): the demo
+    cannot go on with it and says how to start over, instead of the generic "give the new
+    config another name" (a name the demo does not take)."""
+    import shutil
+
+    import optuna
+
+    folder = Path(shutil.copytree(demo_run[0], tmp_path / "old demo"))
+    study = rf.RunFolder.load(folder / "demo").study()
+    stored = study.user_attrs["config"]
+    study.set_user_attr("config", {**stored, "probes": {**stored["probes"], "steps": 9}})
+    proc = subprocess.run([sys.executable, "-m", "search.cli", "demo", "--folder", str(folder),
+                           "--trials", "40"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mergesearch: error: {folder}: its study was made by another version of the demo and "
+        "cannot go on; `mergesearch demo --fresh` starts it over"), proc.stderr[-2000:]
+    assert len(optuna.load_study(study_name="demo", storage=study._storage).trials) == \
+        len(study.trials)
+
+
 def test_notebook_executes_against_the_study(demo_run, tmp_path):
     folder, _ = demo_run
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
