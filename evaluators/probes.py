@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
 from torch import Tensor
 
 from evaluators.schedulers import check_scheduler_name, make_scheduler
@@ -43,7 +43,7 @@ class Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: str = Field(min_length=1)
-    weight: float = Field(1.0, gt=0)
+    weight: FiniteFloat = Field(1.0, gt=0)
     negative: str | None = None  # overrides ProbeSet.negative_prompt for this prompt
 
 
@@ -75,7 +75,7 @@ class ProbeSet(BaseModel):
     negative_prompt: str = ""
     seeds: list[int] = Field(default=[0, 1], min_length=1)
     steps: int = Field(20, ge=1)
-    cfg: float = Field(7.0, ge=0)
+    cfg: FiniteFloat = Field(7.0, ge=0)
     width: int = Field(512, ge=8, multiple_of=8)
     height: int = Field(512, ge=8, multiple_of=8)
     scheduler: str = "euler"

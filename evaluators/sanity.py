@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, FiniteFloat, field_validator
 from torch import Tensor
 
 from evaluators.scorer import ScorerConfig, check_images, register_scorer
@@ -35,9 +35,9 @@ class SanityConfig(ScorerConfig):
 
     kind: Literal["sanity"] = "sanity"
     black_mean: float = Field(0.02, ge=0, le=1)
-    flat_std: float = Field(0.02, ge=0)
+    flat_std: FiniteFloat = Field(0.02, ge=0)
     clipped_fraction: float = Field(0.5, gt=0, le=1)
-    penalties: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PENALTIES))
+    penalties: dict[str, FiniteFloat] = Field(default_factory=lambda: dict(DEFAULT_PENALTIES))
     penalty: ClassVar[bool] = True
 
     @field_validator("penalties")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 from torch import Tensor
 
 from evaluators.scorer_files import (
@@ -113,8 +113,8 @@ class ScorerConfig(BaseModel):
 
     kind: str
     name: str | None = None
-    weight: float = Field(1.0, ge=0)
-    range: tuple[float, float] | None = None
+    weight: FiniteFloat = Field(1.0, ge=0)
+    range: tuple[FiniteFloat, FiniteFloat] | None = None
     batch_size: int = Field(8, ge=1)
 
     default_range: ClassVar[tuple[float, float]] = (0.0, 1.0)

@@ -212,6 +212,14 @@ def test_same_config_and_seed_same_sequence(tiny_sd1, clip_files, tmp_path):
     ({"merge": {"fixed": {"IN01": 3.0}}}, "merge.fixed.IN01"),
     ({"merge": {"multiplier": float("nan")}}, "merge.multiplier"),
     ({"merge": {"bounds": [0.0, float("inf")], "allow_extrapolation": True}}, "merge.bounds"),
+    ({"probes": {"cfg": float("inf")}}, "probes.cfg: Input should be a finite number"),
+    ({"probes": {"cfg": float("nan")}}, "probes.cfg: Input should be a finite number"),
+    ({"probes": {"prompts": [{"text": "a red apple", "weight": float("inf")}]}},
+     "probes.prompts[0].weight: Input should be a finite number"),
+    ({"scorers": [{"kind": "sanity", "weight": float("inf")}]}, "scorers[0].weight"),
+    ({"scorers": [{"kind": "sanity", "range": [0.0, float("nan")]}]}, "scorers[0].range"),
+    ({"scorers": [{"kind": "sanity", "penalties": {"black": float("inf")}}]},
+     "scorers[0].penalties.black"),
 ])
 def test_each_invalid_field_has_its_own_message(tiny_sd1, clip_files, tmp_path, change, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
