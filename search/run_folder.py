@@ -259,11 +259,20 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStor
 
     @event.listens_for(engine, "connect")
     def _pragmas(connection, _record) -> None:
+        connection.isolation_level = None  # the driver opens no transaction: ``_immediate`` does
         cursor = connection.cursor()
         if id(engine) not in _WAL_LEFT:
             cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _immediate(connection) -> None:
+        # Each transaction takes the write lock as it begins. Optuna's ask reads the WAITING
+        # trials, then sets one RUNNING; the driver's own transactions begin only at the write,
+        # so two workers could both read a trial WAITING and both take it (measured: 9 of 20
+        # asks by two processes on one queue got a trial the other got too).
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     # WAL starts when the worker's loop does (``enter_wal``): a start that fails (another
     # config, a changed source) leaves the database file as it was
@@ -296,16 +305,20 @@ def leave_wal(storage: Any) -> None:
     engine = _engine(storage)
     if engine is None or id(engine) not in _WAL_ENGINES:
         return
-    from sqlalchemy import text
+    import sqlite3
+
     from sqlalchemy.exc import OperationalError
 
     _WAL_LEFT.add(id(engine))
     engine.dispose()
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("PRAGMA journal_mode=DELETE"))
-    except OperationalError:  # another worker is writing: it switches back when it stops
-        pass
+    try:  # outside a transaction (each of this engine's begins with the write lock)
+        connection = engine.raw_connection()
+        try:
+            connection.driver_connection.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            connection.close()
+    except (OperationalError, sqlite3.OperationalError):  # another worker is writing: it
+        pass  # switches back when it stops
     engine.dispose()
 
 
