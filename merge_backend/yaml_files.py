@@ -17,19 +17,22 @@ from typing import Any
 import yaml
 
 
-def read_yaml(path: str | Path, error: type[Exception], loader: type = yaml.SafeLoader) -> Any:
+def read_yaml(path: str | Path, error: type[Exception], loader: type = yaml.SafeLoader,
+              name: str | None = None) -> Any:
     """``path``'s data (safe loading: plain data only); ``error(one line)`` when the file cannot
-    be read, is not UTF-8 or is not valid YAML."""
+    be read, is not UTF-8 or is not valid YAML. ``name``: how the message names the file
+    (a flag with it, say; default: its path)."""
+    name = str(path) if name is None else name
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        raise error(f"{name}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: cannot read it (not UTF-8 text: byte {exc.start})") from None
+        raise error(f"{name}: cannot read it (not UTF-8 text: byte {exc.start})") from None
     try:
         return yaml.load(text, Loader=loader)  # noqa: S506 - loader is a safe loader
     except yaml.YAMLError as exc:
-        raise error(f"{path}: cannot read it (not valid YAML: {yaml_problem(exc)})") from None
+        raise error(f"{name}: cannot read it (not valid YAML: {yaml_problem(exc)})") from None
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

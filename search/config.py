@@ -397,10 +397,7 @@ def check_blocks(cfg: StudyConfig, arch_name: str) -> None:
 
 def read_yaml_mapping(path: Path, where: str, error: type[ValueError]) -> dict[str, Any]:
     """A YAML (or JSON) file that must hold a mapping; ``error(where: …)`` otherwise."""
-    try:
-        data = read_yaml(path, ValueError)
-    except ValueError as exc:  # named as the caller names the file (a flag, say)
-        raise error(f"{where}{str(exc).removeprefix(str(path))}") from None
+    data = read_yaml(path, error, name=where)
     if not isinstance(data, dict):
         raise error(f"{where}: expected a YAML mapping, got {type(data).__name__}")
     return data
@@ -422,7 +419,7 @@ def _check_runnable_from_a_file(cfg: StudyConfig, path: Path) -> None:
     the benchmarks call). Read from a file, a reference scorer without ``references`` would
     fail every trial."""
     for i, scorer in enumerate(cfg.scorers):
-        if getattr(scorer, "kind", None) == "reference" and scorer.references is None:
+        if scorer.kind == "reference" and scorer.references is None:
             raise ConfigError(f"{path}: scorers[{i}].references: the reference scorer compares "
                               "each candidate's probes with reference images; give a folder of "
                               "them (in probe order for mode: paired)")

@@ -22,7 +22,6 @@ from pathlib import Path
 import yaml
 
 from evaluators import ProbeImages, combine, generate, load_image_folder, score_images
-from merge_backend.architectures import ARCHITECTURES, text_encoder_block
 from merge_backend.atomic_files import atomic_folder, atomic_write_text
 from toyworld.files import SHIPPED, write_world
 from toyworld.world import SAMPLING, caption, training_subjects
@@ -133,20 +132,14 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
 def draw_hidden_merge(data: dict, hidden: dict[str, float], folder: Path) -> None:
     """The hidden merge's probes as PNG files in ``folder`` (000.png, ... in probe order: what
     the demo's `reference` scorer compares with), drawn the way the study draws a candidate."""
-    from merge_backend.engine import MergeEngine
     from merge_backend.export import png_bytes
-    from merge_backend.pipeline import load_pipeline
 
-    from .study import check_config, resolve_device
+    from .study import candidate_pipeline, check_config, resolve_device
 
     cfg = parse_config({**data, "scorers": [{**s, "references": None} for s in data["scorers"]]})
     space = check_config(cfg)
-    device, dtype = resolve_device(cfg)
-    pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
-                         dtype=dtype)
-    engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
-    te_block = text_encoder_block(ARCHITECTURES["sd1"], "mbw")
-    engine.apply(space.recipe(space.params_for({**hidden, TEXT_ENCODER: hidden[te_block]})))
+    pipe, engine = candidate_pipeline(cfg, space, *resolve_device(cfg))
+    engine.apply(space.recipe(space.params_for({**hidden, TEXT_ENCODER: hidden[space.te_block]})))
     images = generate(pipe, cfg.probes).images
     with atomic_folder(folder) as tmp:
         for i, image in enumerate(images):

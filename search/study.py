@@ -151,9 +151,9 @@ class OtherConfigError(ConfigError):
 
 
 def _other_config(cfg: StudyConfig, trials: int) -> ConfigError:
-    return OtherConfigError(f"name: study {cfg.name!r} in {storage_url(cfg)} was started with another "
-                       "models / merge / probes / scorers / objective config and holds "
-                       f"{trials} trial(s); give the new config another name")
+    return OtherConfigError(f"name: study {cfg.name!r} in {storage_url(cfg)} was started with "
+                            "another models / merge / probes / scorers / objective config and "
+                            f"holds {trials} trial(s); give the new config another name")
 
 
 def _sampler(cfg: StudyConfig):
@@ -251,6 +251,14 @@ def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, log: Log = _std
 # ---------------------------------------------------------------------------- start-up
 
 
+def candidate_pipeline(cfg: StudyConfig, space: SearchSpace, device: torch.device,
+                       dtype: torch.dtype) -> tuple[Any, MergeEngine]:
+    """model1's pipeline, and the merge engine that builds each candidate in it."""
+    pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
+                         dtype=dtype)
+    return pipe, MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
+
+
 def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyContext]:
     """Check, load, then open the study (see the module docstring)."""
     started = time.perf_counter()
@@ -270,9 +278,7 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
         check_sources(study, space, digests)
     log(f"loading {Path(cfg.models.model1).name} into a pipeline on {device} "
         f"({str(dtype).removeprefix('torch.')})")
-    pipe = load_pipeline(cfg.models.model1, config_folder=cfg.config_folder, device=device,
-                         dtype=dtype)
-    engine = MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
+    pipe, engine = candidate_pipeline(cfg, space, device, dtype)
     log(engine.memory.describe())
     for lora in engine.lora_files:  # what a partial LoRA skips, named
         for note in lora.notes():
