@@ -70,7 +70,7 @@ def _probes(prompts: list[str], seeds: list[int]) -> dict:
 def study_data(world, folder: Path, name: str, sampler: dict, trials: int, scorer: dict,
                warm: bool = True) -> dict:
     """A study of style_a x style_b over all 26 MBW blocks, as the demo's."""
-    from toyworld.world import caption, training_subjects
+    from toyworld.world import probe_prompts
 
     return {
         "name": name,
@@ -78,7 +78,7 @@ def study_data(world, folder: Path, name: str, sampler: dict, trials: int, score
         "config_folder": str(world.config_folder),
         "merge": {"method": "weighted_sum", "vocabulary": "mbw", "arithmetic": "fast",
                   "text_encoder": {"mode": "merge", "ratio": {"low": 0.0, "high": 1.0}}},
-        "probes": _probes([caption(s) for s in training_subjects()[::10]], [1]),
+        "probes": _probes(probe_prompts(), [1]),
         "scorers": [scorer],
         "sampler": sampler,
         "warm_start": {"model1": warm, "model2": warm, "uniform": [0.5] if warm else []},

@@ -24,7 +24,7 @@ import yaml
 from evaluators import ProbeImages, combine, generate, load_image_folder, score_images
 from merge_backend.atomic_files import atomic_folder, atomic_write_text
 from toyworld.files import SHIPPED, write_world
-from toyworld.world import SAMPLING, caption, training_subjects
+from toyworld.world import SAMPLING, probe_prompts
 
 from . import run_folder as rf
 from .config import StudyConfig, parse_config
@@ -44,7 +44,7 @@ def demo_config(folder: Path, trials: int = DEFAULT_TRIALS, seed: int = 0,
     (``world_source``). Its reference scorer compares with FOLDER/references
     (``draw_hidden_merge``)."""
     world = write_world(folder / "models", source=world_source)
-    prompts = [caption(s) for s in training_subjects()[::10]]
+    prompts = probe_prompts()
     return {
         "name": "demo",
         "models": {"model1": str(world.style_a), "model2": str(world.style_b)},

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from evaluators import ProbeSet, build_scorer, generate
@@ -103,6 +104,36 @@ def test_reference_scorer_is_one_for_the_same_pictures_and_lower_for_others(worl
     same = scorer.score(a, [""] * 4)
     assert torch.allclose(same, torch.ones(4), atol=1e-5)
     assert (scorer.score(b, [""] * 4) < 0.99).all()
+
+
+def test_sensitivity_counts_the_blocks_that_change_the_pictures_and_no_other(world):
+    """A made-up 'model' whose pictures depend on two blocks only: IN01 sets the warmth,
+    OUT09 the outline. Only those two blocks may count, and each move's change is the
+    reference score's own drop, written out here."""
+    from toyworld import figures
+    from toyworld.training import pictures_to_tensor
+
+    subjects = training_subjects()[::10]
+
+    def images(ratios):
+        style = replace(STYLE_A, warmth=2 * ratios["IN01"] - 1, outline=ratios["OUT09"])
+        scenes = random_scenes(np.random.default_rng(0), len(subjects), subjects, style)
+        return pictures_to_tensor(draw(replace(scenes, subjects=subjects)))
+
+    scorer = figures.clip_scorer(world, "reference", mode="paired")
+    hidden = figures.hidden_ratios(0)
+    table = figures.sensitivity_of(images, scorer, [caption(s) for s in subjects], hidden,
+                                   seed=0, random_merges=4)
+    assert table.sensitive() == ["IN01", "OUT09"]
+    unmoved = [b for b in figures.MBW if b not in ("IN01", "OUT09")]
+    assert all(table.up[b] == table.down[b] == 0 for b in unmoved)
+    reference = F.normalize(scorer.image_embeddings(images(hidden)), dim=-1)
+    moved = F.normalize(scorer.image_embeddings(images({**hidden, "IN01": hidden["IN01"] + 0.3})),
+                        dim=-1)
+    base = (reference * reference).sum(-1).mean().item()  # 1 up to rounding
+    expected = abs(base - (moved * reference).sum(-1).mean().item())
+    assert table.up["IN01"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert table.score_range >= max(table.up["IN01"], table.down["OUT09"])
 
 
 def test_cli_writes_the_world_and_a_study_config_that_validates(tmp_path):

@@ -34,6 +34,7 @@ from toyworld.world import (
     STYLES,
     all_subjects,
     caption,
+    probe_prompts,
     training_subjects,
 )
 
@@ -221,21 +222,31 @@ def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges
     from merge_backend.engine import MergeEngine
 
     hidden = hidden_ratios(seed)
-    prompts = prompts or [caption(s) for s in training_subjects()[::10]]
+    prompts = prompts or probe_prompts()
     probes = probe_set(prompts, [1], batch_size=4)
     pipe = load(world, "style_a", device)
     template = merge_recipe(world, uniform_ratios("sd1", "mbw", 1.0))
     engine = MergeEngine(pipe, template, device=device)
     scorer = clip_scorer(world, "reference", device=device, mode="paired")
 
-    def score(ratios: dict[str, float]) -> float:
+    def images(ratios: dict[str, float]) -> torch.Tensor:
         engine.apply(merge_recipe(world, ratios))
-        images = generate(pipe, probes).images
-        return float(scorer.score(images, probes_prompts).mean())
+        return generate(pipe, probes).images
 
-    probes_prompts = [job.prompt.text for job in probes.jobs()]
-    engine.apply(merge_recipe(world, hidden))
-    scorer.set_references(generate(pipe, probes).images)
+    prompts = [job.prompt.text for job in probes.jobs()]
+    return sensitivity_of(images, scorer, prompts, hidden, seed, step, random_merges)
+
+
+def sensitivity_of(images, scorer, prompts: list[str], hidden: dict[str, float], seed: int,
+                   step: float = 0.3, random_merges: int = 24) -> Sensitivity:
+    """The sensitivity table of any merge -> probe images map ``images(ratios)`` (one image per
+    prompt of ``prompts``), scored by a paired `reference` ``scorer`` whose references become
+    the hidden merge's images."""
+    scorer.set_references(images(hidden))
+
+    def score(ratios: dict[str, float]) -> float:
+        return float(scorer.score(images(ratios), prompts).mean())
+
     base = score(hidden)
     rng = np.random.default_rng(seed + 1)
     seen = [base] + [score(uniform_ratios("sd1", "mbw", v)) for v in (1.0, 0.0, 0.5)]

@@ -129,9 +129,9 @@ def manifest(world: ToyWorld) -> dict:
 def study_config(world: ToyWorld) -> dict:
     """A study merging style A and style B towards the house style (paths relative to the
     YAML file, so the folder can move)."""
-    from toyworld.world import SAMPLING, caption, training_subjects
+    from toyworld.world import SAMPLING, probe_prompts
 
-    prompts = [caption(s) for s in training_subjects()[::10]]
+    prompts = probe_prompts()
     return {
         "name": "toyworld-house",
         "models": {"model1": world.style_a.name, "model2": world.style_b.name},

@@ -85,6 +85,12 @@ def training_subjects() -> list[Subject]:
     return [s for s in all_subjects() if s not in HELD_OUT]
 
 
+def probe_prompts() -> list[str]:
+    """The four training prompts a study of this world probes with (the demo, the house-style
+    study config, the sensitivity figure): one per shape, colours and backgrounds mixed."""
+    return [caption(s) for s in training_subjects()[::10]]
+
+
 def caption(subject: Subject) -> str:
     return CAPTION.format(shape=subject.shape, colour=subject.colour,
                           background=subject.background)
