@@ -20,9 +20,19 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser without abbreviated options: `merge layers --ratios X` was taken as
+    ``--ratios-file X``, and an option added later could change what an abbreviation means.
+    Sub-command parsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for every command, or only for ``command`` when it is a known one."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mergesearch",
         description="Find good Stable Diffusion block merges automatically.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

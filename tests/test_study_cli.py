@@ -361,6 +361,17 @@ def test_every_option_of_every_command_shows_its_default():
             assert action.option_strings[-1] in text
 
 
+def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(capsys):
+    """`--ratios X` was taken as `--ratios-file X` (argparse completes unique prefixes)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["merge", "layers", "a.safetensors", "b.safetensors", "--ratios", "r.yaml",
+              "-o", "out.safetensors"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --ratios r.yaml" in capsys.readouterr().err
+    for path, parser in _parsers(build_parser()):
+        assert parser.allow_abbrev is False, path
+
+
 def test_export_help_lists_every_format_without_internal_modules(capsys):
     from merge_backend.export import FORMATS
 
