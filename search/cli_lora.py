@@ -218,6 +218,7 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(result.report())
     print(json.dumps({"output": str(result.output), "rank": result.rank,
+                      "max_rank": result.max_rank,
                       "modules": result.modules, "skipped_unchanged": result.skipped,
                       "overall_error": result.table.overall,
                       "svd": result.svd_methods, "seconds": round(result.seconds, 2)}))

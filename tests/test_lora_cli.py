@@ -40,6 +40,27 @@ def test_a_strength_that_is_not_a_number_is_named(tmp_path):
     assert parse_lora_arg(f"{tmp_path}/gone.safetensors:x")[1] == 1.0  # left to the file check
 
 
+def test_extract_with_a_rank_above_every_module_says_the_rank_it_used(tmp_path, tiny_sd1,
+                                                                      capsys):
+    """--rank 100000 stores every module at its full rank; the summary said rank 100000."""
+    lora = tmp_path / "full.safetensors"
+    assert run(["lora", "extract", str(tiny_sd1.a), str(tiny_sd1.base), "-o", str(lora),
+                "--rank", "100000", "--svd", "exact", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    state = load_file(str(lora))
+    ranks, full_ranks = [], []
+    for key, down in state.items():
+        if key.endswith(".lora_down.weight"):
+            up = state[key.replace(".lora_down.", ".lora_up.")]
+            ranks.append(down.shape[0])
+            full_ranks.append(min(up.shape[0], down[0].numel()))  # min(out, in)
+    assert ranks == full_ranks  # every module exact, at its full rank
+    full = max(full_ranks)
+    assert summary["rank"] == 100000 and summary["max_rank"] == full < 100000
+    assert f"above every module's full rank (at most {full})" in captured.err
+
+
 def test_extract_add_apply_on_the_command_line(tmp_path, tiny_sd1, capsys):
     lora = tmp_path / "diff.safetensors"
     assert run(["lora", "extract", str(tiny_sd1.a), str(tiny_sd1.base), "-o", str(lora),
@@ -48,6 +69,7 @@ def test_extract_add_apply_on_the_command_line(tmp_path, tiny_sd1, capsys):
     assert "IN04" in out and "overall" in out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["rank"] == 8 and 0 < summary["overall_error"] < 1
+    assert summary["max_rank"] == 8
     assert all(v.dtype == torch.float16 for v in load_file(str(lora)).values())
 
     doubled = tmp_path / "doubled.safetensors"

@@ -84,13 +84,14 @@ class ExtractResult:
     """
 
     output: Path
-    rank: int
+    rank: int  # as asked (the files' network dim and alpha)
     table: ErrorTable
     modules: int
     seconds: float
     svd_methods: dict[str, int]
     notes: list[str] = field(default_factory=list)
     skipped: int = 0  # modules left out because model1 and model2 hold the same values
+    max_rank: int = 0  # the largest rank a module was written with (min(rank, out, in) each)
 
     def report(self) -> str:
         """The per-block error table and what was skipped: what ``lora extract`` and
@@ -314,6 +315,11 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
     if not jobs:
         raise LoraError(f"{m1.path} and {m2.path} hold the same values in every module extracted "
                         f"({', '.join(components)}): there is no difference to extract")
+    max_rank = max((min(rank, job.shape[0], math.prod(job.shape[1:])) for job in jobs
+                    if job.weight == "lora"), default=0)
+    if 0 < max_rank < rank:
+        notes.append(f"rank {rank} is above every module's full rank (at most {max_rank}): "
+                     "each module is stored exactly, at its full rank")
     out_dtype = DTYPES[dtype]
     alpha = float(rank) if fmt == "kohya" else None
     planned = [PlannedTensor(k, out_dtype, tuple(v.shape)) for job in jobs
@@ -335,4 +341,4 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
                          {"mergesearch.extract": json.dumps(info, sort_keys=True)})
     stream_safetensors(output, planned, values(), meta)
     return ExtractResult(output, rank, work.table, len(jobs), time.perf_counter() - start,
-                         work.methods, notes, planned_jobs - len(jobs))
+                         work.methods, notes, planned_jobs - len(jobs), max_rank)
