@@ -179,7 +179,8 @@ def stop_while_drawing(config: Path, url: str, name: str, sig: int, min_complete
 
 def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys):
     """SIGINT: exit 130, no traceback, the trial FAIL `interrupted`, the budget intact;
-    SIGKILL: the trial found stale on resume; two resumes reach the target exactly.
+    SIGKILL: the trials it left RUNNING found stale on resume; two resumes reach the target
+    exactly.
 
     The interrupted and the killed worker each get a target far beyond what they reach before
     the signal (however slowly a loaded machine lets the poller see their trials), so the
@@ -188,27 +189,33 @@ def test_ctrl_c_then_kill_then_resume_on_sqlite(tiny_sd1, clip, tmp_path, capsys
     url = rf.default_storage(tmp_path / "runs" / "crash")
     study, interrupted = stop_while_drawing(config, url, "crash", signal.SIGINT, min_complete=2)
     done = snapshot(study)
-    assert study.trials[interrupted].state == FAIL
-    assert study.trials[interrupted].user_attrs[rf.ATTR_FAIL] == "interrupted"
+    # FAIL `interrupted`, or COMPLETE when a loaded machine let the poller see the trial so
+    # late that it was stored before the signal landed (as in the SIGTERM test below)
+    assert study.trials[interrupted].state in (FAIL, COMPLETE)
+    assert all(t.user_attrs[rf.ATTR_FAIL] == "interrupted"
+               for t in study.trials if t.state == FAIL)
     # the trial proposed ahead went back to the queue unstarted: no parameters stored
     assert all(not t.params for t in study.trials
                if t.state == optuna.trial.TrialState.WAITING)
 
     second = Worker(config, trials=100)
-    killed = wait_for_fresh_trial(url, "crash", second, min_complete=len(done) + 1)
+    wait_for_fresh_trial(url, "crash", second, min_complete=len(done) + 1)
     second.proc.kill()
     second.finish()
     kept = snapshot(load(url, "crash"))
-    assert load(url, "crash").trials[killed].state == RUNNING  # what a killed worker leaves
+    # what a killed worker leaves: the trial it was drawing and the one proposed ahead, or
+    # only the latter when a loaded machine let the drawing finish before the kill landed
+    killed = [t.number for t in load(url, "crash").trials if t.state == RUNNING]
+    assert killed
 
     target = len(kept) + 3
     assert main(["run", str(config), "--trials", str(target)]) == 0  # the last resume, here
     err = capsys.readouterr().err
     study = load(url, "crash")
     check_end(study, target, {**done, **kept})
-    assert study.trials[killed].state == FAIL
-    assert study.trials[killed].user_attrs[rf.ATTR_FAIL] == STALE_REASON
-    assert f"marked FAIL: trial(s) {killed}" in err
+    assert all(study.trials[n].state == FAIL for n in killed)
+    assert all(study.trials[n].user_attrs[rf.ATTR_FAIL] == STALE_REASON for n in killed)
+    assert f"marked FAIL: trial(s) {', '.join(map(str, killed))}," in err
 
 
 def test_sigterm_stops_a_worker_as_ctrl_c_does(tiny_sd1, clip, tmp_path):
@@ -231,10 +238,15 @@ def test_three_postgres_workers_one_killed(tiny_sd1, clip, tmp_path, postgres_ur
     test's own process) joins while the other still runs."""
     config = write_config(tmp_path, tiny_sd1, clip, "pg", 8, storage=postgres_url)
     workers = [Worker(config) for _ in range(2)]
-    killed = wait_for_fresh_trial(postgres_url, "pg", workers[0], min_complete=1)
+    wait_for_fresh_trial(postgres_url, "pg", workers[0], min_complete=1)
     workers[0].proc.kill()
     workers[0].finish()
     kept = snapshot(load(postgres_url, "pg"))
+    # the killed worker's trials left RUNNING: the one drawing and the one proposed ahead (only
+    # the latter when a loaded machine let the drawing finish before the kill landed)
+    killed = [n for n, t in enumerate(load(postgres_url, "pg").trials) if t.state == RUNNING
+              and str(t.user_attrs.get(rf.ATTR_WORKER, "")).endswith(workers[0].tag)]
+    assert killed
     mine = {n for n, t in enumerate(load(postgres_url, "pg").trials)
             if str(t.user_attrs.get(rf.ATTR_WORKER, "")).endswith(workers[0].tag)
             and t.state == COMPLETE}
@@ -244,7 +256,7 @@ def test_three_postgres_workers_one_killed(tiny_sd1, clip, tmp_path, postgres_ur
     assert "Traceback" not in workers[1].err
     study = load(postgres_url, "pg")
     check_end(study, 8, kept)
-    assert study.trials[killed].state == FAIL
+    assert all(study.trials[n].state == FAIL for n in killed)
     by_worker = {str(t.user_attrs.get(rf.ATTR_WORKER)) for t in study.trials
                  if t.state == COMPLETE}
     assert len(by_worker) == 3 and mine <= set(snapshot(study))

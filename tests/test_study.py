@@ -183,6 +183,41 @@ def test_failing_trial_is_recorded_and_study_completes(tiny_sd1, clip_files, tmp
     assert len(study.trials) == 5
 
 
+def test_ctrl_c_in_a_trial_records_it_interrupted_and_requeues_it(tiny_sd1, clip_files,
+                                                                   tmp_path):
+    """Ctrl-C lands inside the third trial's scoring (a scorer raising KeyboardInterrupt: the
+    signal tests in test_crash_study cannot always land inside a trial on a loaded machine):
+    the trial is FAIL `interrupted` (costing none of the budget), the trial proposed ahead goes
+    back to the queue unstarted, and the worker's result says it was interrupted (what
+    makes `mergesearch run` exit 130)."""
+    calls = {"n": 0}
+
+    class CtrlC:
+        name = "ctrl_c"
+
+        def score(self, images, prompts):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return torch.zeros(images.shape[0])
+
+    class CtrlCConfig(SanityConfig):
+        kind: str = "ctrl_c"
+
+    register_scorer("ctrl_c", CtrlCConfig, lambda c, d, t: CtrlC())
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, scorers=[{"kind": "ctrl_c"}])
+    study, ctx = prepare(cfg, log=lambda m: None)
+    assert optimize(study, ctx, log=lambda m: None).interrupted
+    study = rf.RunFolder.load(cfg.run_folder).study()
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert optuna.trial.TrialState.RUNNING not in states
+    (failed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed.number == 2 and failed.user_attrs[rf.ATTR_FAIL] == "interrupted"
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and not waiting[0].params  # nothing stored ahead of its draw
+
+
 def test_same_config_and_seed_same_sequence(tiny_sd1, clip_files, tmp_path):
     runs = []
     for name in ("first", "second"):
