@@ -40,7 +40,7 @@ from toyworld import figures  # noqa: E402
 from toyworld.draw import Scenes, draw  # noqa: E402
 from toyworld.files import SHIPPED, ToyWorld  # noqa: E402
 from toyworld.training import pictures_to_tensor  # noqa: E402
-from toyworld.world import STYLE_A, STYLE_B, Style, probe_prompts, training_subjects  # noqa: E402
+from toyworld.world import STYLE_A, STYLE_B, Style, probe_prompts, probe_subjects  # noqa: E402
 
 SENSITIVE_GOAL = 18
 # drawing parameter -> (fine-tune A's value, B's value): the styles' own values, and a natural
@@ -106,7 +106,7 @@ def image_op(name: str, images: torch.Tensor, v: float) -> torch.Tensor:
 def ideal_images(scale: dict[str, float], owners: dict[str, str]):
     """ratios -> the probes' pictures of the ideal world, spans multiplied by ``scale``;
     ``owners``: block -> the parameter it sets."""
-    subjects = training_subjects()[::10]  # the subjects of probe_prompts()
+    subjects = probe_subjects()
     n = len(subjects)
 
     def images(ratios: dict[str, float]) -> torch.Tensor:

@@ -29,6 +29,7 @@ from toyworld.world import (
     STYLE_B,
     Subject,
     caption,
+    probe_subjects,
     training_subjects,
 )
 
@@ -113,7 +114,7 @@ def test_sensitivity_counts_the_blocks_that_change_the_pictures_and_no_other(wor
     from toyworld import figures
     from toyworld.training import pictures_to_tensor
 
-    subjects = training_subjects()[::10]
+    subjects = probe_subjects()
 
     def images(ratios):
         style = replace(STYLE_A, warmth=2 * ratios["IN01"] - 1, outline=ratios["OUT09"])

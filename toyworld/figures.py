@@ -233,8 +233,8 @@ def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges
         engine.apply(merge_recipe(world, ratios))
         return generate(pipe, probes).images
 
-    prompts = [job.prompt.text for job in probes.jobs()]
-    return sensitivity_of(images, scorer, prompts, hidden, seed, step, random_merges)
+    texts = [job.prompt.text for job in probes.jobs()]
+    return sensitivity_of(images, scorer, texts, hidden, seed, step, random_merges)
 
 
 def sensitivity_of(images, scorer, prompts: list[str], hidden: dict[str, float], seed: int,

@@ -85,10 +85,14 @@ def training_subjects() -> list[Subject]:
     return [s for s in all_subjects() if s not in HELD_OUT]
 
 
+def probe_subjects() -> list[Subject]:
+    """The four training subjects a study of this world probes with (the demo, the house-style
+    study config, the sensitivity figure): one per shape, each red on white."""
+    return training_subjects()[::10]
+
+
 def probe_prompts() -> list[str]:
-    """The four training prompts a study of this world probes with (the demo, the house-style
-    study config, the sensitivity figure): one per shape, colours and backgrounds mixed."""
-    return [caption(s) for s in training_subjects()[::10]]
+    return [caption(s) for s in probe_subjects()]
 
 
 def caption(subject: Subject) -> str:
