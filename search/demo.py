@@ -100,8 +100,12 @@ def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fres
     # one CPU thread: the toy world's models gain nothing from a second, and on a CPU shared
     # with other work two threads waiting on each other took 150 trials from 66 s to 979 s
     torch.set_num_threads(1)
-    folder = Path(folder)
+    # absolute: demo.yaml's paths resolve next to it, not where the demo was started
+    folder = Path(folder).absolute()
     if fresh and folder.exists():
+        if any(folder.iterdir()) and not (folder / "demo.yaml").is_file():
+            raise ValueError(f"--fresh: {folder} holds files but no demo.yaml: not a demo folder, "
+                             "so it is not deleted; give --folder a new or demo folder")
         shutil.rmtree(folder)
     data = demo_config(folder, trials, seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,37 @@ def test_a_demo_folder_of_another_version_is_refused_with_the_way_out(demo_run, 
         len(study.trials)
 
 
+def test_a_relative_demo_folder_resumes_from_anywhere_and_fresh_spares_other_folders(tmp_path):
+    """`demo --folder demo_run` (the default is relative) wrote demo.yaml with paths relative
+    to where the demo started, but a config's paths resolve next to it: `run
+    demo_run/demo.yaml` looked for demo_run/demo_run/models. And `--fresh` deleted any folder
+    it was given, a user's files too."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def cli(*argv, cwd):
+        return subprocess.run([sys.executable, "-m", "search.cli", *argv], capture_output=True,
+                              text=True, timeout=600, cwd=cwd, env=env)
+
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    proc = cli("demo", "--folder", "rel", "--trials", "3", cwd=tmp_path / "start")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli("run", "../start/rel/demo.yaml", "--trials", "4", cwd=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = rf.RunFolder.load(tmp_path / "start" / "rel" / "demo").study()
+    assert len(rf.completed(study)) == 4
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    proc = cli("demo", "--folder", str(mine), "--fresh", "--trials", "1", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mergesearch: error: --fresh: {mine} holds files but no demo.yaml: not a demo folder, "
+        "so it is not deleted; give --folder a new or demo folder")
+    assert (mine / "thesis.txt").read_text() == "precious"
+
+
 def test_notebook_executes_against_the_study(demo_run, tmp_path):
     folder, _ = demo_run
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
