@@ -34,7 +34,7 @@ from .output_files import check_new_output
 from .plan import KeyPlan, MergePlan, plan_merge
 from .recipe import LoraSpec, Recipe, Source, uniform_ratios
 from .safetensors_io import PlannedTensor, stream_safetensors
-from .source_files import resolved
+from .source_files import holds, resolved
 
 Progress = Callable[[int, int, str], None]
 
@@ -90,10 +90,12 @@ def check_output_path(output: Path, recipe: Recipe, overwrite: bool) -> None:
     target = resolved(output, OutputPathError)
     for role, src in recipe.models.items():
         src_path = Path(src.path)
-        if target == resolved(src_path, CheckpointError) or (  # or a hard link to it
+        source = resolved(src_path, CheckpointError)
+        if holds(source, target) or (  # or a hard link to it
                 output.exists() and src_path.exists() and output.samefile(src_path)):
-            raise OutputPathError(f"output {output} is the {role} source; choose another path "
-                                  "(sources are never modified)")
+            where = "inside the" if source in target.parents else "the"
+            raise OutputPathError(f"output {output} is {where} {role} source; choose another "
+                                  "path (sources are never modified)")
     for spec in recipe.loras:
         if resolved(spec.path, CheckpointError) == target:
             raise OutputPathError(f"output {output} is one of the LoRAs; choose another path")

@@ -52,6 +52,12 @@ def check_source(path: str | Path, *, error: type[Exception] = SourceFileError,
     raise error(f"{path}: {kind}, not a regular file; name a weights file")
 
 
+def holds(source: Path, target: Path) -> bool:
+    """Whether writing ``target`` changes ``source`` (both resolved): the same path, or a path
+    inside a source folder (a diffusers folder, a run folder's artifacts)."""
+    return target == source or source in target.parents
+
+
 def resolved(path: str | Path, error: type[Exception] = SourceFileError) -> Path:
     """``Path(path).resolve()`` with a symlink loop reported as ``error`` naming the path."""
     try:

@@ -157,7 +157,8 @@ def _load_run(path: Path, args: argparse.Namespace) -> Loaded:
     top = tuple(trial_column(run, study, t) for t in ranked(study)[:args.top]) \
         if "report" in args.formats else ()
     items = [_trial_item(run, study, t, prompt, top) for t in trials]
-    return Loaded(items, run.exports, probe_set, config_folder=run.config_folder())
+    return Loaded(items, run.exports, probe_set, run.own_files(),
+                  config_folder=run.config_folder())
 
 
 def _load_file(path: Path, args: argparse.Namespace) -> Loaded:

@@ -84,6 +84,11 @@ class RunFolder:
     def exports(self) -> Path:
         return self.path / "exports"
 
+    def own_files(self) -> list[Path]:
+        """What the run keeps of itself (an export must not write over any of it)."""
+        files = [RUN_FILE, DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm"]
+        return [self.path / name for name in files] + [self.config_path, self.artifact_dir]
+
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         data = {"study_name": self.study_name, "storage": self.storage,

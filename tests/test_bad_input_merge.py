@@ -375,6 +375,22 @@ def test_output_equal_to_source(case):
          "is the model1 source", output=None)
 
 
+@pytest.mark.parametrize("command", [
+    ["merge", "simple", "{pipe}", "{b}"],
+    ["lora", "extract", "{pipe}", "{b}", "--rank", "4"],
+])
+def test_output_inside_a_source_diffusers_folder(case, tiny_sd1, command):
+    """-o onto a file of a diffusers-folder source was written (the folder then failed to
+    load); a single-file source was already protected."""
+    from merge_backend.pipeline import load_pipeline
+
+    pipe = case.bad / "pipe"
+    load_pipeline(tiny_sd1.a, config_folder=tiny_sd1.config_folder).save_pretrained(pipe)
+    weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    argv = [a.format(pipe=pipe, b=tiny_sd1.b) for a in command]
+    case([*argv, "--overwrite", "-o", weights], str(weights), "inside", output=None)
+
+
 def test_output_is_a_folder(case):
     folder = case.bad / "taken.safetensors"
     folder.mkdir()

@@ -223,6 +223,19 @@ def test_refusals_write_nothing(make, message, tiny_sd1, tmp_path, capsys):
     assert not out.exists() and sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("name,fmt", [("run.json", "comfyui"), ("artifacts/x.json", "comfyui")])
+def test_an_export_never_writes_over_the_runs_own_records(scored, name, fmt, capsys):
+    """`export RUN --to comfyui -o RUN/run.json --overwrite` replaced the run's run.json (the
+    run then could not be read); its sources were protected, its own files were not."""
+    run = scored[0]
+    target = run.path / name
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    assert export(run.path, "--to", fmt, "-o", target, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert f"output {target} is a source file or inside a source folder" in err, err
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
+
+
 def test_png_bytes_round_trip():
     # png_bytes writes a PNG PIL reads back pixel for pixel.
     from PIL import Image

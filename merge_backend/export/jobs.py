@@ -27,6 +27,7 @@ from merge_backend.lora.svd import DEFAULT_CLAMP, check_clamp
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.output_files import check_output_folder
 from merge_backend.recipe import Recipe, RecipeError
+from merge_backend.source_files import holds
 
 from .comfyui import ComfyPrompt, comfy_settings, comfy_workflow, write_comfy_workflow
 from .diffusers_export import export_diffusers
@@ -183,8 +184,9 @@ def _check_paths(outputs: Sequence[PlannedOutput], overwrite: bool,
     for out in outputs:
         for path in out.paths:
             resolved = path.resolve()
-            if resolved in keep:
-                raise ExportError(f"output {path} is a source file; choose another -o")
+            if any(holds(k, resolved) for k in keep):
+                raise ExportError(f"output {path} is a source file or inside a source folder "
+                                  "(a model, or the run's own records); choose another -o")
             if resolved in seen:
                 raise ExportError(f"two outputs would both be written to {path}; give a folder "
                                   "as -o")

@@ -47,7 +47,7 @@ from merge_backend.dtypes import DTYPES
 from merge_backend.hashing import sha256_of
 from merge_backend.naming import swap_halves
 from merge_backend.safetensors_io import PlannedTensor, stream_safetensors
-from merge_backend.source_files import resolved
+from merge_backend.source_files import holds, resolved
 
 from .formats import (
     WRITE_FORMATS,
@@ -300,8 +300,9 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
     check_lora_output(output, overwrite)
     m1, m2 = open_checkpoint(model1), open_checkpoint(model2)
     for m in (m1, m2):
-        if resolved(output, LoraError) == resolved(m.path, LoraError):
-            raise LoraError(f"output {output} is a source model; choose another path")
+        if holds(resolved(m.path, LoraError), resolved(output, LoraError)):
+            raise LoraError(f"output {output} is a source model or inside one; choose another "
+                            "path")
     if m1.arch.name != m2.arch.name:
         raise LoraError(f"{m1.path} is {m1.arch.title} but {m2.path} is {m2.arch.title}; "
                         "a LoRA is the difference of two models of one architecture")
