@@ -14,6 +14,13 @@ def check_count(flag: str, value: int | None, least: int = 1) -> None:
         raise ValueError(f"{flag} {value}: give a number of trials, {least} or more")
 
 
+def check_seed(flag: str, value: int) -> None:
+    """A seed a user typed: 0 to 2**32 - 1, as a study config's ``sampler.seed`` (a larger one
+    overflowed inside torch, after files were written)."""
+    if not 0 <= value < 2**32:
+        raise ValueError(f"{flag} {value}: give a seed from 0 to {2**32 - 1}")
+
+
 def add_sources_option(p: argparse.ArgumentParser) -> None:
     """--sources DIR (compare and export): where moved source models are now."""
     p.add_argument("--sources", type=Path, action="append", default=[], metavar="DIR",

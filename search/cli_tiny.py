@@ -9,6 +9,8 @@ from pathlib import Path
 from merge_backend.output_files import check_new_output
 from merge_backend.tiny import family_files, tiny_archs, write_tiny_family
 
+from .cli_options import check_seed
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny", help="write a tiny model family (real layout, random weights)")
@@ -21,6 +23,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tiny(args: argparse.Namespace) -> int:
+    check_seed("--seed", args.seed)
     for path in family_files(args.folder, args.arch).values():
         check_new_output(path, args.overwrite, ValueError)
     family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed)

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_options import check_seed
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -38,6 +40,7 @@ def run_toyworld(args: argparse.Namespace) -> int:
     if words[0] != "build" and len(words) != 1:
         raise ValueError("usage: mergesearch toyworld DIR  (or: mergesearch toyworld build DIR)")
     folder = Path(words[-1])
+    check_seed("--seed", args.seed)
     for path in world_files(folder):  # before half an hour of training, too
         check_new_output(path, args.overwrite, ValueError)
     if words[0] == "build":

@@ -372,6 +372,20 @@ def test_an_abbreviated_option_is_refused_not_taken_for_a_longer_one(capsys):
         assert parser.allow_abbrev is False, path
 
 
+@pytest.mark.parametrize("argv", [["tiny", "{dir}"], ["toyworld", "{dir}"],
+                                  ["toyworld", "build", "{dir}"]])
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", str(2**32)])
+def test_a_seed_out_of_range_is_refused_before_anything_is_written(argv, seed, tmp_path,
+                                                                   capsys):
+    """`tiny DIR --seed 99999999999999999999` failed inside torch ('Overflow when unpacking
+    long long') after it had written DIR/config."""
+    folder = tmp_path / "out"
+    assert main([a.format(dir=folder) for a in argv] + ["--seed", seed]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"mergesearch: error: --seed {seed}: give a seed from 0 to 4294967295")
+    assert not folder.exists()
+
+
 def test_export_help_lists_every_format_without_internal_modules(capsys):
     from merge_backend.export import FORMATS
 
