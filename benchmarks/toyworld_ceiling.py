@@ -71,7 +71,8 @@ def image_op(name: str, images: torch.Tensor, v: float) -> torch.Tensor:
     if name == "brightness":
         return images + v
     if name == "contrast":
-        return (images - grey.mean(dim=(2, 3), keepdim=True)) * v + grey.mean(dim=(2, 3), keepdim=True)
+        mean = grey.mean(dim=(2, 3), keepdim=True)
+        return (images - mean) * v + mean
     if name == "saturation":
         return grey + (images - grey) * v
     if name == "gamma":

@@ -159,22 +159,27 @@ def test_sources_are_hashed_once_recorded_and_checked_by_every_worker(tiny_sd1, 
     assert len(rf.completed(rf.RunFolder.load(cfg.run_folder).study())) == 2
 
 
-def test_failing_trial_is_recorded_and_study_completes(tiny_sd1, clip_files, tmp_path):
+def register_raising_scorer(kind: str, call: int, error: BaseException) -> None:
+    """A scorer ``kind`` that scores 0 and raises ``error`` on its ``call``-th call."""
     calls = {"n": 0}
 
-    class Flaky:
-        name = "flaky"
+    class Raising:
+        name = kind
 
         def score(self, images, prompts):
             calls["n"] += 1
-            if calls["n"] == 2:
-                raise RuntimeError("CUDA out of memory (simulated by a flaky scorer)")
+            if calls["n"] == call:
+                raise error
             return torch.zeros(images.shape[0])
 
-    class FlakyConfig(SanityConfig):
-        kind: str = "flaky"
+    config = type(f"{kind}Config", (SanityConfig,), {"__annotations__": {"kind": str},
+                                                     "kind": kind})
+    register_scorer(kind, config, lambda c, d, t: Raising())
 
-    register_scorer("flaky", FlakyConfig, lambda c, d, t: Flaky())
+
+def test_failing_trial_is_recorded_and_study_completes(tiny_sd1, clip_files, tmp_path):
+    register_raising_scorer("flaky", 2, RuntimeError("CUDA out of memory (simulated by a "
+                                                     "flaky scorer)"))
     cfg = study_config(tiny_sd1, clip_files, tmp_path, scorers=[{"kind": "flaky"}])
     study, _ = run(cfg)
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
@@ -183,28 +188,14 @@ def test_failing_trial_is_recorded_and_study_completes(tiny_sd1, clip_files, tmp
     assert len(study.trials) == 5
 
 
-def test_ctrl_c_in_a_trial_records_it_interrupted_and_requeues_it(tiny_sd1, clip_files,
-                                                                   tmp_path):
+def test_ctrl_c_in_a_trial_records_it_interrupted_and_hands_back_the_next(tiny_sd1,
+                                                                           clip_files, tmp_path):
     """Ctrl-C lands inside the third trial's scoring (a scorer raising KeyboardInterrupt: the
     signal tests in test_crash_study cannot always land inside a trial on a loaded machine):
     the trial is FAIL `interrupted` (costing none of the budget), the trial proposed ahead goes
     back to the queue unstarted, and the worker's result says it was interrupted (what
     makes `mergesearch run` exit 130)."""
-    calls = {"n": 0}
-
-    class CtrlC:
-        name = "ctrl_c"
-
-        def score(self, images, prompts):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-            return torch.zeros(images.shape[0])
-
-    class CtrlCConfig(SanityConfig):
-        kind: str = "ctrl_c"
-
-    register_scorer("ctrl_c", CtrlCConfig, lambda c, d, t: CtrlC())
+    register_raising_scorer("ctrl_c", 3, KeyboardInterrupt())
     cfg = study_config(tiny_sd1, clip_files, tmp_path, scorers=[{"kind": "ctrl_c"}])
     study, ctx = prepare(cfg, log=lambda m: None)
     assert optimize(study, ctx, log=lambda m: None).interrupted
