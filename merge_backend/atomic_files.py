@@ -20,27 +20,28 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from merge_backend.file_sinks import AtomicWriter, sync_folder
+from merge_backend.file_sinks import AtomicWriter, move_into_place, sync_folder
 from merge_backend.partial_files import ASIDE, partial_name, pause_point, remove_stale_partials
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    with AtomicWriter(Path(path)) as f:
+def atomic_write_bytes(path: Path, data: bytes, replace: bool = True) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place
+    (``replace``: see ``move_into_place``)."""
+    with AtomicWriter(Path(path), replace=replace) as f:
         f.write(data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, replace: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), replace)
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path, thread: bool = False) -> Iterator[Path]:
+def atomic_path(target: Path, thread: bool = False, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` for a library that writes by file name
     (``torch.save``, safetensors' ``save_file``, ``shutil.copyfile``); once the block ends the
     file is synced and renamed onto ``target``. On an exception it is removed and ``target`` is
     left as it was. ``thread``: threads of one process may write ``target`` at once (the name
-    then carries the thread's id too)."""
+    then carries the thread's id too). ``replace``: see ``move_into_place``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(target.parent)
@@ -53,7 +54,7 @@ def atomic_path(target: Path, thread: bool = False) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        move_into_place(tmp, target, replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -61,12 +62,13 @@ def atomic_path(target: Path, thread: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``.
+def atomic_folder(target: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it takes ``target``'s name.
 
-    On an exception the temporary folder is removed and ``target`` is left as it was. An
-    existing ``target`` (the caller has checked overwriting is wanted) is moved aside first and
-    deleted only after the new folder is in place.
+    On an exception the temporary folder is removed and ``target`` is left as it was. With
+    ``replace``, an existing ``target`` (the caller has checked overwriting is wanted) is moved
+    aside first and deleted only after the new folder is in place; without it, an existing
+    ``target`` is kept and the new folder removed (``move_into_place``).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,9 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     tmp.mkdir()  # the name is this process's alone
     try:
         yield tmp
+        if not replace:
+            move_into_place(tmp, target, replace=False)
+            return
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

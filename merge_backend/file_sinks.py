@@ -2,7 +2,10 @@
 
 ``AtomicWriter(target)`` writes under a temporary name beside ``target``, waits until the
 bytes are on the disk (fdatasync), renames the file into place and syncs the folder; on any
-error the temporary file is removed and ``target`` is untouched.
+error the temporary file is removed and ``target`` is untouched. ``replace=False`` (an output
+written without ``--overwrite``) never replaces a ``target`` that appeared while it was being
+written: the checks before the work cannot see a file another process writes meanwhile, so the
+final move itself refuses to take an existing name (``move_into_place``).
 
 A process killed while writing (SIGKILL, power loss) cannot remove its temporary file; the next
 writer into the folder removes it (``partial_files``).
@@ -27,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -238,18 +242,58 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def move_into_place(tmp: Path, target: Path, replace: bool = True) -> None:
+    """Rename the finished file or folder ``tmp`` to ``target``. Without ``replace``, a
+    ``target`` that exists (a file, folder or link another process made since the output was
+    checked) is left as it is and FileExistsError names it; ``tmp`` is then the caller's to
+    remove. Both moves are atomic: a file is hard-linked to the new name (which fails on an
+    existing one) and its temporary name removed; a folder takes the name by making it (which
+    fails likewise), then renames onto that empty folder of its own. Where a file system has no
+    hard links, a file is moved after a check, which a writer of the same instant can outrun."""
+    if replace:
+        os.replace(tmp, target)
+        return
+    appeared = FileExistsError(errno.EEXIST, "appeared while this output was being written; "
+                               "pass --overwrite to replace it", str(target))
+    if tmp.is_dir():
+        try:
+            os.mkdir(target)
+        except FileExistsError:
+            raise appeared from None
+        try:
+            os.rename(tmp, target)  # onto the empty folder made above: nothing else is replaced
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rmdir(target)  # still ours if empty; left if another writer filled it
+            raise
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise appeared from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+            raise
+        if os.path.lexists(target):  # FAT, some network file systems: no hard links
+            raise appeared from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
 class AtomicWriter:
     """Write a file under a temporary name and move it into place only when it is complete
     and on the disk (see the module docstring).
 
     Used as a context manager that yields the sink: on any exception the temporary file is
     removed and the target is untouched. Entering it first removes stale partial files that
-    killed writers left in the folder.
+    killed writers left in the folder. ``replace``: see ``move_into_place``.
     """
 
-    def __init__(self, target: Path, direct: bool = False):
+    def __init__(self, target: Path, direct: bool = False, replace: bool = True):
         self.target = Path(target)
         self.direct = direct
+        self.replace = replace
         self.tmp = self.target.with_name(partial_name(self.target.name))
         self.sink: BufferedSink | DirectSink | None = None
 
@@ -265,7 +309,7 @@ class AtomicWriter:
             self.sink.close(ok)
             if ok:
                 pause_point("before-rename")
-                os.replace(self.tmp, self.target)
+                move_into_place(self.tmp, self.target, self.replace)
         except BaseException as error:
             self.tmp.unlink(missing_ok=True)
             named = _naming(error, self.target)

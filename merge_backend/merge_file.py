@@ -135,7 +135,8 @@ def merge_to_file(recipe: Recipe, output: str | Path, *, dtype: str = "fp16",
     torch.set_num_threads(max(1, threads - 1) if hashing.pending else threads)
     try:
         check_sources_finite(plan, sources)
-        stream_safetensors(output, planned, values, metadata, finalize=hashing.replacements)
+        stream_safetensors(output, planned, values, metadata, finalize=hashing.replacements,
+                           replace=overwrite)
     finally:
         torch.set_num_threads(threads)
     return MergeResult(output, hashing.final_recipe, len(planned), len(plan.merged()),

@@ -245,8 +245,10 @@ class PlannedTensor:
 
 def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Iterator[torch.Tensor],
                        metadata: Mapping[str, str],
-                       finalize: Callable[[], Mapping[str, str]] | None = None) -> None:
-    """Write ``planned`` tensors (values arriving one by one, in order) atomically to ``target``.
+                       finalize: Callable[[], Mapping[str, str]] | None = None,
+                       replace: bool = True) -> None:
+    """Write ``planned`` tensors (values arriving one by one, in order) atomically to ``target``
+    (``replace``: see ``file_sinks.move_into_place``).
 
     ``finalize``, called after the last tensor, returns {placeholder: value} replacements of
     equal length for the header (e.g. sha256 digests computed while the tensors streamed).
@@ -259,7 +261,7 @@ def stream_safetensors(target: Path, planned: list[PlannedTensor], values: Itera
         offset += p.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with AtomicWriter(target, direct=True) as sink:
+    with AtomicWriter(target, direct=True, replace=replace) as sink:
         sink.write(struct.pack("<Q", len(blob)) + blob)
         count = 0
         for p, value in zip(planned, values, strict=True):

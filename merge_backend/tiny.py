@@ -145,11 +145,12 @@ def perturb(arch_name: str, base: dict[str, Tensor], finetune: str, seed: int,
 
 
 def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
-                      unet_strength: float = UNET_STRENGTH) -> TinyFamily:
+                      unet_strength: float = UNET_STRENGTH, replace: bool = True) -> TinyFamily:
     """Write base / finetune_a / finetune_b .safetensors and a tiny config folder into ``folder``.
 
     Deterministic: the same ``arch``, ``seed`` and ``unet_strength`` give byte-identical files.
     ``unet_strength`` scales the fine-tunes' UNet noise (relative to each tensor's RMS).
+    ``replace``: see ``file_sinks.move_into_place``.
     """
     if arch not in tiny_archs():
         raise ValueError(f"no tiny family for arch {arch!r}; choose one of {', '.join(tiny_archs())}")
@@ -164,13 +165,13 @@ def write_tiny_family(folder: Path, arch: str = "sd1", seed: int = 0,
     for i, name in enumerate(("base", *finetunes(arch))):
         sd = base if name == "base" else perturb(arch, base, name, seed * 1000 + i, unet_strength)
         paths[name] = files[name]
-        with atomic_path(paths[name]) as tmp:
+        with atomic_path(paths[name], replace=replace) as tmp:
             save_file(sd, str(tmp), metadata=metadata)
     a, b = (paths[name] for name in finetunes(arch))
     layouts = {}
     for layout in ARCHITECTURES[arch].layouts:  # the second fine-tune as its authors store it
         layouts[layout.name] = files[layout.name]
-        with atomic_path(layouts[layout.name]) as tmp:
+        with atomic_path(layouts[layout.name], replace=replace) as tmp:
             save_file(in_layout(arch, layout.name, load_file(b)), str(tmp), metadata=metadata)
     return TinyFamily(arch, paths["base"], a, b, config_folder, layouts)
 

@@ -66,6 +66,6 @@ def compare_cmd(args: argparse.Namespace) -> int:
     page = compare(run, args.trials, device=pick_device(args), config_folder=args.config_folder,
                    probe_set=probe_set, sources=folders)
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, page)
+    atomic_write_text(output, page, args.overwrite)
     print(json.dumps({"written": [str(output)]}, indent=2))
     return 0

@@ -26,7 +26,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     check_seed("--seed", args.seed)
     for path in family_files(args.folder, args.arch).values():
         check_new_output(path, args.overwrite, ValueError)
-    family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed)
+    family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed,
+                               replace=args.overwrite)
     shown = {k: ({n: str(p) for n, p in v.items()} if isinstance(v, dict) else str(v))
              for k, v in vars(family).items()}
     print(json.dumps(shown, indent=2))

@@ -48,7 +48,7 @@ def run_toyworld(args: argparse.Namespace) -> int:
             raise ValueError(f"{folder / 'work'} exists, and a build starts it afresh; pass "
                              "--overwrite to replace it, or choose another folder")
         return build(folder, args)
-    world = write_world(folder)
+    world = write_world(folder, replace=args.overwrite)
     print(json.dumps({"base": str(world.base), "style_a": str(world.style_a),
                       "style_b": str(world.style_b), "config_folder": str(world.config_folder),
                       "clip_config": str(world.clip_config),

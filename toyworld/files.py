@@ -103,9 +103,10 @@ def world_files(folder: Path) -> list[Path]:
     return [Path(folder) / name for name in WEIGHT_FILES] + [ToyWorld(Path(folder)).study_config]
 
 
-def write_world(folder: Path, source: Path = SHIPPED) -> ToyWorld:
+def write_world(folder: Path, source: Path = SHIPPED, replace: bool = True) -> ToyWorld:
     """Copy a world's weights (the shipped ones by default) into ``folder`` with the config
-    folder and a ready study config; returns its paths. Existing files are replaced."""
+    folder and a ready study config; returns its paths. Existing files are replaced; without
+    ``replace``, one that appeared while writing is kept and FileExistsError raised."""
     from merge_backend.pipeline import write_config_folder
 
     world = ToyWorld(Path(folder))
@@ -115,10 +116,11 @@ def write_world(folder: Path, source: Path = SHIPPED) -> ToyWorld:
     world.folder.mkdir(parents=True, exist_ok=True)
     if Path(source).resolve() != world.folder.resolve():
         for name in WEIGHT_FILES:
-            with atomic_path(world.folder / name) as tmp:
+            with atomic_path(world.folder / name, replace=replace) as tmp:
                 shutil.copyfile(Path(source) / name, tmp)
     write_config_folder("sd1", world.config_folder, size="tiny")
-    atomic_write_text(world.study_config, yaml.safe_dump(study_config(world), sort_keys=False))
+    atomic_write_text(world.study_config, yaml.safe_dump(study_config(world), sort_keys=False),
+                      replace)
     return world
 
 

@@ -476,7 +476,9 @@ def comfy_settings(recipe: Recipe) -> str:
     return f"ComfyUI started with {flags} rebuilds this merge {how}"
 
 
-def write_comfy_workflow(workflow: ComfyWorkflow, ui_path: Path, api_path: Path) -> None:
-    """Write the editor format to ``ui_path`` and the API format to ``api_path``, atomically."""
-    atomic_write_text(Path(ui_path), json.dumps(workflow.ui(), indent=2) + "\n")
-    atomic_write_text(Path(api_path), json.dumps(workflow.api(), indent=2) + "\n")
+def write_comfy_workflow(workflow: ComfyWorkflow, ui_path: Path, api_path: Path,
+                         replace: bool = True) -> None:
+    """Write the editor format to ``ui_path`` and the API format to ``api_path``, atomically
+    (``replace``: see ``file_sinks.move_into_place``)."""
+    atomic_write_text(Path(ui_path), json.dumps(workflow.ui(), indent=2) + "\n", replace)
+    atomic_write_text(Path(api_path), json.dumps(workflow.api(), indent=2) + "\n", replace)

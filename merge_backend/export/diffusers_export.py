@@ -24,15 +24,16 @@ from merge_backend.recipe import Recipe
 def export_diffusers(recipe: Recipe, folder: Path, *, dtype: str = "fp16",
                      config_folder: Path | None = None,
                      extra_metadata: Mapping[str, str] | None = None,
-                     checkpoint: Path | None = None) -> Path:
+                     checkpoint: Path | None = None, replace: bool = True) -> Path:
     """Write ``recipe``'s merge as a diffusers pipeline folder at ``folder``.
 
     ``checkpoint``: an already merged file of this recipe (at ``dtype``) to load instead of
     merging again. ``config_folder``: the diffusers configs to load with (default: the built-in
-    folder of the detected architecture and size). An existing ``folder`` is replaced.
+    folder of the detected architecture and size). An existing ``folder`` is replaced; without
+    ``replace`` (no ``--overwrite``), one that appeared meanwhile is kept and the export fails.
     """
     folder = Path(folder)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, replace=replace) as tmp:
         source = checkpoint
         if source is None:
             source = tmp / "merged.safetensors"

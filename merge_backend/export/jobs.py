@@ -311,13 +311,15 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
     elif out.format == "diffusers":
         export_diffusers(recipe, out.paths[0], dtype=plan.dtype, config_folder=config_folder,
                          extra_metadata=_checkpoint_metadata(item),
-                         checkpoint=written.get((item.stem, "checkpoint")))
+                         checkpoint=written.get((item.stem, "checkpoint")),
+                         replace=plan.overwrite)
     elif out.format == "comfyui":
         extra = {"title": item.title, **{k: str(v) for k, v in item.metadata.items()}}
         workflow = comfy_workflow(recipe, prompt=item.prompt, name=item.stem, extra=extra)
-        write_comfy_workflow(workflow, *out.paths)
+        write_comfy_workflow(workflow, *out.paths, replace=plan.overwrite)
     elif out.format == "mbw":
-        atomic_write_text(out.paths[0], mbw_string(recipe, lossy=plan.mbw_lossy) + "\n")
+        atomic_write_text(out.paths[0], mbw_string(recipe, lossy=plan.mbw_lossy) + "\n",
+                          plan.overwrite)
     elif out.format == "lora":
         result = _export_lora(plan, item, out.paths[0], written.get((item.stem, "checkpoint")))
         if on_lora:
@@ -327,7 +329,7 @@ def _run_one(plan: ExportPlan, out: PlannedOutput, written: dict[tuple[str, str]
         notes += [n for n in plan.notes if n.startswith(f"{item.title}: ")]
         page = render_report(recipe, title=item.title, scores=item.scores, details=item.details,
                              images=images, notes=notes, roles=item.roles, top=item.top)
-        atomic_write_text(out.paths[0], page)
+        atomic_write_text(out.paths[0], page, plan.overwrite)
 
 
 def _export_lora(plan: ExportPlan, item: ExportItem, path: Path, checkpoint: Path | None

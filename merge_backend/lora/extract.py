@@ -340,6 +340,6 @@ def extract_lora(model1: str | Path, model2: str | Path, output: str | Path, *, 
             "clamp": clamp, "bias_diff": bias_diff, "svd": svd, "text_encoder": text_encoder}
     meta = lora_metadata(m1.arch, fmt, output.stem, rank, alpha,
                          {"mergesearch.extract": json.dumps(info, sort_keys=True)})
-    stream_safetensors(output, planned, values(), meta)
+    stream_safetensors(output, planned, values(), meta, replace=overwrite)
     return ExtractResult(output, rank, work.table, len(jobs), time.perf_counter() - start,
                          work.methods, notes, planned_jobs - len(jobs), max_rank)

@@ -475,7 +475,7 @@ def save_lora(lora: LoraFile, path: str | Path, *, fmt: str = "kohya",
     planned = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in entries]
     meta = lora_metadata(lora.arch, fmt, path.stem, max((m.rank for m in modules), default=0) or None,
                          alpha, metadata)
-    stream_safetensors(path, planned, (v.cpu() for _, v in entries), meta)
+    stream_safetensors(path, planned, (v.cpu() for _, v in entries), meta, replace=overwrite)
     return path
 
 
