@@ -176,12 +176,16 @@ def validate_cmd(args: argparse.Namespace) -> int:
 
 def status_cmd(args: argparse.Namespace) -> int:
     from .liveness import fail_stale_trials
-    from .run_folder import RunFolder
+    from .run_folder import RunError, RunFolder, sqlite_file
     from .tables import status_lines
 
-    study = RunFolder.load(args.run).study()
+    run = RunFolder.load(args.run)
+    study = run.study()
     if args.fail_stale:
-        failed = fail_stale_trials(study)
+        try:
+            failed = fail_stale_trials(study)
+        except RunError as exc:
+            raise RunError(f"{sqlite_file(run.storage) or run.storage}: {exc}") from None
         print(f"marked FAIL: {', '.join(f'trial {n}' for n in failed)}" if failed else
               "no stale trial: every RUNNING trial has a live worker")
     for line in status_lines(study):

@@ -97,7 +97,9 @@ def stale_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark every stale trial FAIL with ``STALE_REASON``; returns their numbers."""
+    """Mark every stale trial FAIL with ``STALE_REASON``; returns their numbers. A storage
+    that refuses the write (read-only, locked by another process) raises RunError naming the
+    trial and the driver's reason."""
     failed = []
     for trial in stale_trials(study):
         try:
@@ -107,6 +109,9 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
                 warm_starts.requeue(study, trial)  # only the worker that failed it
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # another worker got there first, or it finished after all
+        except optuna.exceptions.StorageInternalError as exc:
+            raise rf.RunError(f"cannot mark trial {trial.number} FAIL: "
+                              f"{rf.storage_reason(exc)}") from None
     return failed
 
 

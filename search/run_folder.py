@@ -137,8 +137,7 @@ class RunFolder:
             storage = open_storage(self.storage, self.heartbeat_seconds, self.grace_seconds)
         except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds
             raise RunError(f"{self.path / RUN_FILE}: cannot open storage {self.storage}: "
-                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
-                           ) from None
+                           f"{storage_reason(exc)}") from None
         try:
             return optuna.load_study(study_name=self.study_name, storage=storage)
         except KeyError:
@@ -216,6 +215,15 @@ def _moved_with_folder(url: str, folder: Path) -> str:
     if db is None or db.is_file() or not (folder / db.name).is_file():
         return url
     return f"sqlite:///{(folder / db.name).resolve()}"
+
+
+def storage_reason(exc: BaseException) -> str:
+    """A storage error's reason in one line: the database driver's own words where Optuna
+    wrapped them (StorageInternalError from SQLAlchemy's error from sqlite3's or psycopg's)."""
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    cause = getattr(cause, "orig", None) or cause
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else repr(cause)
 
 
 def sqlite_file(url: str) -> Path | None:

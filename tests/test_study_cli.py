@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -127,6 +128,29 @@ def test_a_dead_local_worker_is_stale_at_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"marked FAIL: trial {trial.number}" in out
     assert f"trial {alive.number}: running" in out
+
+
+@pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
+def test_fail_stale_on_a_database_it_cannot_write_says_why_in_one_line(tmp_path, capsys):
+    run = rf.RunFolder(tmp_path / "r", "r", rf.default_storage(tmp_path / "r"))
+    run.save()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    _, trial = _running_trial(run, f"{socket.gethostname()}:{gone.pid}", BOOT_ID)
+    # another process holds the write lock (a read-only folder fails the same write the same way)
+    holder = sqlite3.connect(rf.sqlite_file(run.storage), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert main(["status", str(run.path), "--fail-stale"]) == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"mergesearch: error: {rf.sqlite_file(run.storage)}: cannot mark "
+                          f"trial {trial.number} FAIL")
+    assert "database is locked" in err
+    assert run.study().trials[trial.number].state == optuna.trial.TrialState.RUNNING
 
 
 # ---------------------------------------------------------------------------- a real run
