@@ -30,6 +30,7 @@ from merge_backend.dtypes import DTYPES
 from merge_backend.engine import MergeEngine
 from merge_backend.hashing import cached_sha256, sha256_of
 from merge_backend.merge_file import open_sources
+from merge_backend.output_files import check_output_folder
 from merge_backend.pipeline import load_pipeline
 from merge_backend.plan import plan_merge
 
@@ -259,11 +260,21 @@ def candidate_pipeline(cfg: StudyConfig, space: SearchSpace, device: torch.devic
     return pipe, MergeEngine(pipe, space.template(), device=device, memory=cfg.memory)
 
 
+def check_run_folder(cfg: StudyConfig) -> None:
+    """The run folder (``output``/NAME) is a folder or can be made there, and takes new files:
+    an ``output`` that is a file, or read-only, is found before anything loads."""
+    if cfg.run_folder.exists() and not cfg.run_folder.is_dir():
+        raise ConfigError(f"output: {cfg.run_folder} is a file; the run folder (output/NAME) "
+                          "must be a folder")
+    check_output_folder(cfg.run_folder / rf.RUN_FILE, ConfigError)
+
+
 def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyContext]:
     """Check, load, then open the study (see the module docstring)."""
     started = time.perf_counter()
     log(f"checking the config, the sources and the device for study {cfg.name!r}")
     space = check_config(cfg)
+    check_run_folder(cfg)
     device, dtype = resolve_device(cfg)
     url = storage_url(cfg)
     db_file = rf.sqlite_file(url)

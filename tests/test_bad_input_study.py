@@ -211,6 +211,29 @@ def test_sqlite_storage_in_a_missing_folder(check, tmp_path, tiny_sd1, clip, mod
     check(["run", config], "storage:", "does not exist")
 
 
+@pytest.mark.parametrize("where", ["a file", "NAME a file", "/proc"])
+def test_an_output_that_takes_no_run_folder_is_refused_before_loading(check, tmp_path, tiny_sd1,
+                                                                      clip, models, where):
+    """`output` a file, output/NAME a file, or a folder that takes no new files (/proc: even for root), is found
+    before the pipeline and the scorers load, naming the run folder it could not make."""
+    if where == "a file":
+        output = tmp_path / "runs.txt"
+        output.write_text("not a folder")
+        needles = [f"{output} is not a folder"]
+    elif where == "NAME a file":
+        output = tmp_path / "runs"
+        output.mkdir()
+        (output / "bad").write_text("not a run folder")
+        needles = ["output: ", "is a file"]
+    else:
+        output = Path("/proc/mergesearch-test")
+        needles = ["cannot write in /proc"]
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    output=str(output)))
+    err = check(["run", config], str(output / "bad"), *needles)
+    assert "loading" not in err, err
+
+
 def test_unknown_block_name_for_the_checkpoint(check, tmp_path, tiny_sd1, clip, models):
     config = write(tmp_path / "c.yaml", config_data(
         tiny_sd1, clip, models, tmp_path, merge={"vocabulary": "mbw", "fixed": {"IN42": 0.5}}))
