@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import stat
+import warnings
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -155,9 +157,17 @@ def _open_diffusers_folder(path: Path) -> Checkpoint:
 
 def _open_pickle(path: Path) -> Checkpoint:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap reads only torch.save's zip format (PyTorch >= 1.6); the older one is read whole.
+        # A plain pickle makes torch warn about its protocol before refusing it: the refusal says it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile pickle raises
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message opens with a general paragraph; what was refused follows its marker
+        _, marked, rest = str(exc).partition("WeightsUnpickler error:")
+        lines = [line.strip() for line in (rest if marked else str(exc)).splitlines()]
+        first = next((line for line in lines if line), type(exc).__name__)
         raise CheckpointError(
             f"{path}: refused: this .ckpt is not a plain weights file that loads with "
             f"torch.load(weights_only=True) ({first}). Convert it to .safetensors with a tool "

@@ -486,12 +486,19 @@ def test_lora_extract_nan_found_before_the_svds(case):
 # ------------------------------------------------------------------ what still works
 
 
-def test_plain_ckpt_loads_through_weights_only(tmp_path, tiny_sd1):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_plain_ckpt_loads_through_weights_only(tmp_path, tiny_sd1, zip_format):
+    """Both of torch.save's formats: the zip one (PyTorch >= 1.6) and the older one that many
+    2022 checkpoints use (which torch.load cannot memory-map)."""
     ckpt = tmp_path / "b.ckpt"
-    torch.save({"state_dict": load_file(tiny_sd1.b)}, ckpt)
+    torch.save({"state_dict": load_file(tiny_sd1.b)}, ckpt,
+               _use_new_zipfile_serialization=zip_format)
     out = tmp_path / "m.safetensors"
     assert main(["merge", "simple", str(tiny_sd1.a), str(ckpt), "-o", str(out),
                  "--ratio", "0.5"]) == 0
+    w1, w2 = load_file(tiny_sd1.a)[UNET_KEY].float(), load_file(tiny_sd1.b)[UNET_KEY].float()
+    torch.testing.assert_close(load_file(out)[UNET_KEY].float(),
+                               (0.5 * w1 + 0.5 * w2).half().float())
 
 
 def test_extrapolation_when_asked(tmp_path, tiny_sd1):

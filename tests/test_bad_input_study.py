@@ -214,8 +214,8 @@ def test_sqlite_storage_in_a_missing_folder(check, tmp_path, tiny_sd1, clip, mod
 @pytest.mark.parametrize("where", ["a file", "NAME a file", "/proc"])
 def test_an_output_that_takes_no_run_folder_is_refused_before_loading(check, tmp_path, tiny_sd1,
                                                                       clip, models, where):
-    """`output` a file, output/NAME a file, or a folder that takes no new files (/proc: even for root), is found
-    before the pipeline and the scorers load, naming the run folder it could not make."""
+    """`output` a file, output/NAME a file, or a folder that takes no new files (/proc: even
+    for root) is found before the pipeline and the scorers load, naming the run folder."""
     if where == "a file":
         output = tmp_path / "runs.txt"
         output.write_text("not a folder")
