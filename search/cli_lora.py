@@ -12,6 +12,7 @@ from merge_backend.checkpoint import open_checkpoint
 from merge_backend.devices import usable_device
 from merge_backend.lora import LoraError, add_loras, extract_lora, read_lora, save_lora
 from merge_backend.lora.extract import LORA_TYPES
+from merge_backend.lora.formats import check_lora_output
 from merge_backend.lora.svd import (
     CLAMP_QUANTILE,
     DEFAULT_CLAMP,
@@ -189,6 +190,7 @@ def run_add(args: argparse.Namespace) -> int:
                 target.exists() and path.exists() and target.samefile(path)):
             raise LoraError(f"output {args.output} is one of the LoRAs added; choose another "
                             "path (sources are never modified)")
+    check_lora_output(Path(args.output), args.overwrite)  # before the SVDs of a --rank
     loras = [(read_lora(path), strength) for path, strength in parsed]
     for lora, _ in loras:
         for note in lora.notes():

@@ -467,6 +467,27 @@ def test_lora_add_refuses_to_replace_an_input(case, lora_file):
          output=None)
 
 
+@pytest.mark.parametrize("output", ["exists", "/proc"])
+def test_lora_add_checks_its_output_before_the_svds(lora_file, tmp_path, monkeypatch, capsys,
+                                                    output):
+    from merge_backend.lora import add
+
+    factorized = []
+    real = add.factorize
+    monkeypatch.setattr(add, "factorize", lambda *a, **k: factorized.append(1) or real(*a, **k))
+    out = tmp_path / "out.safetensors"
+    if output == "exists":
+        out.write_bytes(b"mine")
+    else:
+        out = Path("/proc/mergesearch-test.safetensors")
+    assert main(["lora", "add", str(lora_file), "--rank", "4", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err if output == "exists" else "cannot write in" in err
+    assert factorized == []  # refused before any resize
+    if output == "exists":
+        assert out.read_bytes() == b"mine"
+
+
 def test_lora_add_rank_zero(case, lora_file):
     case(["lora", "add", lora_file, "--rank", "0"], "--rank")
 
