@@ -232,7 +232,7 @@ def _execute(plan: MergePlan, sources: Mapping[str, Checkpoint], out_dtype: torc
                     merged = arithmetic.merge(METHODS[k.op], tensors, k.ratio, k.multiplier, delta,
                                               precision)
                 if (k.op != "copy" or delta is not None or weighted) and not all_finite(merged):
-                    _explain_non_finite(k.key, [sources[r] for r in use], out_dtype)
+                    _explain_non_finite(k, [sources[r] for r in use], out_dtype, recipe.arch)
                 yield merged
                 for r in use:
                     sources[r].release(k.key)
@@ -305,12 +305,24 @@ def _done(value: str) -> Future:
     return future
 
 
-def _explain_non_finite(key: str, sources: list[Checkpoint], out_dtype: torch.dtype) -> None:
+def _explain_non_finite(k: KeyPlan, sources: list[Checkpoint], out_dtype: torch.dtype,
+                        arch: str) -> None:
+    """The error for a merged value past a dtype's range, naming the narrow precisions it
+    passed through: the one its part is held in (--unet-dtype / --text-encoder-dtype), where
+    the merge is computed, and the file's (--dtype)."""
     for ckpt in sources:
-        ckpt.get(key)  # raises, naming the file and the key (sources were checked: a safeguard)
-    name = str(out_dtype).removeprefix("torch.")
-    raise CheckpointError(f"merged tensor {key!r} overflows {name} (the ratios, multiplier or "
-                          "LoRA strengths go too far); use --dtype fp32 or smaller values")
+        ckpt.get(k.key)  # raises, naming the file and the key (sources were checked: a safeguard)
+    held = "--text-encoder-dtype" if k.block in _text_encoder_names(arch) else "--unet-dtype"
+    steps = [(held, DTYPES[k.held])] if k.held else []
+    steps.append(("--dtype", out_dtype))
+    narrow = [(option, dtype) for option, dtype in steps
+              if torch.finfo(dtype).max < torch.finfo(torch.float32).max]
+    name = str(min((d for _, d in narrow), key=lambda d: torch.finfo(d).max, default=torch.float32)
+               ).removeprefix("torch.")
+    fix = " and ".join(f"{option} fp32" for option, _ in narrow) or "smaller values"
+    raise CheckpointError(f"merged tensor {k.key!r} overflows {name} (the ratios, multiplier or "
+                          f"LoRA strengths go too far); use {fix}"
+                          + (" or smaller values" if narrow else ""))
 
 
 def _text_encoder_names(arch: str) -> tuple[str, ...]:

@@ -354,10 +354,16 @@ def test_ratios_file_with_nan(case):
           ratios], ratios, "IN04", "not a finite number")
 
 
-def test_overflow_while_writing_leaves_nothing(case):
-    # The one fault only writing can find: values past float16's range. The partial goes.
+@pytest.mark.parametrize("dtypes,fix", [
+    ([], "use --dtype fp32 or"),  # held in fp32 (the default), written in fp16
+    (["--dtype", "fp32", "--unet-dtype", "fp16"], "use --unet-dtype fp32 or"),
+    (["--unet-dtype", "fp16"], "use --unet-dtype fp32 and --dtype fp32 or"),
+])
+def test_overflow_while_writing_leaves_nothing(case, dtypes, fix):
+    # The one fault only writing can find: values past float16's range. The partial goes, and
+    # the message names the precision that overflowed: the file's or the one the UNet is held in.
     case(["merge", "simple", case.fam.a, case.fam.b, "--ratio", "1e30", "--allow-extrapolation",
-          "--quiet"], "overflows float16", "model.diffusion_model.")
+          "--quiet", *dtypes], "overflows float16", "model.diffusion_model.", fix)
 
 
 def test_unknown_block_name(case):
