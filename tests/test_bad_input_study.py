@@ -357,8 +357,10 @@ def test_export_file_name_for_two_formats(check, done, tmp_path):
           "names a file", "give a folder")
 
 
-def test_export_file_name_with_another_formats_suffix(check, done, tmp_path):
-    check(["export", done, "--to", "checkpoint", "-o", tmp_path / "x.txt"],
+@pytest.mark.parametrize("name", ["x.txt", "x.ckpt", "x.PT"])
+def test_export_file_name_with_another_formats_suffix(check, done, tmp_path, name):
+    """A .ckpt is refused, not taken for a folder name: exports never write pickles."""
+    check(["export", done, "--to", "checkpoint", "-o", tmp_path / name],
           "--to checkpoint writes a .safetensors file", "give a folder")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_backend.atomic_files import atomic_write_text, scratch_folder
-from merge_backend.checkpoint import CheckpointError
+from merge_backend.checkpoint import CKPT_SUFFIXES, CheckpointError
 from merge_backend.hashing import sha256_of
 from merge_backend.lora.extract import ExtractResult, extract_lora
 from merge_backend.lora.svd import DEFAULT_CLAMP, check_clamp
@@ -220,7 +220,8 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     output = Path(output)
     as_file = (len(items) == 1 and len(formats) == 1
                and output.suffix.lower() == _FILE_SUFFIX.get(formats[0]))
-    if not as_file and output.suffix.lower() in (*_FILE_SUFFIX.values(), ".htm"):
+    # a file name: one a format writes, or a pickle checkpoint's, which no format writes
+    if not as_file and output.suffix.lower() in (*_FILE_SUFFIX.values(), ".htm", *CKPT_SUFFIXES):
         if len(items) == 1 and len(formats) == 1:
             wanted = _FILE_SUFFIX.get(formats[0])
             raise ExportError(f"-o {output}: --to {formats[0]} writes "
