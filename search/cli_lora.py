@@ -218,7 +218,8 @@ def run_extract(args: argparse.Namespace) -> int:
                           progress=_progress(args, "layers"))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(result.report())
+    if not args.quiet:  # as `lora add`'s: stdout holds the JSON summary alone
+        print(result.report(), file=sys.stderr)
     print(json.dumps({"output": str(result.output), "rank": result.rank,
                       "max_rank": result.max_rank,
                       "modules": result.modules, "skipped_unchanged": result.skipped,
