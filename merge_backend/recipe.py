@@ -57,7 +57,8 @@ class LoraSpec:
 
     ``block_strengths`` uses the Recipe's vocabulary; blocks not named take 1.0. Text-encoder
     modules of the LoRA take ``te_strength`` when set, else ``strength`` (times
-    ``block_strengths['BASE']`` in the mbw vocabulary, where BASE is the text encoder).
+    ``block_strengths['BASE']`` in the mbw vocabulary, where BASE is the text encoder; a
+    BASE other than 1 with ``te_strength`` is refused, as one of the two would be ignored).
     """
 
     path: str
@@ -244,6 +245,13 @@ class Recipe:
             if unknown:
                 raise RecipeError(f"recipe.loras[{i}].block_strengths: unknown block(s) "
                                   f"{', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+            te_block = self.text_encoder_block
+            if (lora.te_strength is not None and te_block
+                    and (lora.block_strengths or {}).get(te_block, 1.0) != 1.0):
+                raise RecipeError(
+                    f"recipe.loras[{i}]: te_strength (--te-strength) and "
+                    f"block_strengths[{te_block!r}] (--block-strength {te_block}=...) both set "
+                    f"the text encoders' strength, and te_strength would win; give one")
 
 
 def _method(name: str, where: str) -> MergeMethod:

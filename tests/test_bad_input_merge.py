@@ -467,6 +467,12 @@ def test_lora_strengths_must_be_finite(case, lora_file, extra, field):
     case(["lora", "apply", case.fam.a, f"{lora_file}{suffix}", *flags], field, "not a finite number")
 
 
+def test_lora_te_strength_and_base_block_strength_together_are_refused(case, lora_file):
+    """Both set the text encoders' strength; te_strength won and BASE was silently ignored."""
+    case(["lora", "apply", case.fam.a, lora_file, "--te-strength", "0.5", "--block-strength",
+          "BASE=0"], "te_strength (--te-strength)", "block_strengths['BASE']", "give one")
+
+
 def test_lora_add_refuses_to_replace_an_input(case, lora_file):
     copy = _copied_lora(case, lora_file, "mine.safetensors")
     case(["lora", "add", copy, lora_file, "--overwrite", "-o", copy], copy, "one of the LoRAs",
