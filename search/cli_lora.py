@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from merge_backend.architectures import block_names
+from merge_backend.architectures import block_names, vocabulary_of
 from merge_backend.checkpoint import open_checkpoint
 from merge_backend.devices import usable_device
 from merge_backend.lora import LoraError, add_loras, extract_lora, read_lora, save_lora
@@ -140,10 +140,9 @@ def parse_block_strengths(pairs: list[str], arch) -> tuple[str, dict[str, float]
             raise LoraError(f"--block-strength {pair!r}: write NAME=VALUE, e.g. IN04=0.5") from None
         _finite(f"--block-strength {name}", values[name])
     # the report vocabulary (mbw for SD) first, then the others the architecture file lists
-    order = dict.fromkeys((arch.report_vocabulary, *arch.vocabularies))
-    for vocabulary in order:
-        if all(n in block_names(arch, vocabulary) for n in values):
-            return vocabulary, values
+    vocabulary = vocabulary_of(arch, values, arch.report_vocabulary)
+    if vocabulary is not None:
+        return vocabulary, values
     names = ", ".join(block_names(arch, arch.report_vocabulary))
     raise LoraError(f"--block-strength: {', '.join(values)} are not all block names of one "
                     f"vocabulary; {arch.report_vocabulary} names: {names}")

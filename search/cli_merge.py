@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from merge_backend import ARCHITECTURES, ClipMerge, Recipe, Source, merge_to_file, open_checkpoint
-from merge_backend.architectures import block_names
+from merge_backend.architectures import SLIDERS, block_names, text_encoder_block, vocabulary_of
 from merge_backend.dtypes import DTYPES
 from merge_backend.recipe import RecipeError, check_finite
 from merge_backend.source_files import check_source
@@ -50,14 +50,17 @@ def _node_options(p: argparse.ArgumentParser, name: str) -> None:
         for block in ("input", "middle", "out"):
             p.add_argument(f"--{block}", type=float, default=1.0, help=f"{block} ratio")
     elif name == "layers":
-        p.add_argument("--vocabulary", default="comfy",
+        p.add_argument("--vocabulary",
                        help="the block names: comfy (the architecture's ComfyUI node), mbw, or "
-                            "any vocabulary its file defines (see `mergesearch architectures`)")
+                            "any vocabulary its file defines (see `mergesearch architectures`); "
+                            "default: the one the names given belong to, comfy first")
         p.add_argument("--ratio", action="append", default=[], metavar="NAME=VALUE",
                        help="a block's ratio, e.g. input_blocks.4.=0.3 or IN04=0.3; repeatable; "
                             "blocks not given keep ComfyUI's default 1.0")
         p.add_argument("--ratios-file", type=Path, help="YAML/JSON mapping of block name to ratio")
-        p.add_argument("--default", type=float, default=1.0, help="ratio of blocks not given")
+        p.add_argument("--default", type=float, default=1.0,
+                       help="ratio of the UNet blocks not given (the text encoders keep model1's "
+                            "unless their block, mbw's BASE, is given)")
     elif name in ("subtract", "add-difference"):
         p.add_argument("--multiplier", type=float, default=1.0)
     if name == "add-difference":
@@ -159,14 +162,17 @@ def _ratios(args: argparse.Namespace, arch: str) -> tuple[str, dict[str, float]]
     given = load_ratio_file(args.ratios_file) if args.ratios_file else {}
     given.update(parse_ratio_pairs(args.ratio))
     known = ARCHITECTURES[arch].vocabulary_names
-    if args.vocabulary not in known:
-        raise RecipeError(f"--vocabulary {args.vocabulary!r}: {arch} has {', '.join(known)}")
-    names = block_names(ARCHITECTURES[arch], args.vocabulary)
+    vocabulary = args.vocabulary or vocabulary_of(ARCHITECTURES[arch], given, SLIDERS) or SLIDERS
+    if vocabulary not in known:
+        raise RecipeError(f"--vocabulary {vocabulary!r}: {arch} has {', '.join(known)}")
+    names = block_names(ARCHITECTURES[arch], vocabulary)
     unknown = [n for n in given if n not in names]
     if unknown:
         raise RecipeError(f"unknown block name(s) {', '.join(map(repr, unknown))} for the "
-                          f"{args.vocabulary} vocabulary of {arch}; valid names: {', '.join(names)}")
-    return args.vocabulary, {n: given.get(n, args.default) for n in names}
+                          f"{vocabulary} vocabulary of {arch}; valid names: {', '.join(names)}")
+    # --default is for the UNet's blocks: the text encoders keep model1's unless BASE is given
+    te_block = text_encoder_block(ARCHITECTURES[arch], vocabulary)
+    return vocabulary, {n: given.get(n, 1.0 if n == te_block else args.default) for n in names}
 
 
 def run_merge(args: argparse.Namespace) -> int:

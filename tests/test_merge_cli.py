@@ -112,6 +112,24 @@ def test_layers_comfy_and_mbw(fam, tmp_path):
     assert_file_equals(out2, expected_merge(fam, ratio2))
 
 
+def test_mbw_default_sets_the_unet_blocks_not_given_and_leaves_the_text_encoders(fam, tmp_path):
+    """--default is the ratio of the UNet blocks not given; the text encoders keep model1's
+    (BASE 1.0) unless BASE is given, as the README says of every merge without --clip. Without
+    --vocabulary, the names given choose it (IN01: mbw), as `--help`'s example has it."""
+    out = tmp_path / "m.safetensors"
+    assert run("merge", "layers", fam.a, fam.b, "-o", out, "--ratio", "IN01=0.25", "--default",
+               "0.3", "--dtype", "fp32") == 0
+
+    def ratio(key):
+        return 0.25 if key[len(UNET_PREFIX):].startswith("input_blocks.1.") else 0.3
+    assert_file_equals(out, expected_merge(fam, ratio))
+    given = tmp_path / "base.safetensors"
+    assert run("merge", "layers", fam.a, fam.b, "-o", given, "--vocabulary", "mbw", "--ratio",
+               "BASE=0.6", "--default", "0.3", "--dtype", "fp32") == 0
+    assert_file_equals(given, expected_merge(fam, lambda key: 0.3,
+                                             clip=lambda w1, w2: comfy(w1, w2, 0.6, 0.4)))
+
+
 def test_subtract_add_and_clip_nodes(fam, tmp_path):
     a, b = load_file(fam.a), load_file(fam.b)
     out = tmp_path / "s.safetensors"

@@ -223,6 +223,15 @@ def block_of(arch: Architecture, vocabulary: str, key: str) -> str:
     return arch.block_of(vocabulary, key)
 
 
+def vocabulary_of(arch: Architecture, names, first: str) -> str | None:
+    """The vocabulary every one of ``names`` belongs to: ``first`` if it holds them all (or
+    there are none), else the first of the file's ``vocabularies`` that does; None if none."""
+    for vocabulary in dict.fromkeys((first, *arch.vocabularies)):
+        if all(n in block_names(arch, vocabulary) for n in names):
+            return vocabulary
+    return None
+
+
 def text_encoder_block(arch: Architecture, vocabulary: str) -> str | None:
     """The block of ``vocabulary`` that holds the text encoders' ratio (MBW's BASE), or None."""
     return arch.vocabulary(vocabulary).text_encoders
