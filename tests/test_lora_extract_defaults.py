@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge_backend import Recipe, Source
+from merge_backend import ARCHITECTURES, Recipe, Source
 from merge_backend.recipe import uniform_ratios
 from search.cli import build_parser, main
 
@@ -95,14 +95,14 @@ def baked(request, tmp_path_factory, tiny_sd1, tiny_sdxl):
 def test_extract_recovers_a_baked_lora_with_default_settings(baked, rank, tmp_path, capsys):
     fam, path, deltas = baked
     out = tmp_path / "x.safetensors"
-    assert main(["lora", "extract", str(path), str(fam.base), "-o", str(out), "--rank", str(rank),
-                 "--quiet"]) == 0
-    printed = capsys.readouterr().out
-    summary = json.loads(printed.strip().splitlines()[-1])
+    assert main(["lora", "extract", str(path), str(fam.base), "-o", str(out), "--rank",
+                 str(rank)]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
     assert recovery(out, deltas) <= 1e-3
     skipped = unet_weights(fam.base) - len(deltas)
     assert summary["modules"] == len(deltas) and summary["skipped_unchanged"] == skipped
-    assert f"skipped {skipped} unchanged module(s)" in printed
+    assert f"skipped {skipped} unchanged module(s)" in printed.err  # under the block table
     assert all(v.dtype == torch.float16 for v in load_file(str(out)).values())  # default dtype
 
 
@@ -206,3 +206,24 @@ def test_only_the_changed_part_of_a_fused_qkv_weight_is_written(tiny_sdxl, tmp_p
                  "8", "--text-encoder", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["modules"] == 1
     assert recovery(out, {key: delta}) <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+@pytest.mark.parametrize("arch", ["flux1", "sd35_medium"])
+def test_an_architecture_with_fused_qkv_is_refused_naming_it(arch, fmt, request, tmp_path,
+                                                             capsys):
+    """Flux.1 and SD3.x hold q, k and v in one tensor (and Flux its q/k norms as `.scale`),
+    which neither format names here: the refusal names the file, the architecture and the
+    first module, and nothing is written (it was `kohya has no name for
+    transformer_blocks.0.attn.to_q`, after reading both models)."""
+    fam = request.getfixturevalue(f"tiny_{arch}")
+    out = tmp_path / "x.safetensors"
+    assert main(["lora", "extract", str(fam.a), str(fam.base), "-o", str(out), "--rank", "4",
+                 "--format", fmt]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"mergesearch: error: {fam.a}: a {fmt}-format LoRA has no name for")
+    assert f"of {ARCHITECTURES[arch].title}'s modules" in err
+    if fmt == "kohya":  # kohya spells original paths: the fused qkv is what it cannot name
+        assert "a part of a fused tensor" in err and "qkv" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -153,6 +153,14 @@ def _plan(table: NameTable, m1: Checkpoint, m2: Checkpoint, components: list[str
             bias = target.rows(whole).stop - target.rows(whole).start
         if weight != "none" or bias is not None:
             jobs.append(_Job(target, shape, weight, bias))
+    unnamed = [job.target for job in jobs if not table.can_name(job.target, fmt)]
+    if unnamed:  # found before any tensor is read
+        first = unnamed[0]
+        raise LoraError(f"{m1.path}: a {fmt}-format LoRA has no name for {len(unnamed)} of "
+                        f"{m1.arch.title}'s modules, first {first.module} ({first.key}"
+                        f"{', a part of a fused tensor' if first.parts > 1 else ''}); "
+                        f"mergesearch cannot extract a LoRA from this architecture in that "
+                        "format")
     if skipped:
         notes.append(f"left out {len(skipped)} text-encoder embedding(s) ({', '.join(skipped)}): "
                      "kohya-format readers have no name for them; --format comfyui holds them")
