@@ -1,7 +1,8 @@
 """The YAML (and JSON) files users write — study configs, architecture files, prompt and ratio
 files — read with one-line errors: a file that cannot be read or parsed is refused naming the
 file and the line and column where it breaks, never with a traceback or PyYAML's multi-line
-report.
+report. A key given twice in one mapping is refused too (PyYAML keeps the last silently, so a
+second ``trials:`` further down a config would win unseen).
 
 Example:
     >>> read_yaml(Path("study.yaml"), ConfigError)               # doctest: +SKIP
@@ -17,10 +18,37 @@ from typing import Any
 import yaml
 
 
-def read_yaml(path: str | Path, error: type[Exception], loader: type = yaml.SafeLoader,
+def unique_keys(loader: type) -> type:
+    """``loader`` (a safe loader) refusing a key given twice in one mapping; a merge key's
+    (``<<``) entries may still be overridden, as YAML means them to be."""
+    class UniqueKeys(loader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: set = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        again = key in seen
+                    except TypeError:  # an unhashable key: the base loader says so
+                        continue
+                    if again:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"found key {key!r} twice", key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+    return UniqueKeys
+
+
+SAFE_LOADER = unique_keys(yaml.SafeLoader)
+
+
+def read_yaml(path: str | Path, error: type[Exception], loader: type = SAFE_LOADER,
               name: str | None = None) -> Any:
     """``path``'s data (safe loading: plain data only); ``error(one line)`` when the file cannot
-    be read, is not UTF-8 or is not valid YAML. ``name``: how the message names the file
+    be read, is not UTF-8, is not valid YAML or gives a key twice. ``name``: how the message names the file
     (a flag with it, say; default: its path)."""
     name = str(path) if name is None else name
     try:

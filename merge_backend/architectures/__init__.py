@@ -31,7 +31,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from merge_backend.yaml_files import read_yaml
+from merge_backend.yaml_files import read_yaml, unique_keys
 
 from ..plugins import entry_points, load_entry_point
 from ._schema import SINGLE, SLIDERS, Architecture, Component, ExtraTensor, Layout, Vocabulary
@@ -49,7 +49,7 @@ ENTRY_POINT_GROUP = "mergesearch.architectures"
 BUILTIN = Path(__file__).parent
 # ComfyUI's CLIPMerge* nodes leave these text-encoder keys alone, whatever the architecture.
 CLIP_MERGE_SKIPS = ("position_ids", "logit_scale")
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Loader = unique_keys(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 class UnsupportedModelError(ValueError):
