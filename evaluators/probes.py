@@ -74,10 +74,11 @@ class ProbeSet(BaseModel):
     prompts: list[Prompt] = Field(min_length=1)
     negative_prompt: str = ""
     seeds: list[int] = Field(default=[0, 1], min_length=1)
-    steps: int = Field(20, ge=1)
+    # the upper limits are ComfyUI's (KSampler's steps, EmptyLatentImage's MAX_RESOLUTION)
+    steps: int = Field(20, ge=1, le=10000)
     cfg: FiniteFloat = Field(7.0, ge=0)
-    width: int = Field(512, ge=8, multiple_of=8)
-    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, le=16384, multiple_of=8)
+    height: int = Field(512, ge=8, le=16384, multiple_of=8)
     scheduler: str = "euler"
     batch_size: int = Field(4, ge=1)
 

@@ -329,10 +329,38 @@ class StudyConfig(_Strict):
         problems += [f"warm_start.uniform[{i}]: {u} is outside merge.bounds ({low}, {high}); "
                      "the uniform merge would not be the one asked for"
                      for i, u in enumerate(self.warm_start.uniform) if not low <= u <= high]
+        problems += self._preset_problems()
+        if self.objective in ("weighted", "mixed") and self.scorers and \
+                all(s.weight == 0 for s in self.scorers):
+            problems.append("scorers: every weight is 0, so every candidate would score the "
+                            "same; give at least one scorer a weight above 0")
         problems += self._strategy_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _preset_problems(self) -> list[str]:
+        """A preset is queued as given, or refused: a fixed block, a value outside its bounds
+        or tied blocks that differ would be ignored, clipped or averaged."""
+        problems = []
+        for name, ratios in self.warm_start.presets.items():
+            where = f"warm_start.presets.{name}"
+            for block, value in ratios.items():
+                low, high = self.merge.block_bounds.get(block, self.merge.bounds)
+                if block in self.merge.fixed:
+                    problems.append(f"{where}.{block}: the block is fixed (merge.fixed) at "
+                                    f"{self.merge.fixed[block]}; the preset's {value} would be "
+                                    "ignored")
+                elif not low <= value <= high:
+                    problems.append(f"{where}.{block}: {value} is outside its bounds ({low}, "
+                                    f"{high}); the preset would be clipped to them")
+            for group in self.merge.tied:
+                values = {ratios[b] for b in group if b in ratios}
+                if len(values) > 1:
+                    problems.append(f"{where}: {', '.join(b for b in group if b in ratios)} are "
+                                    "tied (merge.tied) and would take their mean; give them one "
+                                    "value")
+        return problems
 
     def _strategy_problems(self) -> list[str]:
         problems = []

@@ -121,9 +121,26 @@ def test_name_that_is_not_one_plain_folder_name_is_refused(check, tmp_path, tiny
     ({"merge": {"multiplier": "abc"}}, ["merge.multiplier: got 'abc'"]),
     ({"models": {"model2": "/nonexistent/b.safetensors"}},
      ["models.model2: /nonexistent/b.safetensors does not exist"]),
+    # values that were accepted and then ignored, clipped, averaged or sent to the pipeline
+    ({"probes": {"width": 1000000000}}, ["probes.width:", "less than or equal to 16384"]),
+    ({"probes": {"steps": 99999}}, ["probes.steps:", "less than or equal to 10000"]),
+    ({"scorers": [{"kind": "clip", "model": "{clip0}", "weights": "{clip1}", "weight": 0}]},
+     ["scorers: every weight is 0"]),
+    ({"merge": {"vocabulary": "mbw", "bounds": [0.2, 0.8]},
+      "warm_start": {"presets": {"mine": {"IN04": 0.9}}}},
+     ["warm_start.presets.mine.IN04: 0.9 is outside its bounds (0.2, 0.8)"]),
+    ({"merge": {"vocabulary": "mbw", "fixed": {"IN04": 0.3}},
+      "warm_start": {"presets": {"mine": {"IN04": 0.9}}}},
+     ["warm_start.presets.mine.IN04: the block is fixed (merge.fixed) at 0.3"]),
+    ({"merge": {"vocabulary": "mbw", "tied": [["IN04", "IN05"]]},
+      "warm_start": {"presets": {"mine": {"IN04": 0.2, "IN05": 0.8}}}},
+     ["warm_start.presets.mine: IN04, IN05 are tied (merge.tied)"]),
 ])
 def test_config_field_errors_name_their_full_path(check, tmp_path, tiny_sd1, clip, models,
                                                   change, needles):
+    if "scorers" in change:  # the scorer's files are the module's
+        change = {"scorers": [{**change["scorers"][0], "model": str(clip[0]),
+                               "weights": str(clip[1])}]}
     config = write(tmp_path / "c.yaml",
                    config_data(tiny_sd1, clip, models, tmp_path, **change))
     for command in ("validate", "run"):
@@ -171,6 +188,26 @@ def test_a_yaml_syntax_error_is_one_line_naming_its_line_and_column(check, tmp_p
                 "at line 2, column 4)")
     # one line; a config's problems come as a header and one line each
     assert len(err.strip().splitlines()) == (2 if kind == "prompt file" else 1), err
+
+
+@pytest.mark.parametrize("kind", ["config", "ratios file"])
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(check, tmp_path, tiny_sd1, clip,
+                                                             models, kind):
+    """PyYAML keeps the last of two equal keys silently: a second `trials:` further down a
+    config, or a block given twice in a ratios file, won unseen."""
+    if kind == "config":
+        text = yaml.safe_dump(config_data(tiny_sd1, clip, models, tmp_path)) + "trials: 500\n"
+        twice = write(tmp_path / "c.yaml", text)
+        argv = ["run", twice]
+        line = text.count("\n")
+        key = "trials"
+    else:
+        twice = write(tmp_path / "r.yaml", "IN04: 0.3\nOUT02: 0.5\nIN04: 0.9\n")
+        argv = ["merge", "layers", tiny_sd1.a, tiny_sd1.b, "--ratios-file", twice, "-o",
+                tmp_path / "out.safetensors"]
+        line, key = 3, "IN04"
+    check(argv, f"{twice}: cannot read it (not valid YAML: line {line}, column 1: found key "
+          f"{key!r} twice")
 
 
 def test_a_reference_scorer_without_references_in_a_config_file(check, tmp_path, tiny_sd1, clip,
