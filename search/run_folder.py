@@ -133,6 +133,10 @@ class RunFolder:
         if db is not None and not db.is_file():  # opening it would make an empty one
             raise RunError(f"{self.path / RUN_FILE}: its storage {db} does not exist; the "
                            "study's database was moved or deleted")
+        if db is not None and db.stat().st_size == 0:  # opening it would write a schema in
+            raise RunError(f"{self.path / RUN_FILE}: its storage {db} is empty (0 bytes): the "
+                           "study's database was truncated or never written; restore it from "
+                           "a copy")
         try:
             storage = open_storage(self.storage, self.heartbeat_seconds, self.grace_seconds)
         except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds

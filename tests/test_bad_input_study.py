@@ -385,6 +385,17 @@ def test_run_folder_whose_database_is_gone(check, run_copy):
     check(["best", run_copy], str(gone), "does not exist")
 
 
+@pytest.mark.parametrize("command", ["status", "best", "dashboard"])
+def test_an_empty_database_file_is_refused_not_given_a_schema(check, run_copy, command):
+    """A study.db truncated to 0 bytes (a full disk, a bad copy) held the study once: opening
+    it wrote an empty schema into it, and `status` said the study did not exist."""
+    db = rf.sqlite_file(rf.RunFolder.load(run_copy).storage)
+    assert db.parent == run_copy
+    db.write_bytes(b"")
+    check([command, run_copy], f"{db} is empty (0 bytes)")
+    assert db.stat().st_size == 0
+
+
 def test_export_of_a_trial_that_does_not_exist(check, done):
     check(["export", done, "--trial", "99", "--to", "mbw"], "has no trial 99")
 
