@@ -115,10 +115,13 @@ def load_ratio_file(path: Path) -> dict[str, float]:
 
     check_source(path, error=RecipeError)  # a FIFO would block the read forever
     data = read_yaml_mapping(path, f"--ratios-file {path}", RecipeError)
-    try:
-        ratios = {str(k): float(v) for k, v in data.items()}
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"--ratios-file {path}: every ratio must be a number ({exc})") from None
+    ratios = {}
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            shown = "null" if value is None else f"{value!r}"
+            raise RecipeError(f"--ratios-file {path}: {key}: {shown} is not a number; give each "
+                              "block one ratio (e.g. IN04: 0.3)")
+        ratios[str(key)] = float(value)
     for name, value in ratios.items():
         check_finite(f"--ratios-file {path}: {name}", value)
     return ratios

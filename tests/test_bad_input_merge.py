@@ -347,6 +347,17 @@ def test_non_finite_numbers_name_their_flag(case, node, flag, value):
          "not a finite number")
 
 
+@pytest.mark.parametrize("text,shown", [("IN04: 0.3\nOUT02:\n", "OUT02: null"),
+                                        ("OUT02: {a: 1}\n", "OUT02: {'a': 1}"),
+                                        ("OUT02: [0.1, 0.2]\n", "OUT02: [0.1, 0.2]"),
+                                        ("OUT02: yes\n", "OUT02: True")])
+def test_ratios_file_value_that_is_not_a_number_is_named(case, text, shown):
+    ratios = case.bad / "ratios.yaml"
+    ratios.write_text(text)
+    case(["merge", "layers", case.fam.a, case.fam.b, "--vocabulary", "mbw", "--ratios-file",
+          ratios], f"{ratios}: {shown} is not a number")
+
+
 def test_ratios_file_with_nan(case):
     ratios = case.bad / "ratios.yaml"
     ratios.write_text("IN04: .nan\n")
