@@ -148,13 +148,14 @@ def report_run(study, result, run_folder: Path) -> int:
               + "; run the same command to go on", file=sys.stderr)
         status = 1 if "failed" in result.stopped else 0
     run = shlex.quote(str(run_folder))
-    print("next:")
-    print(f"  mergesearch best {run} --top 5")
-    print(f"  mergesearch dashboard {run}      # http://127.0.0.1:8080")
     best = [t.number for t in ranked(study)[:3]]
+    print("next:")
+    if best:  # with no COMPLETE trial there is nothing to rank, compare or export
+        print(f"  mergesearch best {run} --top 5")
+    print(f"  mergesearch dashboard {run}      # http://127.0.0.1:8080")
     if best:
         print(f"  mergesearch compare {run} --trials {','.join(map(str, best))}")
-    print(f"  mergesearch export {run} --best --to checkpoint --to comfyui")
+        print(f"  mergesearch export {run} --best --to checkpoint --to comfyui")
     return status
 
 

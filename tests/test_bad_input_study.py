@@ -315,8 +315,12 @@ def test_every_trial_failing_exits_non_zero_with_the_first_reason(tmp_path, tiny
         merge={"allow_extrapolation": True, "bounds": [1e6, 2e6]},
         warm_start={"model1": False, "model2": False, "uniform": []}))
     assert main(["run", str(config)]) == 1
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     assert "error: every trial of this run failed (5); the first, trial 0:" in err
+    # nothing to export, compare or rank: only the dashboard is suggested (it shows the failures)
+    assert "mergesearch dashboard" in printed.out
+    assert not any(f"mergesearch {c}" in printed.out for c in ("export", "compare", "best"))
     assert "NaN" in err.split("the first, trial 0:")[1]
     assert "Traceback" not in err
     study = rf.RunFolder.load(tmp_path / "runs" / "bad").study()
