@@ -13,10 +13,10 @@ def check_new_output(output: Path, overwrite: bool, error: type[Exception]) -> N
     is one or can be made and takes new files: a bad path fails before the merge, not at its
     final rename."""
     if output.is_symlink() or output.exists():
+        if output.is_dir():  # first: --overwrite would not help
+            raise error(f"output {output} is a folder; name the file to write")
         if not overwrite:
             raise error(f"output {output} exists; pass --overwrite to replace it")
-        if output.is_dir():
-            raise error(f"output {output} is a folder; name the file to write")
     check_output_folder(output, error)
 
 

@@ -499,6 +499,18 @@ def test_a_device_this_machine_lacks_is_refused_before_work(check, done, tiny_sd
 LINUX = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 
 
+@pytest.mark.parametrize("command", ["merge", "lora extract", "compare"])
+def test_an_output_that_is_a_folder_says_so_at_once(check, done, tiny_sd1, tmp_path, command):
+    """It said `exists; pass --overwrite`, and with --overwrite, `is a folder`."""
+    out = tmp_path / ("x.html" if command == "compare" else "x.safetensors")
+    out.mkdir()
+    argv = {"merge": ["merge", "simple", tiny_sd1.a, tiny_sd1.b, "-o", out],
+            "lora extract": ["lora", "extract", tiny_sd1.a, tiny_sd1.b, "--rank", "4", "-o", out],
+            "compare": ["compare", done, "--trials", "0", "-o", out]}[command]
+    err = check(argv, f"output {out} is a folder; name the file to write")
+    assert "--overwrite" not in err
+
+
 @LINUX
 @pytest.mark.parametrize("command", ["merge", "lora extract", "export checkpoint",
                                      "export diffusers", "export comfyui", "tiny", "compare"])
