@@ -150,6 +150,18 @@ def _quarters(folder: Path) -> Path:
     return path
 
 
+def test_the_variable_may_name_one_file_and_a_missing_path_is_named(tmp_path):
+    """A file named on its own is read (it was refused as a folder that 'does not exist')."""
+    path = _quarters(tmp_path / "archs")
+    code = "from merge_backend.architectures import ARCHITECTURES; print(sorted(ARCHITECTURES))"
+    listed = _run(code, {"MERGESEARCH_ARCHITECTURES": str(path)})
+    assert listed.returncode == 0 and "'sd1q'" in listed.stdout, listed.stderr
+    gone = tmp_path / "nowhere"
+    missing = _run(code, {"MERGESEARCH_ARCHITECTURES": str(gone)})
+    assert missing.returncode != 0
+    assert f"{gone}: no such architecture folder or file" in missing.stderr
+
+
 def test_a_users_architecture_file_merges_by_its_own_vocabulary(tmp_path, tiny_sd1):
     """Dropped into a folder named in $MERGESEARCH_ARCHITECTURES: listed, detected first, and
     `mergesearch merge layers --vocabulary quarters` follows ComfyUI's formula per group."""

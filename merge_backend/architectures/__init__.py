@@ -7,10 +7,10 @@ and tokenizers, LoRA name rules, CheckpointSave's facts, the diffusers pipeline 
 and full config folders — is in ``<name>.yaml`` in this folder (README.md describes the fields).
 The code elsewhere holds only mechanisms that read these files.
 
-Architectures are read from this folder, from every folder named in ``$MERGESEARCH_ARCHITECTURES``
-(separated by ``os.pathsep``) and from every ``mergesearch.architectures`` entry point (a module
-whose folder holds ``*.yaml`` files, or a path). Two files that name the same architecture are
-an error that names both.
+Architectures are read from this folder, from every folder (or single file) named in
+``$MERGESEARCH_ARCHITECTURES`` (separated by ``os.pathsep``) and from every
+``mergesearch.architectures`` entry point (a module whose folder holds ``*.yaml`` files, or a
+path). Two files that name the same architecture are an error that names both.
 
 Example:
     >>> arch = ARCHITECTURES["sd1"]
@@ -90,7 +90,7 @@ def _entry_point_folders() -> list[Path]:
 
 
 def architecture_folders() -> list[Path]:
-    """Where architecture files are read from, in order (built-in first)."""
+    """Where architecture files are read from, in order (built-in first): folders, or files."""
     extra = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
     return [BUILTIN, *extra, *_entry_point_folders()]
 
@@ -108,10 +108,11 @@ class _Registry(Mapping[str, Architecture]):
         if self._archs is None or env != self._env:
             archs: dict[str, Architecture] = {}
             for folder in architecture_folders():
-                if not folder.is_dir():
-                    raise ArchitectureFileError(f"{folder}: architecture folder does not exist "
+                if not folder.exists():
+                    raise ArchitectureFileError(f"{folder}: no such architecture folder or file "
                                                 f"(named in ${ENV_VAR} or an entry point)")
-                for path in sorted(folder.glob("*.yaml")):
+                # a folder's *.yaml files, or one file named on its own
+                for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else [folder]:
                     arch = load_architecture(path)
                     if arch.name in archs:
                         raise ArchitectureFileError(
