@@ -223,6 +223,24 @@ def test_refusals_write_nothing(make, message, tiny_sd1, tmp_path, capsys):
     assert not out.exists() and sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_a_lora_of_an_architecture_no_format_names_is_refused_while_planning(
+        tiny_flux1, tmp_path, capsys, fmt):
+    """Flux.1 (fused qkv): refused before the checkpoint beside it is merged and written (the
+    extraction found it after)."""
+    recipe = with_hashes(Recipe(arch="flux1", method="weighted_sum", vocabulary="single",
+                                ratios={"all": 0.5}, models={"model1": Source(str(tiny_flux1.a)),
+                                                             "model2": Source(str(tiny_flux1.b))}))
+    source = tmp_path / "recipe.json"
+    source.write_text(recipe.to_json())
+    out = tmp_path / "out"
+    assert export(source, "--to", "checkpoint", "--to", "lora", "--base", tiny_flux1.base,
+                  "--lora-format", fmt, "-o", out) == 1
+    err = capsys.readouterr().err
+    assert f"--to lora: {tiny_flux1.base}: a {fmt}-format LoRA has no name for" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name,fmt", [("run.json", "comfyui"), ("artifacts/x.json", "comfyui")])
 def test_an_export_never_writes_over_the_runs_own_records(scored, name, fmt, capsys):
     """`export RUN --to comfyui -o RUN/run.json --overwrite` replaced the run's run.json (the

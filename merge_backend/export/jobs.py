@@ -22,7 +22,8 @@ from typing import Any
 from merge_backend.atomic_files import atomic_write_text, scratch_folder
 from merge_backend.checkpoint import CKPT_SUFFIXES, CheckpointError
 from merge_backend.hashing import sha256_of
-from merge_backend.lora.extract import ExtractResult, extract_lora
+from merge_backend.lora.extract import ExtractResult, check_names, extract_lora
+from merge_backend.lora.formats import LoraError
 from merge_backend.lora.svd import DEFAULT_CLAMP, check_clamp
 from merge_backend.merge_file import DTYPES, merge_to_file
 from merge_backend.output_files import check_output_folder
@@ -237,7 +238,7 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
     for item in items:
         _check_item(item, formats, mbw_lossy, hashes, notes)
         if "lora" in formats:
-            _check_lora_base(item, lora_base, lora_rank)
+            _check_lora_base(item, lora_base, lora_rank, lora_format, lora_bias_diff)
             check_clamp(lora_clamp, ExportError)
     outputs = [PlannedOutput(item, fmt, output_paths(item, fmt, output, as_file))
                for item in items for fmt in formats]
@@ -246,7 +247,8 @@ def plan_exports(items: Sequence[ExportItem], formats: Sequence[str], output: Pa
                       lora_format, lora_bias_diff, lora_clamp)
 
 
-def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
+def _check_lora_base(item: ExportItem, base: Path | None, rank: int, fmt: str,
+                     bias_diff: bool | None) -> None:
     from merge_backend.checkpoint import open_checkpoint
 
     if base is None:
@@ -260,6 +262,10 @@ def _check_lora_base(item: ExportItem, base: Path | None, rank: int) -> None:
         raise ExportError(f"--base {base}: {exc}") from None
     if arch.name != item.recipe.arch:
         raise ExportError(f"--base {base} is {arch.title}; {item.title} is {item.recipe.arch}")
+    try:
+        check_names(open_checkpoint(base), fmt, bias_diff)  # Flux.1, SD3.x: before any merge
+    except LoraError as exc:
+        raise ExportError(f"--to lora: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- running

@@ -278,6 +278,18 @@ def _changed(jobs: list[_Job], m1: Checkpoint, m2: Checkpoint) -> list[_Job]:
     return kept
 
 
+def check_names(model: Checkpoint, fmt: str, bias_diff: bool | None = None,
+                text_encoder: bool = True) -> None:
+    """LoraError now, reading no tensor, when ``fmt`` has no name for a module an extraction
+    from ``model``'s architecture would write (the check ``extract_lora`` makes on its two
+    models; an export makes it while planning)."""
+    table = name_table(model.arch.name)
+    components = [model.arch.diffusion.name] + ([te.name for te in model.arch.text_encoders]
+                                                if text_encoder else [])
+    _plan(table, model, model, components, "standard",
+          fmt == "comfyui" if bias_diff is None else bias_diff, fmt, [])
+
+
 def _check_options(rank: int, fmt: str, lora_type: str, svd: str, dtype: str,
                    clamp: float | None) -> None:
     if rank < 1:
