@@ -79,8 +79,10 @@ def output_of(path: str | Path) -> Path:
     return path.with_name(match["target"]) if match else path
 
 
-def _writer_gone(pid: int, start: int | None) -> bool:
-    """Whether the process that named a partial file on this host can no longer be writing."""
+def process_gone(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this host (started at ``start``, when known) has ended: no
+    such PID, a zombie its parent has not reaped yet, or the PID now another process's. Used
+    for the writers of partial files and for the workers of running trials (search.liveness)."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the PID exists
     except ProcessLookupError:
@@ -118,7 +120,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
         if match["host"] not in (None, host):
             continue  # another machine's writer: we cannot tell whether it is alive
         start = int(match["start"]) if match["start"] else None
-        if not _writer_gone(int(match["pid"]), start):
+        if not process_gone(int(match["pid"]), start):
             continue
         replaced = Path(folder) / match["target"].removesuffix(ASIDE)
         try:

@@ -24,6 +24,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from merge_backend.partial_files import process_gone
+
 from . import run_folder as rf
 from . import warm_starts
 from .storage_writes import TrialWrites
@@ -61,13 +63,7 @@ def _process_gone(trial: optuna.trial.FrozenTrial) -> bool:
         return False
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return process_gone(int(pid))  # a killed worker not yet reaped by its parent is gone too
 
 
 def heartbeat_interval(study: optuna.Study) -> int | None:

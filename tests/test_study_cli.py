@@ -131,6 +131,26 @@ def test_a_dead_local_worker_is_stale_at_once(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
+def test_a_killed_worker_its_parent_has_not_reaped_is_stale_at_once(tmp_path, capsys):
+    """A worker killed under a parent that has not waited for it yet (a zombie) still answers
+    signal 0: it was taken as alive until grace_seconds passed (76 s in a sweep)."""
+    run = rf.RunFolder(tmp_path / "r", "r", rf.default_storage(tmp_path / "r"))
+    run.save()
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        os.kill(zombie.pid, 0)  # the PID still exists: only its state tells
+        _, trial = _running_trial(run, f"{socket.gethostname()}:{zombie.pid}", BOOT_ID)
+        assert main(["status", str(run.path), "--fail-stale"]) == 0
+        assert f"marked FAIL: trial {trial.number}" in capsys.readouterr().out
+    finally:
+        zombie.wait()
+
+
+@pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
 def test_fail_stale_on_a_database_it_cannot_write_says_why_in_one_line(tmp_path, capsys):
     run = rf.RunFolder(tmp_path / "r", "r", rf.default_storage(tmp_path / "r"))
     run.save()
