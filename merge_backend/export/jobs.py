@@ -257,13 +257,14 @@ def _check_lora_base(item: ExportItem, base: Path | None, rank: int, fmt: str,
     if rank < 1:
         raise ExportError(f"--rank {rank}: a LoRA rank is a positive whole number")
     try:
-        arch = open_checkpoint(base).arch
+        base_file = open_checkpoint(base)
     except (CheckpointError, OSError) as exc:
         raise ExportError(f"--base {base}: {exc}") from None
+    arch = base_file.arch
     if arch.name != item.recipe.arch:
         raise ExportError(f"--base {base} is {arch.title}; {item.title} is {item.recipe.arch}")
     try:
-        check_names(open_checkpoint(base), fmt, bias_diff)  # Flux.1, SD3.x: before any merge
+        check_names(base_file, fmt, bias_diff)  # Flux.1, SD3.x: before any merge
     except LoraError as exc:
         raise ExportError(f"--to lora: {exc}") from None
 
