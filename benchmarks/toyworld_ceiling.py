@@ -15,8 +15,10 @@ range hides the others, so the spans are balanced over ``--rounds`` rounds (each
 by sqrt(2% / its block's share), at most ``--max-scale`` times its natural span); the best
 round is reported. Fifteen owned blocks cap the count at 15, and no span balancing gives
 each parameter its own direction in the CLIP's embedding: the figure's ceiling in this world.
+``--varied-probes`` scores eight probes (every fifth training subject: red and blue shapes, on
+white and gray) instead of the shipped four red-on-white ones.
 
-    .venv/bin/python benchmarks/toyworld_ceiling.py [--rounds 5]
+    .venv/bin/python benchmarks/toyworld_ceiling.py [--rounds 5] [--image-ops] [--varied-probes]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from toyworld import figures  # noqa: E402
 from toyworld.draw import Scenes, draw  # noqa: E402
 from toyworld.files import SHIPPED, ToyWorld  # noqa: E402
 from toyworld.training import pictures_to_tensor  # noqa: E402
-from toyworld.world import STYLE_A, STYLE_B, Style, probe_prompts, probe_subjects  # noqa: E402
+from toyworld.world import STYLE_A, STYLE_B, Style, caption, probe_subjects, training_subjects  # noqa: E402
 
 SENSITIVE_GOAL = 18
 # drawing parameter -> (fine-tune A's value, B's value): the styles' own values, and a natural
@@ -104,10 +106,9 @@ def image_op(name: str, images: torch.Tensor, v: float) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
-def ideal_images(scale: dict[str, float], owners: dict[str, str]):
-    """ratios -> the probes' pictures of the ideal world, spans multiplied by ``scale``;
-    ``owners``: block -> the parameter it sets."""
-    subjects = probe_subjects()
+def ideal_images(scale: dict[str, float], owners: dict[str, str], subjects):
+    """ratios -> the pictures of ``subjects`` in the ideal world, spans multiplied by
+    ``scale``; ``owners``: block -> the parameter it sets."""
     n = len(subjects)
 
     def images(ratios: dict[str, float]) -> torch.Tensor:
@@ -137,7 +138,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the hidden merge's seed")
     parser.add_argument("--image-ops", action="store_true",
                         help="the 11 blocks left over set operations on the whole picture")
+    parser.add_argument("--varied-probes", action="store_true",
+                        help="eight probes of two colours and two backgrounds, not the shipped "
+                             "four red-on-white ones")
     args = parser.parse_args()
+    subjects = training_subjects()[::5] if args.varied_probes else probe_subjects()
+    prompts = [caption(s) for s in subjects]
     torch.set_num_threads(1)
     print(machine())
     start = time.perf_counter()
@@ -147,8 +153,8 @@ def main() -> int:
     scale = dict.fromkeys(owners.values(), 1.0)
     best = None
     for round_ in range(args.rounds):
-        table = figures.sensitivity_of(ideal_images(scale, owners), scorer, probe_prompts(), hidden,
-                                       args.seed)
+        table = figures.sensitivity_of(ideal_images(scale, owners, subjects), scorer, prompts,
+                                       hidden, args.seed)
         counted = table.sensitive()
         print(f"round {round_}: {len(counted)} of 26 blocks count, range "
               f"{table.score_range:.4f}; span scales "
