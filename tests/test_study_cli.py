@@ -116,13 +116,18 @@ def test_status_shows_and_fails_a_trial_whose_heartbeat_stopped(tmp_path, capsys
     assert failed.user_attrs[rf.ATTR_FAIL].startswith("stale")
 
 
-@pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
-def test_a_dead_local_worker_is_stale_at_once(tmp_path, capsys):
+def _run_with_a_dead_workers_trial(tmp_path: Path):
+    """A new run folder holding one RUNNING trial of a worker of this machine that has ended."""
     run = rf.RunFolder(tmp_path / "r", "r", rf.default_storage(tmp_path / "r"))
     run.save()
     gone = subprocess.Popen(["true"])
     gone.wait()
-    _, trial = _running_trial(run, f"{socket.gethostname()}:{gone.pid}", BOOT_ID)
+    return run, _running_trial(run, f"{socket.gethostname()}:{gone.pid}", BOOT_ID)[1]
+
+
+@pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
+def test_a_dead_local_worker_is_stale_at_once(tmp_path, capsys):
+    run, trial = _run_with_a_dead_workers_trial(tmp_path)
     _, alive = _running_trial(run, f"{socket.gethostname()}:{os.getpid()}", BOOT_ID)
     assert main(["status", str(run.path), "--fail-stale"]) == 0
     out = capsys.readouterr().out
@@ -152,11 +157,7 @@ def test_a_killed_worker_its_parent_has_not_reaped_is_stale_at_once(tmp_path, ca
 
 @pytest.mark.skipif(not BOOT_ID, reason="needs a boot id (Linux)")
 def test_fail_stale_on_a_database_it_cannot_write_says_why_in_one_line(tmp_path, capsys):
-    run = rf.RunFolder(tmp_path / "r", "r", rf.default_storage(tmp_path / "r"))
-    run.save()
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    _, trial = _running_trial(run, f"{socket.gethostname()}:{gone.pid}", BOOT_ID)
+    run, trial = _run_with_a_dead_workers_trial(tmp_path)
     # another process holds the write lock (a read-only folder fails the same write the same way)
     holder = sqlite3.connect(rf.sqlite_file(run.storage), isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
