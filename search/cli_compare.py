@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_options import add_sources_option, source_folders
+from .cli_options import add_sources_option, output_path, source_folders
 
 
 def _numbers(text: str) -> list[int]:
@@ -30,7 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="a run folder (output/NAME)")
     p.add_argument("--trials", type=_numbers, required=True, metavar="N,N,...",
                    help="trial numbers, comma-separated (e.g. 12,57,90)")
-    p.add_argument("-o", "--output", type=Path,
+    p.add_argument("-o", "--output", type=output_path,
                    help="the page to write (default: RUN/exports/compare-12-57-90.html)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing page")
     p.add_argument("--probes", type=Path,

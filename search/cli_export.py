@@ -37,7 +37,7 @@ from merge_backend.export import (
 from merge_backend.lora import ExtractResult
 
 from .cli_lora import add_clamp_options
-from .cli_options import add_sources_option, check_count, source_folders
+from .cli_options import add_sources_option, check_count, output_path, source_folders
 from .compare import study_roles, trial_column
 from .run_folder import (
     ARTIFACT_PROBES,
@@ -76,7 +76,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    required=True, metavar="FORMAT",
                    help=f"what to write, one of {', '.join(FORMATS)} (see above); repeat for "
                         "several")
-    p.add_argument("-o", "--output", type=Path,
+    p.add_argument("-o", "--output", type=output_path,
                    help="folder to write into (default RUN/exports, or exports/ beside the "
                         "source); with one trial and one format, a file name with the format's "
                         "suffix (.safetensors, .json, .txt, .html; lora: .safetensors)")

@@ -24,6 +24,7 @@ from merge_backend.recipe import LoraSpec, RecipeError, check_finite
 from merge_backend.source_files import resolved
 
 from .cli_merge import add_precision_options
+from .cli_options import output_path
 
 
 def _partial(p: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("apply", help="write a checkpoint with LoRAs added to its weights")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=output_path, required=True)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     p.add_argument("--block-strength", action="append", default=[], metavar="NAME=VALUE",
                    help="a UNet block's strength factor (mbw names like IN04, or ComfyUI names "
@@ -53,7 +54,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("add", help="add LoRAs into one (exact, or resized with --rank)")
     p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=output_path, required=True)
     p.add_argument("--rank", type=int, help="resize to this rank by SVD (default: exact, ranks add)")
     add_clamp_options(p)
     _lora_output(p)
@@ -62,7 +63,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("extract", help="extract model1 - model2 as a LoRA (ComfyUI LoraSave)")
     p.add_argument("model1", type=Path)
     p.add_argument("model2", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-o", "--output", type=output_path, required=True)
     p.add_argument("--rank", type=int, required=True, help="8-32 for a style, 64+ for a whole model")
     p.add_argument("--text-encoder", action="store_true", help="also extract the text encoder(s)")
     p.add_argument("--type", choices=LORA_TYPES, default="standard", dest="lora_type",

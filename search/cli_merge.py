@@ -16,6 +16,8 @@ from merge_backend.dtypes import DTYPES
 from merge_backend.recipe import RecipeError, check_finite
 from merge_backend.source_files import check_source
 
+from .cli_options import output_path
+
 NODES = {
     "simple": ("ModelMergeSimple: ratio*model1 + (1-ratio)*model2", "weighted_sum"),
     "blocks": ("ModelMergeBlocks: input / middle / out ratios", "weighted_sum"),
@@ -37,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("model2", type=Path)
         if name == "add-difference":
             p.add_argument("base", type=Path, help="the model model2 was trained from")
-        p.add_argument("-o", "--output", type=Path, required=True, help="the .safetensors to write")
+        p.add_argument("-o", "--output", type=output_path, required=True, help="the .safetensors to write")
         _node_options(p, name)
         _common_options(p)
         p.set_defaults(func=run_merge)

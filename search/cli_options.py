@@ -7,6 +7,14 @@ import argparse
 from pathlib import Path
 
 
+def output_path(value: str) -> Path:
+    """An -o value: a path, never the empty string (which pathlib takes for '.', the working
+    directory)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the file or folder to write")
+    return Path(value)
+
+
 def check_count(flag: str, value: int | None, least: int = 1) -> None:
     """A count of trials a user typed (None: not given): below ``least`` it is refused, not
     ignored."""

@@ -281,6 +281,22 @@ class StudyConfig(_Strict):
                              "with a letter or digit (no '/', no '..')")
         return value
 
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("sqlite://") and _sqlite_file(value) is None:
+            raise ValueError(f"{value!r} is an in-memory SQLite database, lost when the run ends "
+                             "(and each worker would have its own); give a file, "
+                             "sqlite:///path/study.db, or leave storage out for the run folder's")
+        return value
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; name the folder run folders go into (default: runs)")
+        return value
+
     @field_validator("grace_seconds")
     @classmethod
     def _grace(cls, grace: int, info: ValidationInfo) -> int:
@@ -389,6 +405,12 @@ class StudyConfig(_Strict):
         return "fp32" if self.resolved_device() == "cpu" else "fp16"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    from .run_folder import sqlite_file  # imports optuna: only when a study is read
+
+    return sqlite_file(url)
+
+
 def _sampler_entry(name: str):
     from .samplers import sampler_entry  # imports optuna: only when a study is read
 
@@ -412,8 +434,10 @@ def check_blocks(cfg: StudyConfig, arch_name: str) -> None:
     seen: set[str] = set()
     for i, group in enumerate(cfg.merge.tied):
         problems += [f"merge.tied[{i}].{n}" for n in group if n not in names]
-        if len(group) < 2:
+        if len(set(group)) < 2:
             problems.append(f"merge.tied[{i}] (a tie needs two or more blocks)")
+        problems += [f"merge.tied[{i}].{n} (twice in one tie)"
+                     for n in dict.fromkeys(n for n in group if group.count(n) > 1)]
         overlap = seen.intersection(group) | set(group).intersection(cfg.merge.fixed)
         problems += [f"merge.tied[{i}].{n} (already tied or fixed)" for n in overlap]
         seen.update(group)
@@ -554,6 +578,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("output", "config_folder"):
         if key in data:
             data[key] = fix(data[key])
+    storage = data.get("storage")
+    db = _sqlite_file(storage) if isinstance(storage, str) else None
+    if db is not None and not db.is_absolute():  # next to the config, stored absolute
+        data["storage"] = f"sqlite:///{fix(str(db))}"
     data.setdefault("output", os.path.abspath("runs"))  # the default: runs/ where `run` starts
     if isinstance(data.get("probes"), dict) and isinstance(data["probes"].get("prompts"), str):
         data["probes"] = {**data["probes"], "prompts": fix(data["probes"]["prompts"])}

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import optuna
 import yaml
@@ -234,7 +235,7 @@ def sqlite_file(url: str) -> Path | None:
     """The database file of a ``sqlite:///`` URL (None for other storages)."""
     if not url.startswith("sqlite:///"):
         return None
-    name = url.removeprefix("sqlite:///").split("?")[0]
+    name = unquote(url.removeprefix("sqlite:///").split("?")[0])  # %20: as SQLAlchemy reads it
     return Path(name) if name and name != ":memory:" else None
 
 

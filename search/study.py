@@ -107,9 +107,11 @@ def storage_for(cfg: StudyConfig) -> optuna.storages.BaseStorage:
     except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds; all mean "cannot open"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "storage" if cfg.storage else f"the run folder's database {url}"
+        driver = "(pip install 'mergesearch[postgres]')" if url.startswith("postgres") else \
+            "for its database (SQLAlchemy's dialects list them)"
         raise ConfigError(f"{where}: cannot open {url}: {detail}; check the URL, that the "
-                          "server runs and accepts this user, and that the driver is installed "
-                          "(pip install 'mergesearch[postgres]')") from None
+                          f"server runs and accepts this user, and that the driver is installed "
+                          f"{driver}") from None
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,9 @@ def test_name_that_is_not_one_plain_folder_name_is_refused(check, tmp_path, tiny
     ({"merge": {"vocabulary": "mbw", "fixed": {"IN04": 0.3}},
       "warm_start": {"presets": {"mine": {"IN04": 0.9}}}},
      ["warm_start.presets.mine.IN04: the block is fixed (merge.fixed) at 0.3"]),
+    ({"storage": "sqlite://"}, ["storage: 'sqlite://' is an in-memory SQLite database"]),
+    ({"storage": "sqlite:///:memory:"}, ["storage: 'sqlite:///:memory:' is an in-memory"]),
+    ({"output": ""}, ["output: empty; name the folder"]),
     ({"merge": {"vocabulary": "mbw", "tied": [["IN04", "IN05"]]},
       "warm_start": {"presets": {"mine": {"IN04": 0.2, "IN05": 0.8}}}},
      ["warm_start.presets.mine: IN04, IN05 are tied (merge.tied)"]),
@@ -239,6 +242,63 @@ def test_unreachable_storage_server(check, tmp_path, tiny_sd1, clip, models):
     config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
                                                     storage=url))
     check(["run", config], f"storage: cannot open {url}", "check the URL")
+
+
+def test_a_relative_or_percent_encoded_sqlite_path_is_found_from_any_directory(
+        tmp_path, tiny_sd1, clip, models, monkeypatch, capsys):
+    """A relative sqlite:/// path resolves next to the config (as every path in it does) and
+    is stored absolute; a %20 names a space, as SQLAlchemy reads it. The relative one was
+    made in the working directory and stored relative (`status` failed from anywhere else);
+    the encoded one was refused: 'folder .../with%20space does not exist'."""
+    (tmp_path / "cfg" / "rel").mkdir(parents=True)
+    (tmp_path / "with space").mkdir()
+    (tmp_path / "elsewhere" / "rel").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name, url, db in [
+            ("relative", "sqlite:///rel/x.db", tmp_path / "cfg" / "rel" / "x.db"),
+            ("encoded", f"sqlite:///{str(tmp_path).replace(' ', '%20')}/with%20space/y.db",
+             tmp_path / "with space" / "y.db")]:
+        config = write(tmp_path / "cfg" / f"{name}.yaml", config_data(
+            tiny_sd1, clip, models, tmp_path / "cfg", name=name, storage=url, trials=1,
+            warm_start={"model1": True, "model2": False, "uniform": []}))
+        assert main(["run", str(config)]) == 0, capsys.readouterr().err
+        assert db.is_file() and not (tmp_path / "elsewhere" / "rel" / "x.db").exists()
+        run = rf.RunFolder.load(tmp_path / "cfg" / "runs" / name)
+        assert rf.sqlite_file(run.storage) == db
+        monkeypatch.chdir(tmp_path)  # another directory: the run folder still finds its study
+        assert main(["status", str(run.path)]) == 0
+        assert "1 complete" in capsys.readouterr().out
+        monkeypatch.chdir(tmp_path / "elsewhere")
+
+
+def test_a_block_tied_to_itself_is_refused(check, tmp_path, tiny_sd1, clip, models):
+    """[[IN04]] was refused as a tie of one block, [[IN04, IN04]] accepted (IN04+IN04)."""
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path, merge={
+        "vocabulary": "mbw", "tied": [["IN04", "IN04"]]}))
+    for command in ("validate", "run"):
+        check([command, config], "merge.tied[0] (a tie needs two or more blocks)",
+              "merge.tied[0].IN04 (twice in one tie)")
+
+
+def test_a_server_url_without_its_driver_is_not_sent_to_the_postgres_extra(check, tmp_path,
+                                                                            tiny_sd1, clip,
+                                                                            models):
+    url = "mysql://nobody@127.0.0.1:1/none"
+    config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
+                                                    storage=url))
+    err = check(["run", config], f"storage: cannot open {url}", "driver is installed")
+    assert "postgres" not in err
+
+
+@pytest.mark.parametrize("argv", [["merge", "simple", "a", "b"], ["export", "RUN", "--to", "mbw"],
+                                  ["compare", "RUN", "--trials", "0"],
+                                  ["lora", "extract", "a", "b", "--rank", "4"]])
+def test_an_empty_output_path_is_refused_not_taken_for_the_working_directory(argv, capsys):
+    """`export -o ""` wrote into the working directory (pathlib reads '' as '.')."""
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "-o", ""])
+    assert stopped.value.code == 2
+    assert "argument -o/--output: an empty path" in capsys.readouterr().err
 
 
 def test_sqlite_storage_in_a_missing_folder(check, tmp_path, tiny_sd1, clip, models):
