@@ -15,6 +15,15 @@ def output_path(value: str) -> Path:
     return Path(value)
 
 
+def check_config_folder(folder: Path, overwrite: bool) -> None:
+    """``tiny`` and ``toyworld`` write their diffusers configs into FOLDER/config: files already
+    there are replaced only with --overwrite, as their checkpoints are."""
+    config = Path(folder) / "config"
+    if config.exists() and not overwrite and (not config.is_dir() or any(config.iterdir())):
+        raise ValueError(f"{config} exists, and the model configs would be written over it; "
+                         "pass --overwrite to replace it, or choose another folder")
+
+
 def check_count(flag: str, value: int | None, least: int = 1) -> None:
     """A count of trials a user typed (None: not given): below ``least`` it is refused, not
     ignored."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from merge_backend.output_files import check_new_output
 from merge_backend.tiny import family_files, tiny_archs, write_tiny_family
 
-from .cli_options import check_seed
+from .cli_options import check_config_folder, check_seed
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def run_tiny(args: argparse.Namespace) -> int:
     check_seed("--seed", args.seed)
     for path in family_files(args.folder, args.arch).values():
         check_new_output(path, args.overwrite, ValueError)
+    check_config_folder(args.folder, args.overwrite)
     family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed,
                                replace=args.overwrite)
     shown = {k: ({n: str(p) for n, p in v.items()} if isinstance(v, dict) else str(v))

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_options import check_seed
+from .cli_options import check_config_folder, check_seed
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +43,7 @@ def run_toyworld(args: argparse.Namespace) -> int:
     check_seed("--seed", args.seed)
     for path in world_files(folder):  # before half an hour of training, too
         check_new_output(path, args.overwrite, ValueError)
+    check_config_folder(folder, args.overwrite)
     if words[0] == "build":
         if (folder / "work").exists() and not args.overwrite:
             raise ValueError(f"{folder / 'work'} exists, and a build starts it afresh; pass "

@@ -301,6 +301,18 @@ def test_an_empty_output_path_is_refused_not_taken_for_the_working_directory(arg
     assert "argument -o/--output: an empty path" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["tiny", "toyworld"])
+def test_tiny_and_toyworld_never_write_over_a_config_folder_already_there(check, tmp_path,
+                                                                         command):
+    """Their checkpoints were refused without --overwrite, but FOLDER/config/*.json were
+    replaced by the generated diffusers configs."""
+    mine = tmp_path / "f" / "config" / "model_index.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text('{"mine": 1}')
+    check([command, tmp_path / "f"], f"{mine.parent} exists", "--overwrite")
+    assert mine.read_text() == '{"mine": 1}'
+
+
 def test_sqlite_storage_in_a_missing_folder(check, tmp_path, tiny_sd1, clip, models):
     url = f"sqlite:///{tmp_path}/no/such/folder/s.db"
     config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
