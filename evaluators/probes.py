@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from torch import Tensor
 
 from evaluators.schedulers import check_scheduler_name, make_scheduler
@@ -107,13 +115,21 @@ class ProbeSet(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ProbeSet:
-        """Read a probe set from a YAML mapping; prompt files resolve next to it."""
+        """Read a probe set from a YAML mapping, or a study config's ``probes``; prompt files
+        resolve next to it. ValueError names the file and each field that is wrong."""
         path = Path(path)
         data = read_yaml(path, ValueError)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a probe set must be a YAML mapping, "
                              f"got {type(data).__name__}")
-        return cls.model_validate(data, context={"base_dir": path.parent})
+        if isinstance(data.get("probes"), dict) and "prompts" not in data:
+            data = data["probes"]  # a study config: its probe set
+        try:
+            return cls.model_validate(data, context={"base_dir": path.parent})
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
+                               for e in exc.errors(include_url=False))
+            raise ValueError(f"{path}: not a probe set ({fields})") from None
 
     def jobs(self) -> list[ProbeJob]:
         """Every (prompt, seed) pair, prompt-major: the order of ``ProbeImages``."""

@@ -313,6 +313,26 @@ def test_tiny_and_toyworld_never_write_over_a_config_folder_already_there(check,
     assert mine.read_text() == '{"mine": 1}'
 
 
+@pytest.mark.parametrize("command", ["compare", "export"])
+def test_a_bad_probes_file_is_one_line_naming_its_fields(check, done, tmp_path, command):
+    """It was pydantic's 30-line report ('11 validation errors for ProbeSet'), naming no file."""
+    bad = write(tmp_path / "p.yaml", "prompts: [a cat]\nsteps: 0\nwidth: 63\n")
+    argv = {"compare": ["compare", done, "--trials", "0", "--probes", bad],
+            "export": ["export", done, "--best", "--to", "report", "--probes", bad,
+                       "-o", tmp_path / "out"]}[command]
+    err = check(argv, f"{bad}: not a probe set (steps: ", "; width: ")
+    assert len(err.strip().splitlines()) == 1 and "pydantic" not in err, err
+
+
+def test_a_study_configs_probe_set_serves_as_a_probes_file(tmp_path, tiny_sd1, clip, models):
+    from evaluators import ProbeSet
+
+    data = config_data(tiny_sd1, clip, models, tmp_path)
+    probes = ProbeSet.from_yaml(write(tmp_path / "c.yaml", data))
+    assert [p.text for p in probes.prompts] == data["probes"]["prompts"]
+    assert (probes.steps, probes.width) == (data["probes"]["steps"], data["probes"]["width"])
+
+
 def test_sqlite_storage_in_a_missing_folder(check, tmp_path, tiny_sd1, clip, models):
     url = f"sqlite:///{tmp_path}/no/such/folder/s.db"
     config = write(tmp_path / "c.yaml", config_data(tiny_sd1, clip, models, tmp_path,
