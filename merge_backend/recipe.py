@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .architectures import ARCHITECTURES, block_names, text_encoder_block
 from .dtypes import DTYPES
@@ -103,17 +104,37 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Recipe:
-        data = dict(data)
+    def from_dict(cls, data: Any) -> Recipe:
+        """A Recipe from its plain data; RecipeError names the field that does not fit."""
+        def mapping(value: Any, where: str) -> dict:
+            if not isinstance(value, dict):
+                raise RecipeError(f"not a mergesearch Recipe: {where}: expected an object, got "
+                                  f"{type(value).__name__}")
+            return value
+
+        data = dict(mapping(data, "recipe"))
         try:
-            data["models"] = {role: Source(**src) for role, src in data["models"].items()}
+            data["models"] = {role: Source(**mapping(src, f"recipe.models.{role}"))
+                              for role, src in mapping(data["models"], "recipe.models").items()}
             if data.get("clip") is not None:
-                data["clip"] = ClipMerge(**data["clip"])
-            data["ratios"] = {k: float(v) for k, v in data.get("ratios", {}).items()}
-            data["loras"] = tuple(LoraSpec(**spec) for spec in data.get("loras", ()))
+                data["clip"] = ClipMerge(**mapping(data["clip"], "recipe.clip"))
+            ratios = mapping(data.get("ratios", {}), "recipe.ratios")
+            for name, value in ratios.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise RecipeError(f"not a mergesearch Recipe: recipe.ratios[{name!r}]: "
+                                      f"{value!r} is not a number")
+            data["ratios"] = {k: float(v) for k, v in ratios.items()}
+            loras = data.get("loras", ())
+            if not isinstance(loras, (list, tuple)):
+                raise RecipeError(f"not a mergesearch Recipe: recipe.loras: expected a list, "
+                                  f"got {type(loras).__name__}")
+            data["loras"] = tuple(LoraSpec(**mapping(spec, f"recipe.loras[{i}]"))
+                                  for i, spec in enumerate(loras))
             return cls(**data)
-        except (KeyError, TypeError) as exc:
-            raise RecipeError(f"not a mergesearch Recipe: {exc}") from exc
+        except KeyError as exc:
+            raise RecipeError(f"not a mergesearch Recipe: no {exc} field") from None
+        except TypeError as exc:  # a field the dataclass does not have, or lacks
+            raise RecipeError(f"not a mergesearch Recipe: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:

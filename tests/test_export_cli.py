@@ -223,6 +223,27 @@ def test_refusals_write_nothing(make, message, tiny_sd1, tmp_path, capsys):
     assert not out.exists() and sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("edit,field", [
+    (lambda d: [1], "recipe: expected an object, got list"),
+    (lambda d: None, "recipe: expected an object, got NoneType"),
+    (lambda d: {**d, "models": [1]}, "recipe.models: expected an object, got list"),
+    (lambda d: {**d, "models": {"model1": 1}}, "recipe.models.model1: expected an object"),
+    (lambda d: {**d, "ratios": [1]}, "recipe.ratios: expected an object, got list"),
+    (lambda d: {**d, "ratios": {**d["ratios"], "IN04": "abc"}}, "recipe.ratios['IN04']: 'abc'"),
+    (lambda d: {**d, "loras": 3}, "recipe.loras: expected a list, got int"),
+    (lambda d: {k: v for k, v in d.items() if k != "models"}, "no 'models' field"),
+])
+def test_a_malformed_recipe_file_names_the_field(tiny_sd1, tmp_path, capsys, edit, field):
+    """Each of these ended in a TypeError or AttributeError traceback, or a line naming no
+    field ('could not convert string to float')."""
+    source = tmp_path / "recipe.json"
+    source.write_text(json.dumps(edit(_recipe(tiny_sd1, 0.5, 1.0).to_dict())))
+    assert export(source, "--to", "mbw", "-o", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mergesearch: error: {source}: not a Recipe file") and field in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
 def test_a_lora_of_an_architecture_no_format_names_is_refused_while_planning(
         tiny_flux1, tmp_path, capsys, fmt):
