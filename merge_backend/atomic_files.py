@@ -24,6 +24,36 @@ from merge_backend.file_sinks import AtomicWriter, move_into_place, sync_folder
 from merge_backend.partial_files import ASIDE, partial_name, pause_point, remove_stale_partials
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give the files (and folders) at ``path`` the modes the umask gives new ones: libraries
+    that write by name (safetensors' ``save_file``, diffusers' ``save_pretrained``) make 0600
+    files, which another user or service could not read."""
+    mask = _umask()
+    paths = [Path(path)]
+    if paths[0].is_dir():
+        paths += sorted(paths[0].rglob("*"))
+    for p in paths:
+        if p.is_symlink():
+            continue
+        wanted = (0o777 if p.is_dir() else 0o666) & ~mask
+        if p.stat().st_mode & 0o777 != wanted:
+            os.chmod(p, wanted)
+
+
 def atomic_write_bytes(path: Path, data: bytes, replace: bool = True) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place
     (``replace``: see ``move_into_place``)."""
@@ -49,6 +79,7 @@ def atomic_path(target: Path, thread: bool = False, replace: bool = True) -> Ite
     tmp = target.with_name(partial_name(name))
     try:
         yield tmp
+        follow_umask(tmp)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -77,6 +108,7 @@ def atomic_folder(target: Path, replace: bool = True) -> Iterator[Path]:
     tmp.mkdir()  # the name is this process's alone
     try:
         yield tmp
+        follow_umask(tmp)
         if not replace:
             move_into_place(tmp, target, replace=False)
             return

@@ -112,3 +112,23 @@ def test_a_writer_killed_between_its_two_renames_gets_the_old_folder_put_back(tm
         (tmp / "x").write_text("x")
     assert sorted(os.listdir(tmp_path)) == ["export", "other"]
     assert os.listdir(target) == ["old.txt"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_a_library_writes_follow_the_umask(tmp_path, mask):
+    """safetensors' save_file makes 0600 files: a tiny family or an exported diffusers folder
+    could not be read by another user or service, while merges beside them were 0644."""
+    from safetensors.torch import save_file
+
+    previous = os.umask(mask)
+    try:
+        with atomic_path(tmp_path / "m.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        with atomic_folder(tmp_path / "pipe") as tmp:
+            (tmp / "unet").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "unet" / "model.safetensors"))
+    finally:
+        os.umask(previous)
+    for path, full in [("m.safetensors", 0o666), ("pipe/unet/model.safetensors", 0o666),
+                       ("pipe/unet", 0o777), ("pipe", 0o777)]:
+        assert (tmp_path / path).stat().st_mode & 0o777 == full & ~mask, path
