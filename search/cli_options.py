@@ -24,6 +24,12 @@ def check_config_folder(folder: Path, overwrite: bool) -> None:
                          "pass --overwrite to replace it, or choose another folder")
 
 
+def check_port(port: int) -> None:
+    """A TCP port a user typed for the dashboard (0: any free port)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port is 0-65535 (0 takes any free port)")
+
+
 def check_count(flag: str, value: int | None, least: int = 1) -> None:
     """A count of trials a user typed (None: not given): below ``least`` it is refused, not
     ignored."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .cli_options import check_count
+from .cli_options import check_count, check_port
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -233,6 +233,11 @@ def demo_cmd(args: argparse.Namespace) -> int:
     quiet_optuna()
     if args.preference:
         from .demo import write_preference_config
+
+        if args.candidates < 2:  # before the models and FOLDER/preference.yaml are written
+            raise ValueError(f"--candidates {args.candidates}: a person picks the worst of two "
+                             "or more candidates; give 2 or more")
+        check_port(args.port)
 
         config = write_preference_config(args.folder, args.trials if args.trials is not None
                                          else 30, args.candidates)

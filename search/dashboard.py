@@ -23,6 +23,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
+from .cli_options import check_port
 from .run_folder import RunFolder
 
 
@@ -39,8 +40,7 @@ class DashboardServer:
     """A port held from construction; ``start`` serves a run's study on it from a thread."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080):
-        if not 0 <= port <= 65535:
-            raise ValueError(f"--port {port}: a TCP port is 0-65535 (0 takes any free port)")
+        check_port(port)
         try:
             self._server = make_server(host, port, _not_ready, server_class=_ThreadingServer,
                                        handler_class=_QuietHandler)

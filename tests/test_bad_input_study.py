@@ -538,6 +538,15 @@ def test_run_and_demo_refuse_trials_below_one(check, tmp_path, tiny_sd1, clip, m
           "1 or more")
 
 
+@pytest.mark.parametrize("flags,needle", [(["--candidates", "1"], "--candidates 1"),
+                                          (["--port", "70000"], "--port 70000")])
+def test_demo_preference_checks_its_flags_before_writing_anything(check, tmp_path, flags,
+                                                                  needle):
+    """Both were found after the models and FOLDER/preference.yaml were written, --candidates
+    as `preference.yaml: … preference.candidates`."""
+    check(["demo", "--folder", tmp_path / "demo", "--preference", *flags], needle)
+
+
 def test_export_lora_without_base(check, done):
     check(["export", done, "--to", "lora"], "--base")
 
