@@ -581,7 +581,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     storage = data.get("storage")
     db = _sqlite_file(storage) if isinstance(storage, str) else None
     if db is not None and not db.is_absolute():  # next to the config, stored absolute
-        data["storage"] = f"sqlite:///{fix(str(db))}"
+        query = storage.partition("?")[2]
+        data["storage"] = f"sqlite:///{fix(str(db))}" + (f"?{query}" if query else "")
     data.setdefault("output", os.path.abspath("runs"))  # the default: runs/ where `run` starts
     if isinstance(data.get("probes"), dict) and isinstance(data["probes"].get("prompts"), str):
         data["probes"] = {**data["probes"], "prompts": fix(data["probes"]["prompts"])}

@@ -255,7 +255,7 @@ def test_a_relative_or_percent_encoded_sqlite_path_is_found_from_any_directory(
     (tmp_path / "elsewhere" / "rel").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "elsewhere")
     for name, url, db in [
-            ("relative", "sqlite:///rel/x.db", tmp_path / "cfg" / "rel" / "x.db"),
+            ("relative", "sqlite:///rel/x.db?timeout=20", tmp_path / "cfg" / "rel" / "x.db"),
             ("encoded", f"sqlite:///{str(tmp_path).replace(' ', '%20')}/with%20space/y.db",
              tmp_path / "with space" / "y.db")]:
         config = write(tmp_path / "cfg" / f"{name}.yaml", config_data(
@@ -265,6 +265,7 @@ def test_a_relative_or_percent_encoded_sqlite_path_is_found_from_any_directory(
         assert db.is_file() and not (tmp_path / "elsewhere" / "rel" / "x.db").exists()
         run = rf.RunFolder.load(tmp_path / "cfg" / "runs" / name)
         assert rf.sqlite_file(run.storage) == db
+        assert run.storage.endswith("?timeout=20") == (name == "relative")  # its query kept
         monkeypatch.chdir(tmp_path)  # another directory: the run folder still finds its study
         assert main(["status", str(run.path)]) == 0
         assert "1 complete" in capsys.readouterr().out
