@@ -34,7 +34,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the page to write (default: RUN/exports/compare-12-57-90.html)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing page")
     p.add_argument("--probes", type=Path,
-                   help="a probe-set YAML to draw the references with (default: the study's)")
+                   help="a probe-set YAML (or a study config: its probes) to draw the "
+                        "references with (default: the study's)")
     p.add_argument("--config-folder", type=Path,
                    help="diffusers config folder to load the parents with (default: the run's, "
                         "else built in)")
