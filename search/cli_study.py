@@ -63,11 +63,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preference", action="store_true",
                    help="instead, a preference study of the same models: you choose among the "
                         "candidates in the dashboard (FOLDER/preference.yaml; trials default 30)")
-    p.add_argument("--candidates", type=int, default=4,
-                   help="--preference: candidates shown at once")
-    p.add_argument("--host", default="127.0.0.1", help="--preference: the dashboard's address")
-    p.add_argument("--port", type=int, default=8080,
-                   help="--preference: the dashboard's port (0: any free port)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="--preference: candidates shown at once (default: 4)")
+    p.add_argument("--host", default=None,
+                   help="--preference: the dashboard's address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="--preference: the dashboard's port, 0 for any free port (default: 8080)")
     p.set_defaults(func=demo_cmd)
 
 
@@ -230,10 +231,17 @@ def demo_cmd(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_TRIALS, run_demo
 
     check_count("--trials", args.trials)
+    given = [f"--{k}" for k in ("candidates", "host", "port") if getattr(args, k) is not None]
+    if given and not args.preference:
+        raise ValueError(f"{', '.join(given)}: only a --preference demo has candidates and a "
+                         "dashboard of its own; add --preference, or leave them out")
     quiet_optuna()
     if args.preference:
         from .demo import write_preference_config
 
+        args.candidates = 4 if args.candidates is None else args.candidates
+        args.host = args.host or "127.0.0.1"
+        args.port = 8080 if args.port is None else args.port
         if args.candidates < 2:  # before the models and FOLDER/preference.yaml are written
             raise ValueError(f"--candidates {args.candidates}: a person picks the worst of two "
                              "or more candidates; give 2 or more")

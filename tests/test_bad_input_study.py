@@ -548,6 +548,12 @@ def test_demo_preference_checks_its_flags_before_writing_anything(check, tmp_pat
     check(["demo", "--folder", tmp_path / "demo", "--preference", *flags], needle)
 
 
+def test_demo_flags_of_a_preference_demo_are_refused_without_it(check, tmp_path):
+    """`demo --candidates 3` ran the scorer demo and ignored the flag."""
+    check(["demo", "--folder", tmp_path / "demo", "--candidates", "3", "--port", "9000"],
+          "--candidates, --port: only a --preference demo")
+
+
 def test_export_lora_without_base(check, done):
     check(["export", done, "--to", "lora"], "--base")
 
