@@ -123,9 +123,8 @@ def load_ratio_file(path: Path) -> dict[str, float]:
             shown = "null" if value is None else f"{value!r}"
             raise RecipeError(f"--ratios-file {path}: {key}: {shown} is not a number; give each "
                               "block one ratio (e.g. IN04: 0.3)")
+        check_finite(f"--ratios-file {path}: {key}", float(value))
         ratios[str(key)] = float(value)
-    for name, value in ratios.items():
-        check_finite(f"--ratios-file {path}: {name}", value)
     return ratios
 
 
