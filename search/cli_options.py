@@ -6,6 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# where the dashboard listens unless told otherwise (`dashboard`, `run`, `demo --preference`)
+DASHBOARD_HOST = "127.0.0.1"
+DASHBOARD_PORT = 8080
+# `demo`: COMPLETE trials of the scorer demo; of the preference demo, and its candidates shown
+DEMO_TRIALS = 150
+PREFERENCE_TRIALS = 30
+PREFERENCE_CANDIDATES = 4
+
 
 def output_path(value: str) -> Path:
     """An -o value: a path, never the empty string (which pathlib takes for '.', the working

@@ -12,7 +12,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .cli_options import check_count, check_port
+from .cli_options import (
+    DASHBOARD_HOST,
+    DASHBOARD_PORT,
+    DEMO_TRIALS,
+    PREFERENCE_CANDIDATES,
+    PREFERENCE_TRIALS,
+    check_count,
+    check_port,
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "(default: the config's trials)")
     p.add_argument("--timeout", type=float,
                    help="seconds this worker may run (default: the config's timeout, or none)")
-    p.add_argument("--host", default="127.0.0.1",
+    p.add_argument("--host", default=DASHBOARD_HOST,
                    help="preference / mixed studies: the dashboard's address")
-    p.add_argument("--port", type=int, default=8080,
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT,
                    help="preference / mixed studies: the dashboard's port (0: any free port)")
     p.add_argument("--no-dashboard", action="store_true",
                    help="preference / mixed studies: do not serve the dashboard here (another "
@@ -50,25 +58,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 with the run's images")
     p.add_argument("run", type=Path, help="a run folder (output/NAME)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
+    p.add_argument("--host", default=DASHBOARD_HOST, help="address to listen on")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT,
+                   help="port to listen on (0: any free port)")
     p.set_defaults(func=dashboard_cmd)
 
     p = sub.add_parser("demo", help="find a hidden merge of the built-in tiny models")
     p.add_argument("--folder", type=Path, default=Path("demo_run"),
                    help="where the tiny models and the run go")
     p.add_argument("--trials", type=int, default=None,
-                   help="COMPLETE trials to reach (default: 150)")
+                   help=f"COMPLETE trials to reach (default: {DEMO_TRIALS})")
     p.add_argument("--fresh", action="store_true", help="start over (delete the folder first)")
     p.add_argument("--preference", action="store_true",
                    help="instead, a preference study of the same models: you choose among the "
-                        "candidates in the dashboard (FOLDER/preference.yaml; trials default 30)")
+                        "candidates in the dashboard (FOLDER/preference.yaml; trials default "
+                        f"{PREFERENCE_TRIALS})")
     p.add_argument("--candidates", type=int, default=None,
-                   help="--preference: candidates shown at once (default: 4)")
+                   help=f"--preference: candidates shown at once (default: {PREFERENCE_CANDIDATES})")
     p.add_argument("--host", default=None,
-                   help="--preference: the dashboard's address (default: 127.0.0.1)")
+                   help=f"--preference: the dashboard's address (default: {DASHBOARD_HOST})")
     p.add_argument("--port", type=int, default=None,
-                   help="--preference: the dashboard's port, 0 for any free port (default: 8080)")
+                   help="--preference: the dashboard's port, 0 for any free port (default: "
+                        f"{DASHBOARD_PORT})")
     p.set_defaults(func=demo_cmd)
 
 
@@ -228,7 +239,7 @@ def dashboard_cmd(args: argparse.Namespace) -> int:
 
 
 def demo_cmd(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_TRIALS, run_demo
+    from .demo import run_demo
 
     check_count("--trials", args.trials)
     given = [f"--{k}" for k in ("candidates", "host", "port") if getattr(args, k) is not None]
@@ -239,21 +250,22 @@ def demo_cmd(args: argparse.Namespace) -> int:
     if args.preference:
         from .demo import write_preference_config
 
-        args.candidates = 4 if args.candidates is None else args.candidates
-        args.host = args.host or "127.0.0.1"
-        args.port = 8080 if args.port is None else args.port
+        if args.candidates is None:
+            args.candidates = PREFERENCE_CANDIDATES
+        args.host = args.host or DASHBOARD_HOST
+        args.port = DASHBOARD_PORT if args.port is None else args.port
         if args.candidates < 2:  # before the models and FOLDER/preference.yaml are written
             raise ValueError(f"--candidates {args.candidates}: a person picks the worst of two "
                              "or more candidates; give 2 or more")
         check_port(args.port)
 
         config = write_preference_config(args.folder, args.trials if args.trials is not None
-                                         else 30, args.candidates)
+                                         else PREFERENCE_TRIALS, args.candidates)
         print(f"wrote {config}; running it (the same as `mergesearch run {config}`)",
               file=sys.stderr, flush=True)
         return run_study_cmd(argparse.Namespace(config=config, trials=None, timeout=None,
                                                 host=args.host, port=args.port,
                                                 no_dashboard=False))
     result = run_demo(args.folder, trials=args.trials if args.trials is not None
-                      else DEFAULT_TRIALS, fresh=args.fresh)
+                      else DEMO_TRIALS, fresh=args.fresh)
     return 130 if result.get("interrupted") else 0

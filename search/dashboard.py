@@ -23,7 +23,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
-from .cli_options import check_port
+from .cli_options import DASHBOARD_HOST, DASHBOARD_PORT, check_port
 from .run_folder import RunFolder
 
 
@@ -39,7 +39,7 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 class DashboardServer:
     """A port held from construction; ``start`` serves a run's study on it from a thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080):
+    def __init__(self, host: str = DASHBOARD_HOST, port: int = DASHBOARD_PORT):
         check_port(port)
         try:
             self._server = make_server(host, port, _not_ready, server_class=_ThreadingServer,

@@ -27,17 +27,17 @@ from toyworld.files import SHIPPED, write_world
 from toyworld.world import SAMPLING, probe_prompts
 
 from . import run_folder as rf
+from .cli_options import DEMO_TRIALS, PREFERENCE_CANDIDATES, PREFERENCE_TRIALS
 from .config import StudyConfig, parse_config
 from .progress import Progress
 from .space import TEXT_ENCODER
 from .study import OtherConfigError, optimize, prepare
 
-DEFAULT_TRIALS = 150
 HIDDEN_SEED = 0
 REFERENCES = "references"  # FOLDER/references: the hidden merge's probes, one PNG each
 
 
-def demo_config(folder: Path, trials: int = DEFAULT_TRIALS, seed: int = 0,
+def demo_config(folder: Path, trials: int = DEMO_TRIALS, seed: int = 0,
                 world_source: Path = SHIPPED) -> dict:
     """The demo's study config (also written to FOLDER/demo.yaml, which `mergesearch run`
     runs like `mergesearch demo`), on the shipped world or another world folder
@@ -65,7 +65,8 @@ def demo_config(folder: Path, trials: int = DEFAULT_TRIALS, seed: int = 0,
     }
 
 
-def preference_config(folder: Path, trials: int = 30, candidates: int = 4) -> dict:
+def preference_config(folder: Path, trials: int = PREFERENCE_TRIALS,
+                      candidates: int = PREFERENCE_CANDIDATES) -> dict:
     """The demo's models, merge and probes as a preference study: a person chooses in the
     dashboard instead of the reference scorer (``mergesearch demo --preference``)."""
     data = demo_config(folder, trials)
@@ -75,7 +76,8 @@ def preference_config(folder: Path, trials: int = 30, candidates: int = 4) -> di
     return data
 
 
-def write_preference_config(folder: Path, trials: int = 30, candidates: int = 4) -> Path:
+def write_preference_config(folder: Path, trials: int = PREFERENCE_TRIALS,
+                            candidates: int = PREFERENCE_CANDIDATES) -> Path:
     """FOLDER/preference.yaml (the models written beside it), for `mergesearch run`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def hidden_ratios() -> dict[str, float]:
     return draw(HIDDEN_SEED, low=0.1, high=0.9)
 
 
-def run_demo(folder: Path = Path("demo_run"), trials: int = DEFAULT_TRIALS, fresh: bool = False,
+def run_demo(folder: Path = Path("demo_run"), trials: int = DEMO_TRIALS, fresh: bool = False,
              seed: int = 0, out=sys.stdout) -> dict:
     """Run the demo study; returns the numbers it prints (for tests)."""
     import torch

@@ -26,7 +26,7 @@ from toyworld import figures
 from toyworld.files import ToyWorld
 from toyworld.world import HELD_OUT, caption, training_subjects
 
-from .demo import DEFAULT_TRIALS
+from .cli_options import DEMO_TRIALS
 from .samplers import make_sampler
 
 # the acceptance thresholds of issue 14
@@ -191,5 +191,5 @@ def measure_figures(world: ToyWorld, *, demo: bool = True, house_trials: int = 5
         f"{cpu:.3f} s of CPU per trial")
     if demo:
         figs["demo_seconds"] = Figure(demo_seconds(), TARGETS["demo_seconds"], False)
-        say(f"`mergesearch demo` ({DEFAULT_TRIALS} trials): {figs['demo_seconds']} s")
+        say(f"`mergesearch demo` ({DEMO_TRIALS} trials): {figs['demo_seconds']} s")
     return figs
