@@ -105,7 +105,7 @@ def storage_for(cfg: StudyConfig) -> optuna.storages.BaseStorage:
     try:
         return rf.open_storage(url, cfg.heartbeat_seconds, cfg.grace_seconds, worker=True)
     except Exception as exc:  # noqa: BLE001 - drivers raise their own kinds; all mean "cannot open"
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = rf.storage_reason(exc)
         where = "storage" if cfg.storage else f"the run folder's database {url}"
         driver = "(pip install 'mergesearch[postgres]')" if url.startswith("postgres") else \
             "for its database (SQLAlchemy's dialects list them)"
