@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_options import add_sources_option, output_path, source_folders
+from .cli_options import add_drawing_options, output_path, source_folders
 
 
 def _numbers(text: str) -> list[int]:
@@ -33,15 +33,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=output_path,
                    help="the page to write (default: RUN/exports/compare-12-57-90.html)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing page")
-    p.add_argument("--probes", type=Path,
-                   help="a probe-set YAML (or a study config: its probes) to draw the "
-                        "references with (default: the study's)")
-    p.add_argument("--config-folder", type=Path,
-                   help="diffusers config folder to load the parents with (default: the run's, "
-                        "else built in)")
-    add_sources_option(p)
-    p.add_argument("--device", help="where the references are drawn (default: cuda if present, "
-                                    "else cpu)")
+    add_drawing_options(p, "a probe-set YAML (or a study config: its probes) to draw the "
+                           "references with", "the parents", "the references are drawn")
     p.set_defaults(func=compare_cmd)
 
 

@@ -37,7 +37,7 @@ from merge_backend.export import (
 from merge_backend.lora import ExtractResult
 
 from .cli_lora import add_clamp_options
-from .cli_options import add_sources_option, check_count, output_path, source_folders
+from .cli_options import add_drawing_options, check_count, output_path, source_folders
 from .compare import study_roles, trial_column
 from .run_folder import (
     ARTIFACT_PROBES,
@@ -83,15 +83,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="checkpoint and diffusers weights (default fp16)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--probes", type=Path,
-                   help="a probe-set YAML for the report images and the workflow's prompt "
-                        "(default: the study's probe set)")
-    p.add_argument("--config-folder", type=Path,
-                   help="diffusers config folder to load checkpoints with (default: the run's, "
-                        "else built in)")
-    add_sources_option(p)
-    p.add_argument("--device", help="where the report draws images (default: cuda if present, "
-                                    "else cpu)")
+    add_drawing_options(p, "a probe-set YAML for the report images and the workflow's prompt",
+                        "checkpoints", "the report draws images")
     p.add_argument("--mbw-lossy", action="store_true",
                    help="write the SuperMerger string even where ComfyUI sliders that share one "
                         "SuperMerger weight differ (noted in the report)")

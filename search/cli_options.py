@@ -52,6 +52,18 @@ def check_seed(flag: str, value: int) -> None:
         raise ValueError(f"{flag} {value}: give a seed from 0 to {2**32 - 1}")
 
 
+def add_drawing_options(p: argparse.ArgumentParser, probes: str, loads: str, draws: str) -> None:
+    """What compare and export draw with: --probes (``probes``: what they are for), the config
+    folder the checkpoints load with (``loads``: which), --sources and --device (``draws``: what
+    is drawn there)."""
+    p.add_argument("--probes", type=Path, help=f"{probes} (default: the study's probe set)")
+    p.add_argument("--config-folder", type=Path,
+                   help=f"diffusers config folder to load {loads} with (default: the run's, "
+                        "else built in)")
+    add_sources_option(p)
+    p.add_argument("--device", help=f"where {draws} (default: cuda if present, else cpu)")
+
+
 def add_sources_option(p: argparse.ArgumentParser) -> None:
     """--sources DIR (compare and export): where moved source models are now."""
     p.add_argument("--sources", type=Path, action="append", default=[], metavar="DIR",
