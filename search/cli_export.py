@@ -43,7 +43,6 @@ from .run_folder import (
     ARTIFACT_PROBES,
     ATTR_SCORE,
     ATTR_SCORES,
-    RUN_FILE,
     STUDY_ATTR_PROBES,
     RunError,
     RunFolder,
@@ -180,9 +179,7 @@ def _load_file(path: Path, args: argparse.Namespace) -> Loaded:
 def load_source(args: argparse.Namespace) -> Loaded:
     """The ExportItems SOURCE names (see the module docstring)."""
     path: Path = args.source
-    if path.is_dir():
-        if not (path / RUN_FILE).exists():
-            raise RunError(f"{path}: a folder without {RUN_FILE}: not a mergesearch run folder")
+    if path.is_dir():  # RunFolder.load says what a folder lacks
         return _load_run(path, args)
     if not path.exists():
         raise ExportError(f"{path}: no such run folder, recipe or checkpoint")

@@ -31,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from merge_backend.atomic_files import atomic_write_text
 from . import preference
 
 RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
 DB_FILE = "study.db"  # the default storage, inside the run folder
 ATTR_RECIPE = "recipe"
 ATTR_SCORES = "scores"
@@ -79,7 +82,7 @@ class RunFolder:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     @property
     def exports(self) -> Path:
@@ -106,6 +109,10 @@ class RunFolder:
             what = "a file, not a run folder" if path.exists() else "no such run folder"
             raise RunError(f"{path}: {what}; pass the folder `mergesearch run` made "
                            "(output/NAME)")
+        if not meta.is_file() and (path / DB_FILE).is_file():
+            raise RunError(f"{path}: a run stopped while it started (a {DB_FILE}, no "
+                           f"{RUN_FILE}); run its config again (`mergesearch run CONFIG`) to "
+                           "start it")
         if not meta.is_file():
             raise RunError(f"{path}: not a mergesearch run folder (no {RUN_FILE}); pass the "
                            "output folder of `mergesearch run`")
@@ -338,6 +345,32 @@ def leave_wal(storage: Any) -> None:
     except (OperationalError, sqlite3.OperationalError):  # another worker is writing: it
         pass  # switches back when it stops
     engine.dispose()
+
+
+def undo_new_run(path: Path, db_file: Path | None) -> Callable[[Any], None]:
+    """What takes back a new run's start (``path``: its run folder; ``db_file``: the SQLite
+    database it is about to create) if the start stops before its run.json is written: called
+    with the storage opened so far (or None), it closes it and removes the folders and files
+    that did not exist when this was made, so a Ctrl-C there leaves nothing behind."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    top = missing[-1] if missing else None
+    files = [path / RUN_FILE, path / CONFIG_FILE]
+    if db_file is not None:
+        files += [db_file, db_file.with_name(f"{db_file.name}-wal"),
+                  db_file.with_name(f"{db_file.name}-shm")]
+    new_files = [f for f in files if not f.exists()]
+
+    def undo(storage: Any) -> None:
+        engine = _engine(storage) if storage is not None else None
+        if engine is not None:
+            engine.dispose()
+        for file in new_files:
+            file.unlink(missing_ok=True)
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+
+    return undo
 
 
 def default_storage(path: Path) -> str:

@@ -307,15 +307,24 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
             raise ConfigError(f"scorers[{i}]: {detail}; check that its files hold the model "
                               "its config names") from None
     log(f"opening study {cfg.name!r} in {url}")
-    if storage is None:
-        cfg.run_folder.mkdir(parents=True, exist_ok=True)
-        storage = storage_for(cfg)
-    if study is None:
-        study = _create_study(cfg, storage, space)
-    if STUDY_ATTR_SOURCES not in study.user_attrs:
-        study.set_user_attr(STUDY_ATTR_SOURCES, digests)
-    check_sources(study, space, digests)
-    run = _write_run_folder(cfg)
+    # a new database: stopped before run.json is written (Ctrl-C, an error), the start is
+    # taken back, so a failed start leaves nothing behind
+    undo = rf.undo_new_run(cfg.run_folder, db_file) if storage is None else None
+    try:
+        if storage is None:
+            cfg.run_folder.mkdir(parents=True, exist_ok=True)
+            storage = storage_for(cfg)
+        if study is None:
+            study = _create_study(cfg, storage, space)
+            log(f"created study {cfg.name!r}")
+        if STUDY_ATTR_SOURCES not in study.user_attrs:
+            study.set_user_attr(STUDY_ATTR_SOURCES, digests)
+        check_sources(study, space, digests)
+        run = _write_run_folder(cfg)
+    except BaseException:
+        if undo is not None:
+            undo(storage)
+        raise
     enqueue_warm_starts(study, space, log)
     ctx = StudyContext(cfg, space, engine, pipe, cfg.probes, scorers, score_norms(cfg.scorers),
                        run, run.artifact_store())

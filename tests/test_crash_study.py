@@ -332,3 +332,51 @@ def test_two_workers_started_together_on_a_new_sqlite_study(tiny_sd1, clip, tmp_
     study = load(rf.default_storage(tmp_path / "runs" / "pair"), "pair")
     check_end(study, 6, {})
     assert not [t.number for t in study.trials if t.state == FAIL]
+
+
+class CtrlC(Exception):
+    pass
+
+
+@pytest.mark.parametrize("output_exists", [False, True])
+def test_ctrl_c_while_a_new_study_opens_leaves_nothing_and_the_run_starts_again(
+        tiny_sd1, clip, tmp_path, output_exists):
+    """Ctrl-C after the study's database is made but before run.json is written (the
+    "created study" line): neither the run folder nor a new output folder stays, nor a file
+    in an output folder that was there; the same config then starts the run afresh."""
+    from search.config import load_config
+    from search.study import optimize, prepare
+
+    config = write_config(tmp_path, tiny_sd1, clip, "opening", 1)
+    runs = tmp_path / "runs"
+    if output_exists:
+        runs.mkdir()
+        (runs / "mine.txt").write_text("a user's file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def press_ctrl_c(line: str) -> None:
+        if line.startswith("created study"):
+            assert (runs / "opening" / "study.db").is_file()  # the window is real
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(load_config(config), log=press_ctrl_c)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if output_exists:
+        assert [p.name for p in runs.iterdir()] == ["mine.txt"]
+    study, ctx = prepare(load_config(config), log=lambda m: None)
+    optimize(study, ctx, log=lambda m: None)
+    assert [t.state for t in study.trials] == [COMPLETE]
+
+
+def test_a_run_killed_while_it_started_is_named_so(tmp_path, capsys):
+    """What a SIGKILL in that window leaves (a study.db, no run.json): `status`, `best` and
+    `export` say so in one line and how to start it."""
+    folder = tmp_path / "runs" / "killed"
+    folder.mkdir(parents=True)
+    optuna.create_study(study_name="killed", storage=rf.default_storage(folder))
+    for command in (["status"], ["best"], ["export", "--to", "mbw"]):
+        assert main([*command, str(folder)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "stopped while it started" in err and "mergesearch run" in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
