@@ -19,12 +19,15 @@ import re
 import socket
 import socketserver
 import threading
+from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
+from . import run_folder as rf
 from .cli_options import DASHBOARD_HOST, DASHBOARD_PORT, check_port
 from .run_folder import RunFolder
+from .trial import note_in_folder
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -70,7 +73,9 @@ class DashboardServer:
 
         # the page's importance plot warns on few trials; the terminal is for progress lines
         warnings.filterwarnings("ignore", message=".*select the same set of trials.*")
-        self._server.set_app(_json_for_no_content(wsgi(run.storage,
+        storage = notes_naming(rf.open_storage(run.storage, run.heartbeat_seconds,
+                                               run.grace_seconds), run.path)
+        self._server.set_app(_json_for_no_content(wsgi(storage,
                                                         artifact_store=run.artifact_store())))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="mergesearch-dashboard")
@@ -81,6 +86,39 @@ class DashboardServer:
             self._server.shutdown()
             self._thread.join(timeout=10)
         self._server.server_close()
+
+
+def notes_naming(storage, folder: Path):
+    """``storage``, whose reads of a study's notes give their commands naming ``folder`` (the
+    run folder as it is now: the notes of a copied or moved run name the folder their trials
+    ran in). Nothing is written: a read-only copy shows the same."""
+    from optuna_dashboard._note import split_body
+
+    read, read_all = storage.get_study_system_attrs, storage.get_all_studies
+    note = re.compile(r"^dashboard:(?:(\d+):)?note_str:(\d+)$")
+
+    def in_folder(stored: dict) -> dict:
+        attrs = dict(stored)
+        parts: dict[str | None, list[tuple[int, str]]] = {}
+        for key in list(attrs):
+            found = note.match(key)
+            if found:
+                parts.setdefault(found[1], []).append((int(found[2]), attrs.pop(key)))
+        for trial_id, pieces in parts.items():
+            body = note_in_folder("".join(text for _, text in sorted(pieces)), folder)
+            attrs.update(split_body(body, None if trial_id is None else int(trial_id)))
+        return attrs
+
+    def get_all_studies() -> list:
+        studies = read_all()
+        for study in studies:
+            study.system_attrs = in_folder(study.system_attrs)
+        return studies
+
+    # the dashboard reads a study's notes through both
+    storage.get_study_system_attrs = lambda study_id: in_folder(read(study_id))
+    storage.get_all_studies = get_all_studies
+    return storage
 
 
 def _not_ready(environ, start_response):

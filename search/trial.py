@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -193,6 +195,18 @@ def write_note(trial: optuna.Trial, ctx: StudyContext, scores: dict[str, float],
               "", "Compare it with the parents and the uniform merge:", "",
               f"    mergesearch compare {run} --trials {trial.number}"]
     note_attrs(writes, "\n".join(lines))
+
+
+# a command of ``write_note``'s: the run folder (as shlex quotes it) is group 2
+_NOTE_COMMAND = re.compile(r"(mergesearch (?:export|compare) )((?:'[^']*'|\"'\"|[^\s'\"])+)"
+                           r"( --trials? \d)")
+
+
+def note_in_folder(body: str, folder: Path) -> str:
+    """A note ``write_note`` wrote, its commands naming ``folder``: where the run folder is now
+    (a copied or moved folder's notes name the folder the trials ran in)."""
+    run = shlex.quote(str(folder))
+    return _NOTE_COMMAND.sub(lambda m: m.group(1) + run + m.group(3), body)
 
 
 def note_attrs(writes: TrialWrites, body: str) -> None:

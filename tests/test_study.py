@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -349,3 +350,42 @@ def test_multi_objective_study_has_a_pareto_front(tiny_sd1, clip_files, tmp_path
     assert all(len(t.values) == 2 for t in rf.completed(study))
     assert 1 <= len(study.best_trials) <= 4
     assert rf.pick_trials(study, pareto=2)
+
+
+def test_a_copied_run_folders_dashboard_notes_name_the_copy(tiny_sd1, clip_files, tmp_path):
+    """Each trial's note holds its export and compare commands; served from a copy of the run
+    folder (here read-only, under a name with a space and a quote) they name the copy, and
+    serving writes nothing."""
+    import shlex
+    import shutil
+    import stat
+
+    from search.dashboard import DashboardServer
+
+    cfg = study_config(tiny_sd1, clip_files, tmp_path, trials=2)
+    run(cfg)
+    copy = Path(shutil.copytree(cfg.run_folder, tmp_path / "elsewhere" / "it's a copy"))
+    shutil.rmtree(cfg.run_folder)  # the folder the trials ran in is gone
+    files = [p for p in copy.rglob("*") if p.is_file()]
+    before = {p: p.read_bytes() for p in files}
+    for p in [*files, copy]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    server = DashboardServer("127.0.0.1", 0)
+    try:
+        server.start(rf.RunFolder.load(copy))
+        with urllib.request.urlopen(f"{server.url.removesuffix('/dashboard')}/api/studies/1",
+                                    timeout=10) as response:
+            trials = json.loads(response.read())["trials"]
+    finally:
+        server.stop()
+        for p in [*files, copy]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert len(trials) == 2
+    quoted = shlex.quote(str(copy))
+    for trial in trials:
+        body = trial["note"]["body"]
+        n = trial["number"]
+        assert f"mergesearch export {quoted} --trial {n} --to checkpoint --to comfyui" in body
+        assert f"mergesearch compare {quoted} --trials {n}" in body
+        assert str(cfg.run_folder) not in body
+    assert {p: p.read_bytes() for p in files} == before
