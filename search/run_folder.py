@@ -347,19 +347,23 @@ def leave_wal(storage: Any) -> None:
     engine.dispose()
 
 
-def undo_new_run(path: Path, db_file: Path | None) -> Callable[[Any], None]:
-    """What takes back a new run's start (``path``: its run folder; ``db_file``: the SQLite
-    database it is about to create) if the start stops before its run.json is written: called
-    with the storage opened so far (or None), it closes it and removes the folders and files
-    that did not exist when this was made, so a Ctrl-C there leaves nothing behind."""
+def claim_new_database(path: Path, db_file: Path) -> Callable[[Any], None] | None:
+    """Make the run folder ``path`` and create the SQLite database file ``db_file`` (empty: SQLite
+    writes its schema) unless another process has; then return what takes this start back if it
+    stops before its run.json is written (Ctrl-C, an error): called with the storage opened so
+    far (or None), it closes it and removes the folders and files this made. None when another
+    worker created the file first: only the worker that made a database takes it back. (A worker
+    that joins during the milliseconds between the creation and run.json would lose it.)"""
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()]
-    top = missing[-1] if missing else None
-    files = [path / RUN_FILE, path / CONFIG_FILE]
-    if db_file is not None:
-        files += [db_file, db_file.with_name(f"{db_file.name}-wal"),
-                  db_file.with_name(f"{db_file.name}-shm")]
+    files = [path / RUN_FILE, path / CONFIG_FILE, db_file,
+             db_file.with_name(f"{db_file.name}-wal"), db_file.with_name(f"{db_file.name}-shm")]
     new_files = [f for f in files if not f.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(db_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        return None
 
     def undo(storage: Any) -> None:
         engine = _engine(storage) if storage is not None else None
@@ -367,8 +371,8 @@ def undo_new_run(path: Path, db_file: Path | None) -> Callable[[Any], None]:
             engine.dispose()
         for file in new_files:
             file.unlink(missing_ok=True)
-        if top is not None:
-            shutil.rmtree(top, ignore_errors=True)
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
 
     return undo
 

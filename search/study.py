@@ -307,12 +307,12 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
             raise ConfigError(f"scorers[{i}]: {detail}; check that its files hold the model "
                               "its config names") from None
     log(f"opening study {cfg.name!r} in {url}")
-    # a new database: stopped before run.json is written (Ctrl-C, an error), the start is
-    # taken back, so a failed start leaves nothing behind
-    undo = rf.undo_new_run(cfg.run_folder, db_file) if storage is None else None
+    # a new database: stopped before run.json is written (Ctrl-C, an error), the worker that
+    # made it takes the start back, so a failed start leaves nothing behind
+    undo = None
     try:
         if storage is None:
-            cfg.run_folder.mkdir(parents=True, exist_ok=True)
+            undo = rf.claim_new_database(cfg.run_folder, db_file)
             storage = storage_for(cfg)
         if study is None:
             study = _create_study(cfg, storage, space)

@@ -380,3 +380,28 @@ def test_a_run_killed_while_it_started_is_named_so(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "stopped while it started" in err and "mergesearch run" in err, err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_ctrl_c_while_opening_never_removes_a_database_another_worker_made(tiny_sd1, clip,
+                                                                          tmp_path):
+    """Two workers started together: the other one makes the run folder's database first (as
+    SQLite makes it: an empty file) between this worker's checks and its opening. Ctrl-C here
+    then leaves that database and its folder alone: only the worker that made it takes a start
+    back."""
+    from search.config import load_config
+    from search.study import prepare
+
+    config = write_config(tmp_path, tiny_sd1, clip, "shared", 1)
+    db = tmp_path / "runs" / "shared" / "study.db"
+
+    def other_worker_then_ctrl_c(line: str) -> None:
+        if line.startswith("opening study"):
+            db.parent.mkdir(parents=True)
+            db.touch()
+        if line.startswith("created study"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(load_config(config), log=other_worker_then_ctrl_c)
+    assert db.is_file()
+    assert optuna.study.get_all_study_names(rf.default_storage(db.parent)) == ["shared"]
