@@ -30,6 +30,7 @@ import numpy as np
 import optuna
 
 from . import run_folder as rf
+from .liveness import stale_trials
 
 ATTR_SCREENING = "screening"
 _GRID = np.linspace(0.0, 1.0, 21)
@@ -124,7 +125,7 @@ class Screening:
         decision = study.user_attrs.get(ATTR_SCREENING)
         if decision is None:
             done = sorted(rf.completed(study), key=lambda t: t.number)[:self.after]
-            if len(done) < self.after:
+            if len(done) < self.after or unsettled(study, done[-1].number):
                 return
             best = max(done, key=lambda t: (t.value, -t.number))
             decision = decide(done, self.space, self.threshold, best)
@@ -138,6 +139,18 @@ class Screening:
                 study.sampler = optuna.samplers.PartialFixedSampler(decision["fixed"],
                                                                     study.sampler)
         self.applied = True
+
+
+def unsettled(study: optuna.Study, last: int) -> bool:
+    """Whether a trial numbered below ``last`` may still complete (WAITING, or RUNNING and not
+    stale): until none can, the first ``after`` COMPLETE trials by number may still change, and
+    two workers deciding at once could decide from different trials."""
+    states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    open_ = [t for t in study.get_trials(deepcopy=False, states=states) if t.number < last]
+    if not open_:
+        return False
+    stale = {t.number for t in stale_trials(study)}
+    return any(t.number not in stale for t in open_)
 
 
 def _save_study_note(study: optuna.Study, body: str) -> None:

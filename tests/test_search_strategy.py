@@ -293,3 +293,30 @@ def test_a_trial_asked_for_but_never_marked_is_stale_after_the_grace_period(tmp_
     assert fail_stale_trials(study) == []  # younger than the grace period: left alone
     time.sleep(2.2)
     assert fail_stale_trials(study) == [orphan.number]
+
+
+def test_screening_waits_until_its_first_trials_can_no_longer_change(tmp_path):
+    """Screening decides from the first `after` COMPLETE trials by number. While a trial
+    numbered below them still runs (another worker's), that set could still change, so two
+    workers deciding at once could fix different blocks: no decision until it ends, then one
+    from the first `after` trials including it."""
+    from search.screening import Screening
+
+    names = ["IN00", "IN01", "M00"]
+    space = SimpleNamespace(all_params=lambda: [Param(n, (n,), 0.0, 1.0) for n in names])
+    study = optuna.create_study(storage=rf.open_storage(rf.default_storage(tmp_path)),
+                                direction="maximize")
+    dist = {n: optuna.distributions.FloatDistribution(0.0, 1.0) for n in names}
+    early = study.ask(dist)  # trial 0, still running (a live worker's)
+    rng = np.random.default_rng(3)
+    for _ in range(20):  # trials 1..20
+        params = dict(zip(names, rng.uniform(0, 1, 3).tolist()))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dist,
+                                                  value=-(params["IN01"] - 0.7) ** 2))
+    screening = Screening(20, 0.1, space, log=lambda line: None)
+    screening.before_proposal(study)
+    assert ATTR_SCREENING not in study.user_attrs and not screening.applied
+    study.tell(early, 1.0)  # the best of all
+    screening.before_proposal(study)
+    decision = study.user_attrs[ATTR_SCREENING]
+    assert decision["best_trial"] == 0  # from trials 0..19, not 1..20
