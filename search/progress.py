@@ -97,7 +97,12 @@ class Progress:
 
 def _outcome(trial: optuna.trial.FrozenTrial, person: bool = False) -> str:
     seconds = ""
-    if trial.datetime_start and trial.datetime_complete:
+    timings = trial.user_attrs.get(rf.ATTR_TIMINGS)
+    if isinstance(timings, dict) and timings:
+        # the trial's own work: its start time is when it was asked for, and a trial proposed
+        # ahead is asked for while the one before it draws
+        seconds = f" ({sum(timings.values()):.1f} s)"
+    elif trial.datetime_start and trial.datetime_complete:
         seconds = f" ({(trial.datetime_complete - trial.datetime_start).total_seconds():.1f} s)"
     if trial.state == optuna.trial.TrialState.FAIL:
         return f"FAILED{seconds}: {trial.user_attrs.get(rf.ATTR_FAIL) or 'no reason recorded'}"

@@ -223,7 +223,7 @@ def ran(study_dir):
 
 
 def test_progress_is_one_line_per_trial_with_an_eta_and_a_labelled_best(ran):
-    _, out, err = ran
+    run, out, err = ran
     lines = [line for line in err.splitlines() if " complete | trial " in line]
     assert len(lines) == 3 and "\r" not in err
     assert "Trial 0 finished" not in err and "A new study created" not in err  # Optuna's own
@@ -231,6 +231,12 @@ def test_progress_is_one_line_per_trial_with_an_eta_and_a_labelled_best(ran):
         assert re.match(rf"\[[#.]+\] {n}/3 complete \| trial {n - 1}: score -?[\d.]+ \(", line)
         assert re.search(r"\| best: trial \d+, score -?[\d.]+, input=", line)
         assert re.search(r"elapsed, ETA (\d+ s|done)$", line)
+    # a trial's seconds are its own phases' (proposed ahead, it was asked for while the one
+    # before it drew: start to completion counts that wait too)
+    trials = rf.RunFolder.load(run).study().trials
+    for n, line in enumerate(lines):
+        shown = float(re.search(r"\(([\d.]+) s\)", line)[1])
+        assert shown == round(sum(trials[n].user_attrs[rf.ATTR_TIMINGS].values()), 1), line
     phases = ["checking the config", "loading a.safetensors into a pipeline", "loading scorer",
               "opening study 'port'", "ready in"]
     assert all(any(p in line for line in err.splitlines()) for p in phases), err
