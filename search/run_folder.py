@@ -287,7 +287,7 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStor
         connection.isolation_level = None  # the driver opens no transaction: ``_immediate`` does
         cursor = connection.cursor()
         if id(engine) not in _WAL_LEFT:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
@@ -304,6 +304,30 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> optuna.storages.RDBStor
     _WAL_ENGINES.add(id(engine))
     _WAL_LEFT.add(id(engine))
     return storage
+
+
+def _switch_to_wal(cursor: Any, patience: float = 10.0) -> None:
+    """``PRAGMA journal_mode=WAL`` on a new connection. SQLite answers "database is locked" at
+    once, without waiting, while another connection holds a write transaction (another worker
+    started together: measured in CI and in tests/test_storage_writes.py), so the switch is
+    tried again after that writer's few milliseconds, for ``patience`` seconds. A database
+    still locked then stays in the journal mode it has (another worker's WAL, or the rollback
+    journal: slower commits, the same data); the next connection tries again."""
+    import sqlite3
+
+    deadline = time.monotonic() + patience
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                return
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 _WAL_ENGINES: set[int] = set()  # engines (by id) opened for a worker (``_fast_sqlite``)

@@ -8,6 +8,8 @@ public calls), and compares the stored trials and study attributes.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from contextlib import closing
 
 import optuna
@@ -122,6 +124,38 @@ def test_a_worker_writes_sqlite_in_write_ahead_log_mode_and_leaves_it(tmp_path):
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     with closing(sqlite3.connect(tmp_path / "study.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_worker_switches_to_write_ahead_log_while_another_is_writing(tmp_path):
+    """Two workers start together: one holds a write transaction (rollback journal still) as
+    the other's first connection asks for WAL. SQLite refuses that at once, "database is
+    locked", without waiting (the traceback CI once printed); the worker waits for the writer
+    instead, and the database is in WAL mode once both are done."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(storage=url, study_name="pair")
+    worker = rf.open_storage(url, worker=True)
+    rf.enter_wal(worker)
+    errors: list[BaseException] = []
+
+    def first_read() -> None:
+        try:
+            worker.get_all_studies()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    with closing(sqlite3.connect(tmp_path / "study.db", isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE studies SET study_name = 'pair'")
+        reader = threading.Thread(target=first_read)
+        reader.start()
+        time.sleep(0.3)  # the reader meets the lock
+        other.execute("COMMIT")
+        reader.join(timeout=30)
+    assert not reader.is_alive()
+    assert errors == []
+    with closing(sqlite3.connect(tmp_path / "study.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    rf.leave_wal(worker)
 
 
 def test_a_samplers_own_trial_writes_wait_for_the_commit(tmp_path):
