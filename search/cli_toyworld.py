@@ -21,6 +21,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "figures. (A folder named 'build': write ./build.)")
     p.add_argument("words", nargs="+", metavar="[build] DIR")
     p.add_argument("--seed", type=int, default=0, help="build: the world's seed")
+    p.add_argument("--plan", default="shipped", metavar="NAME",
+                   help="build: which plan (toyworld.stages.PLANS: shipped, the world in "
+                        "toyworld/weights; layout16, a 16x16-latent world whose styles differ "
+                        "in layout)")
     p.add_argument("--no-figures", action="store_true",
                    help="build: skip the acceptance figures after training")
     p.add_argument("--keep-work", action="store_true",
@@ -41,6 +45,11 @@ def run_toyworld(args: argparse.Namespace) -> int:
         raise ValueError("usage: mergesearch toyworld DIR  (or: mergesearch toyworld build DIR)")
     folder = Path(words[-1])
     check_seed("--seed", args.seed)
+    if words[0] == "build":
+        from toyworld.stages import PLANS
+
+        if args.plan not in PLANS:
+            raise ValueError(f"--plan: unknown plan {args.plan!r}; known: {', '.join(PLANS)}")
     for path in world_files(folder):  # before half an hour of training, too
         check_new_output(path, args.overwrite, ValueError)
     check_config_folder(folder, args.overwrite)
@@ -61,10 +70,13 @@ def run_toyworld(args: argparse.Namespace) -> int:
 
 
 def build(folder: Path, args: argparse.Namespace) -> int:
-    from toyworld.build import build_world
-    from toyworld.stages import BuildPlan
+    from dataclasses import replace
 
-    world = build_world(folder, BuildPlan(seed=args.seed), keep_work=args.keep_work)
+    from toyworld.build import build_world
+    from toyworld.stages import PLANS
+
+    world = build_world(folder, replace(PLANS[args.plan], seed=args.seed),
+                        keep_work=args.keep_work)
     print(f"world written to {world.folder}", file=sys.stderr)
     if not args.no_figures:
         from .toyworld_figures import measure_figures

@@ -153,10 +153,10 @@ def test_cli_writes_the_world_and_a_study_config_that_validates(tmp_path):
     assert check.stdout.count("OUT11") >= 1
 
 
-def tiny_plan():
-    from toyworld.stages import BuildPlan
+def tiny_plan(name: str = "shipped"):
+    from toyworld.stages import PLANS
 
-    plan = BuildPlan(seed=3)
+    plan = replace(PLANS[name], seed=3)
     return replace(plan, vae=replace(plan.vae, steps=2, pictures=32, batch=4),
                    clip=replace(plan.clip, steps=2, pictures=32, batch=8, tune_steps=2,
                                 tune_pictures=16),
@@ -194,6 +194,47 @@ def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
                       width=64, height=64)
     assert torch.isfinite(generate(pipe, probes).images).all()
     assert world.base.read_bytes() != (SHIPPED / "base.safetensors").read_bytes()
+
+
+def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tmp_path):
+    """A few steps of the layout world's plan: its files load through the normal checkpoint
+    path with no config folder given (the size is told by the UNet's weight count), encode a
+    64 px picture to a 16x16 latent (a 4x VAE: three blocks, two downsamples) and draw 64 px
+    pictures; `toyworld DIR`'s copy of it keeps its config size."""
+    from toyworld.build import BuildProgress, build_world, stage_steps
+
+    class Quiet:
+        def write(self, text):
+            pass
+
+        def flush(self):
+            pass
+
+    plan = tiny_plan("layout16")
+    world = build_world(tmp_path / "w", plan, progress=BuildProgress(stage_steps(plan), Quiet()))
+    pipe = load_pipeline(world.style_a)
+    assert len(pipe.vae.config.down_block_types) == 3
+    latent = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latent.shape == (1, 4, 64 // 2 ** 2, 64 // 2 ** 2)
+    probes = ProbeSet(prompts=["a red circle on a white background"], seeds=[0], steps=2,
+                      width=64, height=64)
+    images = generate(pipe, probes).images
+    assert images.shape[-2:] == (64, 64) and torch.isfinite(images).all()
+    copy = write_world(tmp_path / "copy", source=world.folder)
+    unet = json.loads((copy.config_folder / "unet" / "config.json").read_text())
+    assert unet["sample_size"] == 16
+
+
+def test_the_same_head_saves_to_the_same_bytes(tmp_path):
+    """A rebuild from the same seed must give byte-identical files (their sha256 go into every
+    run's recipe), the house head's torch archive too."""
+    from toyworld.files import save_torch
+
+    head = {"w": torch.arange(6, dtype=torch.float16).reshape(2, 3)}
+    save_torch(head, tmp_path / "one.pth")
+    save_torch(head, tmp_path / "two.pth")
+    assert (tmp_path / "one.pth").read_bytes() == (tmp_path / "two.pth").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "two.pth", weights_only=True)["w"], head["w"])
 
 
 def test_the_toyworld_command_keeps_a_users_edits_unless_told(tmp_path, capsys):

@@ -45,6 +45,25 @@ def test_plain_pictures_hold_the_named_colours():
         assert np.abs(picture[32, 32] - COLOURS[subject.colour]).max() <= 11
 
 
+def test_a_layout_puts_each_shape_where_it_says():
+    """Each picture's shape, found by its colour (the pixels nearest the named colour), has its
+    centre of mass within the layout's spread of the layout's centre and its size within the
+    layout's radii: style A's shapes up-left and large, B's down-right and small."""
+    from toyworld.draw import Layout
+
+    subjects = [s for s in training_subjects() if s.shape == "circle" and s.background == "white"]
+    for layout in (Layout((23.0, 23.0), 4.0, (17.0, 19.0)), Layout((41.0, 41.0), 4.0, (11.0, 13.0))):
+        scenes = random_scenes(np.random.default_rng(5), 24, subjects, PLAIN, layout)
+        for picture, subject in zip(draw(scenes).astype(float), scenes.subjects):
+            mask = np.abs(picture - COLOURS[subject.colour]).max(-1) <= 40
+            y, x = np.nonzero(mask)
+            cx, cy = x.mean() + 0.5, y.mean() + 0.5
+            assert abs(cx - layout.centre[0]) <= layout.spread + 0.5
+            assert abs(cy - layout.centre[1]) <= layout.spread + 0.5
+            radius = np.sqrt(mask.sum() / np.pi)  # a circle's area is pi r^2
+            assert layout.radius[0] - 1 <= radius <= layout.radius[1] + 1
+
+
 def test_styles_change_the_pictures_at_their_scale():
     rng = np.random.default_rng(1)
     subjects = [s for s in training_subjects() if s.background == "white"]

@@ -120,7 +120,7 @@ def build_world(folder: Path, plan: BuildPlan = BuildPlan(), *, progress=None,
     if work_folder.exists():
         shutil.rmtree(work_folder)  # a stale rendezvous file or stage output must not be reused
     work_folder.mkdir(parents=True)
-    config_folder = write_config_folder("sd1", folder / "config", size="tiny")
+    config_folder = write_config_folder("sd1", folder / "config", size=plan.size)
     clip_config = write_clip_config(work_folder / "toyworld-clip.json")
     work = Work(work_folder, config_folder, clip_config)
     progress = progress or BuildProgress(stage_steps(plan))

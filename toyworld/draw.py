@@ -30,6 +30,19 @@ JITTER = 10  # +- levels of per-picture colour jitter
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where a data set's shapes go: centres uniform within ``spread`` px of ``centre`` (x and
+    y apart), radii uniform in ``radius`` (px)."""
+
+    centre: tuple[float, float] = (32.0, 32.0)
+    spread: float = 5.0
+    radius: tuple[float, float] = (16.0, 21.0)
+
+
+CENTRED = Layout()  # the shipped world's pictures, every style alike
+
+
+@dataclass(frozen=True)
 class Scenes:
     """A batch of pictures to draw: one entry per picture in every array."""
 
@@ -45,15 +58,19 @@ class Scenes:
 
 
 def random_scenes(rng: np.random.Generator, n: int, subjects: Sequence[Subject],
-                  style: Style | Callable[[np.random.Generator], Style] = PLAIN) -> Scenes:
-    """``n`` scenes of subjects drawn uniformly from ``subjects`` with random placement.
+                  style: Style | Callable[[np.random.Generator], Style] = PLAIN,
+                  layout: Layout = CENTRED) -> Scenes:
+    """``n`` scenes of subjects drawn uniformly from ``subjects``, placed at random as
+    ``layout`` says.
 
     ``style`` is one style for all, or a function drawing one per picture.
     """
     picked = [subjects[i] for i in rng.integers(0, len(subjects), n)]
     styles = [style(rng) if callable(style) else style for _ in range(n)]
-    return Scenes(picked, styles, centre=32.0 + rng.uniform(-5, 5, (n, 2)),
-                  radius=rng.uniform(16, 21, n), jitter=rng.uniform(-JITTER, JITTER, (n, 2, 3)),
+    centre = np.asarray(layout.centre, dtype=np.float64)
+    return Scenes(picked, styles, centre=centre + rng.uniform(-layout.spread, layout.spread, (n, 2)),
+                  radius=rng.uniform(*layout.radius, n),
+                  jitter=rng.uniform(-JITTER, JITTER, (n, 2, 3)),
                   phase=rng.uniform(0, CHECKER, (n, 2)))
 
 

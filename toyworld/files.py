@@ -94,8 +94,15 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
+    """A ``torch.save`` archive whose bytes depend on ``obj`` alone: saved to a file,
+    torch names the archive's folder after the file, here a temporary name that differs
+    every time (so a rebuild's head differed in bytes though not in weights)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def world_files(folder: Path) -> list[Path]:
@@ -118,10 +125,16 @@ def write_world(folder: Path, source: Path = SHIPPED, replace: bool = True) -> T
         for name in WEIGHT_FILES:
             with atomic_path(world.folder / name, replace=replace) as tmp:
                 shutil.copyfile(Path(source) / name, tmp)
-    write_config_folder("sd1", world.config_folder, size="tiny")
+    write_config_folder("sd1", world.config_folder, size=world_size(Path(source)))
     atomic_write_text(world.study_config, yaml.safe_dump(study_config(world), sort_keys=False),
                       replace)
     return world
+
+
+def world_size(folder: Path) -> str:
+    """The SD1 config size a world was built in (its manifest's plan; "tiny" before plans
+    named one)."""
+    return manifest(ToyWorld(folder))["plan"].get("size", "tiny")
 
 
 def manifest(world: ToyWorld) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from merge_backend.atomic_files import atomic_path
-from toyworld.draw import draw, random_scenes
+from toyworld.draw import CENTRED, Layout, draw, random_scenes
 from toyworld.train_clip import (
     TrainCLIP,
     TrainHead,
@@ -36,9 +36,12 @@ STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """Every number the build uses. ``seed`` offsets every stage's own seed."""
+    """Every number the build uses. ``seed`` offsets every stage's own seed. ``size`` names
+    the SD1 config folder the family is built in (``merge_backend/architectures/sd1.yaml``);
+    ``layouts`` says where each diffusion data set's shapes go."""
 
     seed: int = 0
+    size: str = "tiny"
     vae: TrainVAE = TrainVAE()
     clip: TrainCLIP = TrainCLIP()
     head: TrainHead = TrainHead()
@@ -47,9 +50,28 @@ class BuildPlan:
                                     warmup=0.1, seed=5)
     pictures: dict[str, int] = field(default_factory=lambda: {"base": 16000, "style_a": 6000,
                                                               "style_b": 6000})
+    layouts: dict[str, Layout] = field(default_factory=lambda: dict.fromkeys(STYLED, CENTRED))
 
     def seeded(self, stage_seed: int) -> int:
         return self.seed * 1000 + stage_seed
+
+
+# The layout world (RESULTS.md, issue 14's eighth pass): a 16x16 latent, the base trained on
+# shapes spread over the whole picture, style A drawing them up-left and large, B down-right and
+# small, and the VAE and scorers trained on pictures that cover every one of those places.
+SPREAD = Layout(spread=12.0, radius=(11.0, 19.0))
+LAYOUT_A = Layout(centre=(23.0, 23.0), spread=4.0, radius=(17.0, 19.0))
+LAYOUT_B = Layout(centre=(41.0, 41.0), spread=4.0, radius=(11.0, 13.0))
+EVERYWHERE = Layout(spread=14.0, radius=(11.0, 21.0))
+
+# name -> plan (`mergesearch toyworld build DIR --plan NAME`); "shipped" built toyworld/weights
+PLANS = {
+    "shipped": BuildPlan(),
+    "layout16": BuildPlan(size="toy16", vae=TrainVAE(layout=EVERYWHERE),
+                          clip=TrainCLIP(layout=EVERYWHERE), head=TrainHead(layout=EVERYWHERE),
+                          base=TrainUNet(steps=3000),
+                          layouts={"base": SPREAD, "style_a": LAYOUT_A, "style_b": LAYOUT_B}),
+}
 
 
 @dataclass
@@ -104,7 +126,8 @@ def stage_latents(plan: BuildPlan, work: Work, report: Report) -> None:
     out = {}
     for i, (name, style) in enumerate(STYLED.items()):
         rng = np.random.default_rng(plan.seeded(10 + i))
-        scenes = random_scenes(rng, plan.pictures[name], training_subjects(), style)
+        scenes = random_scenes(rng, plan.pictures[name], training_subjects(), style,
+                               plan.layouts[name])
         pictures = pictures_to_tensor(draw(scenes))
         latents = encode(vae, pictures, [caption(s) for s in scenes.subjects])
         out[name] = {"mean": latents.mean, "std": latents.std, "captions": latents.captions}

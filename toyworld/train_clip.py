@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from evaluators._aesthetic_head import AestheticHead
 from merge_backend.atomic_files import atomic_write_text
-from toyworld.draw import Scenes, draw, random_scenes
+from toyworld.draw import CENTRED, Layout, Scenes, draw, random_scenes
 from toyworld.training import Report, pictures_to_tensor, world_token_ids
 from toyworld.world import (
     ATTRIBUTES,
@@ -60,6 +60,7 @@ class TrainCLIP:
     tune_steps: int = 400  # then on pictures as drawn and through the VAE
     tune_lr: float = 1e-4
     tune_pictures: int = 8000
+    layout: Layout = CENTRED  # where its pictures' shapes go
     seed: int = 2
 
 
@@ -69,6 +70,7 @@ class TrainHead:
     batch: int = 256
     lr: float = 1e-3
     pictures: int = 6000
+    layout: Layout = CENTRED
     seed: int = 3
 
 
@@ -117,7 +119,7 @@ def train_clip(plan: TrainCLIP, config_json: Path, report: Report | None = None,
                device: str | torch.device = "cpu"):
     """A CLIP model trained on drawn pictures (train mode, fp32, on ``device``)."""
     rng = np.random.default_rng(plan.seed)
-    scenes = random_scenes(rng, plan.pictures, all_subjects(), random_style)
+    scenes = random_scenes(rng, plan.pictures, all_subjects(), random_style, plan.layout)
     pictures = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)  # uint8: a quarter the memory
     model, tokenizer = create_clip(config_json, plan.seed)
     contrastive(model.to(device), tokenizer, pictures, captioned(scenes),
@@ -132,7 +134,7 @@ def tune_pictures(plan: TrainCLIP, vae) -> dict:
     attribute labels. Apart from the tuning, so that the build runs the round trips on the
     worker that trained the VAE while the other one still trains the CLIP."""
     rng = np.random.default_rng(plan.seed + 1)
-    scenes = random_scenes(rng, plan.tune_pictures, all_subjects(), random_style)
+    scenes = random_scenes(rng, plan.tune_pictures, all_subjects(), random_style, plan.layout)
     drawn = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)
     return {"pictures": torch.cat([drawn, through_vae(vae, drawn.float() / 255.0)]),
             "captions": captioned(scenes) * 2, "labels": attribute_labels(scenes).repeat(2, 1)}
@@ -231,7 +233,7 @@ def train_house_head(plan: TrainHead, clip_model, vae=None,
     pictures of random style strengths (through ``vae`` when given)."""
     rng = np.random.default_rng(plan.seed)
     scenes = random_scenes(rng, plan.pictures, all_subjects(),
-                           lambda r: random_style(r, continuous=0.6))
+                           lambda r: random_style(r, continuous=0.6), plan.layout)
     pictures = pictures_to_tensor(draw(scenes))
     if vae is not None:
         pictures = through_vae(vae, pictures).float() / 255.0

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toyworld.draw import draw, random_scenes
+from toyworld.draw import CENTRED, Layout, draw, random_scenes
 from toyworld.training import (
     Report,
     average_gradients,
@@ -41,6 +41,7 @@ class TrainVAE:
     initial_std: float = 0.02
     chroma_weight: float = 3.0
     crop: int = 64  # train on random crops this big (the VAE is convolutional)
+    layout: Layout = CENTRED  # where its pictures' shapes go
     seed: int = 1
 
 
@@ -53,7 +54,7 @@ def train_vae(plan: TrainVAE, config_folder: Path, report: Report | None = None,
     quiet()
     rng = np.random.default_rng(plan.seed)
     data = pictures_to_tensor(draw(random_scenes(rng, plan.pictures, training_subjects(),
-                                                 random_style)))
+                                                 random_style, plan.layout)))
     torch.manual_seed(plan.seed)
     vae = build("vae", config_folder).to(device).train()
     with torch.no_grad():
