@@ -15,7 +15,10 @@ the merge engine, a real study for the trial time, `mergesearch demo` for the de
   by >= 10% of the search's score range, on the training and the held-out probes;
 - one trial of the demo's study <= 0.5 s; `mergesearch demo` <= 5 minutes.
 
-    .venv/bin/python benchmarks/toyworld.py [--no-demo] [--house-trials 500]
+    .venv/bin/python benchmarks/toyworld.py [--no-demo] [--house-trials 500] [--world DIR]
+
+``--world DIR`` measures a world a build wrote (`mergesearch toyworld build DIR --plan NAME`)
+instead of the shipped one; the demo is timed on the shipped world either way.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-demo", action="store_true", help="skip timing `mergesearch demo`")
     parser.add_argument("--house-trials", type=int, default=500)
+    parser.add_argument("--world", type=Path, help="a built world's folder (default: shipped)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # one thread: the world's models gain nothing from a second one, and the CPU time a trial
@@ -55,7 +59,7 @@ def main() -> None:
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; {load}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        world = write_world(Path(tmp) / "world")
+        world = write_world(Path(tmp) / "world", **({"source": args.world} if args.world else {}))
         figures = measure_figures(world, demo=not args.no_demo, house_trials=args.house_trials)
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
     for name, fig in figures.items():

@@ -20,7 +20,7 @@ from evaluators import ProbeSet, build_scorer, generate
 from merge_backend.architectures import ARCHITECTURES, detect_architecture
 from merge_backend.pipeline import load_pipeline
 from toyworld.draw import draw, random_scenes
-from toyworld.files import SHIPPED, WEIGHT_FILES, ToyWorld, write_world
+from toyworld.files import SHIPPED, WEIGHT_FILES, ToyWorld, world_layouts, write_world
 from toyworld.world import (
     HOUSE,
     SAMPLING,
@@ -220,6 +220,7 @@ def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tm
                       width=64, height=64)
     images = generate(pipe, probes).images
     assert images.shape[-2:] == (64, 64) and torch.isfinite(images).all()
+    assert world_layouts(world.folder) == plan.layouts  # what the style probe draws with
     copy = write_world(tmp_path / "copy", source=world.folder)
     unet = json.loads((copy.config_folder / "unet" / "config.json").read_text())
     assert unet["sample_size"] == 16

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from evaluators import ProbeSet, build_scorer, generate
 from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.recipe import Recipe, Source, uniform_ratios
-from toyworld.draw import draw, random_scenes
-from toyworld.files import ToyWorld
+from toyworld.draw import CENTRED, Layout, draw, random_scenes
+from toyworld.files import ToyWorld, world_layouts
 from toyworld.training import pictures_to_tensor
 from toyworld.world import (
     ATTRIBUTES,
@@ -108,12 +108,20 @@ class StyleProbe:
         return [self.labels[i] for i in (embeddings @ self.weight.T + self.bias).argmax(1)]
 
 
-def fit_style_probe(scorer, per_style: int = 200, seed: int = 7) -> StyleProbe:
+# which style each model of a world was trained on
+MODEL_STYLE = {"base": "plain", "style_a": "a", "style_b": "b"}
+
+
+def fit_style_probe(scorer, per_style: int = 200, seed: int = 7,
+                    layouts: dict[str, Layout] | None = None) -> StyleProbe:
+    """Fit on pictures drawn in each style, placed as the model trained on it placed them
+    (``layouts``, by model name; centred when not given)."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
-    for label, style in enumerate(STYLES.values()):
+    by_style = {MODEL_STYLE[m]: layout for m, layout in (layouts or {}).items()}
+    for label, (name, style) in enumerate(STYLES.items()):
         pictures = pictures_to_tensor(draw(random_scenes(rng, per_style, training_subjects(),
-                                                         style)))
+                                                         style, by_style.get(name, CENTRED))))
         xs.append(scorer.image_embeddings(pictures))
         ys += [label] * per_style
     x, y = torch.cat(xs), torch.tensor(ys)
@@ -153,14 +161,15 @@ class StyleFigures:
 
     def own(self, model: str) -> float:
         """Share of ``model``'s probes called its own style among all three."""
-        return self.calls[model][{"base": "plain", "style_a": "a", "style_b": "b"}[model]]
+        return self.calls[model][MODEL_STYLE[model]]
 
 
 def style_probe(world: ToyWorld, seeds: int = 4, device: str = "cpu") -> StyleFigures:
-    """The probe (fit on drawn plain / A / B pictures) on the held-out probes of base, style_a
+    """The probe (fit on drawn plain / A / B pictures, placed as the world's data sets placed
+    them) on the held-out probes of base, style_a
     and style_b: what it calls each model's probes, and how often it tells A's from B's."""
     scorer = clip_scorer(world, device=device)
-    probe = fit_style_probe(scorer)
+    probe = fit_style_probe(scorer, layouts=world_layouts(world.folder))
     probes = held_out_probes(seeds)
     calls, margins = {}, {}
     a, b = probe.labels.index("a"), probe.labels.index("b")
