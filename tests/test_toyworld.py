@@ -256,5 +256,10 @@ def test_the_toyworld_command_keeps_a_users_edits_unless_told(tmp_path, capsys):
     assert main(["toyworld", "build", str(tmp_path / "b")]) == 1
     assert "work exists" in capsys.readouterr().err
     assert (tmp_path / "b" / "work" / "mine.txt").read_text() == "kept"
+    # ... or because no plan has that name (before any folder is made)
+    assert main(["toyworld", "build", str(tmp_path / "c"), "--plan", "layout61"]) == 1
+    err = capsys.readouterr().err
+    assert "--plan: unknown plan 'layout61'; known: shipped, layout16" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
     assert main(["toyworld", str(world), "--overwrite"]) == 0
     assert b"trials: 7" not in study.read_bytes()
