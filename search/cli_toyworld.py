@@ -23,8 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="build: the world's seed")
     p.add_argument("--plan", default="shipped", metavar="NAME",
                    help="build: which plan (toyworld.stages.PLANS: shipped, the world in "
-                        "toyworld/weights; layout16, a 16x16-latent world whose styles differ "
-                        "in layout)")
+                        "toyworld/weights; layout16 and layout16_wide, 16x16-latent worlds "
+                        "whose styles differ in layout)")
     p.add_argument("--no-figures", action="store_true",
                    help="build: skip the acceptance figures after training")
     p.add_argument("--keep-work", action="store_true",
