@@ -109,11 +109,11 @@ class RunFolder:
             what = "a file, not a run folder" if path.exists() else "no such run folder"
             raise RunError(f"{path}: {what}; pass the folder `mergesearch run` made "
                            "(output/NAME)")
-        if not meta.is_file() and (path / DB_FILE).is_file():
-            raise RunError(f"{path}: a run stopped while it started (a {DB_FILE}, no "
-                           f"{RUN_FILE}); run its config again (`mergesearch run CONFIG`) to "
-                           "start it")
         if not meta.is_file():
+            if (path / DB_FILE).is_file():
+                raise RunError(f"{path}: a run stopped while it started (a {DB_FILE}, no "
+                               f"{RUN_FILE}); run its config again (`mergesearch run CONFIG`) "
+                               "to start it")
             raise RunError(f"{path}: not a mergesearch run folder (no {RUN_FILE}); pass the "
                            "output folder of `mergesearch run`")
         redo = "run the study's config again (`mergesearch run CONFIG`) to rewrite it"

@@ -16,16 +16,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
 from merge_backend.atomic_files import atomic_path, atomic_write_text
-
-if TYPE_CHECKING:
-    from toyworld.draw import Layout
+from toyworld.draw import CENTRED, Layout
 
 SHIPPED = Path(__file__).resolve().parent / "weights"
 CHECKPOINTS = ("base", "style_a", "style_b")
@@ -144,8 +141,6 @@ def world_size(folder: Path) -> str:
 def world_layouts(folder: Path) -> dict[str, Layout]:
     """Where each data set of a world put its shapes ("base", "style_a", "style_b"; its
     manifest's plan; everywhere centred before plans named layouts)."""
-    from toyworld.draw import CENTRED, Layout
-
     stored = manifest(ToyWorld(folder))["plan"].get("layouts")
     if stored is None:
         return dict.fromkeys(CHECKPOINTS, CENTRED)
