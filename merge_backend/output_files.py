@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from merge_backend.partial_files import partial_name
@@ -36,3 +39,30 @@ def check_output_folder(output: Path, error: type[Exception]) -> None:
     except OSError as exc:
         raise error(f"output {output}: cannot write in {folder} ({exc.strerror or exc})"
                     ) from None
+
+
+@contextlib.contextmanager
+def removed_if_unfinished(folder: Path, outputs: Iterable[Path]) -> Iterator[None]:
+    """Outputs written one by one into ``folder`` (files or folders): if the block fails or is
+    interrupted, those of ``outputs`` it created are removed, and ``folder`` too if the block
+    made it and it is left empty, so that running the command again finds the folder as it was
+    (not half written, which only --overwrite would get past). What the block replaced stays
+    replaced: --overwrite said the old files may go."""
+    folder = Path(folder)
+    outputs = [Path(p) for p in outputs]
+    made_folder = not folder.exists()
+    existed = {p for p in outputs if p.exists() or p.is_symlink()}
+    try:
+        yield
+    except BaseException:
+        for path in outputs:
+            if path in existed:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if made_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from merge_backend.output_files import check_new_output
+from merge_backend.output_files import check_new_output, removed_if_unfinished
 from merge_backend.tiny import family_files, tiny_archs, write_tiny_family
 
 from .cli_options import check_config_folder, check_seed
@@ -24,11 +24,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run_tiny(args: argparse.Namespace) -> int:
     check_seed("--seed", args.seed)
-    for path in family_files(args.folder, args.arch).values():
+    outputs = list(family_files(args.folder, args.arch).values())
+    for path in outputs:
         check_new_output(path, args.overwrite, ValueError)
     check_config_folder(args.folder, args.overwrite)
-    family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed,
-                               replace=args.overwrite)
+    with removed_if_unfinished(args.folder, [*outputs, args.folder / "config"]):
+        family = write_tiny_family(args.folder, arch=args.arch, seed=args.seed,
+                                   replace=args.overwrite)
     shown = {k: ({n: str(p) for n, p in v.items()} if isinstance(v, dict) else str(v))
              for k, v in vars(family).items()}
     print(json.dumps(shown, indent=2))

@@ -20,11 +20,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "this machine's CPU, writes the world into DIR and prints its acceptance "
                     "figures. (A folder named 'build': write ./build.)")
     p.add_argument("words", nargs="+", metavar="[build] DIR")
-    p.add_argument("--seed", type=int, default=0, help="build: the world's seed")
-    p.add_argument("--plan", default="shipped", metavar="NAME",
+    p.add_argument("--seed", type=int, help="build: the world's seed (default 0)")
+    p.add_argument("--plan", metavar="NAME",
                    help="build: which plan (toyworld.stages.PLANS: shipped, the world in "
                         "toyworld/weights; layout16 and layout16_wide, 16x16-latent worlds "
-                        "whose styles differ in layout)")
+                        "whose styles differ in layout; default shipped)")
     p.add_argument("--no-figures", action="store_true",
                    help="build: skip the acceptance figures after training")
     p.add_argument("--keep-work", action="store_true",
@@ -35,7 +35,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run_toyworld(args: argparse.Namespace) -> int:
-    from merge_backend.output_files import check_new_output
+    from merge_backend.output_files import check_new_output, removed_if_unfinished
     from toyworld.files import world_files, write_world
 
     words = list(args.words)
@@ -44,21 +44,37 @@ def run_toyworld(args: argparse.Namespace) -> int:
     if words[0] != "build" and len(words) != 1:
         raise ValueError("usage: mergesearch toyworld DIR  (or: mergesearch toyworld build DIR)")
     folder = Path(words[-1])
-    check_seed("--seed", args.seed)
     if words[0] == "build":
         from toyworld.stages import PLANS
 
+        args.seed = 0 if args.seed is None else args.seed
+        args.plan = args.plan or "shipped"
+        check_seed("--seed", args.seed)
         if args.plan not in PLANS:
             raise ValueError(f"--plan: unknown plan {args.plan!r}; known: {', '.join(PLANS)}")
-    for path in world_files(folder):  # before half an hour of training, too
+    else:
+        given = [flag for flag, value in (("--seed", args.seed is not None),
+                                          ("--plan", args.plan is not None),
+                                          ("--no-figures", args.no_figures),
+                                          ("--keep-work", args.keep_work)) if value]
+        if given:
+            raise ValueError(f"{given[0]} is an option of `mergesearch toyworld build DIR`; "
+                             "`mergesearch toyworld DIR` writes the shipped world as it is")
+    outputs = world_files(folder)
+    for path in outputs:  # before half an hour of training, too
         check_new_output(path, args.overwrite, ValueError)
     check_config_folder(folder, args.overwrite)
+    outputs.append(folder / "config")
     if words[0] == "build":
         if (folder / "work").exists() and not args.overwrite:
             raise ValueError(f"{folder / 'work'} exists, and a build starts it afresh; pass "
                              "--overwrite to replace it, or choose another folder")
-        return build(folder, args)
-    world = write_world(folder, replace=args.overwrite)
+        if not args.keep_work:
+            outputs.append(folder / "work")
+        with removed_if_unfinished(folder, outputs):
+            return build(folder, args)
+    with removed_if_unfinished(folder, outputs):
+        world = write_world(folder, replace=args.overwrite)
     print(json.dumps({"base": str(world.base), "style_a": str(world.style_a),
                       "style_b": str(world.style_b), "config_folder": str(world.config_folder),
                       "clip_config": str(world.clip_config),

@@ -263,3 +263,49 @@ def test_the_toyworld_command_keeps_a_users_edits_unless_told(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
     assert main(["toyworld", str(world), "--overwrite"]) == 0
     assert b"trials: 7" not in study.read_bytes()
+
+
+def test_build_options_without_build_are_refused_not_ignored(tmp_path, capsys):
+    """`--plan` (or --seed, --no-figures, --keep-work) names a build: given to the command
+    that writes the shipped world, it would have done nothing, silently."""
+    from search.cli import main
+
+    for extra in (["--plan", "layout16"], ["--seed", "3"], ["--keep-work"], ["--no-figures"]):
+        assert main(["toyworld", str(tmp_path / "w"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert (f"{extra[0]} is an option of `mergesearch toyworld build DIR`" in err
+                and len(err.strip().splitlines()) == 1), err
+        assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("command", [["toyworld"], ["tiny"]])
+def test_an_interrupted_write_leaves_the_folder_as_it_was(tmp_path, command):
+    """Ctrl-C while `mergesearch toyworld DIR` (or `tiny DIR`) writes: the files it had written
+    go again (else only --overwrite would get past them), the user's own file stays, and the
+    same command then succeeds. Interrupted after its first config file landed (the
+    MERGESEARCH_PAUSE_AT hook), when the world's weights are already in place (toyworld) or
+    its checkpoints still to come (tiny)."""
+    import signal
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    env = {**os.environ, "MERGESEARCH_PAUSE_AT": "after-rename"}
+    argv = [sys.executable, "-m", "search.cli", *command, str(folder)]
+    writer = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                              text=True)
+    try:
+        assert "paused at after-rename" in writer.stderr.readline()
+        written = sorted(p.name for p in folder.iterdir())
+        assert "config" in written, written  # interrupted mid-write
+        assert command != ["toyworld"] or "base.safetensors" in written, written
+        writer.send_signal(signal.SIGINT)
+        writer.wait(timeout=60)
+    finally:
+        writer.kill()
+        writer.stderr.close()
+    assert writer.returncode != 0
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    env.pop("MERGESEARCH_PAUSE_AT")
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
