@@ -71,8 +71,7 @@ def run_toyworld(args: argparse.Namespace) -> int:
                              "--overwrite to replace it, or choose another folder")
         if not args.keep_work:
             outputs.append(folder / "work")
-        with removed_if_unfinished(folder, outputs):
-            return build(folder, args)
+        return build(folder, args, outputs)
     with removed_if_unfinished(folder, outputs):
         world = write_world(folder, replace=args.overwrite)
     print(json.dumps({"base": str(world.base), "style_a": str(world.style_a),
@@ -85,14 +84,18 @@ def run_toyworld(args: argparse.Namespace) -> int:
     return 0
 
 
-def build(folder: Path, args: argparse.Namespace) -> int:
+def build(folder: Path, args: argparse.Namespace, outputs: list[Path]) -> int:
+    """Train the world; a build that fails or is interrupted takes back ``outputs`` (its
+    figures come after: stopping them keeps the world)."""
     from dataclasses import replace
 
+    from merge_backend.output_files import removed_if_unfinished
     from toyworld.build import build_world
     from toyworld.stages import PLANS
 
-    world = build_world(folder, replace(PLANS[args.plan], seed=args.seed),
-                        keep_work=args.keep_work)
+    with removed_if_unfinished(folder, outputs):
+        world = build_world(folder, replace(PLANS[args.plan], seed=args.seed),
+                            keep_work=args.keep_work)
     print(f"world written to {world.folder}", file=sys.stderr)
     if not args.no_figures:
         from .toyworld_figures import measure_figures

@@ -55,10 +55,18 @@ WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
      ("base", stage_base), ("style_b", stage_finetune("style_b"))),
 )
 PARALLEL = ("base",)
-# seconds per step on one idle core of the 2-core CPU (measured), for the progress bar's ETA
-SECONDS_PER_STEP = {"vae": 0.34, "tune_pictures": 70.0, "latents": 30.0, "base": 0.3,
-                    "style_a": 0.26, "clip": 0.2, "clip_tune": 0.25, "head": 0.1,
-                    "style_b": 0.26}
+# seconds per step on one idle core of the 2-core CPU, by the plan's SD1 config size, for the
+# progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
+# its steps; RESULTS.md, issue 14). A size not here is timed as "tiny".
+SECONDS_PER_STEP = {
+    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "latents": 30.0, "base": 0.3, "style_a": 0.26,
+             "clip": 0.2, "clip_tune": 0.25, "head": 0.1, "style_b": 0.26},
+    "toy16": {"vae": 0.51, "tune_pictures": 163.0, "latents": 62.0, "base": 0.4, "style_a": 0.35,
+              "clip": 0.22, "clip_tune": 0.19, "head": 0.22, "style_b": 0.35},
+    "toy16_wide": {"vae": 0.49, "tune_pictures": 158.0, "latents": 62.0, "base": 0.58,
+                   "style_a": 0.55, "clip": 0.21, "clip_tune": 0.21, "head": 0.23,
+                   "style_b": 0.55},
+}
 
 
 def stage_steps(plan: BuildPlan) -> dict[str, int]:
@@ -123,7 +131,7 @@ def build_world(folder: Path, plan: BuildPlan = BuildPlan(), *, progress=None,
     config_folder = write_config_folder("sd1", folder / "config", size=plan.size)
     clip_config = write_clip_config(work_folder / "toyworld-clip.json")
     work = Work(work_folder, config_folder, clip_config)
-    progress = progress or BuildProgress(stage_steps(plan))
+    progress = progress or BuildProgress(stage_steps(plan), size=plan.size)
     ctx = mp.get_context("spawn")
     messages, failed = ctx.Queue(), ctx.Event()
     workers = [ctx.Process(target=_worker, args=(i, plan, work, messages, failed), daemon=True)
@@ -202,7 +210,8 @@ class BuildProgress:
     """One status line: a bar over the whole build (weighted by each stage's expected time),
     the running stages with their step counts, elapsed time and an estimate of what is left."""
 
-    def __init__(self, steps: dict[str, int], stream=sys.stderr, width: int = 30):
+    def __init__(self, steps: dict[str, int], stream=sys.stderr, width: int = 30,
+                 size: str = "tiny"):
         self.steps = steps
         self.done = dict.fromkeys(steps, 0)
         self.notes = dict.fromkeys(steps, "")
@@ -211,7 +220,8 @@ class BuildProgress:
         self.start = time.monotonic()
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.last_print = 0.0
-        self.cost = {k: n * SECONDS_PER_STEP[k] for k, n in steps.items()}
+        per_step = SECONDS_PER_STEP.get(size, SECONDS_PER_STEP["tiny"])
+        self.cost = {k: n * per_step[k] for k, n in steps.items()}
 
     def fraction(self) -> float:
         total = sum(self.cost.values())
