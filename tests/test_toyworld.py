@@ -259,7 +259,8 @@ def test_the_toyworld_command_keeps_a_users_edits_unless_told(tmp_path, capsys):
     # ... or because no plan has that name (before any folder is made)
     assert main(["toyworld", "build", str(tmp_path / "c"), "--plan", "layout61"]) == 1
     err = capsys.readouterr().err
-    assert "--plan: unknown plan 'layout61'; known: shipped, layout16, layout16_wide" in err
+    assert ("--plan: unknown plan 'layout61'; known: shipped, layout16, layout16_wide, "
+            "layout16_wide_words, layout16_deep") in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
     assert main(["toyworld", str(world), "--overwrite"]) == 0
     assert b"trials: 7" not in study.read_bytes()

@@ -139,3 +139,26 @@ def test_data_parallel_processes_take_the_mean_gradient(tmp_path):
         grads = torch.load(f"{out}.{rank}", weights_only=True)
         assert torch.equal(grads["param"], torch.tensor([1.5, 3.0, 4.5]))
         assert torch.equal(grads["other"], torch.full((2, 2), 5.0))
+
+
+def test_layout_captions_say_where_the_shape_is_and_how_big():
+    """With layout words, every other CLIP caption also names the shape's place (a centre more
+    than 4 px off the middle) and size (a radius from 16 px is large); their tokens become
+    learnable only then, so a world without them keeps its CLIP's token rows."""
+    from toyworld.draw import Scenes
+    from toyworld.train_clip import captioned
+
+    subject = training_subjects()[0]
+    scenes = Scenes([subject] * 4, [PLAIN, PLAIN, STYLE_B, PLAIN],
+                    centre=np.array([[20.0, 22.0], [44.0, 44.0], [44.0, 30.0], [32.0, 33.0]]),
+                    radius=np.array([18.0, 12.0, 12.0, 16.0]), jitter=np.zeros((4, 2, 3)),
+                    phase=np.zeros((4, 2)))
+    plain = caption(subject)
+    assert captioned(scenes) == [plain, plain, plain + ", cool, outlined, checkered", plain]
+    assert captioned(scenes, layout=True) == [
+        plain + ", large, top left", plain,
+        plain + ", cool, outlined, checkered, small, right", plain]
+    left = 1823  # the BPE id of "left" (open_clip's SimpleTokenizer)
+    assert left in world_token_ids(layout=True) and left not in world_token_ids()
+    assert set(world_token_ids()) < set(world_token_ids(layout=True))
+

@@ -70,11 +70,17 @@ LAYOUT16 = BuildPlan(size="toy16", vae=TrainVAE(layout=EVERYWHERE),
                      layouts={"base": SPREAD, "style_a": LAYOUT_A, "style_b": LAYOUT_B})
 
 # name -> plan (`mergesearch toyworld build DIR --plan NAME`); "shipped" built toyworld/weights;
-# the layout worlds' figures are in RESULTS.md (issue 14, ninth pass)
+# the layout worlds' figures are in RESULTS.md (issue 14, ninth and tenth passes)
+LAYOUT16_WIDE = replace(LAYOUT16, size="toy16_wide")  # cleaner pictures, slower
 PLANS = {
     "shipped": BuildPlan(),
     "layout16": LAYOUT16,
-    "layout16_wide": replace(LAYOUT16, size="toy16_wide"),  # cleaner pictures, slower
+    "layout16_wide": LAYOUT16_WIDE,
+    # a CLIP that also learned where the shape is and how big
+    "layout16_wide_words": replace(LAYOUT16_WIDE, clip=replace(LAYOUT16_WIDE.clip,
+                                                               layout_words=True)),
+    # 64 channels at the 4x4 and 2x2 levels: clean pictures, black backgrounds, few blocks
+    "layout16_deep": replace(LAYOUT16, size="toy16_deep"),
 }
 
 
@@ -179,8 +185,8 @@ def stage_clip(plan: BuildPlan, work: Work, report: Report) -> None:
     work.save("clip_drawn", _cpu(model))
 
 
-def _clip(work: Work, name: str):
-    model, tokenizer = create_clip(work.clip_config, 0)
+def _clip(plan: BuildPlan, work: Work, name: str):
+    model, tokenizer = create_clip(work.clip_config, 0, plan.clip.layout_words)
     model.load_state_dict(work.load(name))
     return model.to(work.device), tokenizer
 
@@ -192,14 +198,14 @@ def stage_tune_pictures(plan: BuildPlan, work: Work, report: Report) -> None:
 
 
 def stage_clip_tune(plan: BuildPlan, work: Work, report: Report) -> None:
-    model, tokenizer = _clip(work, "clip_drawn")
+    model, tokenizer = _clip(plan, work, "clip_drawn")
     model = tune_clip(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), model, tokenizer,
                       work.load("tune_pictures"), report)
     work.save("clip", _cpu(model))
 
 
 def stage_head(plan: BuildPlan, work: Work, report: Report) -> None:
-    model, _ = _clip(work, "clip")
+    model, _ = _clip(plan, work, "clip")
     head = train_house_head(_replace_seed(plan.head, plan.seeded(plan.head.seed)),
                             model.eval(), _vae(work), report)
     work.save("head", _cpu(head))

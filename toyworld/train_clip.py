@@ -37,6 +37,7 @@ from toyworld.world import (
     all_subjects,
     caption,
     house_score,
+    layout_words,
     random_style,
     styled_caption,
 )
@@ -61,6 +62,9 @@ class TrainCLIP:
     tune_lr: float = 1e-4
     tune_pictures: int = 8000
     layout: Layout = CENTRED  # where its pictures' shapes go
+    # every other caption also says where the shape is and how big (``world.layout_words``),
+    # so that the embeddings, and the `reference` score, see a change of layout
+    layout_words: bool = False
     seed: int = 2
 
 
@@ -79,9 +83,10 @@ def write_clip_config(path: Path) -> Path:
     return path
 
 
-def create_clip(config_json: Path, seed: int):
+def create_clip(config_json: Path, seed: int, layout_words: bool = False):
     """A fresh open_clip model of ``config_json`` (registered by its file stem) whose unused
-    token embedding rows are zero and stay zero, and its tokenizer."""
+    token embedding rows are zero and stay zero (``layout_words``: the layout words are used),
+    and its tokenizer."""
     import logging
 
     import open_clip
@@ -92,15 +97,22 @@ def create_clip(config_json: Path, seed: int):
     model = open_clip.create_model(config_json.stem, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config_json.stem)
     mask = torch.zeros(model.token_embedding.weight.shape[0], 1)
-    mask[world_token_ids()] = 1.0
+    mask[world_token_ids(layout_words)] = 1.0
     with torch.no_grad():
         model.token_embedding.weight.mul_(mask)
     model.token_embedding.weight.register_hook(lambda grad: grad * mask.to(grad.device))
     return model, tokenizer
 
 
-def captioned(scenes: Scenes) -> list[str]:
-    return [styled_caption(s, st) for s, st in zip(scenes.subjects, scenes.styles)]
+def captioned(scenes: Scenes, layout: bool = False) -> list[str]:
+    """Each picture's caption with its style words (``layout``: every other one with its
+    layout words as well)."""
+    captions = [styled_caption(s, st) for s, st in zip(scenes.subjects, scenes.styles)]
+    if layout:
+        for i in range(0, len(captions), 2):
+            words = layout_words(*scenes.centre[i], scenes.radius[i])
+            captions[i] += f", {words}"
+    return captions
 
 
 def attribute_labels(scenes: Scenes) -> torch.Tensor:
@@ -121,8 +133,8 @@ def train_clip(plan: TrainCLIP, config_json: Path, report: Report | None = None,
     rng = np.random.default_rng(plan.seed)
     scenes = random_scenes(rng, plan.pictures, all_subjects(), random_style, plan.layout)
     pictures = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)  # uint8: a quarter the memory
-    model, tokenizer = create_clip(config_json, plan.seed)
-    contrastive(model.to(device), tokenizer, pictures, captioned(scenes),
+    model, tokenizer = create_clip(config_json, plan.seed, plan.layout_words)
+    contrastive(model.to(device), tokenizer, pictures, captioned(scenes, plan.layout_words),
                 attribute_labels(scenes), plan.steps, plan.lr, plan.batch, plan.noise, plan.seed,
                 report)
     return model
@@ -137,7 +149,8 @@ def tune_pictures(plan: TrainCLIP, vae) -> dict:
     scenes = random_scenes(rng, plan.tune_pictures, all_subjects(), random_style, plan.layout)
     drawn = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)
     return {"pictures": torch.cat([drawn, through_vae(vae, drawn.float() / 255.0)]),
-            "captions": captioned(scenes) * 2, "labels": attribute_labels(scenes).repeat(2, 1)}
+            "captions": captioned(scenes, plan.layout_words) * 2,
+            "labels": attribute_labels(scenes).repeat(2, 1)}
 
 
 def tune_clip(plan: TrainCLIP, model, tokenizer, data: dict, report: Report | None = None):

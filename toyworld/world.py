@@ -136,10 +136,30 @@ def house_score(style: Style) -> float:
     return 0.5 * style.warmth + style.outline
 
 
-def vocabulary() -> list[str]:
-    """Every word a caption of this world can hold (the tokens the text encoders learn)."""
+def layout_words(x: float, y: float, radius: float) -> str:
+    """Where a picture's shape is and how big, in the words a CLIP scorer that learns layout
+    reads (``TrainCLIP.layout_words``): "large" from a radius of 16 px, else "small"; "top" /
+    "bottom" and "left" / "right" for a centre more than 4 px from the middle.
+
+    >>> layout_words(23.0, 40.0, 18.0)
+    'large, bottom left'
+    """
+    place = [word for value, words in ((y, ("top", "bottom")), (x, ("left", "right")))
+             for word in ([words[0]] if value < SIZE / 2 - 4 else
+                          [words[1]] if value > SIZE / 2 + 4 else [])]
+    return ", ".join(["large" if radius >= 16 else "small"] + ([" ".join(place)] if place else []))
+
+
+LAYOUT_VOCABULARY = ("large", "small", "top", "bottom", "left", "right")
+
+
+def vocabulary(layout: bool = False) -> list[str]:
+    """Every word a caption of this world can hold (the tokens the text encoders learn);
+    ``layout``: with the words of ``layout_words`` too."""
     words = {"a", "on", "background", ","} | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS)
     words |= {"warm", "cool", "soft", "outlined", "checkered"}
+    if layout:
+        words |= set(LAYOUT_VOCABULARY)
     return sorted(words)
 
 
