@@ -144,13 +144,15 @@ def layout_words(x: float, y: float, radius: float) -> str:
     >>> layout_words(23.0, 40.0, 18.0)
     'large, bottom left'
     """
-    place = [word for value, words in ((y, ("top", "bottom")), (x, ("left", "right")))
-             for word in ([words[0]] if value < SIZE / 2 - 4 else
-                          [words[1]] if value > SIZE / 2 + 4 else [])]
-    return ", ".join(["large" if radius >= 16 else "small"] + ([" ".join(place)] if place else []))
+    (top, bottom), (left, right) = PLACE_WORDS
+    place = [word for value, low, high in ((y, top, bottom), (x, left, right))
+             for word in ([low] if value < SIZE / 2 - 4 else [high] if value > SIZE / 2 + 4 else [])]
+    large, small = SIZE_WORDS
+    return ", ".join([large if radius >= 16 else small] + ([" ".join(place)] if place else []))
 
 
-LAYOUT_VOCABULARY = ("large", "small", "top", "bottom", "left", "right")
+SIZE_WORDS = ("large", "small")
+PLACE_WORDS = (("top", "bottom"), ("left", "right"))
 
 
 def vocabulary(layout: bool = False) -> list[str]:
@@ -159,7 +161,7 @@ def vocabulary(layout: bool = False) -> list[str]:
     words = {"a", "on", "background", ","} | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS)
     words |= {"warm", "cool", "soft", "outlined", "checkered"}
     if layout:
-        words |= set(LAYOUT_VOCABULARY)
+        words |= set(SIZE_WORDS) | {w for pair in PLACE_WORDS for w in pair}
     return sorted(words)
 
 
