@@ -289,13 +289,15 @@ def test_an_interrupted_write_leaves_the_folder_as_it_was(tmp_path, command):
     training not yet begun (build: not run again, that takes half an hour)."""
     import signal
 
+    from child_signals import interruptible
+
     folder = tmp_path / "w"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     env = {**os.environ, "MERGESEARCH_PAUSE_AT": "after-rename"}
     argv = [sys.executable, "-m", "search.cli", *command, str(folder)]
     writer = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-                              text=True)
+                              text=True, preexec_fn=interruptible)
     try:
         assert "paused at after-rename" in writer.stderr.readline()
         written = sorted(p.name for p in folder.iterdir())
