@@ -136,6 +136,10 @@ def house_score(style: Style) -> float:
     return 0.5 * style.warmth + style.outline
 
 
+SIZE_WORDS = ("large", "small")
+PLACE_WORDS = (("top", "bottom"), ("left", "right"))
+
+
 def layout_words(x: float, y: float, radius: float) -> str:
     """Where a picture's shape is and how big, in the words a CLIP scorer that learns layout
     reads (``TrainCLIP.layout_words``): "large" from a radius of 16 px, else "small"; "top" /
@@ -144,15 +148,12 @@ def layout_words(x: float, y: float, radius: float) -> str:
     >>> layout_words(23.0, 40.0, 18.0)
     'large, bottom left'
     """
-    (top, bottom), (left, right) = PLACE_WORDS
-    place = [word for value, low, high in ((y, top, bottom), (x, left, right))
-             for word in ([low] if value < SIZE / 2 - 4 else [high] if value > SIZE / 2 + 4 else [])]
-    large, small = SIZE_WORDS
-    return ", ".join([large if radius >= 16 else small] + ([" ".join(place)] if place else []))
+    def side(value: float, words: tuple[str, str]) -> str:
+        return words[0] if value < SIZE / 2 - 4 else words[1] if value > SIZE / 2 + 4 else ""
 
-
-SIZE_WORDS = ("large", "small")
-PLACE_WORDS = (("top", "bottom"), ("left", "right"))
+    place = " ".join(w for w in (side(y, PLACE_WORDS[0]), side(x, PLACE_WORDS[1])) if w)
+    size = SIZE_WORDS[0] if radius >= 16 else SIZE_WORDS[1]
+    return f"{size}, {place}" if place else size
 
 
 def vocabulary(layout: bool = False) -> list[str]:
