@@ -61,10 +61,11 @@ def _world(folder: str | None):
     return ToyWorld(Path(folder) if folder else SHIPPED)
 
 
-def _probes(prompts: list[str], seeds: list[int]) -> dict:
-    from toyworld.world import SAMPLING
+def _probes(world, prompts: list[str], seeds: list[int]) -> dict:
+    from toyworld.files import world_sampling
 
-    return {"prompts": prompts, "seeds": seeds, **SAMPLING, "batch_size": len(prompts)}
+    return {"prompts": prompts, "seeds": seeds, **world_sampling(world.folder),
+            "batch_size": len(prompts)}
 
 
 def study_data(world, folder: Path, name: str, sampler: dict, trials: int, scorer: dict,
@@ -78,7 +79,7 @@ def study_data(world, folder: Path, name: str, sampler: dict, trials: int, score
         "config_folder": str(world.config_folder),
         "merge": {"method": "weighted_sum", "vocabulary": "mbw", "arithmetic": "fast",
                   "text_encoder": {"mode": "merge", "ratio": {"low": 0.0, "high": 1.0}}},
-        "probes": _probes(probe_prompts(), [1]),
+        "probes": _probes(world, probe_prompts(), [1]),
         "scorers": [scorer],
         "sampler": sampler,
         "warm_start": {"model1": warm, "model2": warm, "uniform": [0.5] if warm else []},
@@ -192,19 +193,19 @@ def run_job(job: Job) -> Outcome:
                               if t.state in (optuna.trial.TrialState.COMPLETE,
                                              optuna.trial.TrialState.PRUNED)])
         if job.task == "house":
-            out.held_out = _held_out(ctx, out)
+            out.held_out = _held_out(world, ctx, out)
     out.seconds = time.perf_counter() - started
     return out
 
 
-def _held_out(ctx, out: Outcome) -> dict[str, float]:
+def _held_out(world, ctx, out: Outcome) -> dict[str, float]:
     """House score on the held-out prompts: the best trial, both parents, the uniform merge."""
-    from evaluators import ProbeSet, generate
+    from evaluators import generate
     from merge_backend.recipe import uniform_ratios
-    from toyworld.world import HELD_OUT, SAMPLING, caption
+    from toyworld.figures import probe_set
+    from toyworld.world import HELD_OUT, caption
 
-    probes = ProbeSet(prompts=[caption(s) for s in HELD_OUT], seeds=[1, 2], batch_size=16,
-                      **SAMPLING)
+    probes = probe_set(world, [caption(s) for s in HELD_OUT], [1, 2], batch_size=16)
     best = out.ratios[max(range(len(out.values)), key=out.values.__getitem__)]
     named = {"best": best, "style_a": uniform_ratios("sd1", "mbw", 1.0),
              "style_b": uniform_ratios("sd1", "mbw", 0.0),

@@ -59,9 +59,9 @@ def house_search(world: ToyWorld, trials: int = 500, sampler: str = "cmaes", see
     head = build_scorer({"kind": "laion_aesthetic", "model": str(world.clip_config),
                          "weights": str(world.clip_weights), "head": str(world.house_head)},
                         device=device)
-    train = figures.probe_set([caption(s) for s in training_subjects()[::5]],
+    train = figures.probe_set(world, [caption(s) for s in training_subjects()[::5]],
                               list(range(1, train_seeds + 1)), 16)
-    held_out = figures.probe_set([caption(s) for s in HELD_OUT], [1, 2], 16)
+    held_out = figures.probe_set(world, [caption(s) for s in HELD_OUT], [1, 2], 16)
 
     def score(ratios: dict[str, float], probes) -> float:
         engine.apply(figures.merge_recipe(world, ratios))

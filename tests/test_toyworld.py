@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors import safe_open
 
 from evaluators import ProbeSet, build_scorer, generate
@@ -196,12 +197,16 @@ def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
     assert world.base.read_bytes() != (SHIPPED / "base.safetensors").read_bytes()
 
 
-def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tmp_path):
-    """A few steps of the layout world's plan: its files load through the normal checkpoint
+@pytest.mark.parametrize("name", ["layout16", "layout16_mid"])
+def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tmp_path, name):
+    """A few steps of a layout world's plan: its files load through the normal checkpoint
     path with no config folder given (the size is told by the UNet's weight count), encode a
     64 px picture to a 16x16 latent (a 4x VAE: three blocks, two downsamples) and draw 64 px
-    pictures; `toyworld DIR`'s copy of it keeps its config size."""
+    pictures; `toyworld DIR`'s copy of it keeps its config size and the plan's sampling. The
+    "mid" plan's UNet has attention in its middle block only: in the users' layout, no
+    transformer under input_blocks or output_blocks."""
     from toyworld.build import BuildProgress, build_world, stage_steps
+    from toyworld.figures import probe_set
 
     class Quiet:
         def write(self, text):
@@ -210,9 +215,17 @@ def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tm
         def flush(self):
             pass
 
-    plan = tiny_plan("layout16")
+    sampling = {"steps": 6, "cfg": 4.0, "width": 64, "height": 64, "scheduler": "dpm++_2m"}
+    plan = replace(tiny_plan(name), sampling=sampling)
     world = build_world(tmp_path / "w", plan, progress=BuildProgress(stage_steps(plan), Quiet()))
     pipe = load_pipeline(world.style_a)
+    with safe_open(world.style_a, "pt") as f:
+        transformers = {k.split(".")[2] for k in f.keys() if ".transformer_blocks." in k}
+    if name == "layout16_mid":
+        assert transformers == {"middle_block"}
+        assert list(pipe.unet.config.down_block_types) == ["DownBlock2D"] * 4
+    else:
+        assert transformers == {"input_blocks", "middle_block", "output_blocks"}
     assert len(pipe.vae.config.down_block_types) == 3
     latent = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latent.shape == (1, 4, 64 // 2 ** 2, 64 // 2 ** 2)
@@ -224,6 +237,10 @@ def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tm
     copy = write_world(tmp_path / "copy", source=world.folder)
     unet = json.loads((copy.config_folder / "unet" / "config.json").read_text())
     assert unet["sample_size"] == 16
+    study = yaml.safe_load(copy.study_config.read_text())
+    assert {k: study["probes"][k] for k in sampling} == sampling
+    drawn = probe_set(copy, ["a red circle on a white background"], [1])
+    assert {k: getattr(drawn, k) for k in sampling} == sampling
 
 
 def test_the_same_head_saves_to_the_same_bytes(tmp_path):

@@ -57,15 +57,19 @@ WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
 PARALLEL = ("base",)
 # seconds per step on one idle core of the 2-core CPU, by the plan's SD1 config size, for the
 # progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
-# its steps; RESULTS.md, issue 14). A size not here is timed as "tiny".
+# its steps; RESULTS.md, issue 14). "finetune" times style_a and style_b. The 16x16 sizes share
+# their VAE and CLIP stages and differ in the UNet. A size not here is timed as "tiny".
+_TOY16_SCORERS = {"vae": 0.5, "tune_pictures": 155.0, "latents": 60.0, "clip": 0.21,
+                  "clip_tune": 0.2, "head": 0.22}
 SECONDS_PER_STEP = {
-    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "latents": 30.0, "base": 0.3, "style_a": 0.26,
-             "clip": 0.2, "clip_tune": 0.25, "head": 0.1, "style_b": 0.26},
-    "toy16": {"vae": 0.51, "tune_pictures": 163.0, "latents": 62.0, "base": 0.4, "style_a": 0.35,
-              "clip": 0.22, "clip_tune": 0.19, "head": 0.22, "style_b": 0.35},
-    "toy16_wide": {"vae": 0.49, "tune_pictures": 158.0, "latents": 62.0, "base": 0.58,
-                   "style_a": 0.55, "clip": 0.21, "clip_tune": 0.21, "head": 0.23,
-                   "style_b": 0.55},
+    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "latents": 30.0, "clip": 0.2, "clip_tune": 0.25,
+             "head": 0.1, "base": 0.3, "finetune": 0.26},
+    "toy16": {**_TOY16_SCORERS, "base": 0.4, "finetune": 0.35},
+    "toy16_wide": {**_TOY16_SCORERS, "base": 0.58, "finetune": 0.55},
+    "toy16_deep": {**_TOY16_SCORERS, "base": 0.65, "finetune": 0.66},
+    "toy16_lo": {**_TOY16_SCORERS, "base": 0.28, "finetune": 0.27},
+    "toy16_4x4": {**_TOY16_SCORERS, "base": 0.22, "finetune": 0.2},
+    "toy16_mid": {**_TOY16_SCORERS, "base": 0.19, "finetune": 0.17},
 }
 
 
@@ -221,7 +225,8 @@ class BuildProgress:
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.last_print = 0.0
         per_step = SECONDS_PER_STEP.get(size, SECONDS_PER_STEP["tiny"])
-        self.cost = {k: n * per_step[k] for k, n in steps.items()}
+        self.cost = {k: n * per_step["finetune" if k.startswith("style_") else k]
+                     for k, n in steps.items()}
 
     def fraction(self) -> float:
         total = sum(self.cost.values())

@@ -25,12 +25,11 @@ from evaluators import ProbeSet, build_scorer, generate
 from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.recipe import Recipe, Source, uniform_ratios
 from toyworld.draw import CENTRED, Layout, draw, random_scenes
-from toyworld.files import ToyWorld, world_layouts
+from toyworld.files import ToyWorld, world_layouts, world_sampling
 from toyworld.training import pictures_to_tensor
 from toyworld.world import (
     ATTRIBUTES,
     HELD_OUT,
-    SAMPLING,
     STYLES,
     all_subjects,
     caption,
@@ -41,12 +40,15 @@ from toyworld.world import (
 MBW = block_names(ARCHITECTURES["sd1"], "mbw")
 
 
-def probe_set(prompts: list[str], seeds: list[int], batch_size: int = 16) -> ProbeSet:
-    return ProbeSet(prompts=prompts, seeds=seeds, batch_size=batch_size, **SAMPLING)
+def probe_set(world: ToyWorld, prompts: list[str], seeds: list[int],
+              batch_size: int = 16) -> ProbeSet:
+    """Probes drawn as the world draws them (``files.world_sampling``)."""
+    return ProbeSet(prompts=prompts, seeds=seeds, batch_size=batch_size,
+                    **world_sampling(world.folder))
 
 
-def held_out_probes(seeds: int = 8) -> ProbeSet:
-    return probe_set([caption(s) for s in HELD_OUT], list(range(1, seeds + 1)))
+def held_out_probes(world: ToyWorld, seeds: int = 8) -> ProbeSet:
+    return probe_set(world, [caption(s) for s in HELD_OUT], list(range(1, seeds + 1)))
 
 
 def load(world: ToyWorld, name: str, device: str = "cpu"):
@@ -84,7 +86,7 @@ def naming(world: ToyWorld, seeds: int = 8, device: str = "cpu", pipe=None) -> d
     """Share of the base model's held-out probes whose shape / colour / background the CLIP
     scorer names right."""
     pipe = pipe or load(world, "base", device)
-    probes = held_out_probes(seeds)
+    probes = held_out_probes(world, seeds)
     images = generate(pipe, probes).images
     scorer = clip_scorer(world, device=device)
     truth = [HELD_OUT[job.prompt_index] for job in probes.jobs()]
@@ -170,7 +172,7 @@ def style_probe(world: ToyWorld, seeds: int = 4, device: str = "cpu") -> StyleFi
     and style_b: what it calls each model's probes, and how often it tells A's from B's."""
     scorer = clip_scorer(world, device=device)
     probe = fit_style_probe(scorer, layouts=world_layouts(world.folder))
-    probes = held_out_probes(seeds)
+    probes = held_out_probes(world, seeds)
     calls, margins = {}, {}
     a, b = probe.labels.index("a"), probe.labels.index("b")
     for model in ("base", "style_a", "style_b"):
@@ -232,7 +234,7 @@ def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges
 
     hidden = hidden_ratios(seed)
     prompts = prompts or probe_prompts()
-    probes = probe_set(prompts, [1], batch_size=4)
+    probes = probe_set(world, prompts, [1], batch_size=4)
     pipe = load(world, "style_a", device)
     template = merge_recipe(world, uniform_ratios("sd1", "mbw", 1.0))
     engine = MergeEngine(pipe, template, device=device)

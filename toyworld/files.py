@@ -16,6 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -148,6 +149,14 @@ def world_layouts(folder: Path) -> dict[str, Layout]:
             for name, v in stored.items()}
 
 
+def world_sampling(folder: Path) -> dict[str, Any]:
+    """How a world's probes are drawn: its manifest's plan (``toyworld.world.SAMPLING``
+    before plans named one)."""
+    from toyworld.world import SAMPLING
+
+    return dict(manifest(ToyWorld(folder))["plan"].get("sampling", SAMPLING))
+
+
 def manifest(world: ToyWorld) -> dict:
     return json.loads(world.manifest.read_text(encoding="utf-8"))
 
@@ -155,7 +164,7 @@ def manifest(world: ToyWorld) -> dict:
 def study_config(world: ToyWorld) -> dict:
     """A study merging style A and style B towards the house style (paths relative to the
     YAML file, so the folder can move)."""
-    from toyworld.world import SAMPLING, probe_prompts
+    from toyworld.world import probe_prompts
 
     prompts = probe_prompts()
     return {
@@ -163,7 +172,8 @@ def study_config(world: ToyWorld) -> dict:
         "models": {"model1": world.style_a.name, "model2": world.style_b.name},
         "config_folder": world.config_folder.name,
         "merge": {"method": "weighted_sum", "vocabulary": "mbw", "arithmetic": "fast"},
-        "probes": {"prompts": prompts, "seeds": [1], **SAMPLING, "batch_size": 4},
+        "probes": {"prompts": prompts, "seeds": [1], **world_sampling(world.folder),
+                   "batch_size": 4},
         "scorers": [
             {"kind": "laion_aesthetic", "name": "house", "model": world.clip_config.name,
              "weights": world.clip_weights.name, "head": world.house_head.name,

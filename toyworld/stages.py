@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from toyworld.train_clip import (
 from toyworld.train_diffusion import Latents, TrainUNet, encode, mask_unused_tokens, train_unet
 from toyworld.train_vae import TrainVAE, train_vae
 from toyworld.training import Report, build, pictures_to_tensor, rank
-from toyworld.world import PLAIN, STYLE_A, STYLE_B, caption, training_subjects
+from toyworld.world import PLAIN, SAMPLING, STYLE_A, STYLE_B, caption, training_subjects
 
 STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
 
@@ -38,7 +39,8 @@ STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
 class BuildPlan:
     """Every number the build uses. ``seed`` offsets every stage's own seed. ``size`` names
     the SD1 config folder the family is built in (``merge_backend/architectures/sd1.yaml``);
-    ``layouts`` says where each diffusion data set's shapes go."""
+    ``layouts`` says where each diffusion data set's shapes go; ``sampling`` how the world's
+    probes are drawn (its study config, the demo, the acceptance figures)."""
 
     seed: int = 0
     size: str = "tiny"
@@ -51,6 +53,7 @@ class BuildPlan:
     pictures: dict[str, int] = field(default_factory=lambda: {"base": 16000, "style_a": 6000,
                                                               "style_b": 6000})
     layouts: dict[str, Layout] = field(default_factory=lambda: dict.fromkeys(STYLED, CENTRED))
+    sampling: dict[str, Any] = field(default_factory=lambda: dict(SAMPLING))
 
     def seeded(self, stage_seed: int) -> int:
         return self.seed * 1000 + stage_seed
@@ -81,6 +84,11 @@ PLANS = {
                                                                layout_words=True)),
     # 64 channels at the 4x4 and 2x2 levels: clean pictures, black backgrounds, few blocks
     "layout16_deep": replace(LAYOUT16, size="toy16_deep"),
+    # less attention (RESULTS.md, issue 14, eleventh pass): none at the 16x16 level ("lo": the
+    # cleanest pictures, 3 blocks), only at 4x4 and in the middle block, only in the middle block
+    "layout16_lo": replace(LAYOUT16, size="toy16_lo"),
+    "layout16_4x4": replace(LAYOUT16, size="toy16_4x4"),
+    "layout16_mid": replace(LAYOUT16, size="toy16_mid"),
 }
 
 

@@ -38,7 +38,8 @@ BACKGROUNDS = {"white": (236, 236, 232), "gray": (128, 128, 128), "black": (28, 
 # what a caption names, as Subject fields -> their values (what zero-shot naming asks)
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
 CAPTION = "a {colour} {shape} on a {background} background"
-# How probes of this world are drawn (the demo, the study config, the acceptance figures)
+# How a world's probes are drawn (the demo, the study config, the acceptance figures), unless
+# its build plan names other sampling (toyworld.files.world_sampling)
 SAMPLING = {"steps": 4, "cfg": 3.0, "width": SIZE, "height": SIZE, "scheduler": "euler"}
 
 
