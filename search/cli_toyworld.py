@@ -23,9 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="build: the world's seed (default 0)")
     p.add_argument("--plan", metavar="NAME",
                    help="build: which plan (toyworld.stages.PLANS: shipped, the world in "
-                        "toyworld/weights; layout16, layout16_wide, layout16_wide_words and "
-                        "layout16_deep, 16x16-latent worlds whose styles differ in layout; "
-                        "default shipped)")
+                        "toyworld/weights, or one of the layout16 worlds, whose styles differ "
+                        "in layout; an unknown name lists them; default shipped)")
     p.add_argument("--no-figures", action="store_true",
                    help="build: skip the acceptance figures after training")
     p.add_argument("--keep-work", action="store_true",

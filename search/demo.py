@@ -23,8 +23,7 @@ import yaml
 
 from evaluators import ProbeImages, combine, generate, load_image_folder, score_images
 from merge_backend.atomic_files import atomic_folder, atomic_write_text
-from toyworld.files import SHIPPED, world_sampling, write_world
-from toyworld.world import probe_prompts
+from toyworld.files import SHIPPED, study_probes, write_world
 
 from . import run_folder as rf
 from .cli_options import DEMO_TRIALS, PREFERENCE_CANDIDATES, PREFERENCE_TRIALS
@@ -44,15 +43,13 @@ def demo_config(folder: Path, trials: int = DEMO_TRIALS, seed: int = 0,
     (``world_source``). Its reference scorer compares with FOLDER/references
     (``draw_hidden_merge``)."""
     world = write_world(folder / "models", source=world_source)
-    prompts = probe_prompts()
     return {
         "name": "demo",
         "models": {"model1": str(world.style_a), "model2": str(world.style_b)},
         "config_folder": str(world.config_folder),
         "merge": {"method": "weighted_sum", "vocabulary": "mbw", "arithmetic": "fast",
                   "text_encoder": {"mode": "merge", "ratio": {"low": 0.0, "high": 1.0}}},
-        "probes": {"prompts": prompts, "seeds": [1], **world_sampling(world.folder),
-                   "batch_size": 4},
+        "probes": study_probes(world),
         "scorers": [{"kind": "reference", "name": "reference", "model": str(world.clip_config),
                      "weights": str(world.clip_weights), "mode": "paired", "range": [0.5, 1.0],
                      "references": str(Path(folder).absolute() / REFERENCES)}],

@@ -161,19 +161,24 @@ def manifest(world: ToyWorld) -> dict:
     return json.loads(world.manifest.read_text(encoding="utf-8"))
 
 
+def study_probes(world: ToyWorld) -> dict[str, Any]:
+    """The probes of a study in this world (its study config's, the demo's): the probe
+    prompts, one seed, drawn as the world draws them."""
+    from toyworld.world import probe_prompts
+
+    return {"prompts": probe_prompts(), "seeds": [1], **world_sampling(world.folder),
+            "batch_size": 4}
+
+
 def study_config(world: ToyWorld) -> dict:
     """A study merging style A and style B towards the house style (paths relative to the
     YAML file, so the folder can move)."""
-    from toyworld.world import probe_prompts
-
-    prompts = probe_prompts()
     return {
         "name": "toyworld-house",
         "models": {"model1": world.style_a.name, "model2": world.style_b.name},
         "config_folder": world.config_folder.name,
         "merge": {"method": "weighted_sum", "vocabulary": "mbw", "arithmetic": "fast"},
-        "probes": {"prompts": prompts, "seeds": [1], **world_sampling(world.folder),
-                   "batch_size": 4},
+        "probes": study_probes(world),
         "scorers": [
             {"kind": "laion_aesthetic", "name": "house", "model": world.clip_config.name,
              "weights": world.clip_weights.name, "head": world.house_head.name,

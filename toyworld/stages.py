@@ -73,7 +73,7 @@ LAYOUT16 = BuildPlan(size="toy16", vae=TrainVAE(layout=EVERYWHERE),
                      layouts={"base": SPREAD, "style_a": LAYOUT_A, "style_b": LAYOUT_B})
 
 # name -> plan (`mergesearch toyworld build DIR --plan NAME`); "shipped" built toyworld/weights;
-# the layout worlds' figures are in RESULTS.md (issue 14, ninth and tenth passes)
+# the layout worlds' figures are in RESULTS.md (issue 14, ninth to eleventh passes)
 LAYOUT16_WIDE = replace(LAYOUT16, size="toy16_wide")  # cleaner pictures, slower
 PLANS = {
     "shipped": BuildPlan(),
