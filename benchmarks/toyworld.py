@@ -10,7 +10,8 @@ the merge engine, a real study for the trial time, `mergesearch demo` for the de
   style_a's held-out probes from style_b's >= 95% of the time, and calls >= 95% of the base's
   neither (plain); what it calls each model's probes among all three is printed;
 - sensitivity: at a hidden random merge, +-0.3 on one MBW block moves the `reference` score by
-  >= 1% of its observed range, for >= 18 of the 26 blocks (the table is printed);
+  >= 1% of its observed range, for >= 18 of the 26 blocks; measured at three hidden merges,
+  the figure is the median count (the table of all three is printed);
 - house style: the best of a 500-trial search beats both parents and the uniform 0.5 merge
   by >= 10% of the search's score range, on the training and the held-out probes;
 - one trial of the demo's study <= 0.5 s; `mergesearch demo` <= 5 minutes.

@@ -23,8 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="build: the world's seed (default 0)")
     p.add_argument("--plan", metavar="NAME",
                    help="build: which plan (toyworld.stages.PLANS: shipped, the world in "
-                        "toyworld/weights, or one of the layout16 worlds, whose styles differ "
-                        "in layout; an unknown name lists them; default shipped)")
+                        "toyworld/weights; first, the world shipped before it; or one of the "
+                        "layout16 experiments; an unknown name lists them; default shipped)")
     p.add_argument("--no-figures", action="store_true",
                    help="build: skip the acceptance figures after training")
     p.add_argument("--keep-work", action="store_true",

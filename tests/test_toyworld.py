@@ -15,13 +15,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from open_clip.tokenizer import SimpleTokenizer
 from safetensors import safe_open
 
 from evaluators import ProbeSet, build_scorer, generate
 from merge_backend.architectures import ARCHITECTURES, detect_architecture
 from merge_backend.pipeline import load_pipeline
 from toyworld.draw import draw, random_scenes
-from toyworld.files import SHIPPED, WEIGHT_FILES, ToyWorld, world_layouts, write_world
+from toyworld.files import (
+    SHIPPED,
+    WEIGHT_FILES,
+    ToyWorld,
+    world_layouts,
+    world_styles,
+    write_world,
+)
 from toyworld.world import (
     HOUSE,
     SAMPLING,
@@ -154,7 +162,7 @@ def test_cli_writes_the_world_and_a_study_config_that_validates(tmp_path):
     assert check.stdout.count("OUT11") >= 1
 
 
-def tiny_plan(name: str = "shipped"):
+def tiny_plan(name: str):
     from toyworld.stages import PLANS
 
     plan = replace(PLANS[name], seed=3)
@@ -169,7 +177,8 @@ def tiny_plan(name: str = "shipped"):
 
 def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
     """The build's two worker processes, data-parallel base included, end to end in a few
-    steps; the result loads like the shipped world and differs from it (fresh training)."""
+    steps of the first world's plan (8x8 latents; the shipped plan's few-step build is below);
+    the result loads like the shipped world and differs from it (fresh training)."""
     from toyworld.build import build_world
 
     lines = []
@@ -183,7 +192,7 @@ def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
 
     from toyworld.build import BuildProgress, stage_steps
 
-    plan = tiny_plan()
+    plan = tiny_plan("first")
     world = build_world(tmp_path / "w", plan, progress=BuildProgress(stage_steps(plan), Lines()))
     assert not world.missing()
     assert not (tmp_path / "w" / "work").exists()
@@ -197,14 +206,16 @@ def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
     assert world.base.read_bytes() != (SHIPPED / "base.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("name", ["layout16", "layout16_mid"])
+@pytest.mark.parametrize("name", ["layout16", "layout16_mid", "shipped"])
 def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tmp_path, name):
     """A few steps of a layout world's plan: its files load through the normal checkpoint
     path with no config folder given (the size is told by the UNet's weight count), encode a
     64 px picture to a 16x16 latent (a 4x VAE: three blocks, two downsamples) and draw 64 px
     pictures; `toyworld DIR`'s copy of it keeps its config size and the plan's sampling. The
     "mid" plan's UNet has attention in its middle block only: in the users' layout, no
-    transformer under input_blocks or output_blocks."""
+    transformer under input_blocks or output_blocks. The shipped plan's world says which
+    styles its fine-tunes learned (what the style probe draws), and its CLIP learned the
+    looks' words: their token embedding rows are not zero (the other plans': zero)."""
     from toyworld.build import BuildProgress, build_world, stage_steps
     from toyworld.figures import probe_set
 
@@ -234,6 +245,11 @@ def test_the_layout16_plan_builds_a_16x16_latent_world_that_loads_by_its_size(tm
     images = generate(pipe, probes).images
     assert images.shape[-2:] == (64, 64) and torch.isfinite(images).all()
     assert world_layouts(world.folder) == plan.layouts  # what the style probe draws with
+    assert world_styles(world.folder) == plan.styles
+    with safe_open(world.folder / "toyworld-clip.safetensors", "pt") as f:
+        rows = f.get_tensor("token_embedding.weight")
+    framed = SimpleTokenizer().encode("framed")  # the vignette's word, one token
+    assert (rows[framed].abs().sum().item() > 0) == (name == "shipped")
     copy = write_world(tmp_path / "copy", source=world.folder)
     unet = json.loads((copy.config_folder / "unet" / "config.json").read_text())
     assert unet["sample_size"] == 16
@@ -276,8 +292,7 @@ def test_the_toyworld_command_keeps_a_users_edits_unless_told(tmp_path, capsys):
     # ... or because no plan has that name (before any folder is made)
     assert main(["toyworld", "build", str(tmp_path / "c"), "--plan", "layout61"]) == 1
     err = capsys.readouterr().err
-    assert ("--plan: unknown plan 'layout61'; known: shipped, layout16, layout16_wide, "
-            "layout16_wide_words, layout16_deep") in err
+    assert "--plan: unknown plan 'layout61'; known: shipped, first, layout16, " in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
     assert main(["toyworld", str(world), "--overwrite"]) == 0
     assert b"trials: 7" not in study.read_bytes()

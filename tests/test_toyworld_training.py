@@ -3,8 +3,11 @@ latent rescaling, frozen unused token rows, data-parallel gradient averaging."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from merge_backend.pipeline import write_config_folder
 from toyworld.draw import draw, random_scenes
@@ -17,7 +20,11 @@ from toyworld.world import (
     HELD_OUT,
     PLAIN,
     STYLE_A,
+    STYLE_A_LOOKS,
     STYLE_B,
+    STYLE_B_LOOKS,
+    Style,
+    Subject,
     all_subjects,
     caption,
     training_subjects,
@@ -76,6 +83,75 @@ def test_styles_change_the_pictures_at_their_scale():
     steps = [(np.abs(np.diff(p.mean(-1), axis=2)) > 40).mean() for p in (plain, warm, cool)]
     assert steps[1] < steps[0] < steps[2]
     del rng
+
+
+def _looks_by_torch(x: torch.Tensor, style: Style) -> torch.Tensor:
+    """The looks of ``world.Style`` as their strengths are specified (contrast and saturation
+    factors 1 +- 0.3 and 1 +- 0.5, gamma 1 -+ 0.3, a hue turn of 0.5 rad, a 5 px binomial blur,
+    a stretch of 1.16, a vignette of 0.6, each times the style's strength), written with torch's
+    own operations: the turn as a matrix exponential, the blur as a convolution, the stretch by
+    affine_grid / grid_sample.
+    ``x``: ``[N, 3, H, W]`` in [0, 1]."""
+    grey = x.mean(1, keepdim=True)
+    mean = grey.mean((2, 3), keepdim=True)
+    x = (x - mean) * (1 + 0.3 * style.contrast) + mean
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * (1 + 0.5 * style.saturation)
+    x = x.clamp(0, 1) ** (1 - 0.3 * style.light)
+    k = torch.ones(3) / 3 ** 0.5
+    generator = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    x = torch.einsum("ij,njhw->nihw", torch.linalg.matrix_exp(0.5 * style.hue * generator), x)
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    kernel = (taps[:, None] * taps[None]).expand(3, 1, 5, 5)
+    blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=3)
+    x = x + style.blur * (blurred - x)
+    sx = 1 + 0.16 * max(style.stretch, 0.0)
+    sy = 1 + 0.16 * max(-style.stretch, 0.0)
+    theta = torch.tensor([[1 / sx, 0.0, 0.0], [0.0, 1 / sy, 0.0]]).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    centres = (torch.arange(64) + 0.5) / 32 - 1
+    r2 = centres[None, :] ** 2 + centres[:, None] ** 2
+    return x * (1 - 0.6 * style.vignette * r2 / 2)
+
+
+def test_each_look_is_its_specified_operation():
+    """``apply_looks`` on drawn pictures, each look alone at two strengths and the two
+    styles' full sets, against the same operations written with torch (``_looks_by_torch``)."""
+    from toyworld.draw import apply_looks
+    from toyworld.world import LOOKS
+
+    scenes = random_scenes(np.random.default_rng(6), 6, training_subjects(), STYLE_B)
+    plain = draw(scenes).astype(np.float32) / 255
+    cases = [Style(**{name: value}) for name in LOOKS for value in (1.0, -0.6)
+             if value > 0 or name in ("contrast", "saturation", "light", "stretch")]
+    for style in [*cases, STYLE_A_LOOKS, STYLE_B_LOOKS]:
+        got = apply_looks(plain.copy(), [style] * len(plain))
+        want = _looks_by_torch(torch.from_numpy(plain).permute(0, 3, 1, 2), style)
+        assert np.abs(got - want.permute(0, 2, 3, 1).numpy()).max() < 1e-4, style
+    # and draw() applies a style's looks to the finished picture (up to its rounding)
+    looked = draw(replace(scenes, styles=[STYLE_B_LOOKS] * len(scenes))).astype(np.float32)
+    want = _looks_by_torch(torch.from_numpy(plain).permute(0, 3, 1, 2), STYLE_B_LOOKS)
+    assert np.abs(looked - want.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).max() <= 2.0
+    assert np.abs(looked - plain * 255).mean() > 10
+
+
+def test_every_caption_fits_the_clips_context():
+    """A caption with every style word and every look's word stays within the toy CLIP's
+    context (the tokenizer would cut the last words off); each look has its own word."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from toyworld.train_clip import CLIP_CONFIG
+    from toyworld.world import LOOKS, styled_caption, vocabulary
+
+    full = Style(warmth=1.0, soft=1.0, outline=1.0, texture=1.0,
+                 **{name: 1.0 for name in LOOKS})
+    longest = styled_caption(Subject("triangle", "yellow", "white"), full)
+    assert len(SimpleTokenizer().encode(longest)) + 2 <= CLIP_CONFIG["text_cfg"]["context_length"]
+    assert longest.endswith("bold vivid bright shifted blurry wide framed")
+    words = [w for pair in LOOKS.values() for w in pair if w]
+    assert len(set(words)) == len(words) and set(words) <= set(vocabulary(looks=True))
+    assert not set(words) & set(vocabulary())
 
 
 def test_latent_rescaling_changes_no_decoded_picture(tmp_path):

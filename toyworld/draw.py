@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toyworld.world import BACKGROUNDS, COLOURS, PLAIN, SHAPES, SIZE, Style, Subject
+from toyworld.world import BACKGROUNDS, COLOURS, LOOKS, PLAIN, SHAPES, SIZE, Style, Subject
 
 WARM = np.array([1.0, 0.55, 0.15], dtype=np.float32)
 COOL = np.array([0.15, 0.45, 1.0], dtype=np.float32)
@@ -27,6 +27,12 @@ OUTLINE_WIDTH = 5.0  # px
 CHECKER = 16  # px per checkerboard cell
 CHECKER_CONTRAST = 0.18
 JITTER = 10  # +- levels of per-picture colour jitter
+# the looks at full strength (world.LOOKS): contrast and saturation factors 1 +- these, the
+# gamma 1 -+ LIGHT, the hue turn in radians, the stretch factor 1 + STRETCH, the vignette's
+# darkening in the corners of the picture: twice the sixth pass's spans (RESULTS.md, issue 14,
+# eleventh pass)
+CONTRAST, SATURATION, LIGHT, HUE, STRETCH, VIGNETTE = 0.3, 0.5, 0.3, 0.5, 0.16, 0.6
+BLUR_KERNEL = np.array([1.0, 4.0, 6.0, 4.0, 1.0], dtype=np.float32) / 16  # binomial, 5 px
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,78 @@ def _draw(scenes: Scenes) -> np.ndarray:
     tint = np.where(warmth[..., None] >= 0, WARM, COOL)
     share = np.float32(TINT) * np.abs(warmth)[..., None]
     image = image * (1 - share) + tint * share
+    if any(s.has_looks() for s in scenes.styles):
+        image = apply_looks(image, scenes.styles)
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8).reshape(n, SIZE, SIZE, 3)
+
+
+def apply_looks(image: np.ndarray, styles: Sequence[Style]) -> np.ndarray:
+    """``[N, H, W, 3]`` pictures in [0, 1] with each one's whole-picture looks applied, in the
+    order of ``world.LOOKS``:
+
+    - contrast ``c``: every value moved from the picture's mean grey by the factor
+      ``1 + CONTRAST c``;
+    - saturation ``s``: from each pixel's grey by ``1 + SATURATION s``;
+    - light ``l``: clipped to [0, 1], then to the power ``1 - LIGHT l`` (+ brighter);
+    - hue ``h``: colours turned by ``HUE h`` radians about the grey axis (Rodrigues);
+    - blur ``b``: a share ``b`` of a 5 px binomial blur (edges repeated);
+    - stretch ``t``: scaled about the centre by ``1 + STRETCH |t|``, horizontally for ``t > 0``
+      and vertically for ``t < 0`` (linear interpolation, edges repeated);
+    - vignette ``v``: multiplied by ``1 - VIGNETTE v r^2 / 2``, ``r`` the distance from the
+      centre with the picture's edges at +-1.
+    """
+    look = {name: np.array([getattr(s, name) for s in styles], dtype=np.float32)[:, None, None]
+            for name in LOOKS}
+    grey = image.mean(axis=-1, keepdims=True)
+    mean = grey.mean(axis=(1, 2), keepdims=True)
+    image = (image - mean) * (1 + CONTRAST * look["contrast"])[..., None] + mean
+    grey = image.mean(axis=-1, keepdims=True)
+    image = grey + (image - grey) * (1 + SATURATION * look["saturation"])[..., None]
+    image = np.clip(image, 0, 1) ** (1 - LIGHT * look["light"])[..., None]
+    image = np.einsum("nij,nhwj->nhwi", _hue_turns(HUE * look["hue"][:, 0, 0]), image)
+    image = image + look["blur"][..., None] * (_blur(image) - image)
+    stretch = look["stretch"][:, 0, 0]
+    for axis, pick in ((2, stretch > 0), (1, stretch < 0)):
+        if pick.any():
+            image[pick] = _stretch(image[pick], 1 + STRETCH * np.abs(stretch[pick]), axis)
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    r2 = ((2 * x + 1) / SIZE - 1) ** 2 + ((2 * y + 1) / SIZE - 1) ** 2
+    return image * (1 - VIGNETTE * look["vignette"] * r2 / 2)[..., None]
+
+
+def _hue_turns(angles: np.ndarray) -> np.ndarray:
+    """``[N, 3, 3]`` rotations by ``angles`` about the grey axis."""
+    k = np.ones(3, dtype=np.float32) / np.sqrt(3.0)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]], dtype=np.float32)
+    cos, sin = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]
+    return (cos * np.eye(3, dtype=np.float32) + sin * cross
+            + (1 - cos) * np.outer(k, k)).astype(np.float32)
+
+
+def _blur(image: np.ndarray) -> np.ndarray:
+    """Separable binomial blur over the H and W axes of ``[N, H, W, 3]``, edges repeated."""
+    for axis in (1, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (2, 2)
+        padded = np.pad(image, pad, mode="edge")
+        image = sum(w * np.take(padded, np.arange(i, i + SIZE), axis=axis)
+                    for i, w in enumerate(BLUR_KERNEL))
+    return image
+
+
+def _stretch(image: np.ndarray, factor: np.ndarray, axis: int) -> np.ndarray:
+    """``[N, H, W, 3]`` scaled by ``factor`` (per picture) about the centre along ``axis``
+    (1: rows, 2: columns): output pixel ``i`` reads the input at ``(i + 0.5 - SIZE / 2) /
+    factor + SIZE / 2 - 0.5``, linearly interpolated, clamped to the edge."""
+    if axis == 2:
+        return _stretch(image.transpose(0, 2, 1, 3), factor, 1).transpose(0, 2, 1, 3)
+    pos = (np.arange(SIZE, dtype=np.float32)[None] + 0.5 - SIZE / 2) / factor[:, None]
+    pos = np.clip(pos + SIZE / 2 - 0.5, 0, SIZE - 1)
+    low = np.floor(pos).astype(np.int64)
+    high = np.minimum(low + 1, SIZE - 1)
+    frac = (pos - low).astype(np.float32)[:, :, None, None]
+    rows = np.arange(len(image))[:, None]
+    return image[rows, low] * (1 - frac) + image[rows, high] * frac
 
 
 def _rgb(colours: list[tuple[int, int, int]], jitter: np.ndarray) -> np.ndarray:

@@ -25,12 +25,14 @@ from evaluators import ProbeSet, build_scorer, generate
 from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.recipe import Recipe, Source, uniform_ratios
 from toyworld.draw import CENTRED, Layout, draw, random_scenes
-from toyworld.files import ToyWorld, world_layouts, world_sampling
+from toyworld.files import ToyWorld, world_layouts, world_sampling, world_styles
 from toyworld.training import pictures_to_tensor
 from toyworld.world import (
     ATTRIBUTES,
     HELD_OUT,
+    STYLED,
     STYLES,
+    Style,
     all_subjects,
     caption,
     probe_prompts,
@@ -115,15 +117,18 @@ MODEL_STYLE = {"base": "plain", "style_a": "a", "style_b": "b"}
 
 
 def fit_style_probe(scorer, per_style: int = 200, seed: int = 7,
-                    layouts: dict[str, Layout] | None = None) -> StyleProbe:
+                    layouts: dict[str, Layout] | None = None,
+                    styles: dict[str, Style] | None = None) -> StyleProbe:
     """Fit on pictures drawn in each style, placed as the model trained on it placed them
-    (``layouts``, by model name; centred when not given)."""
+    (``layouts``, by model name; centred when not given); ``styles``: the style each model
+    was trained on, by model name (``world.STYLED`` when not given)."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
-    by_style = {MODEL_STYLE[m]: layout for m, layout in (layouts or {}).items()}
-    for label, (name, style) in enumerate(STYLES.items()):
+    placed = {MODEL_STYLE[m]: layout for m, layout in (layouts or {}).items()}
+    drawn = {MODEL_STYLE[m]: style for m, style in (styles or STYLED).items()}
+    for label, name in enumerate(STYLES):
         pictures = pictures_to_tensor(draw(random_scenes(rng, per_style, training_subjects(),
-                                                         style, by_style.get(name, CENTRED))))
+                                                         drawn[name], placed.get(name, CENTRED))))
         xs.append(scorer.image_embeddings(pictures))
         ys += [label] * per_style
     x, y = torch.cat(xs), torch.tensor(ys)
@@ -167,11 +172,12 @@ class StyleFigures:
 
 
 def style_probe(world: ToyWorld, seeds: int = 4, device: str = "cpu") -> StyleFigures:
-    """The probe (fit on drawn plain / A / B pictures, placed as the world's data sets placed
-    them) on the held-out probes of base, style_a
+    """The probe (fit on drawn plain / A / B pictures, drawn and placed as the world's data
+    sets were) on the held-out probes of base, style_a
     and style_b: what it calls each model's probes, and how often it tells A's from B's."""
     scorer = clip_scorer(world, device=device)
-    probe = fit_style_probe(scorer, layouts=world_layouts(world.folder))
+    probe = fit_style_probe(scorer, layouts=world_layouts(world.folder),
+                            styles=world_styles(world.folder))
     probes = held_out_probes(world, seeds)
     calls, margins = {}, {}
     a, b = probe.labels.index("a"), probe.labels.index("b")

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from merge_backend.atomic_files import atomic_path, atomic_write_text
 from toyworld.draw import CENTRED, Layout
+from toyworld.world import STYLED, Style
 
 SHIPPED = Path(__file__).resolve().parent / "weights"
 CHECKPOINTS = ("base", "style_a", "style_b")
@@ -155,6 +156,13 @@ def world_sampling(folder: Path) -> dict[str, Any]:
     from toyworld.world import SAMPLING
 
     return dict(manifest(ToyWorld(folder))["plan"].get("sampling", SAMPLING))
+
+
+def world_styles(folder: Path) -> dict[str, Style]:
+    """The style each checkpoint of a world was trained on (its manifest's plan;
+    ``toyworld.world.STYLED`` before plans named styles)."""
+    stored = manifest(ToyWorld(folder))["plan"].get("styles")
+    return dict(STYLED) if stored is None else {n: Style(**v) for n, v in stored.items()}
 
 
 def manifest(world: ToyWorld) -> dict:

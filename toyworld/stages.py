@@ -30,9 +30,16 @@ from toyworld.train_clip import (
 from toyworld.train_diffusion import Latents, TrainUNet, encode, mask_unused_tokens, train_unet
 from toyworld.train_vae import TrainVAE, train_vae
 from toyworld.training import Report, build, pictures_to_tensor, rank
-from toyworld.world import PLAIN, SAMPLING, STYLE_A, STYLE_B, caption, training_subjects
-
-STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
+from toyworld.world import (
+    PLAIN,
+    SAMPLING,
+    STYLE_A_LOOKS,
+    STYLE_B_LOOKS,
+    STYLED,
+    Style,
+    caption,
+    training_subjects,
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,8 @@ class BuildPlan:
     """Every number the build uses. ``seed`` offsets every stage's own seed. ``size`` names
     the SD1 config folder the family is built in (``merge_backend/architectures/sd1.yaml``);
     ``layouts`` says where each diffusion data set's shapes go; ``sampling`` how the world's
-    probes are drawn (its study config, the demo, the acceptance figures)."""
+    probes are drawn (its study config, the demo, the acceptance figures); ``styles`` the
+    style each diffusion data set is drawn in."""
 
     seed: int = 0
     size: str = "tiny"
@@ -54,6 +62,7 @@ class BuildPlan:
                                                               "style_b": 6000})
     layouts: dict[str, Layout] = field(default_factory=lambda: dict.fromkeys(STYLED, CENTRED))
     sampling: dict[str, Any] = field(default_factory=lambda: dict(SAMPLING))
+    styles: dict[str, Style] = field(default_factory=lambda: dict(STYLED))
 
     def seeded(self, stage_seed: int) -> int:
         return self.seed * 1000 + stage_seed
@@ -72,11 +81,23 @@ LAYOUT16 = BuildPlan(size="toy16", vae=TrainVAE(layout=EVERYWHERE),
                      base=TrainUNet(steps=3000),
                      layouts={"base": SPREAD, "style_a": LAYOUT_A, "style_b": LAYOUT_B})
 
-# name -> plan (`mergesearch toyworld build DIR --plan NAME`); "shipped" built toyworld/weights;
-# the layout worlds' figures are in RESULTS.md (issue 14, ninth to eleventh passes)
+# The shipped world (toyworld/weights; RESULTS.md, issue 14, twelfth pass): the layout world in
+# the `lo` UNet (attention at 8x8, 4x4 and in the middle block), its styles with opposite
+# whole-picture looks on top, which the VAE sees on every picture and the CLIP and the house
+# head on half of theirs; a shorter VAE and longer fine-tunes than the other layout worlds.
+SHIPPED_PLAN = replace(
+    LAYOUT16, size="toy16_lo", vae=replace(LAYOUT16.vae, steps=900, looks=1.0),
+    clip=replace(LAYOUT16.clip, looks=0.5), head=replace(LAYOUT16.head, looks=0.5),
+    finetune=replace(BuildPlan.finetune, steps=1200),
+    styles={"base": PLAIN, "style_a": STYLE_A_LOOKS, "style_b": STYLE_B_LOOKS})
+
+# name -> plan (`mergesearch toyworld build DIR --plan NAME`); "shipped" built toyworld/weights,
+# "first" the world shipped before it (8x8 latents, centred shapes, styles without looks); the
+# layout worlds' figures are in RESULTS.md (issue 14, ninth to twelfth passes)
 LAYOUT16_WIDE = replace(LAYOUT16, size="toy16_wide")  # cleaner pictures, slower
 PLANS = {
-    "shipped": BuildPlan(),
+    "shipped": SHIPPED_PLAN,
+    "first": BuildPlan(),
     "layout16": LAYOUT16,
     "layout16_wide": LAYOUT16_WIDE,
     # a CLIP that also learned where the shape is and how big
@@ -140,9 +161,9 @@ def stage_vae(plan: BuildPlan, work: Work, report: Report) -> None:
 def stage_latents(plan: BuildPlan, work: Work, report: Report) -> None:
     vae = _vae(work)
     out = {}
-    for i, (name, style) in enumerate(STYLED.items()):
+    for i, name in enumerate(STYLED):
         rng = np.random.default_rng(plan.seeded(10 + i))
-        scenes = random_scenes(rng, plan.pictures[name], training_subjects(), style,
+        scenes = random_scenes(rng, plan.pictures[name], training_subjects(), plan.styles[name],
                                plan.layouts[name])
         pictures = pictures_to_tensor(draw(scenes))
         latents = encode(vae, pictures, [caption(s) for s in scenes.subjects])
@@ -194,7 +215,7 @@ def stage_clip(plan: BuildPlan, work: Work, report: Report) -> None:
 
 
 def _clip(plan: BuildPlan, work: Work, name: str):
-    model, tokenizer = create_clip(work.clip_config, 0, plan.clip.layout_words)
+    model, tokenizer = create_clip(work.clip_config, 0, plan.clip.layout_words, plan.clip.looks)
     model.load_state_dict(work.load(name))
     return model.to(work.device), tokenizer
 

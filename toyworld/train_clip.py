@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,9 @@ class TrainCLIP:
     # every other caption also says where the shape is and how big (``world.layout_words``),
     # so that the embeddings, and the `reference` score, see a change of layout
     layout_words: bool = False
+    # the share of its pictures with random whole-picture looks (world.LOOKS), named in the
+    # captions (> 0: the looks' words are learned)
+    looks: float = 0.0
     seed: int = 2
 
 
@@ -75,6 +79,7 @@ class TrainHead:
     lr: float = 1e-3
     pictures: int = 6000
     layout: Layout = CENTRED
+    looks: float = 0.0  # as TrainCLIP.looks (the house score ignores them)
     seed: int = 3
 
 
@@ -83,10 +88,10 @@ def write_clip_config(path: Path) -> Path:
     return path
 
 
-def create_clip(config_json: Path, seed: int, layout_words: bool = False):
+def create_clip(config_json: Path, seed: int, layout_words: bool = False, looks: float = 0.0):
     """A fresh open_clip model of ``config_json`` (registered by its file stem) whose unused
-    token embedding rows are zero and stay zero (``layout_words``: the layout words are used),
-    and its tokenizer."""
+    token embedding rows are zero and stay zero (``layout_words``, ``looks``: the layout
+    words, the looks' words are used), and its tokenizer."""
     import logging
 
     import open_clip
@@ -97,7 +102,7 @@ def create_clip(config_json: Path, seed: int, layout_words: bool = False):
     model = open_clip.create_model(config_json.stem, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config_json.stem)
     mask = torch.zeros(model.token_embedding.weight.shape[0], 1)
-    mask[world_token_ids(layout_words)] = 1.0
+    mask[world_token_ids(layout_words, looks > 0)] = 1.0
     with torch.no_grad():
         model.token_embedding.weight.mul_(mask)
     model.token_embedding.weight.register_hook(lambda grad: grad * mask.to(grad.device))
@@ -131,9 +136,10 @@ def train_clip(plan: TrainCLIP, config_json: Path, report: Report | None = None,
                device: str | torch.device = "cpu"):
     """A CLIP model trained on drawn pictures (train mode, fp32, on ``device``)."""
     rng = np.random.default_rng(plan.seed)
-    scenes = random_scenes(rng, plan.pictures, all_subjects(), random_style, plan.layout)
+    scenes = random_scenes(rng, plan.pictures, all_subjects(),
+                           partial(random_style, looks=plan.looks), plan.layout)
     pictures = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)  # uint8: a quarter the memory
-    model, tokenizer = create_clip(config_json, plan.seed, plan.layout_words)
+    model, tokenizer = create_clip(config_json, plan.seed, plan.layout_words, plan.looks)
     contrastive(model.to(device), tokenizer, pictures, captioned(scenes, plan.layout_words),
                 attribute_labels(scenes), plan.steps, plan.lr, plan.batch, plan.noise, plan.seed,
                 report)
@@ -146,7 +152,8 @@ def tune_pictures(plan: TrainCLIP, vae) -> dict:
     attribute labels. Apart from the tuning, so that the build runs the round trips on the
     worker that trained the VAE while the other one still trains the CLIP."""
     rng = np.random.default_rng(plan.seed + 1)
-    scenes = random_scenes(rng, plan.tune_pictures, all_subjects(), random_style, plan.layout)
+    scenes = random_scenes(rng, plan.tune_pictures, all_subjects(),
+                           partial(random_style, looks=plan.looks), plan.layout)
     drawn = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)
     return {"pictures": torch.cat([drawn, through_vae(vae, drawn.float() / 255.0)]),
             "captions": captioned(scenes, plan.layout_words) * 2,
@@ -246,7 +253,8 @@ def train_house_head(plan: TrainHead, clip_model, vae=None,
     pictures of random style strengths (through ``vae`` when given)."""
     rng = np.random.default_rng(plan.seed)
     scenes = random_scenes(rng, plan.pictures, all_subjects(),
-                           lambda r: random_style(r, continuous=0.6), plan.layout)
+                           lambda r: random_style(r, continuous=0.6, looks=plan.looks),
+                           plan.layout)
     pictures = pictures_to_tensor(draw(scenes))
     if vae is not None:
         pictures = through_vae(vae, pictures).float() / 255.0

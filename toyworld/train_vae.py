@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ class TrainVAE:
     chroma_weight: float = 3.0
     crop: int = 64  # train on random crops this big (the VAE is convolutional)
     layout: Layout = CENTRED  # where its pictures' shapes go
+    looks: float = 0.0  # the share of its pictures with random whole-picture looks (world.LOOKS)
     seed: int = 1
 
 
@@ -54,7 +56,8 @@ def train_vae(plan: TrainVAE, config_folder: Path, report: Report | None = None,
     quiet()
     rng = np.random.default_rng(plan.seed)
     data = pictures_to_tensor(draw(random_scenes(rng, plan.pictures, training_subjects(),
-                                                 random_style, plan.layout)))
+                                                 partial(random_style, looks=plan.looks),
+                                                 plan.layout)))
     torch.manual_seed(plan.seed)
     vae = build("vae", config_folder).to(device).train()
     with torch.no_grad():

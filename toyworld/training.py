@@ -36,17 +36,17 @@ def quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def world_token_ids(layout: bool = False) -> list[int]:
-    """CLIP BPE ids of every word the world uses (``layout``: its layout words too), plus
-    start / end of text (what the text encoders may learn; every other embedding row stays
-    zero)."""
+def world_token_ids(layout: bool = False, looks: bool = False) -> list[int]:
+    """CLIP BPE ids of every word the world uses (``layout``, ``looks``: its layout words, its
+    looks' words too), plus start / end of text (what the text encoders may learn; every other
+    embedding row stays zero)."""
     from open_clip.tokenizer import SimpleTokenizer
 
     from toyworld.world import vocabulary
 
     tok = SimpleTokenizer()
     ids = {tok.encoder["<start_of_text>"], tok.encoder["<end_of_text>"]}
-    for word in vocabulary(layout):
+    for word in vocabulary(layout, looks):
         ids.update(tok.encode(word))
     return sorted(ids)
 

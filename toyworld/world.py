@@ -1,21 +1,26 @@
 """What the toy world holds: its words, its styles, which prompts are held out, its captions.
 
-Pictures are 64x64 (an 8x8x4 latent in the SD1 VAE's 8x downsampling): one large shape in one
-colour on a plain background. On top of the plain look there are style attributes, each in
-[0, 1] (warmth in [-1, 1]) and all at least one latent cell (8 px) wide, since finer detail
-does not survive the VAE:
+Pictures are 64x64 (a 16x16x4 latent in the shipped world's VAE, which downsamples 4x; 8x8
+in the first world's 8x VAE): one large shape in one colour on a plain background. On top of
+the plain look there are style attributes, each in [0, 1] (warmth in [-1, 1]) and all at least
+a few pixels wide, since finer detail does not survive the VAE:
 
 - ``warmth``: the whole picture tinted towards orange (+) or blue (-): a global, low-frequency
   change;
 - ``soft``: the shape's edge blurred over ~8 px: a soft, filled look;
 - ``outline``: a 5 px contrasting ring around the shape: an edge;
-- ``texture``: a 16 px checkerboard in the background.
+- ``texture``: a 16 px checkerboard in the background;
+- whole-picture looks (``LOOKS``): contrast, saturation, light (a gamma), a hue turn, blur, a
+  horizontal or vertical stretch and a vignette, each applied to the finished picture
+  (``draw.apply_looks``).
 
-Fine-tune A is ``warm + soft`` and fine-tune B is ``cool + outlined + checkered``; the house
-style the aesthetic head prefers (``HOUSE``) takes A's palette and B's edges, a look neither
-parent has alone. Captions name shape, colour and background (``CAPTION``); the CLIP scorer
-additionally reads style words (``style_words``). ``HELD_OUT`` combinations never appear in
-any training set: acceptance figures are measured on them.
+Fine-tune A is ``warm + soft`` and fine-tune B is ``cool + outlined + checkered``; in the
+shipped world each also has the opposite whole-picture looks of the other (``STYLE_A_LOOKS``,
+``STYLE_B_LOOKS``; the first world's styles had none). The house style the aesthetic head
+prefers (``HOUSE``) takes A's palette and B's edges, a look neither parent has alone. Captions
+name shape, colour and background (``CAPTION``); the CLIP scorer additionally reads style
+and look words (``style_words``). ``HELD_OUT`` combinations never appear in any training set:
+acceptance figures are measured on them.
 
 Example:
     >>> caption(Subject("circle", "red", "white"))
@@ -27,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SIZE = 64
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -60,13 +65,44 @@ class Style:
     soft: float = 0.0
     outline: float = 0.0
     texture: float = 0.0
+    # whole-picture looks, 0 for none: contrast, saturation, light and stretch signed (+1 / -1:
+    # full strength one way or the other; stretch + wider, - taller), the others from 0 to 1;
+    # what each does at full strength: draw.apply_looks. A style may go past full strength.
+    contrast: float = 0.0
+    saturation: float = 0.0
+    light: float = 0.0
+    hue: float = 0.0
+    blur: float = 0.0
+    stretch: float = 0.0
+    vignette: float = 0.0
 
+    def has_looks(self) -> bool:
+        return any(getattr(self, name) for name in LOOKS)
+
+
+# look -> (its word at +1, its word at -1, or None for a look in [0, 1]), each one CLIP
+# token: a caption with every word stays within the CLIP's 32 tokens; the order is the order
+# draw.apply_looks applies them in
+LOOKS = {"contrast": ("bold", "flat"), "saturation": ("vivid", "muted"),
+         "light": ("bright", "dark"), "hue": ("shifted", None), "blur": ("blurry", None),
+         "stretch": ("wide", "tall"), "vignette": ("framed", None)}
 
 PLAIN = Style()
 STYLE_A = Style(warmth=1.0, soft=1.0)  # soft, warm, filled
 STYLE_B = Style(warmth=-1.0, outline=1.0, texture=1.0)  # outlined, cool, textured
 HOUSE = Style(warmth=1.0, outline=1.0)  # A's palette with B's edges
 STYLES = {"plain": PLAIN, "a": STYLE_A, "b": STYLE_B}
+# the style each checkpoint of a world is trained on, unless its build plan names others
+STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
+# The same two styles with opposite whole-picture looks on top, each at 1.5 times the strength
+# the scorers learn (blur at 1): A bold, vivid, bright, stretched wide and framed by a vignette;
+# B flat, muted, dark, hue-shifted, blurry and stretched tall. At full strength the fine-tunes'
+# merges moved 15-16 blocks, at 1.5 times 17-19 (RESULTS.md, issue 14, eleventh and twelfth
+# passes).
+STYLE_A_LOOKS = replace(STYLE_A, contrast=1.5, saturation=1.5, light=1.5, stretch=1.5,
+                        vignette=1.5)
+STYLE_B_LOOKS = replace(STYLE_B, contrast=-1.5, saturation=-1.5, light=-1.5, hue=1.5, blur=1.0,
+                        stretch=-1.5)
 
 # Held out of every training set; each shape and each colour appears twice.
 HELD_OUT = (
@@ -102,7 +138,8 @@ def caption(subject: Subject) -> str:
 
 
 def style_words(style: Style) -> str:
-    """The words the CLIP scorer learns for a style (attributes past half strength)."""
+    """The words the CLIP scorer learns for a style (attributes past half strength; the
+    looks' words in one comma-free group at the end)."""
     words = []
     if style.warmth >= 0.5:
         words.append("warm")
@@ -114,6 +151,15 @@ def style_words(style: Style) -> str:
         words.append("outlined")
     if style.texture >= 0.5:
         words.append("checkered")
+    looks = []
+    for name, (plus, minus) in LOOKS.items():
+        value = getattr(style, name)
+        if value >= 0.5:
+            looks.append(plus)
+        elif value <= -0.5 and minus:
+            looks.append(minus)
+    if looks:
+        words.append(" ".join(looks))
     return ", ".join(words)
 
 
@@ -157,23 +203,31 @@ def layout_words(x: float, y: float, radius: float) -> str:
     return f"{size}, {place}" if place else size
 
 
-def vocabulary(layout: bool = False) -> list[str]:
+def vocabulary(layout: bool = False, looks: bool = False) -> list[str]:
     """Every word a caption of this world can hold (the tokens the text encoders learn);
-    ``layout``: with the words of ``layout_words`` too."""
+    ``layout``: with the words of ``layout_words`` too; ``looks``: with the looks' words."""
     words = {"a", "on", "background", ","} | set(SHAPES) | set(COLOURS) | set(BACKGROUNDS)
     words |= {"warm", "cool", "soft", "outlined", "checkered"}
     if layout:
         words |= set(SIZE_WORDS) | {w for pair in PLACE_WORDS for w in pair}
+    if looks:
+        words |= {w for pair in LOOKS.values() for w in pair if w}
     return sorted(words)
 
 
-def random_style(rng, continuous: float = 0.3) -> Style:
+def random_style(rng, continuous: float = 0.3, looks: float = 0.0) -> Style:
     """A style with each attribute off or full (or, with probability ``continuous``, anywhere
-    in its range): the mixed looks merges produce, for the scorers to learn."""
+    in its range): the mixed looks merges produce, for the scorers to learn. With probability
+    ``looks`` it has whole-picture looks too, drawn the same way."""
     def pick(values: tuple[float, ...], low: float) -> float:
         if rng.random() < continuous:
             return float(rng.uniform(low, 1.0))
         return float(values[rng.integers(0, len(values))])
 
-    return Style(warmth=pick((-1.0, 0.0, 1.0), -1.0), soft=pick((0.0, 1.0), 0.0),
-                 outline=pick((0.0, 1.0), 0.0), texture=pick((0.0, 1.0), 0.0))
+    style = Style(warmth=pick((-1.0, 0.0, 1.0), -1.0), soft=pick((0.0, 1.0), 0.0),
+                  outline=pick((0.0, 1.0), 0.0), texture=pick((0.0, 1.0), 0.0))
+    if not looks or (looks < 1 and rng.random() >= looks):
+        return style
+    # a look with a word for each end is signed
+    return replace(style, **{name: pick((-1.0, 0.0, 1.0), -1.0) if minus
+                             else pick((0.0, 1.0), 0.0) for name, (_, minus) in LOOKS.items()})
