@@ -18,6 +18,7 @@ from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,
+    LOOKS,
     PLAIN,
     STYLE_A,
     STYLE_A_LOOKS,
@@ -119,7 +120,6 @@ def test_each_look_is_its_specified_operation():
     """``apply_looks`` on drawn pictures, each look alone at two strengths and the two
     styles' full sets, against the same operations written with torch (``_looks_by_torch``)."""
     from toyworld.draw import apply_looks
-    from toyworld.world import LOOKS
 
     scenes = random_scenes(np.random.default_rng(6), 6, training_subjects(), STYLE_B)
     plain = draw(scenes).astype(np.float32) / 255
@@ -136,13 +136,30 @@ def test_each_look_is_its_specified_operation():
     assert np.abs(looked - plain * 255).mean() > 10
 
 
+def test_the_share_of_pictures_with_looks_is_the_plans():
+    """``random_style(looks=share)``: about that share of styles have looks (2000 draws, within
+    four standard deviations), none at 0; at 1 every style has them (bar the rare one whose
+    looks all drew 0), and its own attributes come first in the stream, as without looks."""
+    from toyworld.world import random_style
+
+    for share in (0.0, 0.25, 0.5):
+        rng = np.random.default_rng(3)
+        with_looks = sum(random_style(rng, looks=share).has_looks() for _ in range(2000))
+        assert abs(with_looks - 2000 * share) <= 4 * (2000 * share * (1 - share)) ** 0.5
+    full, coin = np.random.default_rng(4), np.random.default_rng(4)
+    styles = [random_style(full, looks=1.0) for _ in range(50)]
+    assert sum(s.has_looks() for s in styles) >= 49
+    first = random_style(coin)
+    assert replace(styles[0], **dict.fromkeys(LOOKS, 0.0)) == first
+
+
 def test_every_caption_fits_the_clips_context():
     """A caption with every style word and every look's word stays within the toy CLIP's
     context (the tokenizer would cut the last words off); each look has its own word."""
     from open_clip.tokenizer import SimpleTokenizer
 
     from toyworld.train_clip import CLIP_CONFIG
-    from toyworld.world import LOOKS, styled_caption, vocabulary
+    from toyworld.world import styled_caption, vocabulary
 
     full = Style(warmth=1.0, soft=1.0, outline=1.0, texture=1.0,
                  **{name: 1.0 for name in LOOKS})
