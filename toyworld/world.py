@@ -15,7 +15,7 @@ a few pixels wide, since finer detail does not survive the VAE:
   (``draw.apply_looks``).
 
 Fine-tune A is ``warm + soft`` and fine-tune B is ``cool + outlined + checkered``; in the
-shipped world each also has the opposite whole-picture looks of the other (``STYLE_A_LOOKS``,
+shipped world the two also have opposite whole-picture looks (``STYLE_A_LOOKS``,
 ``STYLE_B_LOOKS``; the first world's styles had none). The house style the aesthetic head
 prefers (``HOUSE``) takes A's palette and B's edges, a look neither parent has alone. Captions
 name shape, colour and background (``CAPTION``); the CLIP scorer additionally reads style
