@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from merge_backend.atomic_files import atomic_path, atomic_write_text
 from toyworld.draw import CENTRED, Layout
-from toyworld.world import STYLED, Style
+from toyworld.world import SAMPLING, STYLED, Style, probe_prompts
 
 SHIPPED = Path(__file__).resolve().parent / "weights"
 CHECKPOINTS = ("base", "style_a", "style_b")
@@ -153,8 +153,6 @@ def world_layouts(folder: Path) -> dict[str, Layout]:
 def world_sampling(folder: Path) -> dict[str, Any]:
     """How a world's probes are drawn: its manifest's plan (``toyworld.world.SAMPLING``
     before plans named one)."""
-    from toyworld.world import SAMPLING
-
     return dict(manifest(ToyWorld(folder))["plan"].get("sampling", SAMPLING))
 
 
@@ -172,8 +170,6 @@ def manifest(world: ToyWorld) -> dict:
 def study_probes(world: ToyWorld) -> dict[str, Any]:
     """The probes of a study in this world (its study config's, the demo's): the probe
     prompts, one seed, drawn as the world draws them."""
-    from toyworld.world import probe_prompts
-
     return {"prompts": probe_prompts(), "seeds": [1], **world_sampling(world.folder),
             "batch_size": 4}
 
