@@ -6,12 +6,16 @@ reference probes; a study exactly like the demo's (`reference` scorer, paired; t
 training prompts, one seed, the world's sampling; warm starts model1, model2, uniform 0.5; all
 26 blocks free, BASE as the text-encoder ratio) searches for it with each sampler. For each
 sampler and budget (50, 150, 450 COMPLETE trials) it reports, median over the secrets, for the
-best trial so far: the ratio RMSE over all blocks and over the sensitive blocks (the world's
-sensitivity table, ``toyworld.figures.sensitivity``: moving the block by +-0.3 changes the
-score by >= 1% of its range both ways), the score gap to the hidden merge, the first trial
-whose best-so-far RMSE is below 0.10, and the wall time split into generation (apply,
-generate, score) and search overhead (everything else); and its RMSE as a ratio of random
-search's at the same budget.
+best trial so far: the ratio RMSE over all blocks, over the sensitive blocks (the
+sensitivity table at that secret, ``toyworld.figures.identifiability``: moving the block by
++-0.3 changes the score by >= 1% of its range both ways) and over the sensitive directions
+(the same rule for moves along the eigenvectors of the scorer's Gauss-Newton matrix,
+``toyworld.figures.Directions``: blocks that change the pictures alike cannot be told apart,
+whatever the search), the score gap to the hidden merge, the first trial whose best-so-far
+RMSE is below 0.10 (all blocks; sensitive directions), and the wall time split into
+generation (apply, generate, score) and search overhead (everything else); its RMSE as a
+ratio of random search's at the same budget; and how many trials it takes to score as well
+as random search's best of its whole run.
 
 **House style.** No secret: maximise the world's house-style scorer (`laion_aesthetic` with
 the house head) over all 26 blocks, 150 trials of the default sampler against 1000 random
@@ -112,7 +116,7 @@ def strategy_config(name: str) -> dict:
 
 @dataclass
 class Job:
-    task: str  # "hidden" or "house"
+    task: str  # "hidden", "house" or "table" (the secret's sensitivity and directions)
     sampler: str
     secret: int
     seed: int
@@ -134,7 +138,9 @@ class Outcome:
     candidates: int = 0  # COMPLETE + PRUNED (fidelity's pruned candidates cost no budget)
 
 
-def run_job(job: Job) -> Outcome:
+def run_job(job: Job) -> Outcome | SecretTable:
+    if job.task == "table":
+        return secret_table(job)
     import optuna
     import torch
 
@@ -234,36 +240,79 @@ def best_so_far(out: Outcome, budget: int) -> int:
     return max(range(len(values)), key=values.__getitem__)  # the earlier among equals
 
 
-def first_below(out: Outcome, blocks, threshold: float = THRESHOLD) -> int | None:
+def first_below(out: Outcome, error, threshold: float = THRESHOLD) -> int | None:
+    """The first trial whose best-so-far ratios have ``error(ratios)`` below ``threshold``."""
     best = -math.inf
     for i, value in enumerate(out.values):
         if value > best:
-            best, ratios = value, out.ratios[i]
-            if rmse(ratios, out.hidden, blocks) < threshold:
+            best = value
+            if error(out.ratios[i]) < threshold:
                 return i + 1
     return None
 
 
-def sensitive_blocks(world_folder: str | None) -> tuple[list[str], list[str]]:
+def first_reaching(out: Outcome, value: float) -> int | None:
+    """The first trial scoring ``value`` or more."""
+    return next((i + 1 for i, v in enumerate(out.values) if v >= value), None)
+
+
+@dataclass
+class SecretTable:
+    """What the score can tell at one secret: its sensitive blocks (and the printed table)
+    and its ``Directions``."""
+
+    secret: int
+    sensitive: list[str]
+    lines: list[str]
+    directions: object  # toyworld.figures.Directions
+
+    def to_json(self) -> dict:
+        d = self.directions
+        return {"secret": self.secret, "sensitive": self.sensitive, "lines": self.lines,
+                "directions": {"hidden": d.hidden, "vectors": d.vectors.tolist(),
+                               "strength": d.strength.tolist(), "down": d.down.tolist(),
+                               "up": d.up.tolist(), "score_range": d.score_range}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SecretTable:
+        import numpy as np
+
+        from toyworld.figures import Directions
+
+        d = data["directions"]
+        directions = Directions(d["hidden"], *(np.array(d[k]) for k in
+                                                ("vectors", "strength", "down", "up")),
+                                d["score_range"])
+        return cls(data["secret"], data["sensitive"], data["lines"], directions)
+
+
+def secret_table(job: Job) -> SecretTable:
+    import torch
+
+    torch.set_num_threads(1)
     from toyworld import figures
 
-    table = figures.sensitivity(_world(world_folder))
-    return table.sensitive(), table.table()
+    table, directions = figures.identifiability(_world(job.world),
+                                                figures.hidden_ratios(job.secret, 0.1, 0.9))
+    return SecretTable(job.secret, table.sensitive(), table.table(), directions)
 
 
-def _cached_sensitivity(args) -> tuple[list[str], list[str]]:
-    """The sensitivity table, or the one ``--sensitivity FILE`` holds (written the first time:
-    the same world gives the same table, and it costs two minutes)."""
+def _cached_tables(path: str | None, secrets: list[int]) -> dict[int, SecretTable]:
+    """The tables ``--sensitivity FILE`` holds (the same world and secret give the same
+    table, and each costs a minute)."""
     import json
 
-    path = Path(args.sensitivity) if args.sensitivity else None
-    if path is not None and path.exists():
-        data = json.loads(path.read_text())
-        return data["sensitive"], data["lines"]
-    sensitive, lines = sensitive_blocks(args.world)
-    if path is not None:
-        path.write_text(json.dumps({"sensitive": sensitive, "lines": lines}))
-    return sensitive, lines
+    if not path or not Path(path).exists():
+        return {}
+    data = json.loads(Path(path).read_text())
+    return {int(k): SecretTable.from_json(v) for k, v in data.items() if int(k) in secrets}
+
+
+def _save_tables(path: str | None, tables: dict[int, SecretTable]) -> None:
+    import json
+
+    if path:
+        Path(path).write_text(json.dumps({str(k): t.to_json() for k, t in tables.items()}))
 
 
 def _key(job: Job) -> tuple:
@@ -297,40 +346,59 @@ def _median(xs):
     return statistics.median(xs) if xs else math.nan
 
 
-def hidden_report(outcomes: list[Outcome], sensitive: list[str], blocks: list[str]) -> dict:
-    """Prints the hidden-merge table; returns {(sampler, budget): (rmse_all, rmse_sens)} and
-    each sampler's median trials to RMSE 0.10."""
+def hidden_report(outcomes: list[Outcome], tables: dict[int, SecretTable],
+                  blocks: list[str]) -> dict:
+    """Prints the hidden-merge table; returns {(sampler, budget): (rmse_all, rmse_sens,
+    rmse_directions)}, each sampler's median trials to RMSE 0.10 (all blocks; sensitive
+    directions), and its median trials to score as well as random search's best."""
     by_sampler: dict[str, list[Outcome]] = {}
     for out in outcomes:
         by_sampler.setdefault(out.job.sampler, []).append(out)
-    table, reach = {}, {}
+    table, reach, reach_dirs, match = {}, {}, {}, {}
     order = sorted(by_sampler, key=lambda s: s != "random")  # random first: the others' baseline
     by_sampler = {s: by_sampler[s] for s in order}
-    print(f"\nhidden merges: {len(by_sampler.get('random', []))} secrets; medians over secrets; "
-          f"{len(sensitive)} sensitive blocks")
-    print(f"{'sampler':10s} {'budget':>6s} {'RMSE all':>9s} {'RMSE sens':>9s} {'gap %':>7s} "
-          f"{'vs random':>9s} {'<0.10 at':>9s} {'gen s':>7s} {'overhead s':>10s}")
+    random_best = {o.job.secret: (max(o.values), len(o.values))
+                   for o in by_sampler.get("random", [])}
+    counts = [(len(t.sensitive), len(t.directions.sensitive())) for t in tables.values()]
+    print(f"\nhidden merges: {len(tables)} secrets; medians over secrets; sensitive blocks / "
+          f"directions per secret: {', '.join(f'{b} / {d}' for b, d in counts)}")
+    print(f"{'sampler':10s} {'budget':>6s} {'RMSE all':>9s} {'sens blk':>9s} {'sens dir':>9s} "
+          f"{'gap %':>7s} {'vs random':>9s} {'<0.10 at':>9s} {'dir <0.10':>9s} {'gen s':>7s} "
+          f"{'overhead s':>10s}")
     for sampler, outs in by_sampler.items():
-        reached = [first_below(o, blocks) for o in outs]
+        reached = [first_below(o, lambda r, o=o: rmse(r, o.hidden, blocks)) for o in outs]
         reach[sampler] = _median([r if r is not None else math.inf for r in reached])
+        reached = [first_below(o, tables[o.job.secret].directions.rmse) for o in outs]
+        reach_dirs[sampler] = _median([r if r is not None else math.inf for r in reached])
+        if random_best:
+            met = [first_reaching(o, random_best[o.job.secret][0]) for o in outs]
+            match[sampler] = _median([m if m is not None else math.inf for m in met])
         for budget in BUDGETS:
             if any(len(o.values) < budget for o in outs):
                 continue
             rows = []
             for o in outs:
                 i = best_so_far(o, budget)
+                t = tables[o.job.secret]
                 rows.append((rmse(o.ratios[i], o.hidden, blocks),
-                             rmse(o.ratios[i], o.hidden, sensitive),
+                             rmse(o.ratios[i], o.hidden, t.sensitive),
+                             t.directions.rmse(o.ratios[i]),
                              (o.hidden_score - o.values[i]) / abs(o.hidden_score) * 100,
                              sum(o.busy[:budget]), sum(o.wall[:budget]) - sum(o.busy[:budget])))
             med = [_median(col) for col in zip(*rows)]
-            table[sampler, budget] = (med[0], med[1])
+            table[sampler, budget] = (med[0], med[1], med[2])
             rand = table.get(("random", budget))
             versus = f"{med[0] / rand[0]:9.2f}" if rand and sampler != "random" else f"{'-':>9s}"
-            at = "never" if math.isinf(reach[sampler]) else f"{reach[sampler]:.0f}"
-            print(f"{sampler:10s} {budget:6d} {med[0]:9.4f} {med[1]:9.4f} {med[2]:7.3f} "
-                  f"{versus} {at:>9s} {med[3]:7.1f} {med[4]:10.1f}")
-    return {"table": table, "reach": reach}
+            at, at_dirs = ("never" if math.isinf(r) else f"{r:.0f}"
+                           for r in (reach[sampler], reach_dirs[sampler]))
+            print(f"{sampler:10s} {budget:6d} {med[0]:9.4f} {med[1]:9.4f} {med[2]:9.4f} "
+                  f"{med[3]:7.3f} {versus} {at:>9s} {at_dirs:>9s} {med[4]:7.1f} {med[5]:10.1f}")
+    if random_best:
+        ran = max(n for _, n in random_best.values())
+        print(f"trials to score as well as random search's best of {ran} (median over secrets): "
+              + ", ".join(f"{s} {'never' if math.isinf(m) else f'{m:.0f}'}"
+                          for s, m in match.items()))
+    return {"table": table, "reach": reach, "reach_dirs": reach_dirs, "match": match}
 
 
 def house_report(outcomes: list[Outcome]) -> dict[str, float]:
@@ -372,7 +440,7 @@ def main() -> None:
     parser.add_argument("--judge", default=None,
                         help="the sampler the GOAL lines judge (default: the default sampler)")
     parser.add_argument("--sensitivity", default=None,
-                        help="cache the world's sensitivity table in this JSON file")
+                        help="cache each secret's sensitivity table and directions in this JSON file")
     parser.add_argument("--save", default=None,
                         help="append each finished study's outcome to this file (pickles); "
                              "studies already in it are not run again")
@@ -391,11 +459,10 @@ def main() -> None:
 
         keep = tempfile.TemporaryDirectory()
         args.world = str(write_world(Path(keep.name) / "world").folder)
-    sensitive, lines = _cached_sensitivity(args)
-    print("sensitivity (reference score, +-0.3 per block):")
-    print("\n".join("  " + line for line in lines))
     from toyworld.figures import MBW
 
+    secrets = [SECRET0 + i for i in range(args.secrets)]
+    tables = _cached_tables(args.sensitivity, secrets)
     cap = 12 if args.dry_run else 10**9
     # secrets 100, 101, ...: not the demo's (0); each secret's studies use their own seed
     jobs = [Job("hidden", s, SECRET0 + i, args.seed + i,
@@ -404,13 +471,20 @@ def main() -> None:
     if not args.no_house:
         jobs += [Job("house", "random", 0, args.seed, min(cap, HOUSE_RANDOM), args.world),
                  Job("house", DEFAULT, 0, args.seed, min(cap, HOUSE_TRIALS), args.world)]
-    jobs.sort(key=lambda j: -j.trials)  # the longest first: the pool ends together
+    # the longest first, so the pool ends together; a secret's table costs about 60 trials
+    jobs += [Job("table", "", s, 0, 60, args.world) for s in secrets if s not in tables]
+    jobs.sort(key=lambda j: -j.trials)
     outcomes = _saved(args.save, jobs)
     reused = sum(o.seconds for o in outcomes) / max(args.jobs, 1)  # their share of the wall
     jobs = [j for j in jobs if _key(j) not in [_key(o.job) for o in outcomes]]
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.jobs) as pool:
         for out in pool.imap_unordered(run_job, jobs):
+            if isinstance(out, SecretTable):
+                tables[out.secret] = out
+                _save_tables(args.sensitivity, tables)
+                print(f"  done: table of secret {out.secret}", flush=True)
+                continue
             outcomes.append(out)
             if args.save:
                 with open(args.save, "ab") as saved:
@@ -418,8 +492,16 @@ def main() -> None:
             print(f"  done: {out.job.task} {out.job.sampler} secret {out.job.secret}, "
                   f"{len(out.values)} trials ({out.candidates} drawn) in {out.seconds:.0f} s",
                   flush=True)
+    for secret in secrets:
+        t = tables[secret]
+        print(f"\nsecret {secret}: sensitivity (reference score, +-0.3 per block; "
+              f"{len(t.sensitive)} sensitive)")
+        print("\n".join("  " + line for line in t.lines))
+        print(f"secret {secret}: directions (+-0.3 along each; "
+              f"{len(t.directions.sensitive())} sensitive)")
+        print("\n".join("  " + line for line in t.directions.table()))
     hidden = [o for o in outcomes if o.job.task == "hidden"]
-    report = hidden_report(hidden, sensitive, list(MBW))
+    report = hidden_report(hidden, tables, list(MBW))
     if args.dry_run:
         print(f"dry run: {len(outcomes)} studies in {(time.perf_counter() - started) / 60:.1f} "
               "min; no goals judged")
@@ -435,6 +517,8 @@ def main() -> None:
     if hidden:  # --secrets 0: the house task alone
         goal("hidden_rmse_sensitive_at_150", table[best_sampler, 150][1], 0.05, fmt="{:.4f}")
         goal("hidden_rmse_all_at_150", table[best_sampler, 150][0], 0.10, fmt="{:.4f}")
+        goal("hidden_rmse_sensitive_directions_at_150", table[best_sampler, 150][2], 0.05,
+             fmt="{:.4f}")
         if "random" in reach:
             ratio = reach["random"] / reach[best_sampler]
             ran = max(len(o.values) for o in hidden if o.job.sampler == "random")
@@ -447,6 +531,12 @@ def main() -> None:
                       f"below is a lower bound ({ran} / {best_sampler}'s trials)")
             goal("trials_to_rmse_0.10_random_over_default", ratio, 3.0, higher_is_better=True,
                  fmt="{:.2f}")
+            # the same question asked of the score: the trials random search took to find the
+            # best of its whole run, over the trials the judged sampler took to score as well
+            soon = report["match"][best_sampler]
+            goal("trials_to_random_best_random_over_default",
+                 0.0 if math.isinf(soon) else report["match"]["random"] / soon, 3.0,
+                 higher_is_better=True, fmt="{:.2f}")
     if not args.no_house:
         house = house_report([o for o in outcomes if o.job.task == "house"])
         margin, share = house[DEFAULT]

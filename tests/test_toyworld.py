@@ -146,6 +146,44 @@ def test_sensitivity_counts_the_blocks_that_change_the_pictures_and_no_other(wor
     assert table.score_range >= max(table.up["IN01"], table.down["OUT09"])
 
 
+def test_directions_are_the_scorers_eigenvectors_and_their_drops_the_cosines_own():
+    """A made-up embedding whose Jacobian at the hidden merge is U diag(sqrt(strength)) V^T
+    (V a random rotation of the 26 ratios): the directions must be V's columns, strongest
+    first, and moving 0.3 along direction k must lower the paired cosine by
+    1 - 1 / sqrt(1 + 0.09 strength_k), written out here."""
+    from toyworld import figures
+
+    rng = np.random.default_rng(0)
+    n = len(figures.MBW)
+    rotation, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    strength = 2.0 ** -np.arange(n)  # distinct, strongest first
+    spread = np.zeros((32, n))  # orthonormal columns, all orthogonal to the centre e_0
+    spread[1:n + 1] = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    jacobian = spread @ np.diag(np.sqrt(strength)) @ rotation.T
+    hidden = figures.hidden_ratios(3, 0.1, 0.9)
+    centre = np.array([hidden[b] for b in figures.MBW])
+
+    def embed(ratios):
+        v = np.eye(32)[0] + jacobian @ (np.array([ratios[b] for b in figures.MBW]) - centre)
+        return (v / np.linalg.norm(v))[None]
+
+    def score(ratios):
+        return float((embed(ratios) * embed(hidden)).sum())
+
+    found = figures.directions_of(embed, score, hidden, score_range=1.0)
+    alignment = np.abs((found.vectors * rotation).sum(axis=0))
+    assert alignment == pytest.approx(np.ones(n), abs=1e-3)
+    assert found.strength[:8] == pytest.approx(strength[:8], rel=1e-3)
+    expected = 1 - 1 / np.sqrt(1 + 0.09 * strength)
+    assert found.down == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert found.up == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    keep = [k for k in range(n) if expected[k] >= 0.01]  # strengths 1, 1/2, 1/4
+    assert found.sensitive(0.01) == keep == [0, 1, 2]
+    moved = centre + 0.2 * rotation[:, 0] + 0.1 * rotation[:, 2] + 0.3 * rotation[:, 5]
+    rmse = found.rmse(dict(zip(figures.MBW, moved.tolist())), 0.01)
+    assert rmse == pytest.approx(np.sqrt((0.2 ** 2 + 0.1 ** 2) / 3), rel=1e-6)
+
+
 def test_cli_writes_the_world_and_a_study_config_that_validates(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "search.cli", "toyworld", str(tmp_path / "w")],

@@ -198,10 +198,12 @@ def style_probe(world: ToyWorld, seeds: int = 4, device: str = "cpu") -> StyleFi
 
 
 def merge_recipe(world: ToyWorld, ratios: dict[str, float]) -> Recipe:
-    """style_a (model1) x style_b (model2), per MBW block."""
+    """style_a (model1) x style_b (model2), per MBW block. Ratios may leave [0, 1] a little:
+    the sensitivity figures move a hidden merge near the edge by 0.3 either way."""
     return Recipe(arch="sd1", method="weighted_sum", vocabulary="mbw", ratios=dict(ratios),
                   models={"model1": Source(str(world.style_a)),
-                          "model2": Source(str(world.style_b))}, arithmetic="fast")
+                          "model2": Source(str(world.style_b))}, arithmetic="fast",
+                  allow_extrapolation=True)
 
 
 def hidden_ratios(seed: int, low: float = 0.3, high: float = 0.7) -> dict[str, float]:
@@ -230,17 +232,12 @@ class Sensitivity:
         return lines
 
 
-def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges: int = 24,
-                device: str = "cpu", prompts: list[str] | None = None) -> Sensitivity:
-    """The `reference` score (paired, CLIP image-image cosine to the hidden merge's probes)
-    after moving each block by +-``step`` from a random hidden merge. The range is observed
-    over the hidden merge, both parents, the uniform 0.5 merge and ``random_merges`` random
-    merges."""
+def _hidden_merge_probes(world: ToyWorld, device: str, prompts: list[str] | None):
+    """``images(ratios)`` (the demo's probes of style_a x style_b merged per MBW block), the
+    paired `reference` scorer and the probes' prompts: what the sensitivity figures score."""
     from merge_backend.engine import MergeEngine
 
-    hidden = hidden_ratios(seed)
-    prompts = prompts or probe_prompts()
-    probes = probe_set(world, prompts, [1], batch_size=4)
+    probes = probe_set(world, prompts or probe_prompts(), [1], batch_size=4)
     pipe = load(world, "style_a", device)
     template = merge_recipe(world, uniform_ratios("sd1", "mbw", 1.0))
     engine = MergeEngine(pipe, template, device=device)
@@ -250,8 +247,32 @@ def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges
         engine.apply(merge_recipe(world, ratios))
         return generate(pipe, probes).images
 
-    texts = [job.prompt.text for job in probes.jobs()]
-    return sensitivity_of(images, scorer, texts, hidden, seed, step, random_merges)
+    return images, scorer, [job.prompt.text for job in probes.jobs()]
+
+
+def sensitivity(world: ToyWorld, seed: int = 0, step: float = 0.3, random_merges: int = 24,
+                device: str = "cpu", prompts: list[str] | None = None) -> Sensitivity:
+    """The `reference` score (paired, CLIP image-image cosine to the hidden merge's probes)
+    after moving each block by +-``step`` from a random hidden merge. The range is observed
+    over the hidden merge, both parents, the uniform 0.5 merge and ``random_merges`` random
+    merges."""
+    images, scorer, texts = _hidden_merge_probes(world, device, prompts)
+    return sensitivity_of(images, scorer, texts, hidden_ratios(seed), seed, step, random_merges)
+
+
+def identifiability(world: ToyWorld, hidden: dict[str, float], seed: int = 0,
+                    device: str = "cpu") -> tuple[Sensitivity, Directions]:
+    """The block table and the ``Directions`` of the `reference` score at ``hidden``."""
+    images, scorer, texts = _hidden_merge_probes(world, device, None)
+    table = sensitivity_of(images, scorer, texts, hidden, seed)
+
+    def embed(ratios: dict[str, float]) -> np.ndarray:
+        return scorer.image_embeddings(images(ratios)).numpy()
+
+    def score(ratios: dict[str, float]) -> float:
+        return float(scorer.score(images(ratios), texts).mean())
+
+    return table, directions_of(embed, score, hidden, table.score_range)
 
 
 def sensitivity_of(images, scorer, prompts: list[str], hidden: dict[str, float], seed: int,
@@ -276,3 +297,80 @@ def sensitivity_of(images, scorer, prompts: list[str], hidden: dict[str, float],
             moved[block] = abs(base - value)
             seen.append(value)
     return Sensitivity(hidden, down, up, max(seen) - min(seen))
+
+
+@dataclass
+class Directions:
+    """The directions in ratio space that the `reference` score sees, at a hidden merge.
+
+    Blocks can each move the score and still not be told apart: when two blocks change the
+    pictures the same way, raising one and lowering the other changes nothing. The
+    directions are the eigenvectors of the scorer's Gauss-Newton matrix at the hidden merge,
+    the mean over the probes of ``J^T J`` with ``J`` the Jacobian of a probe's normalised CLIP
+    embedding with respect to the 26 ratios (central differences); ``strength`` are its
+    eigenvalues, strongest first. ``down`` / ``up`` are the score changes after moving the
+    hidden merge by -/+ ``step`` along each direction (a unit vector: the same length as the
+    block table's one-block moves), and the range is the block table's.
+    """
+
+    hidden: dict[str, float]
+    vectors: np.ndarray  # [26 blocks in MBW order, 26 directions], unit columns
+    strength: np.ndarray  # [26], descending
+    down: np.ndarray
+    up: np.ndarray
+    score_range: float
+
+    def shares(self) -> np.ndarray:
+        return np.minimum(self.down, self.up) / self.score_range
+
+    def sensitive(self, threshold: float = 0.01) -> list[int]:
+        """The directions whose both moves change the score by >= ``threshold`` of the range
+        (the block table's rule)."""
+        return [k for k, share in enumerate(self.shares()) if share >= threshold]
+
+    def rmse(self, found: dict[str, float], threshold: float = 0.01) -> float:
+        """Root mean square of ``found - hidden`` along the sensitive directions."""
+        keep = self.sensitive(threshold)
+        delta = np.array([found[b] - self.hidden[b] for b in MBW])
+        along = self.vectors[:, keep].T @ delta
+        return float(np.sqrt(np.mean(along ** 2))) if keep else float("nan")
+
+    def table(self) -> list[str]:
+        lines = [f"{'dir':>3s} {'strength':>9s} {'-0.3':>9s} {'+0.3':>9s} {'min/range':>9s}  "
+                 "largest blocks"]
+        for k in range(len(self.strength)):
+            v = self.vectors[:, k]
+            top = np.argsort(-np.abs(v))[:3]
+            blocks = " ".join(f"{MBW[i]}{v[i]:+.2f}" for i in top)
+            lines.append(f"{k:3d} {self.strength[k] / self.strength[0]:9.2e} "
+                         f"{self.down[k]:9.5f} {self.up[k]:9.5f} {self.shares()[k]:9.2%}  "
+                         f"{blocks}")
+        return lines
+
+
+def directions_of(embed, score, hidden: dict[str, float], score_range: float,
+                  step: float = 0.3, h: float = 0.02) -> Directions:
+    """``Directions`` of a merge -> normalised probe embeddings map ``embed(ratios)``
+    (``[P, D]``) whose score ``score(ratios)`` compares with the hidden merge's probes."""
+    centre = np.array([hidden[b] for b in MBW], dtype=np.float64)
+
+    def at(x: np.ndarray) -> dict[str, float]:
+        return dict(zip(MBW, x.tolist()))
+
+    columns = []
+    for i in range(len(MBW)):
+        e = np.zeros(len(MBW))
+        e[i] = h
+        plus = np.asarray(embed(at(centre + e)), dtype=np.float64)
+        minus = np.asarray(embed(at(centre - e)), dtype=np.float64)
+        columns.append((plus - minus) / (2 * h))
+    jacobian = np.stack(columns, axis=-1)  # [P, D, 26]
+    gauss_newton = np.einsum("pdi,pdj->ij", jacobian, jacobian) / jacobian.shape[0]
+    strength, vectors = np.linalg.eigh(gauss_newton)
+    strength, vectors = strength[::-1].copy(), vectors[:, ::-1].copy()
+    base = score(hidden)
+    down, up = np.zeros(len(MBW)), np.zeros(len(MBW))
+    for k in range(len(MBW)):
+        down[k] = abs(base - score(at(centre - step * vectors[:, k])))
+        up[k] = abs(base - score(at(centre + step * vectors[:, k])))
+    return Directions(dict(hidden), vectors, strength, down, up, score_range)
