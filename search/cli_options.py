@@ -10,7 +10,7 @@ from pathlib import Path
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8080
 # `demo`: COMPLETE trials of the scorer demo; of the preference demo, and its candidates shown
-DEMO_TRIALS = 150
+DEMO_TRIALS = 450
 PREFERENCE_TRIALS = 30
 PREFERENCE_CANDIDATES = 4
 

@@ -17,12 +17,14 @@ import math
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from evaluators import ProbeImages, combine, generate, load_image_folder, score_images
 from merge_backend.atomic_files import atomic_folder, atomic_write_text
+from toyworld.figures import sensitivity_of
 from toyworld.files import SHIPPED, study_probes, write_world
 
 from . import run_folder as rf
@@ -155,19 +157,46 @@ def found_ratios(ctx, params: dict[str, float]) -> dict[str, float]:
     return dict(ctx.space.recipe(params).ratios)
 
 
+def sensitive_blocks(ctx, hidden: dict[str, float]) -> list[str]:
+    """The blocks whose +-0.3 move from the hidden merge changes the demo's score by >= 1% of
+    its range both ways (``toyworld.figures.sensitivity_of``, the toy world's acceptance rule;
+    about 80 candidates). The others barely change the pictures: the score cannot find them,
+    whatever the search. Leaves the scorer's references at the hidden merge's images."""
+    def images(ratios: dict[str, float]):
+        recipe = ctx.space.recipe(ctx.space.params_for(
+            {**ratios, TEXT_ENCODER: ratios[ctx.space.te_block]}))
+        # a move of 0.3 from a ratio near 0 or 1 leaves [0, 1] a little: extrapolate
+        ctx.engine.apply(replace(recipe, allow_extrapolation=True))
+        return generate(ctx.pipe, ctx.probes).images
+
+    prompts = [job.prompt.text for job in ctx.probes.jobs()]
+    return sensitivity_of(images, ctx.scorers[0], prompts, hidden, HIDDEN_SEED).sensitive()
+
+
+def _rmse(errors: dict[str, float], blocks) -> float:
+    return math.sqrt(sum(errors[b] ** 2 for b in blocks) / len(blocks)) if blocks else math.nan
+
+
 def report(study, ctx, hidden: dict[str, float], hidden_score: float, out) -> dict:
     best = rf.best_trial(study)
     found = found_ratios(ctx, best.params)
     errors = {b: found[b] - hidden[b] for b in hidden}
-    rmse = math.sqrt(sum(e * e for e in errors.values()) / len(errors))
+    rmse = _rmse(errors, list(hidden))
     gap = (hidden_score - best.value) / abs(hidden_score)
+    sensitive = sensitive_blocks(ctx, hidden)
     print("\nblock   hidden   found   error", file=out)
     for block in hidden:
-        print(f"  {block:6s} {hidden[block]:6.3f}  {found[block]:6.3f}  {errors[block]:+6.3f}",
-              file=out)
+        seen = "" if block in sensitive else "   (barely changes the pictures)"
+        print(f"  {block:6s} {hidden[block]:6.3f}  {found[block]:6.3f}  {errors[block]:+6.3f}"
+              f"{seen}", file=out)
     worst = sorted(errors, key=lambda b: -abs(errors[b]))[:3]
     print(f"ratio RMSE over all {len(hidden)} blocks: {rmse:.4f} (largest errors: "
           f"{', '.join(f'{b} {errors[b]:+.2f}' for b in worst)})", file=out)
+    rmse_sensitive = _rmse(errors, sensitive)
+    print(f"ratio RMSE over the {len(sensitive)} blocks that change the pictures (moving one by "
+          f"0.3 changes the score by >= 1% of its range): {rmse_sensitive:.4f}", file=out)
+    print("  (blocks that change the pictures alike cannot be told apart by any score either: "
+          "benchmarks/search_quality.py counts the directions this score sees)", file=out)
     print(f"best score {best.value:.6f} (trial {best.number}); hidden merge's own score "
           f"{hidden_score:.6f}; gap {gap * 100:.3f}%", file=out)
     run = shlex.quote(str(Path(ctx.run.path).absolute()))
@@ -175,7 +204,8 @@ def report(study, ctx, hidden: dict[str, float], hidden_score: float, out) -> di
     print(f"  mergesearch status {run}", file=out)
     print(f"  mergesearch dashboard {run}      # http://127.0.0.1:8080", file=out)
     print(f"  mergesearch export {run} --best --to checkpoint --to comfyui", file=out)
-    result = {"rmse": rmse, "best_score": best.value, "hidden_score": hidden_score,
+    result = {"rmse": rmse, "rmse_sensitive": rmse_sensitive, "sensitive": sensitive,
+              "best_score": best.value, "hidden_score": hidden_score,
               "gap": gap, "best_trial": best.number, "found": found, "hidden": dict(hidden),
               "trials": len(study.trials)}
     atomic_write_text(Path(ctx.run.path) / "demo_result.json", json.dumps(result, indent=2))
