@@ -31,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,34 +369,11 @@ def leave_wal(storage: Any) -> None:
     engine.dispose()
 
 
-def claim_new_database(path: Path, db_file: Path) -> Callable[[Any], None] | None:
-    """Make the run folder ``path`` and create the SQLite database file ``db_file`` (empty: SQLite
-    writes its schema) unless another process has; then return what takes this start back if it
-    stops before its run.json is written (Ctrl-C, an error): called with the storage opened so
-    far (or None), it closes it and removes the folders and files this made. None when another
-    worker created the file first: only the worker that made a database takes it back. (A worker
-    that joins during the milliseconds between the creation and run.json would lose it.)"""
-    path = Path(path)
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    files = [path / RUN_FILE, path / CONFIG_FILE, db_file,
-             db_file.with_name(f"{db_file.name}-wal"), db_file.with_name(f"{db_file.name}-shm")]
-    new_files = [f for f in files if not f.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(db_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    except FileExistsError:
-        return None
-
-    def undo(storage: Any) -> None:
-        engine = _engine(storage) if storage is not None else None
-        if engine is not None:
-            engine.dispose()
-        for file in new_files:
-            file.unlink(missing_ok=True)
-        if missing:
-            shutil.rmtree(missing[-1], ignore_errors=True)
-
-    return undo
+def dispose_storage(storage: Any) -> None:
+    """Close an SQL storage's connections (or nothing: None, another kind of storage)."""
+    engine = _engine(storage) if storage is not None else None
+    if engine is not None:
+        engine.dispose()
 
 
 def default_storage(path: Path) -> str:

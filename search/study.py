@@ -37,6 +37,7 @@ from merge_backend.plan import plan_merge
 from . import run_folder as rf
 from . import warm_starts
 from .config import PERSON, ConfigError, StudyConfig, check_blocks, map_paths
+from .opening import Opening, wait_for_opening
 from .samplers import make_sampler
 from .space import SearchSpace, warm_start_params
 from .trial import StudyContext
@@ -283,7 +284,10 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
     if cfg.storage and db_file is not None and not db_file.parent.is_dir():
         raise ConfigError(f"storage: {url}: folder {db_file.parent} does not exist; create it "
                           "or use another path")
-    # a new SQLite database (the run folder's) is made last; a server is reached now
+    # a new SQLite database (the run folder's) is made last; a server is reached now. A
+    # database without run.json may be another worker's, still opening: wait for it first
+    if db_file is not None and db_file.exists() and not (cfg.run_folder / rf.RUN_FILE).exists():
+        wait_for_opening(cfg.run_folder)
     storage = None if db_file is not None and not db_file.exists() else storage_for(cfg)
     study = _existing_study(cfg, storage, log) if storage is not None else None
     digests = hash_sources(space, log)
@@ -307,24 +311,24 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
             raise ConfigError(f"scorers[{i}]: {detail}; check that its files hold the model "
                               "its config names") from None
     log(f"opening study {cfg.name!r} in {url}")
-    # a new database: stopped before run.json is written (Ctrl-C, an error), the worker that
-    # made it takes the start back, so a failed start leaves nothing behind
-    undo = None
-    try:
-        if storage is None:
-            undo = rf.claim_new_database(cfg.run_folder, db_file)
-            storage = storage_for(cfg)
-        if study is None:
-            study = _create_study(cfg, storage, space)
-            log(f"created study {cfg.name!r}")
-        if STUDY_ATTR_SOURCES not in study.user_attrs:
-            study.set_user_attr(STUDY_ATTR_SOURCES, digests)
-        check_sources(study, space, digests)
-        run = _write_run_folder(cfg)
-    except BaseException:
-        if undo is not None:
-            undo(storage)
-        raise
+    # one worker at a time from here to run.json (search/opening.py); a new database: stopped
+    # before run.json is written (Ctrl-C, an error), the worker that made it takes the start
+    # back, so a failed start leaves nothing behind
+    with Opening(cfg.run_folder, db_file) as opening:
+        try:
+            if storage is None:
+                opening.claim()
+                storage = storage_for(cfg)
+            if study is None:
+                study = _create_study(cfg, storage, space)
+                log(f"created study {cfg.name!r}")
+            if STUDY_ATTR_SOURCES not in study.user_attrs:
+                study.set_user_attr(STUDY_ATTR_SOURCES, digests)
+            check_sources(study, space, digests)
+            run = _write_run_folder(cfg)
+        except BaseException:
+            opening.undo(storage)
+            raise
     enqueue_warm_starts(study, space, log)
     ctx = StudyContext(cfg, space, engine, pipe, cfg.probes, scorers, score_norms(cfg.scorers),
                        run, run.artifact_store())

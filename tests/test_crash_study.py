@@ -410,3 +410,58 @@ def test_ctrl_c_while_opening_never_removes_a_database_another_worker_made(tiny_
         prepare(load_config(config), log=other_worker_then_ctrl_c)
     assert db.is_file()
     assert optuna.study.get_all_study_names(rf.default_storage(db.parent)) == ["shared"]
+
+
+def test_a_worker_waits_for_a_database_another_is_still_opening(tiny_sd1, clip, tmp_path):
+    """Worker A makes the run folder's database and stops inside its opening window (after
+    "created study", before run.json); worker B starts meanwhile and finds that database.
+    B must wait for A: A's Ctrl-C then takes back what A made, and B makes its own study and
+    completes its trial. (Before the opening lock, B joined A's half-made study, and A's
+    take-back removed the database and run.json under B.)"""
+    import threading
+
+    from search.config import load_config
+    from search.study import optimize, prepare
+
+    config = write_config(tmp_path, tiny_sd1, clip, "together", 1)
+    folder = tmp_path / "runs" / "together"
+    inside, release = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    def worker_a() -> None:
+        def pause_then_ctrl_c(line: str) -> None:
+            if line.startswith("created study"):
+                inside.set()
+                release.wait(120)
+                raise KeyboardInterrupt
+
+        try:
+            prepare(load_config(config), log=pause_then_ctrl_c)
+        except KeyboardInterrupt:
+            outcome["a"] = "interrupted"
+
+    def worker_b() -> None:
+        try:
+            study, ctx = prepare(load_config(config), log=lambda m: None)
+            outcome["b_opened"] = True
+            optimize(study, ctx, log=lambda m: None)
+            outcome["b"] = "done"
+        except BaseException as exc:  # noqa: B036 - the test reports it
+            outcome["b"] = repr(exc)
+
+    a = threading.Thread(target=worker_a)
+    a.start()
+    assert inside.wait(120) and (folder / "study.db").is_file()
+    b = threading.Thread(target=worker_b)
+    b.start()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and "b_opened" not in outcome:
+        time.sleep(0.1)
+    assert "b_opened" not in outcome  # B waits while A is inside its window
+    release.set()
+    a.join(120)
+    b.join(300)
+    assert outcome.get("a") == "interrupted" and outcome.get("b") == "done", outcome
+    assert (folder / rf.RUN_FILE).is_file()
+    study = optuna.load_study(study_name="together", storage=rf.default_storage(folder))
+    assert [t.state for t in study.trials] == [COMPLETE]

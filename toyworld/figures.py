@@ -11,6 +11,9 @@ Everything goes through the code paths a user's study takes: checkpoints load wi
   classifies the probes of base, style_a and style_b: A's told from B's, the base's neither.
 - ``sensitivity``: at a random hidden merge of style_a and style_b, each MBW block moved by
   +-0.3; the `reference` score's change per block, against the score's observed range.
+- ``identifiability``: that table at a given hidden merge, and the ``Directions`` in ratio
+  space the score sees there (blocks that change the pictures alike are one direction), each
+  judged by the same rule (``benchmarks/search_quality.py``, issue 15).
 """
 
 from __future__ import annotations
