@@ -412,9 +412,12 @@ def test_ctrl_c_while_opening_never_removes_a_database_another_worker_made(tiny_
     assert optuna.study.get_all_study_names(rf.default_storage(db.parent)) == ["shared"]
 
 
-def test_a_worker_waits_for_a_database_another_is_still_opening(tiny_sd1, clip, tmp_path):
+@pytest.mark.parametrize("b_looked", ["after", "before"])
+def test_a_worker_waits_for_a_database_another_is_still_opening(tiny_sd1, clip, tmp_path,
+                                                                b_looked):
     """Worker A makes the run folder's database and stops inside its opening window (after
-    "created study", before run.json); worker B starts meanwhile and finds that database.
+    "created study", before run.json); worker B looked at the folder after A made it, or
+    before (then it loads its pipeline and comes to open the study while A is inside).
     B must wait for A: A's Ctrl-C then takes back what A made, and B makes its own study and
     completes its trial. (Before the opening lock, B joined A's half-made study, and A's
     take-back removed the database and run.json under B.)"""
@@ -440,20 +443,30 @@ def test_a_worker_waits_for_a_database_another_is_still_opening(tiny_sd1, clip, 
         except KeyboardInterrupt:
             outcome["a"] = "interrupted"
 
+    looked = threading.Event()
+
+    def b_log(line: str) -> None:
+        if b_looked == "before" and line.startswith("loading"):  # after its look at the folder
+            looked.set()
+            inside.wait(120)
+
     def worker_b() -> None:
         try:
-            study, ctx = prepare(load_config(config), log=lambda m: None)
+            study, ctx = prepare(load_config(config), log=b_log)
             outcome["b_opened"] = True
             optimize(study, ctx, log=lambda m: None)
             outcome["b"] = "done"
         except BaseException as exc:  # noqa: B036 - the test reports it
             outcome["b"] = repr(exc)
 
-    a = threading.Thread(target=worker_a)
+    a, b = threading.Thread(target=worker_a), threading.Thread(target=worker_b)
+    if b_looked == "before":
+        b.start()
+        assert looked.wait(120) and not folder.exists()
     a.start()
     assert inside.wait(120) and (folder / "study.db").is_file()
-    b = threading.Thread(target=worker_b)
-    b.start()
+    if b_looked == "after":
+        b.start()
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline and "b_opened" not in outcome:
         time.sleep(0.1)
