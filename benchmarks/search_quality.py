@@ -267,23 +267,15 @@ class SecretTable:
     directions: object  # toyworld.figures.Directions
 
     def to_json(self) -> dict:
-        d = self.directions
         return {"secret": self.secret, "sensitive": self.sensitive, "lines": self.lines,
-                "directions": {"hidden": d.hidden, "vectors": d.vectors.tolist(),
-                               "strength": d.strength.tolist(), "down": d.down.tolist(),
-                               "up": d.up.tolist(), "score_range": d.score_range}}
+                "directions": self.directions.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> SecretTable:
-        import numpy as np
-
         from toyworld.figures import Directions
 
-        d = data["directions"]
-        directions = Directions(d["hidden"], *(np.array(d[k]) for k in
-                                                ("vectors", "strength", "down", "up")),
-                                d["score_range"])
-        return cls(data["secret"], data["sensitive"], data["lines"], directions)
+        return cls(data["secret"], data["sensitive"], data["lines"],
+                   Directions.from_json(data["directions"]))
 
 
 def secret_table(job: Job) -> SecretTable:

@@ -182,6 +182,9 @@ def test_directions_are_the_scorers_eigenvectors_and_their_drops_the_cosines_own
     moved = centre + 0.2 * rotation[:, 0] + 0.1 * rotation[:, 2] + 0.3 * rotation[:, 5]
     rmse = found.rmse(dict(zip(figures.MBW, moved.tolist())), 0.01)
     assert rmse == pytest.approx(np.sqrt((0.2 ** 2 + 0.1 ** 2) / 3), rel=1e-6)
+    again = figures.Directions.from_json(json.loads(json.dumps(found.to_json())))  # a cache
+    assert again.sensitive(0.01) == keep
+    assert again.rmse(dict(zip(figures.MBW, moved.tolist())), 0.01) == rmse
 
 
 def test_cli_writes_the_world_and_a_study_config_that_validates(tmp_path):

@@ -18,6 +18,7 @@ Everything goes through the code paths a user's study takes: checkpoints load wi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -337,6 +338,15 @@ class Directions:
         delta = np.array([found[b] - self.hidden[b] for b in MBW])
         along = self.vectors[:, keep].T @ delta
         return float(np.sqrt(np.mean(along ** 2))) if keep else float("nan")
+
+    def to_json(self) -> dict:
+        return {k: v.tolist() if isinstance(v, np.ndarray) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Directions:
+        return cls(**{f.name: np.array(data[f.name]) if f.type == "np.ndarray" else data[f.name]
+                      for f in dataclasses.fields(cls)})
 
     def table(self) -> list[str]:
         lines = [f"{'dir':>3s} {'strength':>9s} {'-0.3':>9s} {'+0.3':>9s} {'min/range':>9s}  "
