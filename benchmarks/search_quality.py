@@ -148,7 +148,6 @@ def run_job(job: Job) -> Outcome | SecretTable:
     from evaluators import combine, generate, score_images
     from search import run_folder as rf
     from search.config import parse_config
-    from search.space import TEXT_ENCODER
     from search.study import optimize, prepare
 
     world = _world(job.world)
@@ -172,9 +171,7 @@ def run_job(job: Job) -> Outcome | SecretTable:
             from toyworld.figures import hidden_ratios
 
             out.hidden = hidden_ratios(job.secret, 0.1, 0.9)
-            te = ctx.space.te_block
-            ctx.engine.apply(ctx.space.recipe(ctx.space.params_for(
-                {**out.hidden, TEXT_ENCODER: out.hidden[te]})))
+            ctx.engine.apply(ctx.space.block_recipe(out.hidden))
             reference = generate(ctx.pipe, ctx.probes)
             ctx.scorers[0].set_references(reference.images)
             out.hidden_score = combine(score_images(reference, ctx.scorers), ctx.norms)
@@ -217,12 +214,8 @@ def _held_out(world, ctx, out: Outcome) -> dict[str, float]:
              "style_b": uniform_ratios("sd1", "mbw", 0.0),
              "uniform": uniform_ratios("sd1", "mbw", 0.5)}
     scores = {}
-    te = ctx.space.te_block
     for name, ratios in named.items():
-        from search.space import TEXT_ENCODER
-
-        ctx.engine.apply(ctx.space.recipe(ctx.space.params_for(
-            {**ratios, TEXT_ENCODER: ratios[te]})))
+        ctx.engine.apply(ctx.space.block_recipe(ratios))
         images = generate(ctx.pipe, probes)
         scores[name] = float(ctx.scorers[0].score(images.images, images.prompts).mean())
     return scores

@@ -17,7 +17,6 @@ import math
 import shlex
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -31,7 +30,6 @@ from . import run_folder as rf
 from .cli_options import DEMO_TRIALS, PREFERENCE_CANDIDATES, PREFERENCE_TRIALS
 from .config import StudyConfig, parse_config
 from .progress import Progress
-from .space import TEXT_ENCODER
 from .study import OtherConfigError, optimize, prepare
 
 HIDDEN_SEED = 0
@@ -145,7 +143,7 @@ def draw_hidden_merge(data: dict, hidden: dict[str, float], folder: Path) -> Non
     cfg = parse_config({**data, "scorers": [{**s, "references": None} for s in data["scorers"]]})
     space = check_config(cfg)
     pipe, engine = candidate_pipeline(cfg, space, *resolve_device(cfg))
-    engine.apply(space.recipe(space.params_for({**hidden, TEXT_ENCODER: hidden[space.te_block]})))
+    engine.apply(space.block_recipe(hidden))
     images = generate(pipe, cfg.probes).images
     with atomic_folder(folder) as tmp:
         for i, image in enumerate(images):
@@ -160,13 +158,11 @@ def found_ratios(ctx, params: dict[str, float]) -> dict[str, float]:
 def sensitive_blocks(ctx, hidden: dict[str, float]) -> list[str]:
     """The blocks whose +-0.3 move from the hidden merge changes the demo's score by >= 1% of
     its range both ways (``toyworld.figures.sensitivity_of``, the toy world's acceptance rule;
-    about 80 candidates). The others barely change the pictures: the score cannot find them,
-    whatever the search. Leaves the scorer's references at the hidden merge's images."""
+    about 80 candidates; a move stops at the search's bounds, like a candidate). The others
+    barely change the pictures: the score cannot find them, whatever the search. Leaves the
+    scorer's references at the hidden merge's images."""
     def images(ratios: dict[str, float]):
-        recipe = ctx.space.recipe(ctx.space.params_for(
-            {**ratios, TEXT_ENCODER: ratios[ctx.space.te_block]}))
-        # a move of 0.3 from a ratio near 0 or 1 leaves [0, 1] a little: extrapolate
-        ctx.engine.apply(replace(recipe, allow_extrapolation=True))
+        ctx.engine.apply(ctx.space.block_recipe(ratios))
         return generate(ctx.pipe, ctx.probes).images
 
     prompts = [job.prompt.text for job in ctx.probes.jobs()]

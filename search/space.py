@@ -168,6 +168,11 @@ class SearchSpace:
             return None
         return float(params[TEXT_ENCODER]) if TEXT_ENCODER in params else float(te.ratio)
 
+    def block_recipe(self, ratios: dict[str, float]) -> Recipe:
+        """The Recipe of per-block ratios of the vocabulary, its text-encoder block (MBW's
+        BASE) giving the text-encoder ratio; clipped to the bounds like ``params_for``."""
+        return self.recipe(self.params_for({**ratios, TEXT_ENCODER: ratios[self.te_block]}))
+
     def params_for(self, ratios: dict[str, float], default: float | None = None
                    ) -> dict[str, float]:
         """Optuna parameters for per-block ratios (warm starts, presets): tied groups take

@@ -345,8 +345,7 @@ class Directions:
 
     @classmethod
     def from_json(cls, data: dict) -> Directions:
-        return cls(**{f.name: np.array(data[f.name]) if f.type == "np.ndarray" else data[f.name]
-                      for f in dataclasses.fields(cls)})
+        return cls(**{k: np.array(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def table(self) -> list[str]:
         lines = [f"{'dir':>3s} {'strength':>9s} {'-0.3':>9s} {'+0.3':>9s} {'min/range':>9s}  "
