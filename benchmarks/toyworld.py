@@ -4,7 +4,7 @@ No training: the shipped world is written to a temporary folder and measured the
 study would use it (load_pipeline, the real `clip` / `reference` / `laion_aesthetic` scorers,
 the merge engine, a real study for the trial time, `mergesearch demo` for the demo time).
 
-- zero-shot naming: the base model draws the 8 held-out prompts x 8 seeds; the CLIP scorer
+- zero-shot naming: the base model draws the 8 held-out prompts x 32 seeds; the CLIP scorer
   names shape and colour (goal >= 90% each);
 - style probe: a linear probe on CLIP embeddings (fit on drawn plain / A / B pictures) tells
   style_a's held-out probes from style_b's >= 95% of the time, and calls >= 95% of the base's

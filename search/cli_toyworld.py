@@ -97,8 +97,11 @@ def build(folder: Path, args: argparse.Namespace, outputs: list[Path]) -> int:
         world = build_world(folder, replace(PLANS[args.plan], seed=args.seed),
                             keep_work=args.keep_work)
     print(f"world written to {world.folder}", file=sys.stderr)
-    if not args.no_figures:
-        from .toyworld_figures import measure_figures
+    from .toyworld_figures import TARGETS, Figure, measure_figures
 
+    minutes = json.loads(world.manifest.read_text())["build_seconds"] / 60
+    print(f"rebuild from the seed: {Figure(minutes, TARGETS['build_minutes'], False)} minutes "
+          f"(stage times in {world.manifest})")
+    if not args.no_figures:
         measure_figures(world, demo=False)
     return 0

@@ -31,7 +31,7 @@ from .samplers import make_sampler
 
 # the acceptance thresholds of issue 14
 TARGETS = {"naming": 0.90, "style": 0.95, "sensitive_blocks": 18, "house_margin": 0.10,
-           "trial_seconds": 0.5, "demo_seconds": 300.0}
+           "trial_seconds": 0.5, "demo_seconds": 300.0, "build_minutes": 30.0}
 # the seeds of the random hidden merges the sensitivity is measured at; its figure is the
 # median count (one hidden merge's count moved by several blocks between close builds:
 # RESULTS.md, issue 14, eleventh pass)

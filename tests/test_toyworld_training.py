@@ -196,6 +196,7 @@ def test_unused_token_rows_are_zero_and_stay_zero(tmp_path):
     weight = te.get_input_embeddings().weight
     used = torch.zeros(weight.shape[0], dtype=torch.bool)
     used[world_token_ids()] = True
+    assert weight.used_rows.tolist() == world_token_ids()  # what data-parallel steps average
     opt = torch.optim.AdamW(te.parameters(), lr=1e-2, weight_decay=0.1)
     ids = torch.tensor([[49406, 320, 736, 7117, 49407] + [49407] * 72,
                         [49406, 1125, 3999, 49407] + [49407] * 73])  # 1125: not a world word
@@ -216,10 +217,18 @@ def _average_in_process(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     param = torch.nn.Parameter(torch.zeros(3))
     other = torch.nn.Parameter(torch.zeros(2, 2))
+    table = torch.nn.Parameter(torch.zeros(4, 2))
+    # its gradient is zero in the other rows (mask_unused_tokens), so only rows 1 and 3 are
+    # sent; row 0 breaks that promise here to show it: each process keeps its own
+    table.used_rows = torch.tensor([1, 3])
     param.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
     other.grad = torch.full((2, 2), 10.0 * rank)
-    average_gradients([param, other])
-    torch.save({"param": param.grad, "other": other.grad}, f"{out}.{rank}")
+    table.grad = torch.zeros(4, 2)
+    table.grad[0] = 7.0 * rank
+    table.grad[1] = torch.tensor([2.0, 4.0]) * (rank + 1)
+    table.grad[3] = torch.tensor([-6.0, 8.0]) * rank
+    average_gradients([param, table, other])
+    torch.save({"param": param.grad, "other": other.grad, "table": table.grad}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -232,6 +241,26 @@ def test_data_parallel_processes_take_the_mean_gradient(tmp_path):
         grads = torch.load(f"{out}.{rank}", weights_only=True)
         assert torch.equal(grads["param"], torch.tensor([1.5, 3.0, 4.5]))
         assert torch.equal(grads["other"], torch.full((2, 2), 5.0))
+        assert torch.equal(grads["table"], torch.tensor([[7.0 * rank] * 2, [3.0, 6.0],
+                                                          [0.0, 0.0], [-3.0, 4.0]]))
+
+
+def test_the_round_trip_is_the_vaes_own_decode_of_its_mean(tmp_path):
+    """``through_vae`` against the round trip written out: the posterior's mean decoded, in
+    uint8 levels (the build's house head and CLIP tuning learn from these)."""
+    from toyworld.train_clip import through_vae
+
+    config = write_config_folder("sd1", tmp_path / "config", size="toy16")
+    torch.manual_seed(0)
+    vae = build("vae", config).eval().requires_grad_(False)
+    pictures = pictures_to_tensor(draw(random_scenes(np.random.default_rng(0), 6, all_subjects(),
+                                                     PLAIN)))
+    with torch.no_grad():
+        plain = vae.decode(vae.encode(pictures * 2 - 1).latent_dist.mean).sample
+    expected = ((plain.clamp(-1, 1) + 1) * 127.5).round()
+    got = through_vae(vae, pictures, batch=4)
+    assert got.dtype == torch.uint8 and got.shape == pictures.shape
+    assert torch.equal(got.float(), expected)
 
 
 def test_layout_captions_say_where_the_shape_is_and_how_big():

@@ -2,9 +2,9 @@
 
 Two single-threaded processes side by side beat one process with two threads on a 2-core CPU
 for models this small (most of a step is per-operation overhead, not arithmetic). The stages
-split so both stay busy: worker 0 trains the VAE, passes the CLIP's tuning pictures through it
-and encodes the training latents while worker 1 trains the CLIP scorer, tunes it on those VAE
-round trips and fits the house head; both
+split so both stay busy: worker 0 trains the VAE and passes the CLIP's tuning pictures and the
+house head's pictures through it while worker 1 trains the CLIP scorer, encodes the training
+latents with that VAE, tunes the CLIP on those round trips and fits the house head; both
 then train the base UNet and text encoder data-parallel (each half of every batch, gradients
 averaged over a gloo process group); last, worker 0 fine-tunes style A and worker 1 style B.
 A stage's numbers depend on the plan alone, never on timing.
@@ -40,6 +40,7 @@ from toyworld.stages import (
     stage_clip_tune,
     stage_finetune,
     stage_head,
+    stage_head_pictures,
     stage_latents,
     stage_tune_pictures,
     stage_vae,
@@ -48,22 +49,22 @@ from toyworld.train_clip import write_clip_config
 
 # worker -> its stages in order; stages in PARALLEL run on every worker at once
 WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
-    (("vae", stage_vae), ("tune_pictures", stage_tune_pictures), ("latents", stage_latents),
-     ("base", stage_base),
+    (("vae", stage_vae), ("tune_pictures", stage_tune_pictures),
+     ("head_pictures", stage_head_pictures), ("base", stage_base),
      ("style_a", stage_finetune("style_a"))),
-    (("clip", stage_clip), ("clip_tune", stage_clip_tune), ("head", stage_head),
-     ("base", stage_base), ("style_b", stage_finetune("style_b"))),
+    (("clip", stage_clip), ("latents", stage_latents), ("clip_tune", stage_clip_tune),
+     ("head", stage_head), ("base", stage_base), ("style_b", stage_finetune("style_b"))),
 )
 PARALLEL = ("base",)
 # seconds per step on one idle core of the 2-core CPU, by the plan's SD1 config size, for the
 # progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
 # its steps; RESULTS.md, issue 14). "finetune" times style_a and style_b. The 16x16 sizes share
 # their VAE and CLIP stages and differ in the UNet. A size not here is timed as "tiny".
-_TOY16_SCORERS = {"vae": 0.5, "tune_pictures": 155.0, "latents": 60.0, "clip": 0.21,
-                  "clip_tune": 0.2, "head": 0.22}
+_TOY16_SCORERS = {"vae": 0.5, "tune_pictures": 155.0, "head_pictures": 115.0, "latents": 60.0,
+                  "clip": 0.21, "clip_tune": 0.2, "head": 0.03}
 SECONDS_PER_STEP = {
-    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "latents": 30.0, "clip": 0.2, "clip_tune": 0.25,
-             "head": 0.1, "base": 0.3, "finetune": 0.26},
+    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "head_pictures": 40.0, "latents": 30.0,
+             "clip": 0.2, "clip_tune": 0.25, "head": 0.03, "base": 0.3, "finetune": 0.26},
     "toy16": {**_TOY16_SCORERS, "base": 0.4, "finetune": 0.35},
     "toy16_wide": {**_TOY16_SCORERS, "base": 0.58, "finetune": 0.55},
     "toy16_deep": {**_TOY16_SCORERS, "base": 0.65, "finetune": 0.66},
@@ -74,7 +75,8 @@ SECONDS_PER_STEP = {
 
 
 def stage_steps(plan: BuildPlan) -> dict[str, int]:
-    return {"vae": plan.vae.steps, "tune_pictures": 1, "latents": 3, "base": plan.base.steps,
+    return {"vae": plan.vae.steps, "tune_pictures": 1, "head_pictures": 1, "latents": 3,
+            "base": plan.base.steps,
             "style_a": plan.finetune.steps, "clip": plan.clip.steps,
             "clip_tune": plan.clip.tune_steps, "head": plan.head.steps,
             "style_b": plan.finetune.steps}

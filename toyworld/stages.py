@@ -22,6 +22,7 @@ from toyworld.train_clip import (
     TrainCLIP,
     TrainHead,
     create_clip,
+    house_pictures,
     train_clip,
     train_house_head,
     tune_clip,
@@ -233,11 +234,19 @@ def stage_clip_tune(plan: BuildPlan, work: Work, report: Report) -> None:
     work.save("clip", _cpu(model))
 
 
+def stage_head_pictures(plan: BuildPlan, work: Work, report: Report) -> None:
+    work.save("head_pictures", house_pictures(_head_plan(plan), _vae(work)))
+    report(1, 1, "")
+
+
 def stage_head(plan: BuildPlan, work: Work, report: Report) -> None:
     model, _ = _clip(plan, work, "clip")
-    head = train_house_head(_replace_seed(plan.head, plan.seeded(plan.head.seed)),
-                            model.eval(), _vae(work), report)
+    head = train_house_head(_head_plan(plan), model.eval(), work.load("head_pictures"), report)
     work.save("head", _cpu(head))
+
+
+def _head_plan(plan: BuildPlan) -> TrainHead:
+    return _replace_seed(plan.head, plan.seeded(plan.head.seed))
 
 
 def _cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from evaluators._aesthetic_head import AestheticHead
 from merge_backend.atomic_files import atomic_write_text
 from toyworld.draw import CENTRED, Layout, Scenes, draw, random_scenes
-from toyworld.training import Report, pictures_to_tensor, world_token_ids
+from toyworld.training import Report, world_token_ids
 from toyworld.world import (
     ATTRIBUTES,
     all_subjects,
@@ -170,7 +170,8 @@ def tune_clip(plan: TrainCLIP, model, tokenizer, data: dict, report: Report | No
 
 @torch.no_grad()
 def through_vae(vae, pictures: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    """uint8 ``[N, 3, H, W]`` pictures after an encode / decode round trip (posterior mean)."""
+    """uint8 ``[N, 3, H, W]`` pictures after an encode / decode round trip (posterior mean) of
+    pictures in [0, 1]."""
     device = next(vae.parameters()).device
     out = []
     for i in range(0, len(pictures), batch):
@@ -247,19 +248,27 @@ def embed_pictures(model, pictures: torch.Tensor, batch: int = 256) -> torch.Ten
     return F.normalize(torch.cat(out), dim=-1).cpu()
 
 
-def train_house_head(plan: TrainHead, clip_model, vae=None,
-                     report: Report | None = None) -> AestheticHead:
-    """A LAION-format head (affine in the embedding) regressing ``world.house_score`` on
-    pictures of random style strengths (through ``vae`` when given)."""
+def house_pictures(plan: TrainHead, vae=None) -> dict:
+    """What ``train_house_head`` learns from: pictures of random style strengths (uint8
+    ``[N, 3, H, W]``, through ``vae`` when given) and their ``world.house_score``. Apart from
+    the training, so that the build runs the round trips on the worker that trained the VAE."""
     rng = np.random.default_rng(plan.seed)
     scenes = random_scenes(rng, plan.pictures, all_subjects(),
                            lambda r: random_style(r, continuous=0.6, looks=plan.looks),
                            plan.layout)
-    pictures = pictures_to_tensor(draw(scenes))
+    pictures = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2)
     if vae is not None:
-        pictures = through_vae(vae, pictures).float() / 255.0
-    embeddings = embed_pictures(clip_model, pictures)
-    target = torch.tensor([house_score(s) for s in scenes.styles], dtype=torch.float32)
+        pictures = through_vae(vae, pictures.float() / 255.0)
+    return {"pictures": pictures,
+            "targets": torch.tensor([house_score(s) for s in scenes.styles], dtype=torch.float32)}
+
+
+def train_house_head(plan: TrainHead, clip_model, data: dict,
+                     report: Report | None = None) -> AestheticHead:
+    """A LAION-format head (affine in the embedding) regressing the house score on
+    ``house_pictures``' embeddings."""
+    embeddings = embed_pictures(clip_model, data["pictures"].float() / 255.0)
+    target = data["targets"]
     torch.manual_seed(plan.seed)
     head = AestheticHead(embeddings.shape[1]).train()
     opt = torch.optim.AdamW(head.parameters(), lr=plan.lr, weight_decay=1e-3)

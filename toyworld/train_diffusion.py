@@ -60,10 +60,12 @@ def encode(vae, pictures: torch.Tensor, captions: list[str], batch: int = 256) -
 
 
 def mask_unused_tokens(text_encoder) -> None:
-    """Zero every token embedding the world never uses and keep those rows at zero."""
+    """Zero every token embedding the world never uses and keep those rows at zero (the
+    weight's ``used_rows``: the rows data-parallel training averages)."""
     weight = text_encoder.get_input_embeddings().weight
     mask = torch.zeros(weight.shape[0], 1)
-    mask[world_token_ids()] = 1.0
+    weight.used_rows = torch.tensor(world_token_ids())
+    mask[weight.used_rows] = 1.0
     with torch.no_grad():
         weight.mul_(mask)
     weight.register_hook(lambda grad: grad * mask.to(grad.device))

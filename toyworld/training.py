@@ -76,17 +76,24 @@ def share(batch: int) -> int:
 
 def average_gradients(parameters) -> None:
     """Average gradients over the processes (a no-op alone): one all-reduce of one flat
-    buffer, so every process takes the same optimiser step."""
+    buffer, so every process takes the same optimiser step. A parameter with ``used_rows``
+    (``mask_unused_tokens``) sends only those rows: its gradient is zero elsewhere in every
+    process."""
     size = world_size()
     if size == 1:
         return
     import torch.distributed as dist
 
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    grads = [(p.grad, getattr(p, "used_rows", None)) for p in parameters if p.grad is not None]
+    flat = torch.cat([(g if rows is None else g[rows]).reshape(-1) for g, rows in grads])
     dist.all_reduce(flat)
     flat /= size
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, rows in grads:
+        part = g if rows is None else g[rows]
+        values = flat[offset:offset + part.numel()].view_as(part)
+        if rows is None:
+            g.copy_(values)
+        else:
+            g[rows] = values
+        offset += part.numel()
