@@ -60,11 +60,11 @@ PARALLEL = ("base",)
 # progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
 # its steps; RESULTS.md, issue 14). "finetune" times style_a and style_b. The 16x16 sizes share
 # their VAE and CLIP stages and differ in the UNet. A size not here is timed as "tiny".
-_TOY16_SCORERS = {"vae": 0.5, "tune_pictures": 155.0, "head_pictures": 115.0, "latents": 60.0,
-                  "clip": 0.21, "clip_tune": 0.2, "head": 0.03}
+_TOY16_SCORERS = {"vae": 0.5, "tune_pictures": 170.0, "head_pictures": 130.0, "latents": 68.0,
+                  "clip": 0.21, "clip_tune": 0.2, "head": 0.01}
 SECONDS_PER_STEP = {
-    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "head_pictures": 40.0, "latents": 30.0,
-             "clip": 0.2, "clip_tune": 0.25, "head": 0.03, "base": 0.3, "finetune": 0.26},
+    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "head_pictures": 55.0, "latents": 30.0,
+             "clip": 0.2, "clip_tune": 0.25, "head": 0.01, "base": 0.3, "finetune": 0.26},
     "toy16": {**_TOY16_SCORERS, "base": 0.4, "finetune": 0.35},
     "toy16_wide": {**_TOY16_SCORERS, "base": 0.58, "finetune": 0.55},
     "toy16_deep": {**_TOY16_SCORERS, "base": 0.65, "finetune": 0.66},

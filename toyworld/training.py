@@ -84,13 +84,16 @@ def average_gradients(parameters) -> None:
         return
     import torch.distributed as dist
 
-    grads = [(p.grad, getattr(p, "used_rows", None)) for p in parameters if p.grad is not None]
-    flat = torch.cat([(g if rows is None else g[rows]).reshape(-1) for g, rows in grads])
+    sent = []  # (gradient, its rows or None, what is sent of it)
+    for p in parameters:
+        if p.grad is not None:
+            rows = getattr(p, "used_rows", None)
+            sent.append((p.grad, rows, p.grad if rows is None else p.grad[rows]))
+    flat = torch.cat([part.reshape(-1) for _, _, part in sent])
     dist.all_reduce(flat)
     flat /= size
     offset = 0
-    for g, rows in grads:
-        part = g if rows is None else g[rows]
+    for g, rows, part in sent:
         values = flat[offset:offset + part.numel()].view_as(part)
         if rows is None:
             g.copy_(values)
