@@ -2,9 +2,9 @@
 
 Two single-threaded processes side by side beat one process with two threads on a 2-core CPU
 for models this small (most of a step is per-operation overhead, not arithmetic). The stages
-split so both stay busy: worker 0 trains the VAE and passes the CLIP's tuning pictures and the
-house head's pictures through it while worker 1 trains the CLIP scorer, encodes the training
-latents with that VAE, tunes the CLIP on those round trips and fits the house head; both
+split so both stay busy: worker 0 trains the VAE, passes the CLIP's tuning pictures through it
+and encodes the training latents while worker 1 trains the CLIP scorer, passes the house head's
+pictures through that VAE, tunes the CLIP on the tuning round trips and fits the house head; both
 then train the base UNet and text encoder data-parallel (each half of every batch, gradients
 averaged over a gloo process group); last, worker 0 fine-tunes style A and worker 1 style B.
 A stage's numbers depend on the plan alone, never on timing.
@@ -49,10 +49,9 @@ from toyworld.train_clip import write_clip_config
 
 # worker -> its stages in order; stages in PARALLEL run on every worker at once
 WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
-    (("vae", stage_vae), ("tune_pictures", stage_tune_pictures),
-     ("head_pictures", stage_head_pictures), ("base", stage_base),
-     ("style_a", stage_finetune("style_a"))),
-    (("clip", stage_clip), ("latents", stage_latents), ("clip_tune", stage_clip_tune),
+    (("vae", stage_vae), ("tune_pictures", stage_tune_pictures), ("latents", stage_latents),
+     ("base", stage_base), ("style_a", stage_finetune("style_a"))),
+    (("clip", stage_clip), ("head_pictures", stage_head_pictures), ("clip_tune", stage_clip_tune),
      ("head", stage_head), ("base", stage_base), ("style_b", stage_finetune("style_b"))),
 )
 PARALLEL = ("base",)

@@ -251,7 +251,8 @@ def embed_pictures(model, pictures: torch.Tensor, batch: int = 256) -> torch.Ten
 def house_pictures(plan: TrainHead, vae=None) -> dict:
     """What ``train_house_head`` learns from: pictures of random style strengths (uint8
     ``[N, 3, H, W]``, through ``vae`` when given) and their ``world.house_score``. Apart from
-    the training, so that the build runs the round trips on the worker that trained the VAE."""
+    the training, so that the build runs the round trips while the CLIP it needs is still
+    being tuned."""
     rng = np.random.default_rng(plan.seed)
     scenes = random_scenes(rng, plan.pictures, all_subjects(),
                            lambda r: random_style(r, continuous=0.6, looks=plan.looks),
