@@ -143,8 +143,9 @@ class Work:
         return torch.load(self.path(name), map_location="cpu", weights_only=True)
 
 
-def _replace_seed(plan_part, seed: int):
-    return replace(plan_part, seed=seed)
+def _seeded(plan: BuildPlan, part):
+    """A part of the plan (``plan.vae``, ``plan.clip``, ...) with its seed offset by the plan's."""
+    return replace(part, seed=plan.seeded(part.seed))
 
 
 def _vae(work: Work):
@@ -154,8 +155,7 @@ def _vae(work: Work):
 
 
 def stage_vae(plan: BuildPlan, work: Work, report: Report) -> None:
-    vae = train_vae(_replace_seed(plan.vae, plan.seeded(plan.vae.seed)), work.config_folder,
-                    report, work.device)
+    vae = train_vae(_seeded(plan, plan.vae), work.config_folder, report, work.device)
     work.save("vae", _cpu(vae))
 
 
@@ -184,7 +184,7 @@ def stage_base(plan: BuildPlan, work: Work, report: Report) -> None:
     unet = build("unet", work.config_folder)
     text_encoder = build("te", work.config_folder)
     mask_unused_tokens(text_encoder)
-    unet, text_encoder = train_unet(_replace_seed(plan.base, plan.seeded(plan.base.seed)),
+    unet, text_encoder = train_unet(_seeded(plan, plan.base),
                                     unet.to(work.device), text_encoder.to(work.device),
                                     _latents(work, "base"), work.config_folder, report)
     if rank() == 0:
@@ -200,7 +200,7 @@ def stage_finetune(style: str) -> Callable[[BuildPlan, Work, Report], None]:
         text_encoder.load_state_dict(base["te"])
         mask_unused_tokens(text_encoder)
         seed = plan.seeded(plan.finetune.seed + list(STYLED).index(style))
-        unet, text_encoder = train_unet(_replace_seed(plan.finetune, seed),
+        unet, text_encoder = train_unet(replace(plan.finetune, seed=seed),
                                         unet.to(work.device), text_encoder.to(work.device),
                                         _latents(work, style), work.config_folder, report)
         work.save(style, {"unet": _cpu(unet), "te": _cpu(text_encoder)})
@@ -210,8 +210,7 @@ def stage_finetune(style: str) -> Callable[[BuildPlan, Work, Report], None]:
 
 
 def stage_clip(plan: BuildPlan, work: Work, report: Report) -> None:
-    model = train_clip(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), work.clip_config,
-                       report, work.device)
+    model = train_clip(_seeded(plan, plan.clip), work.clip_config, report, work.device)
     work.save("clip_drawn", _cpu(model))
 
 
@@ -222,31 +221,29 @@ def _clip(plan: BuildPlan, work: Work, name: str):
 
 
 def stage_tune_pictures(plan: BuildPlan, work: Work, report: Report) -> None:
-    data = tune_pictures(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), _vae(work))
+    data = tune_pictures(_seeded(plan, plan.clip), _vae(work))
     work.save("tune_pictures", data)
     report(1, 1, "")
 
 
 def stage_clip_tune(plan: BuildPlan, work: Work, report: Report) -> None:
     model, tokenizer = _clip(plan, work, "clip_drawn")
-    model = tune_clip(_replace_seed(plan.clip, plan.seeded(plan.clip.seed)), model, tokenizer,
+    model = tune_clip(_seeded(plan, plan.clip), model, tokenizer,
                       work.load("tune_pictures"), report)
     work.save("clip", _cpu(model))
 
 
 def stage_head_pictures(plan: BuildPlan, work: Work, report: Report) -> None:
-    work.save("head_pictures", house_pictures(_head_plan(plan), _vae(work)))
+    work.save("head_pictures", house_pictures(_seeded(plan, plan.head), _vae(work)))
     report(1, 1, "")
 
 
 def stage_head(plan: BuildPlan, work: Work, report: Report) -> None:
     model, _ = _clip(plan, work, "clip")
-    head = train_house_head(_head_plan(plan), model.eval(), work.load("head_pictures"), report)
+    head = train_house_head(_seeded(plan, plan.head), model.eval(), work.load("head_pictures"),
+                            report)
     work.save("head", _cpu(head))
 
-
-def _head_plan(plan: BuildPlan) -> TrainHead:
-    return _replace_seed(plan.head, plan.seeded(plan.head.seed))
 
 
 def _cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
