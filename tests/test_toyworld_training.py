@@ -3,6 +3,7 @@ latent rescaling, frozen unused token rows, data-parallel gradient averaging."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,7 @@ from merge_backend.pipeline import write_config_folder
 from toyworld.draw import draw, random_scenes
 from toyworld.train_diffusion import mask_unused_tokens
 from toyworld.train_vae import standardise_latents
-from toyworld.training import build, pictures_to_tensor, world_token_ids
+from toyworld.training import build, pictures_to_tensor, used_rows_only, world_token_ids
 from toyworld.world import (
     BACKGROUNDS,
     COLOURS,
@@ -196,17 +197,51 @@ def test_unused_token_rows_are_zero_and_stay_zero(tmp_path):
     weight = te.get_input_embeddings().weight
     used = torch.zeros(weight.shape[0], dtype=torch.bool)
     used[world_token_ids()] = True
-    assert weight.used_rows.tolist() == world_token_ids()  # what data-parallel steps average
-    opt = torch.optim.AdamW(te.parameters(), lr=1e-2, weight_decay=0.1)
+    assert weight.used_rows.tolist() == world_token_ids()
     ids = torch.tensor([[49406, 320, 736, 7117, 49407] + [49407] * 72,
                         [49406, 1125, 3999, 49407] + [49407] * 73])  # 1125: not a world word
-    for _ in range(2):
-        te(ids)[0].pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    with used_rows_only(te):
+        opt = torch.optim.AdamW(te.parameters(), lr=1e-2, weight_decay=0.1)
+        for _ in range(2):
+            te(ids)[0].pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert te.get_input_embeddings().weight is weight  # the embedding is back, trained
     assert weight[~used].abs().max() == 0
     assert weight[used].abs().min() > 0
     assert 1125 not in world_token_ids() and 7117 in world_token_ids()  # "circle" is a word
+
+
+def test_training_only_the_used_rows_steps_them_as_the_whole_masked_table(tmp_path):
+    """The stand-in's rows against the plain way, written out here: the whole table trains
+    and every unused row's gradient is multiplied by zero. Same steps, bit for bit, and the
+    stand-in sends only the used rows to the optimiser."""
+    config = write_config_folder("sd1", tmp_path / "config", size="tiny")
+    ids = torch.tensor([[49406, 320, 736, 7117, 49407] + [49407] * 72,
+                        [49406, 1125, 7117, 3999, 49407] + [49407] * 72])
+    trained = []
+    for stand_in in (False, True):
+        torch.manual_seed(0)
+        te = build("te", config)
+        mask_unused_tokens(te)
+        weight = te.get_input_embeddings().weight
+        if not stand_in:
+            keep = torch.zeros(weight.shape[0], 1)
+            keep[world_token_ids()] = 1.0
+            weight.register_hook(lambda grad, keep=keep: grad * keep)
+        with used_rows_only(te) if stand_in else contextlib.nullcontext():
+            params = list(te.parameters())
+            opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+            for _ in range(3):
+                te(ids)[0].pow(3).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        sizes = sorted(p.numel() for p in params)
+        trained.append(te.state_dict())
+    assert len(world_token_ids()) * 32 in sizes and weight.numel() not in sizes
+    assert trained[0].keys() == trained[1].keys()
+    for key, value in trained[0].items():
+        assert torch.equal(value, trained[1][key]), key
 
 
 def _average_in_process(rank: int, init: str, out: str) -> None:
@@ -217,18 +252,12 @@ def _average_in_process(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     param = torch.nn.Parameter(torch.zeros(3))
     other = torch.nn.Parameter(torch.zeros(2, 2))
-    table = torch.nn.Parameter(torch.zeros(4, 2))
-    # its gradient is zero in the other rows (mask_unused_tokens), so only rows 1 and 3 are
-    # sent; row 0 breaks that promise here to show it: each process keeps its own
-    table.used_rows = torch.tensor([1, 3])
+    frozen = torch.nn.Parameter(torch.zeros(2))  # no gradient: skipped
     param.grad = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1)
     other.grad = torch.full((2, 2), 10.0 * rank)
-    table.grad = torch.zeros(4, 2)
-    table.grad[0] = 7.0 * rank
-    table.grad[1] = torch.tensor([2.0, 4.0]) * (rank + 1)
-    table.grad[3] = torch.tensor([-6.0, 8.0]) * rank
-    average_gradients([param, table, other])
-    torch.save({"param": param.grad, "other": other.grad, "table": table.grad}, f"{out}.{rank}")
+    average_gradients([param, frozen, other])
+    torch.save({"param": param.grad, "other": other.grad, "frozen": frozen.grad},
+               f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -241,8 +270,7 @@ def test_data_parallel_processes_take_the_mean_gradient(tmp_path):
         grads = torch.load(f"{out}.{rank}", weights_only=True)
         assert torch.equal(grads["param"], torch.tensor([1.5, 3.0, 4.5]))
         assert torch.equal(grads["other"], torch.full((2, 2), 5.0))
-        assert torch.equal(grads["table"], torch.tensor([[7.0 * rank] * 2, [3.0, 6.0],
-                                                          [0.0, 0.0], [-3.0, 4.0]]))
+        assert grads["frozen"] is None
 
 
 def test_the_round_trip_is_the_vaes_own_decode_of_its_mean(tmp_path):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from evaluators._aesthetic_head import AestheticHead
 from merge_backend.atomic_files import atomic_write_text
 from toyworld.draw import CENTRED, Layout, Scenes, draw, random_scenes
-from toyworld.training import Report, world_token_ids
+from toyworld.training import Report, mark_used_rows, used_rows_only, world_token_ids
 from toyworld.world import (
     ATTRIBUTES,
     all_subjects,
@@ -101,11 +101,7 @@ def create_clip(config_json: Path, seed: int, layout_words: bool = False, looks:
     torch.manual_seed(seed)
     model = open_clip.create_model(config_json.stem, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config_json.stem)
-    mask = torch.zeros(model.token_embedding.weight.shape[0], 1)
-    mask[world_token_ids(layout_words, looks > 0)] = 1.0
-    with torch.no_grad():
-        model.token_embedding.weight.mul_(mask)
-    model.token_embedding.weight.register_hook(lambda grad: grad * mask.to(grad.device))
+    mark_used_rows(model.token_embedding, world_token_ids(layout_words, looks > 0))
     return model, tokenizer
 
 
@@ -199,6 +195,15 @@ def contrastive(model, tokenizer, pictures: torch.Tensor, captions: list[str],
     members = {a: [torch.tensor([i for i, s in enumerate(plain) if getattr(s, a) == v])
                    for v in values] for a, values in ATTRIBUTES.items()}
     model.train()
+    with used_rows_only(model):
+        _steps(model, pictures, tokens, caption_ids, plain_tokens, members, labels, steps, lr,
+               batch, noise, seed, report)
+
+
+def _steps(model, pictures: torch.Tensor, tokens: torch.Tensor, caption_ids: torch.Tensor,
+           plain_tokens: torch.Tensor, members: dict, labels: torch.Tensor, steps: int,
+           lr: float, batch: int, noise: float, seed: int, report: Report | None) -> None:
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                             weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toyworld.training import Report, average_gradients, rank, share, world_token_ids
+from toyworld.training import (
+    Report,
+    average_gradients,
+    mark_used_rows,
+    rank,
+    share,
+    used_rows_only,
+    world_token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -60,15 +68,8 @@ def encode(vae, pictures: torch.Tensor, captions: list[str], batch: int = 256) -
 
 
 def mask_unused_tokens(text_encoder) -> None:
-    """Zero every token embedding the world never uses and keep those rows at zero (the
-    weight's ``used_rows``: the rows data-parallel training averages)."""
-    weight = text_encoder.get_input_embeddings().weight
-    mask = torch.zeros(weight.shape[0], 1)
-    weight.used_rows = torch.tensor(world_token_ids())
-    mask[weight.used_rows] = 1.0
-    with torch.no_grad():
-        weight.mul_(mask)
-    weight.register_hook(lambda grad: grad * mask.to(grad.device))
+    """Zero every token embedding the world never uses; ``train_unet`` keeps them at zero."""
+    mark_used_rows(text_encoder.get_input_embeddings(), world_token_ids())
 
 
 def noise_scheduler(config_folder: Path):
@@ -106,7 +107,15 @@ def train_unet(plan: TrainUNet, unet, text_encoder, data: Latents, config_folder
     index = {c: i for i, c in enumerate(distinct)}
     tokens = tokenize(config_folder, distinct).to(device)
     caption_ids = torch.tensor([index[c] for c in data.captions])
-    empty = index[""]
+    with used_rows_only(text_encoder):
+        _steps(plan, unet, text_encoder, data, scheduler, tokens, caption_ids, index[""],
+               report)
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+def _steps(plan: TrainUNet, unet, text_encoder, data: Latents, scheduler, tokens: torch.Tensor,
+           caption_ids: torch.Tensor, empty: int, report: Report | None) -> None:
+    device = next(unet.parameters()).device
     train_te = plan.text_encoder_lr > 0
     unet.train()
     text_encoder.train(train_te).requires_grad_(train_te)
@@ -144,4 +153,3 @@ def train_unet(plan: TrainUNet, unet, text_encoder, data: Latents, config_folder
         sched.step()
         if report and rank() == 0:
             report(step + 1, plan.steps, f"loss {loss.item():.4f}")
-    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)

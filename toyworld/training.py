@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,62 @@ def world_token_ids(layout: bool = False, looks: bool = False) -> list[int]:
     return sorted(ids)
 
 
+def mark_used_rows(embedding: torch.nn.Embedding, rows: list[int]) -> None:
+    """Zero every row of ``embedding`` but ``rows`` and mark them (``weight.used_rows``): while
+    ``used_rows_only`` is on, only those rows train and the others stay zero."""
+    weight = embedding.weight
+    weight.used_rows = torch.tensor(rows)
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[weight.used_rows] = 1.0
+    with torch.no_grad():
+        weight.mul_(keep)
+
+
+class UsedRows(torch.nn.Module):
+    """Stands in for an ``nn.Embedding`` while it trains: only its used rows are a parameter
+    (``table``), and every other id reads a zero row. Each row gets the same gradient, summed
+    over the same positions in the same order, as the whole table's would, so an optimiser
+    steps the used rows exactly as it would inside the whole table with the other rows'
+    gradient zero; the rest of a 49408-row table then costs no dense gradient and no optimiser
+    state (a tenth of a CLIP step, a twentieth of a UNet's: RESULTS.md, issue 14)."""
+
+    def __init__(self, embedding: torch.nn.Embedding) -> None:
+        super().__init__()
+        weight = embedding.weight
+        self.rows = weight.used_rows.to(weight.device)
+        self.table = torch.nn.Parameter(weight.detach()[self.rows].clone(),
+                                        requires_grad=weight.requires_grad)
+        index = torch.full((weight.shape[0],), len(self.rows), dtype=torch.long,
+                           device=weight.device)
+        index[self.rows] = torch.arange(len(self.rows), device=weight.device)
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("zero", weight.new_zeros(1, weight.shape[1]), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(self.index[ids], torch.cat([self.table, self.zero]))
+
+
+@contextmanager
+def used_rows_only(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: every embedding of ``model`` with ``used_rows`` (``mark_used_rows``) is a
+    ``UsedRows`` (build the optimiser inside); on leaving, the trained rows go back into it."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Embedding) and hasattr(module.weight, "used_rows"):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            stand_in = UsedRows(module)
+            setattr(parent, attribute, stand_in)
+            swapped.append((parent, attribute, module, stand_in))
+    try:
+        yield
+    finally:
+        for parent, attribute, module, stand_in in swapped:
+            with torch.no_grad():
+                module.weight[stand_in.rows] = stand_in.table
+            setattr(parent, attribute, module)
+
+
 # ---------------------------------------------------------------------------- data parallel
 
 
@@ -76,27 +133,17 @@ def share(batch: int) -> int:
 
 def average_gradients(parameters) -> None:
     """Average gradients over the processes (a no-op alone): one all-reduce of one flat
-    buffer, so every process takes the same optimiser step. A parameter with ``used_rows``
-    (``mask_unused_tokens``) sends only those rows: its gradient is zero elsewhere in every
-    process."""
+    buffer, so every process takes the same optimiser step."""
     size = world_size()
     if size == 1:
         return
     import torch.distributed as dist
 
-    sent = []  # (gradient, its rows or None, what is sent of it)
-    for p in parameters:
-        if p.grad is not None:
-            rows = getattr(p, "used_rows", None)
-            sent.append((p.grad, rows, p.grad if rows is None else p.grad[rows]))
-    flat = torch.cat([part.reshape(-1) for _, _, part in sent])
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= size
     offset = 0
-    for g, rows, part in sent:
-        values = flat[offset:offset + part.numel()].view_as(part)
-        if rows is None:
-            g.copy_(values)
-        else:
-            g[rows] = values
-        offset += part.numel()
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
