@@ -86,6 +86,36 @@ def test_base_draws_the_shape_it_is_asked_for(world):
     assert (own > other).float().mean() >= 0.75
 
 
+def test_the_world_draws_from_the_noise_it_was_trained_to_remove(world, tmp_path):
+    """The world's sizes space a sampler's steps "trailing": the first is the trained
+    schedule's last timestep (999, SD1's scaled-linear betas written out here), so a 5-step
+    draw spends no step at t = 1 and starts at full noise, as ComfyUI's schedules do. The
+    random tiny family keeps SD1.5's "leading" spacing."""
+    from diffusers import EulerDiscreteScheduler
+
+    from evaluators.schedulers import make_scheduler
+    from merge_backend.pipeline import write_config_folder
+
+    steps = SAMPLING["steps"]
+    pipe = load_pipeline(world.base)
+    trailing = [float(t) for t in np.round(np.arange(1000, 0, -1000 / steps)) - 1]
+    for sampler in ("euler", "dpm++_2m"):
+        scheduler = make_scheduler(sampler, pipe.scheduler)
+        scheduler.set_timesteps(steps)
+        assert [float(t) for t in scheduler.timesteps] == trailing, sampler
+    euler = make_scheduler("euler", pipe.scheduler)
+    euler.set_timesteps(steps)
+    alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000,
+                                              dtype=torch.float64) ** 2, 0)
+    assert float(euler.sigmas[0]) == pytest.approx(float(((1 - alphas[-1]) / alphas[-1]) ** 0.5),
+                                                   rel=1e-5)
+    tiny = EulerDiscreteScheduler.from_pretrained(
+        write_config_folder("sd1", tmp_path / "tiny", size="tiny") / "scheduler")
+    tiny.set_timesteps(steps)
+    leading = [float(t) for t in np.arange(steps)[::-1] * (1000 // steps) + 1]
+    assert [float(t) for t in tiny.timesteps] == leading
+
+
 def test_house_head_prefers_the_house_style_to_either_parent_style(world):
     """The LAION-format head loads through the laion_aesthetic scorer and ranks drawn pictures
     by the house style: A's palette with B's edges beats A's and B's looks. The target (half

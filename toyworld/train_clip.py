@@ -205,7 +205,7 @@ def _steps(model, pictures: torch.Tensor, tokens: torch.Tensor, caption_ids: tor
            lr: float, batch: int, noise: float, seed: int, report: Report | None) -> None:
     device = next(model.parameters()).device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.1)
+                            weight_decay=0.1, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):

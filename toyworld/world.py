@@ -44,8 +44,9 @@ BACKGROUNDS = {"white": (236, 236, 232), "gray": (128, 128, 128), "black": (28, 
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
 CAPTION = "a {colour} {shape} on a {background} background"
 # How a world's probes are drawn (the demo, the study config, the acceptance figures), unless
-# its build plan names other sampling (toyworld.files.world_sampling)
-SAMPLING = {"steps": 4, "cfg": 3.0, "width": SIZE, "height": SIZE, "scheduler": "euler"}
+# its build plan names other sampling (toyworld.files.world_sampling); the world's scheduler
+# config spaces the steps "trailing" (merge_backend/architectures/sd1.yaml)
+SAMPLING = {"steps": 5, "cfg": 4.0, "width": SIZE, "height": SIZE, "scheduler": "euler"}
 
 
 @dataclass(frozen=True)
