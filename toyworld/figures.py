@@ -89,7 +89,7 @@ def name(scorer, images: torch.Tensor, attribute: str) -> list[str]:
 
 
 # seeds per held-out prompt for the naming figure: 8 prompts x 32 seeds = 256 probes, a standard
-# error near 0.02 at 0.9 (with 8 seeds the shipped world read 0.906, with 16 0.883: RESULTS.md,
+# error near 0.02 at 0.9 (with 8 seeds the twelfth pass's world read 0.906, with 16 0.883: RESULTS.md,
 # issue 14, fourteenth pass)
 NAMING_SEEDS = 32
 
