@@ -86,7 +86,8 @@ LAYOUT16 = BuildPlan(size="toy16", vae=TrainVAE(layout=EVERYWHERE),
 # layout world in the `lo` UNet (attention at 8x8, 4x4 and in the middle block), its styles with
 # opposite whole-picture looks on top, which the VAE sees on every picture and the CLIP and the
 # house head on half of theirs; a shorter VAE, longer fine-tunes and a house head on fewer
-# pictures than the other layout worlds (the last two: a rebuild in under 30 minutes).
+# pictures than the other layout worlds (fine-tunes of 1000 steps, not the twelfth pass's 1200,
+# and 4000 head pictures, not 6000: the rebuild's time under 30 minutes, fifteenth pass).
 SHIPPED_PLAN = replace(
     LAYOUT16, size="toy16_lo", vae=replace(LAYOUT16.vae, steps=900, looks=1.0),
     clip=replace(LAYOUT16.clip, looks=0.5), head=replace(LAYOUT16.head, looks=0.5, pictures=4000),
