@@ -250,6 +250,5 @@ def stage_head(plan: BuildPlan, work: Work, report: Report) -> None:
     work.save("head", _cpu(head))
 
 
-
 def _cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
