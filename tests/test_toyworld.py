@@ -133,6 +133,34 @@ def test_house_head_prefers_the_house_style_to_either_parent_style(world):
     assert means["house"] > max(means["a"], means["b"]) + 0.5, means
 
 
+def test_the_style_probe_learns_the_pictures_as_the_vae_returns_them(world):
+    """``fit_style_probe(vae=...)`` embeds each drawn picture after the VAE's round trip. A
+    real AutoencoderKL whose last decoder layer is zeroed returns the same mid-grey picture
+    for every input: a probe fit through it has nothing to tell the styles apart by and gives
+    every picture even odds, while the same fit without it tells A, B and plain apart."""
+    from toyworld import figures
+    from toyworld.training import build, pictures_to_tensor
+    from toyworld.world import PLAIN
+
+    vae = build("vae", world.config_folder).eval()
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.zero_()
+        vae.decoder.conv_out.bias.zero_()
+    scorer = figures.clip_scorer(world)
+    rng = np.random.default_rng(11)
+    truth, pictures = [], []
+    for label, style in (("plain", PLAIN), ("a", STYLE_A), ("b", STYLE_B)):
+        pictures.append(pictures_to_tensor(draw(random_scenes(rng, 16, training_subjects(),
+                                                              style))))
+        truth += [label] * 16
+    embeddings = scorer.image_embeddings(torch.cat(pictures))
+    drawn = figures.fit_style_probe(scorer, per_style=48).classify(embeddings)
+    assert np.mean([n == t for n, t in zip(drawn, truth)]) >= 0.9
+    grey = figures.fit_style_probe(scorer, per_style=48, vae=vae)
+    odds = torch.softmax(embeddings @ grey.weight.T + grey.bias, dim=-1)
+    assert torch.allclose(odds, torch.full_like(odds, 1 / 3), atol=0.01), odds
+
+
 def test_reference_scorer_is_one_for_the_same_pictures_and_lower_for_others(world):
     scorer = build_scorer({"kind": "reference", "model": str(world.clip_config),
                            "weights": str(world.clip_weights), "mode": "paired"}, device="cpu")

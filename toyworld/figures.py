@@ -30,6 +30,7 @@ from merge_backend.architectures import ARCHITECTURES, block_names
 from merge_backend.recipe import Recipe, Source, uniform_ratios
 from toyworld.draw import CENTRED, Layout, draw, random_scenes
 from toyworld.files import ToyWorld, world_layouts, world_sampling, world_styles
+from toyworld.train_clip import through_vae
 from toyworld.training import pictures_to_tensor
 from toyworld.world import (
     ATTRIBUTES,
@@ -129,10 +130,12 @@ MODEL_STYLE = {"base": "plain", "style_a": "a", "style_b": "b"}
 
 def fit_style_probe(scorer, per_style: int = 200, seed: int = 7,
                     layouts: dict[str, Layout] | None = None,
-                    styles: dict[str, Style] | None = None) -> StyleProbe:
+                    styles: dict[str, Style] | None = None, vae=None) -> StyleProbe:
     """Fit on pictures drawn in each style, placed as the model trained on it placed them
     (``layouts``, by model name; centred when not given); ``styles``: the style each model
-    was trained on, by model name (``world.STYLED`` when not given)."""
+    was trained on, by model name (``world.STYLED`` when not given); ``vae``: fit on the
+    pictures after its encode / decode round trip, as the world's models can draw them at
+    best, not as drawn."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     placed = {MODEL_STYLE[m]: layout for m, layout in (layouts or {}).items()}
@@ -140,6 +143,8 @@ def fit_style_probe(scorer, per_style: int = 200, seed: int = 7,
     for label, name in enumerate(STYLES):
         pictures = pictures_to_tensor(draw(random_scenes(rng, per_style, training_subjects(),
                                                          drawn[name], placed.get(name, CENTRED))))
+        if vae is not None:
+            pictures = through_vae(vae, pictures).float() / 255.0
         xs.append(scorer.image_embeddings(pictures))
         ys += [label] * per_style
     x, y = torch.cat(xs), torch.tensor(ys)
@@ -183,17 +188,18 @@ class StyleFigures:
 
 
 def style_probe(world: ToyWorld, seeds: int = 4, device: str = "cpu") -> StyleFigures:
-    """The probe (fit on drawn plain / A / B pictures, drawn and placed as the world's data
-    sets were) on the held-out probes of base, style_a
+    """The probe (fit on plain / A / B pictures, drawn and placed as the world's data sets
+    were, after a round trip through the world's VAE) on the held-out probes of base, style_a
     and style_b: what it calls each model's probes, and how often it tells A's from B's."""
     scorer = clip_scorer(world, device=device)
+    pipes = {model: load(world, model, device) for model in MODEL_STYLE}
     probe = fit_style_probe(scorer, layouts=world_layouts(world.folder),
-                            styles=world_styles(world.folder))
+                            styles=world_styles(world.folder), vae=pipes["base"].vae)
     probes = held_out_probes(world, seeds)
     calls, margins = {}, {}
     a, b = probe.labels.index("a"), probe.labels.index("b")
-    for model in ("base", "style_a", "style_b"):
-        images = generate(load(world, model, device), probes).images
+    for model, pipe in pipes.items():
+        images = generate(pipe, probes).images
         embeddings = scorer.image_embeddings(images)
         named = probe.classify(embeddings)
         calls[model] = {label: float(np.mean([n == label for n in named]))
