@@ -95,15 +95,16 @@ HOUSE = Style(warmth=1.0, outline=1.0)  # A's palette with B's edges
 STYLES = {"plain": PLAIN, "a": STYLE_A, "b": STYLE_B}
 # the style each checkpoint of a world is trained on, unless its build plan names others
 STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
-# The same two styles with opposite whole-picture looks on top, each at 1.5 times the strength
-# the scorers learn (blur at 1): A bold, vivid, bright, stretched wide and framed by a vignette;
-# B flat, muted, dark, hue-shifted, blurry and stretched tall. At full strength the fine-tunes'
-# merges moved 15-16 blocks, at 1.5 times 17-19 (RESULTS.md, issue 14, eleventh and twelfth
-# passes).
-STYLE_A_LOOKS = replace(STYLE_A, contrast=1.5, saturation=1.5, light=1.5, stretch=1.5,
-                        vignette=1.5)
-STYLE_B_LOOKS = replace(STYLE_B, contrast=-1.5, saturation=-1.5, light=-1.5, hue=1.5, blur=1.0,
-                        stretch=-1.5)
+# The same two styles with opposite whole-picture looks on top, each at twice the strength the
+# scorers learn (saturation at 1.5 times, blur at 1): A bold, vivid, bright, stretched wide and
+# framed by a vignette; B flat, muted, dark, hue-shifted, blurry and stretched tall. The stronger
+# the looks, the more of the UNet's blocks a merge of the two fine-tunes moves: 15-16 blocks at
+# full strength, 17-19 at 1.5 times, 18-19 at twice (RESULTS.md, issue 14, eleventh, twelfth and
+# sixteenth passes). Saturation stays at 1.5: at twice, B's pictures lose every colour.
+STYLE_A_LOOKS = replace(STYLE_A, contrast=2.0, saturation=1.5, light=2.0, stretch=2.0,
+                        vignette=2.0)
+STYLE_B_LOOKS = replace(STYLE_B, contrast=-2.0, saturation=-1.5, light=-2.0, hue=2.0, blur=1.0,
+                        stretch=-2.0)
 
 # Held out of every training set; each shape and each colour appears twice.
 HELD_OUT = (
