@@ -97,10 +97,12 @@ STYLES = {"plain": PLAIN, "a": STYLE_A, "b": STYLE_B}
 STYLED = {"base": PLAIN, "style_a": STYLE_A, "style_b": STYLE_B}
 # The same two styles with opposite whole-picture looks on top, each at twice the strength the
 # scorers learn (saturation at 1.5 times, blur at 1): A bold, vivid, bright, stretched wide and
-# framed by a vignette; B flat, muted, dark, hue-shifted, blurry and stretched tall. The stronger
-# the looks, the more of the UNet's blocks a merge of the two fine-tunes moves: 15-16 blocks at
-# full strength, 17-19 at 1.5 times, 18-19 at twice (RESULTS.md, issue 14, eleventh, twelfth and
-# sixteenth passes). Saturation stays at 1.5: at twice, B's pictures lose every colour.
+# framed by a vignette; B flat, muted, dark, hue-shifted, blurry and stretched tall. The looks
+# spread what a fine-tune changes over more of the UNet's blocks: a merge of the two moved
+# 15-16 blocks at full strength, 17-19 at 1.5 times, and with the shipped plan's faster
+# fine-tunes 14-15 at 1.5 times, 18-19 at twice and 16-20 at 2.5 times (RESULTS.md, issue 14,
+# eleventh, twelfth and sixteenth passes). Saturation stays at 1.5: at twice, B's pictures
+# would keep no colour.
 STYLE_A_LOOKS = replace(STYLE_A, contrast=2.0, saturation=1.5, light=2.0, stretch=2.0,
                         vignette=2.0)
 STYLE_B_LOOKS = replace(STYLE_B, contrast=-2.0, saturation=-1.5, light=-2.0, hue=2.0, blur=1.0,
