@@ -86,9 +86,11 @@ LAYOUT16 = BuildPlan(size="toy16", vae=TrainVAE(layout=EVERYWHERE),
 # passes): the layout world in the `lo` UNet (attention at 8x8, 4x4 and in the middle block), its
 # styles with opposite whole-picture looks on top, which the VAE sees on every picture and the
 # CLIP and the house head on half of theirs; a shorter VAE, longer fine-tunes and a house head
-# on fewer pictures than the other layout worlds (the rebuild's time under 30 minutes). The
-# fine-tunes learn at the base's rates (lr 1e-3, text encoder 2e-4, not 3e-4 and 5e-5): with
-# the looks at twice their strength, a merge of them moves 18-19 blocks, not 10-16.
+# on fewer pictures than the other layout worlds (fine-tunes of 1000 steps, not the twelfth
+# pass's 1200, and 4000 head pictures, not 6000: the rebuild's time near 30 minutes, fifteenth
+# pass). The fine-tunes learn at the base's rates (lr 1e-3, text encoder 2e-4, not 3e-4 and
+# 5e-5): with the looks at twice their strength, a merge of them moves 18-19 blocks, not 10-16
+# (sixteenth pass; a 2600-step base, for time, moved 14-18 and drew less cleanly).
 SHIPPED_PLAN = replace(
     LAYOUT16, size="toy16_lo", vae=replace(LAYOUT16.vae, steps=900, looks=1.0),
     clip=replace(LAYOUT16.clip, looks=0.5), head=replace(LAYOUT16.head, looks=0.5, pictures=4000),
