@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from merge_backend.architectures import ARCHITECTURES
+from merge_backend.devices import cpu_name
 from merge_backend.naming import to_original
 from merge_backend.pipeline import build_components, write_config_folder
 
@@ -76,7 +77,8 @@ def goal(name: str, measured: float, target: float, higher_is_better: bool = Fal
 def machine() -> str:
     import platform
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, {gpu}"
+    return (f"{platform.node()} {platform.machine()} {cpu_name()}, {torch.get_num_threads()} threads, "
+            f"{gpu}")
 
 
 __all__ = ["full_size_files", "full_size_state", "run_measured", "goal", "machine", "resource"]

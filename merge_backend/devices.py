@@ -12,10 +12,25 @@ Example:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows: the
+    machine a timing was taken on."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def auto_device() -> str:
