@@ -298,11 +298,29 @@ def test_a_few_step_build_writes_a_world_that_loads(tmp_path):
     assert any("100%" in line for line in lines)
     manifest = json.loads(world.manifest.read_text())
     assert manifest["plan"]["seed"] == 3 and set(manifest["stage_seconds"]) >= {"vae", "base"}
+    assert "head_pictures" in manifest["stage_seconds"]  # run by one worker or the other
     pipe = load_pipeline(world.style_b, config_folder=world.config_folder)
     probes = ProbeSet(prompts=["a red circle on a white background"], seeds=[0], steps=2,
                       width=64, height=64)
     assert torch.isfinite(generate(pipe, probes).images).all()
     assert world.base.read_bytes() != (SHIPPED / "base.safetensors").read_bytes()
+
+
+def test_a_stage_either_worker_may_run_goes_to_the_first_that_asks(tmp_path):
+    """``Work.claim``: of two workers' views of one work folder, only the first to ask runs
+    the stage, in this process or another."""
+    from toyworld.stages import Work
+
+    first, second = (Work(tmp_path, tmp_path, tmp_path / "clip.json") for _ in range(2))
+    assert first.claim("head_pictures")
+    assert not second.claim("head_pictures") and not first.claim("head_pictures")
+    code = ("import sys; from pathlib import Path; from toyworld.stages import Work; "
+            "w = Work(Path(sys.argv[1]), Path(sys.argv[1]), Path('c.json')); "
+            "print(w.claim('head_pictures'), w.claim('latents_base'))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()
+    assert out == ["False", "True"]
+    assert not first.claim("latents_base")
 
 
 @pytest.mark.parametrize("name", ["layout16", "layout16_mid", "shipped"])

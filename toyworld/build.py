@@ -3,11 +3,11 @@
 Two single-threaded processes side by side beat one process with two threads on a 2-core CPU
 for models this small (most of a step is per-operation overhead, not arithmetic). The stages
 split so both stay busy: worker 0 trains the VAE, passes the CLIP's tuning pictures through it
-and encodes the base's training latents while worker 1 trains the CLIP scorer, passes the house
-head's pictures through that VAE, encodes the styles' latents, tunes the CLIP on the tuning round
-trips and fits the house head; both
-then train the base UNet and text encoder data-parallel (each half of every batch, gradients
-averaged over a gloo process group); last, worker 0 fine-tunes style A and worker 1 style B.
+and encodes the base's training latents while worker 1 trains the CLIP scorer, tunes it on the
+tuning round trips and fits the house head; whichever is free first passes the house head's
+pictures through the VAE; both then train the base UNet and text encoder data-parallel (each
+half of every batch, gradients averaged over a gloo process group); last, worker 0 encodes
+style A's latents and fine-tunes it, and worker 1 does the same for style B.
 A stage's numbers depend on the plan alone, never on timing.
 
 Example:
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from merge_backend.atomic_files import atomic_write_text
+from merge_backend.devices import cpu_name
 from toyworld.files import CHECKPOINTS, ToyWorld, save_safetensors, save_torch, write_world
 from toyworld.stages import (
     BuildPlan,
@@ -51,26 +52,34 @@ from toyworld.train_clip import write_clip_config
 # worker -> its stages in order; stages in PARALLEL run on every worker at once
 WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
     (("vae", stage_vae), ("tune_pictures", stage_tune_pictures),
-     ("latents_base", stage_latents("base")), ("base", stage_base),
-     ("style_a", stage_finetune("style_a"))),
+     ("latents_base", stage_latents("base")), ("head_pictures", stage_head_pictures),
+     ("base", stage_base),
+     ("latents_style_a", stage_latents("style_a")), ("style_a", stage_finetune("style_a"))),
     (("clip", stage_clip), ("head_pictures", stage_head_pictures),
-     ("latents_style_a", stage_latents("style_a")), ("latents_style_b", stage_latents("style_b")),
      ("clip_tune", stage_clip_tune), ("head", stage_head), ("base", stage_base),
-     ("style_b", stage_finetune("style_b"))),
+     ("latents_style_b", stage_latents("style_b")), ("style_b", stage_finetune("style_b"))),
 )
 PARALLEL = ("base",)
+# stages on both workers' lists that only the first worker to reach them runs: the house head's
+# round trips go to whichever worker is free first, worker 0 once its VAE work is done or
+# worker 1 once its CLIP is (the VAE trained faster than the CLIP on one 2-core machine, slower
+# on another: RESULTS.md, issue 14, seventeenth pass)
+EITHER = ("head_pictures",)
 # seconds per step on one idle core of the 2-core CPU, by the plan's SD1 config size, for the
 # progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
 # its steps; RESULTS.md, issue 14). "finetune" times style_a and style_b. The 16x16 sizes share
 # their VAE and CLIP stages and differ in the UNet (the head's pictures: the shipped plan's 4000).
 # toy16_lo's figures are the shipped world's build (RESULTS.md, issue 14, fifteenth pass); the
-# other sizes' UNets were timed before it, ~10% slower a step. A size not here is timed as "tiny".
-_TOY16_SCORERS = {"vae": 0.49, "tune_pictures": 173.0, "head_pictures": 90.0,
-                  "latents_base": 97.0, "latents_style_a": 41.0, "latents_style_b": 42.0,
+# other sizes' UNets were timed before it, ~10% slower a step. The round trips and encodes
+# (tune_pictures, head_pictures, latents_*) are those times scaled by what the seventeenth pass's
+# batch sizes took of the old ones' time, side by side on one machine. A size not here is timed
+# as "tiny".
+_TOY16_SCORERS = {"vae": 0.49, "tune_pictures": 116.0, "head_pictures": 52.0,
+                  "latents_base": 44.0, "latents_style_a": 25.0, "latents_style_b": 25.0,
                   "clip": 0.19, "clip_tune": 0.16, "head": 0.01}
 SECONDS_PER_STEP = {
-    "tiny": {"vae": 0.34, "tune_pictures": 70.0, "head_pictures": 55.0, "latents_base": 50.0,
-             "latents_style_a": 20.0, "latents_style_b": 20.0, "clip": 0.2, "clip_tune": 0.25,
+    "tiny": {"vae": 0.34, "tune_pictures": 47.0, "head_pictures": 32.0, "latents_base": 23.0,
+             "latents_style_a": 12.0, "latents_style_b": 12.0, "clip": 0.2, "clip_tune": 0.25,
              "head": 0.01, "base": 0.3, "finetune": 0.26},
     "toy16": {**_TOY16_SCORERS, "base": 0.4, "finetune": 0.35},
     "toy16_wide": {**_TOY16_SCORERS, "base": 0.58, "finetune": 0.55},
@@ -112,6 +121,8 @@ def _worker(index: int, plan: BuildPlan, work: Work, messages, failed) -> None:
     current = ""
     try:
         for name, stage in WORKERS[index]:
+            if name in EITHER and not work.claim(name):
+                continue
             current = name
             report = _Reporter(name, messages)
 
@@ -167,7 +178,7 @@ def build_world(folder: Path, plan: BuildPlan = BuildPlan(), *, progress=None,
     info = {"plan": asdict(plan), "stage_seconds": timings,
             "build_seconds": round(time.monotonic() - started, 1),
             "torch": torch.__version__, "threads": "2 processes x 1 thread",
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+            "machine": f"{platform.machine()} {cpu_name()}"}
     atomic_write_text(folder / "manifest.json", json.dumps(info, indent=2) + "\n")
     if not keep_work:
         shutil.rmtree(work_folder)

@@ -136,6 +136,14 @@ class Work:
         with atomic_path(self.path(name)) as tmp:
             torch.save(obj, tmp)
 
+    def claim(self, name: str) -> bool:
+        """Whether this worker is the first to ask for stage ``name`` (and so runs it)."""
+        try:
+            (self.folder / f"{name}.claimed").open("x").close()
+        except FileExistsError:
+            return False
+        return True
+
     def load(self, name: str, timeout: float = 7200.0):
         """Wait for another worker's output (or its failure), then load it."""
         start = time.monotonic()
