@@ -61,9 +61,9 @@ WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
 )
 PARALLEL = ("base",)
 # stages on both workers' lists that only the first worker to reach them runs: the house head's
-# round trips go to whichever worker is free first, worker 0 once its VAE work is done or
-# worker 1 once its CLIP is (the VAE trained faster than the CLIP on one 2-core machine, slower
-# on another: RESULTS.md, issue 14, seventeenth pass)
+# round trips go to whichever worker is free first, worker 0 once its VAE, tuning round trips
+# and base latents are done or worker 1 once its CLIP is (on one 2-core machine the first, on
+# another the second: RESULTS.md, issue 14, seventeenth pass)
 EITHER = ("head_pictures",)
 # seconds per step on one idle core of the 2-core CPU, by the plan's SD1 config size, for the
 # progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
