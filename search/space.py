@@ -177,7 +177,9 @@ class SearchSpace:
                    ) -> dict[str, float]:
         """Optuna parameters for per-block ratios (warm starts, presets): tied groups take
         their mean, values are clipped to bounds, blocks not given take ``default`` (or the
-        middle of their bounds)."""
+        middle of their bounds). A searched text-encoder ratio is a block's too: ``te_ratio``,
+        else the vocabulary's text-encoder block (MBW's BASE), else ``default`` (or 1.0,
+        model1's text encoder)."""
         out = {}
         for p in self.params:
             given = [ratios[b] for b in p.blocks if b in ratios]
@@ -185,7 +187,10 @@ class SearchSpace:
             value = sum(given) / len(given) if given else fallback
             out[p.name] = _clip(value, p)
         for p in self.extra:
-            out[p.name] = _clip(ratios.get(p.name, self._extra_default(p)), p)
+            value = ratios.get(p.name)
+            if p.name == TEXT_ENCODER and value is None:
+                value = ratios.get(self.te_block, default) if self.te_block else default
+            out[p.name] = _clip(self._extra_default(p) if value is None else value, p)
         return out
 
 

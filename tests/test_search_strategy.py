@@ -282,6 +282,27 @@ def test_curve_warm_starts_are_smooth_shapes_over_depth(tiny_sd1, clip_files, tm
     assert labels(other) != labels(again)
 
 
+def test_warm_starts_set_a_searched_text_encoder_ratio_like_the_blocks(tiny_sd1, clip_files,
+                                                                      tmp_path):
+    """model2 is model2's text encoder too (ratio 0), a uniform start its value, a preset its
+    BASE; a preset without BASE keeps model1's text encoder (1.0)."""
+    mbw = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+    data = config_data(tiny_sd1, clip_files, tmp_path, warm_start={
+        "model1": True, "model2": True, "uniform": [0.25],
+        "presets": {"low_te": {"BASE": 0.3, **dict.fromkeys(mbw, 0.6)},
+                    "no_base": dict.fromkeys(mbw, 0.4)}})
+    data["merge"] = {**data["merge"], "text_encoder": {"mode": "merge",
+                                                       "ratio": {"low": 0.0, "high": 1.0}}}
+    study, _ = prepare(parse_config(data), log=lambda m: None)
+    queued = {t.user_attrs["warm_start"]: t.system_attrs["fixed_params"] for t in study.trials}
+    expected = {"model1": (1.0, 1.0), "model2": (0.0, 0.0), "uniform 0.25": (0.25, 0.25),
+                "preset low_te": (0.6, 0.3), "preset no_base": (0.4, 1.0)}
+    assert set(queued) == set(expected)
+    for label, (blocks, te) in expected.items():
+        assert all(queued[label][b] == blocks for b in mbw), label
+        assert queued[label]["te_ratio"] == te, label
+
+
 def test_a_trial_asked_for_but_never_marked_is_stale_after_the_grace_period(tmp_path):
     """A worker killed between `ask` and marking its trial leaves it RUNNING with no worker and
     no heartbeat; without this rule every other worker would wait for it forever."""
