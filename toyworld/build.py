@@ -60,11 +60,12 @@ WORKERS: tuple[tuple[tuple[str, Callable], ...], ...] = (
      ("latents_style_b", stage_latents("style_b")), ("style_b", stage_finetune("style_b"))),
 )
 PARALLEL = ("base",)
-# stages on both workers' lists that only the first worker to reach them runs: the house head's
-# round trips go to whichever worker is free first, worker 0 once its VAE, tuning round trips
-# and base latents are done or worker 1 once its CLIP is (on one 2-core machine the first, on
-# another the second: RESULTS.md, issue 14, seventeenth pass)
-EITHER = ("head_pictures",)
+# a stage on both workers' lists but not in PARALLEL runs on the first worker to reach it: the
+# house head's round trips go to whichever worker is free first, worker 0 once its VAE, tuning
+# round trips and base latents are done or worker 1 once its CLIP is (on one 2-core machine the
+# first, on another the second: RESULTS.md, issue 14, seventeenth pass)
+EITHER = tuple(sorted(set.intersection(*({name for name, _ in stages} for stages in WORKERS))
+                      - set(PARALLEL)))
 # seconds per step on one idle core of the 2-core CPU, by the plan's SD1 config size, for the
 # progress bar's ETA (measured: the CPU seconds of each stage in a build's manifest.json, over
 # its steps; RESULTS.md, issue 14). "finetune" times style_a and style_b. The 16x16 sizes share
