@@ -21,7 +21,8 @@ generate and score (torch on one thread; those calls are timed by wrapping them)
 machine wall time measures the neighbours too; the CPU figure does not. Each mark's line is
 printed as soon as the study passes it.
 
-    .venv/bin/python benchmarks/trial_overhead.py [--sampler NAME] [--trials 505] [--in-turn]
+    .venv/bin/python benchmarks/trial_overhead.py [--sampler NAME] [--scorer clip|reference]
+        [--trials 505] [--in-turn]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fullsize import goal, machine  # noqa: E402
@@ -43,7 +45,7 @@ from _fullsize import goal, machine  # noqa: E402
 from evaluators.testing import write_tiny_open_clip  # noqa: E402
 from merge_backend.tiny import write_tiny_family  # noqa: E402
 from search import run_folder as rf  # noqa: E402
-from search.config import SamplerConfig, parse_config  # noqa: E402
+from search.config import parse_config  # noqa: E402
 from search.progress import Progress  # noqa: E402
 from search.study import optimize, prepare  # noqa: E402
 
@@ -51,15 +53,21 @@ MARKS = (10, 100, 500)
 ACCELERATOR = ("apply", "generate", "score")  # what is not overhead
 
 
-def study_config(folder: Path, fam, clip, sampler: str, trials: int, ahead: bool = True):
+def study_config(folder: Path, fam, clip, sampler: str | None, trials: int, ahead: bool = True,
+                 references: Path | None = None):
+    """The study; ``references``: a paired ``reference`` scorer against that folder's one
+    picture instead of the CLIP score; ``sampler`` None: the config's default for it."""
+    scorer = {"kind": "clip", "model": str(clip[0]), "weights": str(clip[1])}
+    if references is not None:
+        scorer |= {"kind": "reference", "mode": "paired", "references": str(references)}
     return parse_config({
-        "name": f"overhead-{sampler}", "models": {"model1": str(fam.a), "model2": str(fam.b)},
+        "name": "overhead", "models": {"model1": str(fam.a), "model2": str(fam.b)},
         "config_folder": str(fam.config_folder),
         "merge": {"vocabulary": "mbw", "arithmetic": "fast"},
         "probes": {"prompts": ["a lighthouse on a cliff at dawn"], "seeds": [1], "steps": 2,
                    "cfg": 6.0, "width": 64, "height": 64},
-        "scorers": [{"kind": "clip", "model": str(clip[0]), "weights": str(clip[1])}],
-        "sampler": {"name": sampler, "seed": 0},
+        "scorers": [scorer],
+        "sampler": {"seed": 0} | ({"name": sampler} if sampler else {}),
         "warm_start": {"model1": True, "model2": True, "uniform": [0.5]},
         "trials": trials, "output": str(folder), "device": "cpu", "dtype": "fp32",
         "propose_ahead": ahead})
@@ -132,27 +140,37 @@ def at(rows: list[dict[str, float]], mark: int, key: str, summary=statistics.med
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sampler", default=SamplerConfig().name,
-                        help="default: the project's default sampler")
+    parser.add_argument("--sampler", default=None,
+                        help="default: the project's default sampler for the scorer")
+    parser.add_argument("--scorer", choices=("clip", "reference"), default="clip",
+                        help="reference: paired, against one picture (its default sampler: lsq)")
     parser.add_argument("--trials", type=int, default=max(MARKS) + 5)
     parser.add_argument("--in-turn", action="store_true",
                         help="propose_ahead: false (each trial proposed after the last is stored)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # CPU time = what one core's wall time would be
-    print(f"machine: {machine()}; sampler {args.sampler}; {args.trials} trials, SQLite; "
-          f"{'proposed in turn' if args.in_turn else 'proposed ahead (storage lane)'}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clip = write_tiny_open_clip(tmp / "clip", name="bench-clip")
         fam = write_tiny_family(tmp / "tiny", "sd1")
+        references = None
+        if args.scorer == "reference":
+            references = tmp / "references"
+            references.mkdir()
+            pixels = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0))
+            Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(references / "0.png")
+        cfg = study_config(tmp / "runs", fam, clip, args.sampler, args.trials,
+                           not args.in_turn, references)
+        print(f"machine: {machine()}; sampler {cfg.sampler.name}, scorer {args.scorer}; "
+              f"{args.trials} trials, SQLite; "
+              f"{'proposed in turn' if args.in_turn else 'proposed ahead (storage lane)'}")
         print(f"{'trial':>6s} {'cpu ovh':>9s} {'cpu mean':>9s} {'wall ovh':>9s} {'records':>9s} "
               f"{'generate':>9s} {'wall':>8s}  (ms, median of the {WINDOW} trials ending there "
               "but `cpu mean`; all but `cpu ovh` and `cpu mean` wall time; `records`: the "
               "trial's pictures, note and attributes, on the lane when proposed ahead)",
               flush=True)
         started = time.perf_counter()
-        rows = measure(study_config(tmp / "runs", fam, clip, args.sampler, args.trials,
-                                    not args.in_turn))
+        rows = measure(cfg)
         print(f"{len(rows) + 1} trials in {time.perf_counter() - started:.0f} s")
     mark = [m for m in MARKS if m <= rows[-1]["number"]][-1]
     goal(f"trial_overhead_at_{mark}", at(rows, mark, "overhead"), 50.0, fmt="{:.1f}")

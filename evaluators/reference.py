@@ -33,6 +33,9 @@ class ReferenceConfig(OpenClipFiles, ScorerConfig):
     mode: Literal["mean", "paired"] = "mean"
     default_range: ClassVar[tuple[float, float]] = (0.5, 1.0)
 
+    def has_residuals(self) -> bool:
+        return self.mode == "paired"
+
     def check_files(self) -> None:
         self.check_open_clip_files()
         if self.references is None:
@@ -83,6 +86,12 @@ class ReferenceScorer:
         return self.backbone.encode_images(images, self.batch_size)
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        return self.score_with_residuals(images, prompts)[0]
+
+    def score_with_residuals(self, images: Tensor, prompts: Sequence[str]
+                             ) -> tuple[Tensor, Tensor | None]:
+        """The scores, and in paired mode the residuals ``e_i - r_i`` ``[N, D]`` (CPU): for unit
+        embeddings ``e_i . r_i = 1 - |e_i - r_i|^2 / 2`` (``HasResiduals``)."""
         check_images(images, prompts)
         references = self.reference_embeddings
         if references is None:
@@ -90,11 +99,11 @@ class ReferenceScorer:
                              "config or call set_references(images)")
         embeddings = self.image_embeddings(images).to(references.device)
         if self.mode == "mean":
-            return (embeddings @ references.T).mean(dim=-1).cpu()
+            return (embeddings @ references.T).mean(dim=-1).cpu(), None
         if references.shape[0] != embeddings.shape[0]:
             raise ValueError(f"scorer {self.name!r} is paired: {embeddings.shape[0]} images but "
                              f"{references.shape[0]} references (draw both with one probe set)")
-        return (embeddings * references).sum(dim=-1).cpu()
+        return (embeddings * references).sum(dim=-1).cpu(), (embeddings - references).cpu()
 
 
 register_scorer("reference", ReferenceConfig, ReferenceScorer.from_config)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from evaluators.probes import ProbeImages, ProbeSet, generate
-from evaluators.scorer import ExplainsScores, ScoreNorm, Scorer, ScorerConfig
+from evaluators.scorer import ExplainsScores, HasResiduals, ScoreNorm, Scorer, ScorerConfig
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,20 @@ class ScoreCard:
     prompts: list[str]
     seeds: list[int]
     notes: dict[str, list[str]] = field(default_factory=dict)
+    # scorer name -> float32 [N, K] residuals, from scorers that give them (``HasResiduals``)
+    residuals: dict[str, Tensor] = field(default_factory=dict)
 
     def weighted_mean(self, values: Tensor) -> float:
         """``Σ p_i v_i / Σ p_i`` over images, with the probe set's prompt weights ``p``."""
         weights = self.prompt_weights.to(torch.float64)
         return float((values.to(torch.float64) * weights).sum() / weights.sum())
+
+    def weighted_residual(self, name: str) -> Tensor:
+        """Scorer ``name``'s residuals as one float64 vector ``R``, image *i*'s scaled by
+        ``sqrt(p_i / Σ p)``: its prompt-weighted mean score is then ``1 - |R|^2 / 2``."""
+        weights = self.prompt_weights.to(torch.float64)
+        scale = (weights / weights.sum()).sqrt()[:, None]
+        return (self.residuals[name].to(torch.float64) * scale).flatten()
 
     def means(self) -> dict[str, float]:
         """Prompt-weighted mean raw value per scorer."""
@@ -128,13 +137,19 @@ def score_images(images: ProbeImages, scorers: Sequence[Scorer]) -> ScoreCard:
         raise ValueError(f"scorer names must be unique (set `name` in the config): {names}")
     raw: dict[str, Tensor] = {}
     notes: dict[str, list[str]] = {}
+    residuals: dict[str, Tensor] = {}
     for scorer in scorers:
-        values = scorer.score(images.images, images.prompts)
+        if isinstance(scorer, HasResiduals):
+            values, residual = scorer.score_with_residuals(images.images, images.prompts)
+            if residual is not None:
+                residuals[scorer.name] = residual.detach().to("cpu", torch.float32)
+        else:
+            values = scorer.score(images.images, images.prompts)
         raw[scorer.name] = values.detach().to("cpu", torch.float32)
         if isinstance(scorer, ExplainsScores):
             notes[scorer.name] = scorer.explain(images.images)
     return ScoreCard(raw=raw, prompt_weights=images.weights.cpu(), prompts=list(images.prompts),
-                     seeds=list(images.seeds), notes=notes)
+                     seeds=list(images.seeds), notes=notes, residuals=residuals)
 
 
 def evaluate(pipe: Any, probe_set: ProbeSet, scorers: Sequence[Scorer],

@@ -38,7 +38,8 @@ from evaluators.scorer_files import (
 )
 
 __all__ = [
-    "SCORERS", "ENTRY_POINT_GROUP", "ConfigFile", "ConfigFolder", "ConfigPath", "ExplainsScores", "ScoreNorm",
+    "SCORERS", "ENTRY_POINT_GROUP", "ConfigFile", "ConfigFolder", "ConfigPath", "ExplainsScores",
+    "HasResiduals", "ScoreNorm",
     "Scorer", "ScorerConfig", "ScorerEntry", "ScorerError", "batches", "build_scorer",
     "check_images", "default_dtype", "file_fields", "known_scorer_kinds", "register_scorer",
     "require_dir", "require_file", "resolve_device", "scorer_config", "scorer_entry",
@@ -66,6 +67,17 @@ class Scorer(Protocol):
     name: str
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+
+
+@runtime_checkable
+class HasResiduals(Protocol):
+    """A scorer whose value of image *i* is ``1 - |d_i|^2 / 2`` for a residual vector ``d_i``
+    (the paired ``reference`` scorer: unit embeddings, ``e.r = 1 - |e - r|^2 / 2``): it scores
+    and gives the residuals ``[N, K]`` (or None where this config has none) in one pass. A
+    least-squares sampler (``lsq``) fits its steps to them."""
+
+    def score_with_residuals(self, images: Tensor, prompts: Sequence[str]
+                             ) -> tuple[Tensor, Tensor | None]: ...
 
 
 @runtime_checkable
@@ -130,6 +142,10 @@ class ScorerConfig(BaseModel):
 
     def check_files(self) -> None:
         """Raise ValueError naming the field and path of a missing or malformed file."""
+
+    def has_residuals(self) -> bool:
+        """Whether the scorer this config builds gives residuals (``HasResiduals``)."""
+        return False
 
     def files(self) -> dict[str, Path]:
         """Every file or folder this config points at, by field name (its ``ConfigPath``

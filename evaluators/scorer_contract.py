@@ -20,7 +20,9 @@ pytest then runs every ``test_*`` below against it, on random 8-bit images:
   and its model's weights in that dtype (float32 and bfloat16 on the CPU; on CUDA too where
   there is one, float32 scores within ``cuda_tolerance`` of the CPU's);
 - its config refuses an unknown field, and a missing file in each file field
-  (``ConfigPath``), with a message naming the field and the path.
+  (``ConfigPath``), with a message naming the field and the path;
+- where its config says it gives residuals (``has_residuals``), ``score_with_residuals`` scores
+  as ``score`` does and each image's score is ``1 - |d|^2 / 2`` of its residual ``d``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from evaluators.scorer import Scorer, ScorerError, build_scorer, file_fields, scorer_config
+from evaluators.scorer import (
+    HasResiduals,
+    Scorer,
+    ScorerError,
+    build_scorer,
+    file_fields,
+    scorer_config,
+)
 
 PROMPTS = ("a red circle", "a blue square on grey", "a cat", "a green triangle")
 
@@ -124,6 +133,21 @@ class ScorerContract:
             assert torch.isfinite(scores[1]) and scores[1] < clean[1], scores
         others = [0, 2, 3]
         torch.testing.assert_close(scores[others], clean[others], rtol=0, atol=self.tolerance)
+
+    def test_residuals_where_the_config_says_it_gives_them(self, scorer, config_data):
+        images, prompts = random_images(seed=4), list(PROMPTS)
+        gives = scorer_config(config_data).has_residuals()
+        if not isinstance(scorer, HasResiduals):
+            assert not gives, "has_residuals() is True but the scorer has no score_with_residuals"
+            return
+        values, residuals = scorer.score_with_residuals(images, prompts)
+        assert torch.equal(values, scorer.score(images, prompts))
+        if not gives:
+            assert residuals is None
+            return
+        assert residuals.ndim == 2 and residuals.shape[0] == 4 and residuals.device.type == "cpu"
+        torch.testing.assert_close(1 - residuals.double().pow(2).sum(-1) / 2, values.double(),
+                                   rtol=0, atol=self.tolerance)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_device_and_dtype_are_honoured(self, config_data, dtype):

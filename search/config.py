@@ -45,6 +45,10 @@ PERSON = ("preference", "mixed")  # objectives where a person chooses in the das
 # benchmarks/RESULTS.md), TPE for several (CMA-ES serves one), the preferential GP for a person.
 DEFAULT_SAMPLERS = {"weighted": "cmaes", "multi": "tpe", "preference": "preferential_gp",
                     "mixed": "preferential_gp"}
+# ... and for one scored objective whose only objective scorer gives residuals (the paired
+# reference scorer): CMA-ES, then least-squares steps on them (search/least_squares.py; chosen
+# by the same benchmark)
+RESIDUAL_DEFAULT = "lsq"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one plain path component: output/NAME
 
 
@@ -255,9 +259,13 @@ class StudyConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_sampler(cls, data: Any) -> Any:
-        """Unless a sampler is named, the objective's default (``DEFAULT_SAMPLERS``)."""
+        """Unless a sampler is named, the objective's default (``DEFAULT_SAMPLERS``; ``lsq``
+        where the only objective scorer gives residuals, ``RESIDUAL_DEFAULT``)."""
         if isinstance(data, dict):
-            name = DEFAULT_SAMPLERS.get(data.get("objective", "weighted"))
+            objective = data.get("objective", "weighted")
+            name = DEFAULT_SAMPLERS.get(objective)
+            if objective == "weighted" and _gives_residuals(data.get("scorers")):
+                name = RESIDUAL_DEFAULT
             sampler = data.get("sampler")
             if name is not None and sampler is None:
                 data = {**data, "sampler": {"name": name}}
@@ -336,6 +344,12 @@ class StudyConfig(_Strict):
         if self.objective not in PERSON and sampler.learns_from == "choices":
             problems.append(f"sampler.name: {self.sampler.name} learns from a person's choices; "
                             "use it with objective: preference or mixed")
+        if sampler.residuals and self.objective not in PERSON and \
+                len(self._residual_scorers()) != 1:
+            objectives = [s.label for s in self._objective_scorers()] or ["none"]
+            problems.append(f"sampler.name: {self.sampler.name} fits the residuals of the study's "
+                            "only objective scorer, which must give them (kind: reference, mode: "
+                            f"paired); this study's objective scorers: {', '.join(objectives)}")
         if self.objective != "preference" and not self.scorers:
             problems.append(f"scorers: objective {self.objective} needs at least one scorer "
                             "(only objective: preference runs without: a person judges)")
@@ -354,6 +368,20 @@ class StudyConfig(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _objective_scorers(self) -> list:
+        return [s for s in self.scorers if not s.penalty and s.weight > 0]
+
+    def _residual_scorers(self) -> list[str]:
+        objectives = self._objective_scorers()
+        return [s.label for s in objectives if s.has_residuals()] if len(objectives) == 1 else []
+
+    def residual_scorer(self) -> str | None:
+        """The scorer whose residuals each trial stores for the sampler (``lsq``), or None when
+        the sampler reads none."""
+        if not _sampler_entry(self.sampler.name).residuals:
+            return None
+        return next(iter(self._residual_scorers()), None)
 
     def _preset_problems(self) -> list[str]:
         """A preset is queued as given, or refused: a fixed block, a value outside its bounds
@@ -403,6 +431,19 @@ class StudyConfig(_Strict):
         if self.dtype != "auto":
             return self.dtype
         return "fp32" if self.resolved_device() == "cpu" else "fp16"
+
+
+def _gives_residuals(scorers: Any) -> bool:
+    """Whether a config's ``scorers`` (as read: mappings) have one objective scorer and it
+    gives residuals; False for anything the scorers' own checks will refuse."""
+    try:  # unvalidated (``model_construct``): the kind's fields alone, no files read
+        configs = [item if isinstance(item, ScorerConfig)
+                   else scorer_entry(item["kind"]).config.model_construct(**item)
+                   for item in (scorers if isinstance(scorers, list) else [])]
+        objectives = [c for c in configs if not c.penalty and c.weight > 0]
+        return len(objectives) == 1 and bool(objectives[0].has_residuals())
+    except (TypeError, KeyError, ValueError):
+        return False
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -23,6 +23,10 @@ multiplier):
 - the worker loop reaches its target of COMPLETE trials with a warm start queued first
   (evaluated as given) and a failed trial on the way; with ``objective: multi`` too, where the
   sampler serves multi-objective studies.
+
+A single-objective trial also stores its residual, as a study with a least-squares scorer does
+(``search.least_squares``: the value is ``-|R|^2``), so samplers that read residuals (``lsq``)
+are checked on their own steps.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import pytest
 
 from . import run_folder as rf
 from . import warm_starts
+from .least_squares import ATTR_RESIDUAL, encode_residual
 from .samplers import make_sampler, option_problems, sampler_entry
 from .trial import TrialFailed
 from .worker import optimize
@@ -83,6 +88,10 @@ class SamplerContract:
             value = objective(trial)
             if trial.number == fail_at:
                 raise TrialFailed("a candidate that cannot be scored")
+            if not isinstance(value, list):  # -|R|^2 for R = sqrt(2) (params - HIDDEN)
+                residual = [math.sqrt(2) * (trial.params[n] - HIDDEN[n]) for n in HIDDEN]
+                study._storage.set_trial_system_attr(trial._trial_id, ATTR_RESIDUAL,
+                                                     encode_residual(residual))
             return value
 
         kind = "multi" if len(study.directions) > 1 else "weighted"

@@ -1,7 +1,7 @@
 """Samplers by name: the config says `sampler: {name, seed, options}`.
 
-``name`` is a built-in (``SAMPLERS``: tpe, cmaes, gp, qmc, random, nsga2, preferential_gp),
-another package's
+``name`` is a built-in (``SAMPLERS``: tpe, cmaes, gp, qmc, random, lsq, nsga2,
+preferential_gp), another package's
 ``mergesearch.samplers`` entry point, or ``package.module:Class``: any Optuna sampler class
 whose constructor takes ``seed``, or a ``SamplerEntry``. ``search/sampler_contract.py`` is the
 test every sampler passes.
@@ -46,6 +46,8 @@ from merge_backend.plugins import (
     load_entry_point,
 )
 
+from .least_squares import LeastSquaresSampler
+
 ENTRY_POINT_GROUP = "mergesearch.samplers"
 
 
@@ -72,6 +74,9 @@ class SamplerEntry:
     keeps Optuna's ``IntersectionSearchSpace``; it is carried too (it is brought up to date
     trial by trial: a fresh one goes over every trial again) and reads the study through
     Optuna's per-trial cache, the read the sampler makes anyway (see ``TrialCachedSpace``).
+    ``residuals``: the sampler reads each COMPLETE trial's scorer residual (the system attribute
+    ``search.least_squares.ATTR_RESIDUAL``, stored only for such samplers); a study using it
+    needs one objective scorer that gives residuals (``ScorerConfig.has_residuals``).
     """
 
     cls: Callable[..., BaseSampler] | str
@@ -81,6 +86,7 @@ class SamplerEntry:
     learns_from: str = SCORES
     carried: tuple[str, ...] = ()
     search_space: str | None = None
+    residuals: bool = False
 
     def sampler_class(self) -> Callable[..., BaseSampler]:
         """The class (ValueError naming the install for a lazily imported one that is missing)."""
@@ -130,6 +136,9 @@ SAMPLERS: dict[str, SamplerEntry] = {
     # scrambled, so that its seed matters (Optuna's default scramble=False ignores the seed)
     "qmc": SamplerEntry(optuna.samplers.QMCSampler, {"scramble": True}, per_trial_seed=False),
     "random": SamplerEntry(optuna.samplers.RandomSampler, learns_from=NOTHING),
+    # CMA-ES, then Gauss-Newton steps fitted to the paired reference scorer's residuals
+    "lsq": SamplerEntry(LeastSquaresSampler, multi_objective=False, search_space="_space",
+                        residuals=True),
     "nsga2": SamplerEntry(optuna.samplers.NSGAIISampler),
     # learns from a person's choices (optuna-dashboard's preferential optimisation); imported
     # only when used, since it brings in botorch (seconds)

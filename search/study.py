@@ -331,6 +331,6 @@ def prepare(cfg: StudyConfig, log: Log = _stderr) -> tuple[optuna.Study, StudyCo
             raise
     enqueue_warm_starts(study, space, log)
     ctx = StudyContext(cfg, space, engine, pipe, cfg.probes, scorers, score_norms(cfg.scorers),
-                       run, run.artifact_store())
+                       run, run.artifact_store(), residual_scorer=cfg.residual_scorer())
     log(f"ready in {time.perf_counter() - started:.1f} s")
     return study, ctx

@@ -29,6 +29,7 @@ from merge_backend.export import ratio_chart_svg
 from . import run_folder as rf
 from .artifacts import labelled_grid_png, upload_pictures
 from .config import PERSON, StudyConfig
+from .least_squares import ATTR_RESIDUAL, encode_residual
 from .preference import ATTR_CANDIDATE
 from .space import SearchSpace
 from .storage_writes import TrialWrites
@@ -65,6 +66,8 @@ class StudyContext:
     # fidelity: the cheap score the trial being drawn must reach to be drawn in full (set per
     # trial by the worker from the study's cheap scores; None: drawn in full regardless)
     cheap_bar: float | None = None
+    # the scorer whose residual each trial stores for the sampler (StudyConfig.residual_scorer)
+    residual_scorer: str | None = None
 
 
 @dataclass
@@ -121,6 +124,9 @@ def run_trial(trial: optuna.Trial, ctx: StudyContext) -> Drawn:
         if cheap is not None:
             writes.user_attr(ATTR_CHEAP, cheap)
             writes.user_attr(ATTR_CHEAP_BAR, bar)
+        if ctx.residual_scorer is not None:
+            writes.system_attr(ATTR_RESIDUAL,
+                               encode_residual(card.weighted_residual(ctx.residual_scorer)))
         clock.lap("bookkeeping")
         writes.user_attr(rf.ATTR_TIMINGS, clock.laps)
         writes.commit()

@@ -55,6 +55,21 @@ class TestReference(BuiltIn):
                 "weights": str(files.clip_weights), "references": str(folder)}
 
 
+class TestReferencePaired(BuiltIn):
+    """Paired: image i against reference i, so every call scores four images (the batch and
+    NaN tests score fewer or spoil one: the mean mode's class above runs them)."""
+
+    def make(self, files, folder):
+        for i, image in enumerate(random_images(4, seed=9)):
+            pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
+            Image.fromarray(pixels).save(folder / f"ref{i}.png")
+        return {"kind": "reference", "model": str(files.clip_config), "mode": "paired",
+                "weights": str(files.clip_weights), "references": str(folder)}
+
+    def test_a_batch_scores_as_its_images_one_by_one(self, scorer):
+        pytest.skip("paired: one reference per image, four at a time")
+
+
 class TestSanity(BuiltIn):
     nan_image_scores_nan = False  # a NaN image is the `nonfinite` penalty, by design
 
