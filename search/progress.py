@@ -17,6 +17,7 @@ import optuna
 
 from . import preference
 from . import run_folder as rf
+from .least_squares import ATTR_STEP
 from .tables import favourite_line
 from .trial import ATTR_CHEAP, ATTR_CHEAP_BAR, ATTR_DUPLICATE
 
@@ -116,7 +117,16 @@ def _outcome(trial: optuna.trial.FrozenTrial, person: bool = False) -> str:
         score = trial.user_attrs.get(rf.ATTR_SCORE)
         return f"candidate drawn{seconds}" + (f", score {score:.6g}" if isinstance(
             score, (int, float)) else "")
-    return f"score {_fmt(trial.values)}{seconds}"
+    return f"score {_fmt(trial.values)}{seconds}{_step(trial)}"
+
+
+def _step(trial: optuna.trial.FrozenTrial) -> str:
+    """What the ``lsq`` sampler made of the trial, if it chose it (a step or a probe)."""
+    record = trial.system_attrs.get(ATTR_STEP)
+    if not isinstance(record, dict):
+        return ""
+    kind = "probe" if record.get("probe") else f"step of {record.get('radius', 0):.3g}"
+    return f" [lsq {kind} from trial {record.get('from')}]"
 
 
 def _params(params: dict[str, float]) -> str:

@@ -10,6 +10,7 @@ gives when asked directly.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ from search.least_squares import (
     encode_residual,
     trust_region_step,
 )
+from search.progress import Progress
 from search.sampler_contract import SamplerContract
 from search.samplers import make_sampler
 from search.study import optimize, prepare
@@ -246,6 +248,14 @@ def test_a_study_stores_the_residual_its_score_comes_from_and_steps_on_it(tiny_s
     stepped = [t.number for t in trials if ATTR_STEP in t.system_attrs]
     assert stepped and stepped == list(range(stepped[0], 34))
     assert stepped[0] in (dimensions + 2, dimensions + 3)
+    # the progress line says which trials the steps chose, and from where
+    out = io.StringIO()
+    progress = Progress(34, stream=out)
+    for trial in trials[-3:]:
+        progress(study, trial)
+    record = trials[-1].system_attrs[ATTR_STEP]
+    kind = "probe" if record["probe"] else f"step of {record['radius']:.3g}"
+    assert out.getvalue().splitlines()[-1].count(f" [lsq {kind} from trial {record['from']}]") == 1
     # the residual is e - r of the probe images' and the references' embeddings
     trial = trials[-1]
     ctx.engine.apply(ctx.space.recipe(trial.params))
