@@ -345,8 +345,8 @@ class StudyConfig(_Strict):
             problems.append(f"sampler.name: {self.sampler.name} learns from a person's choices; "
                             "use it with objective: preference or mixed")
         if sampler.residuals and self.objective not in PERSON and \
-                len(self._residual_scorers()) != 1:
-            objectives = [s.label for s in self._objective_scorers()] or ["none"]
+                _residual_label(self.scorers) is None:
+            objectives = [s.label for s in _objectives(self.scorers)] or ["none"]
             problems.append(f"sampler.name: {self.sampler.name} fits the residuals of the study's "
                             "only objective scorer, which must give them (kind: reference, mode: "
                             f"paired); this study's objective scorers: {', '.join(objectives)}")
@@ -369,19 +369,12 @@ class StudyConfig(_Strict):
             raise ValueError("\n".join(problems))
         return self
 
-    def _objective_scorers(self) -> list:
-        return [s for s in self.scorers if not s.penalty and s.weight > 0]
-
-    def _residual_scorers(self) -> list[str]:
-        objectives = self._objective_scorers()
-        return [s.label for s in objectives if s.has_residuals()] if len(objectives) == 1 else []
-
     def residual_scorer(self) -> str | None:
         """The scorer whose residuals each trial stores for the sampler (``lsq``), or None when
         the sampler reads none."""
         if not _sampler_entry(self.sampler.name).residuals:
             return None
-        return next(iter(self._residual_scorers()), None)
+        return _residual_label(self.scorers)
 
     def _preset_problems(self) -> list[str]:
         """A preset is queued as given, or refused: a fixed block, a value outside its bounds
@@ -440,10 +433,21 @@ def _gives_residuals(scorers: Any) -> bool:
         configs = [item if isinstance(item, ScorerConfig)
                    else scorer_entry(item["kind"]).config.model_construct(**item)
                    for item in (scorers if isinstance(scorers, list) else [])]
-        objectives = [c for c in configs if not c.penalty and c.weight > 0]
-        return len(objectives) == 1 and bool(objectives[0].has_residuals())
+        return _residual_label(configs) is not None
     except (TypeError, KeyError, ValueError):
         return False
+
+
+def _objectives(scorers) -> list[ScorerConfig]:
+    return [s for s in scorers if not s.penalty and s.weight > 0]
+
+
+def _residual_label(scorers) -> str | None:
+    """The label of the study's only objective scorer where it gives residuals, else None."""
+    objectives = _objectives(scorers)
+    if len(objectives) == 1 and objectives[0].has_residuals():
+        return objectives[0].label
+    return None
 
 
 def _sqlite_file(url: str) -> Path | None:

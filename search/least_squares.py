@@ -186,12 +186,11 @@ class LeastSquaresSampler(BaseSampler):
     def _steps_now(self, study: optuna.Study, trial: FrozenTrial, dimensions: int) -> bool:
         if len(study.directions) > 1 or "fixed_params" in trial.system_attrs:
             return False  # several objectives, or a warm start (evaluated as given)
-        done = [t for t in _complete(study) if ATTR_RESIDUAL in t.system_attrs]
+        done = [t for t in study._get_trials(deepcopy=False, use_cache=True) if _scored(t)]
         wanted = self._global_trials or 2 * dimensions + 10
         if len(done) < max(wanted, dimensions + 2):
             return False
-        better = max if study.direction == StudyDirection.MAXIMIZE else min
-        best = better(done, key=lambda t: (t.value, -t.number)).number
+        best = _better(study)(done, key=lambda t: (t.value, -t.number)).number
         since = sum(t.number > best and ATTR_STEP in t.system_attrs for t in done)
         return since < STALL + dimensions  # stalled: CMA-ES goes on until a trial beats the best
 
@@ -201,15 +200,13 @@ class LeastSquaresSampler(BaseSampler):
         low = np.array([space[n].low for n in names])
         high = np.array([space[n].high for n in names])
         span = np.where(high > low, high - low, 1.0)
-        better = max if study.direction == StudyDirection.MAXIMIZE else min
+        better = _better(study)
         wanted = set(names)
         trials = [t for t in study._get_trials(deepcopy=False, use_cache=True)
                   if t.number != trial.number and t.params.keys() >= wanted]
         raw = np.array([[t.params[n] for n in names] for t in trials])
         x = (raw - low) / span  # every other trial's point, scaled to [0, 1]
-        done = [i for i, t in enumerate(trials) if t.state == TrialState.COMPLETE
-                and t.value is not None and math.isfinite(t.value)
-                and ATTR_RESIDUAL in t.system_attrs]
+        done = [i for i, t in enumerate(trials) if _scored(t)]
         best = better(done, key=lambda i: (trials[i].value, -trials[i].number))
         by_number = {trials[i].number: trials[i] for i in done}
 
@@ -232,7 +229,7 @@ class LeastSquaresSampler(BaseSampler):
             residual = decode_residual(trials[best].system_attrs[ATTR_RESIDUAL])
             changes = [(x[i] - centre, decode_residual(trials[i].system_attrs[ATTR_RESIDUAL]))
                        for i in nearest]
-            target = centre + bounded_step(*_fit(residual, changes), radius, centre)
+            target = centre + bounded_step(_fit(residual, changes), residual, radius, centre)
         proposal = self._unseen(trial, raw, low + span * np.clip(target, 0.0, 1.0), low, high,
                                 span * (PROBE if probe else radius))
         return dict(zip(names, proposal.tolist())), {
@@ -288,15 +285,19 @@ def _plain(dist: BaseDistribution) -> bool:
     return isinstance(dist, FloatDistribution) and not dist.log and dist.step is None
 
 
-def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study._get_trials(deepcopy=False, use_cache=True)
-            if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
+def _scored(trial: FrozenTrial) -> bool:
+    """A COMPLETE trial with a finite value and its residual: what the steps learn from."""
+    return (trial.state == TrialState.COMPLETE and trial.value is not None
+            and math.isfinite(trial.value) and ATTR_RESIDUAL in trial.system_attrs)
 
 
-def _fit(residual: np.ndarray, changes: list[tuple[np.ndarray, np.ndarray]]
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """(J, R_best): the weighted least-squares Jacobian of the residual around the best, from
-    (offset, residual) of its nearest trials."""
+def _better(study: optuna.Study):
+    return max if study.direction == StudyDirection.MAXIMIZE else min
+
+
+def _fit(residual: np.ndarray, changes: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """J: the weighted least-squares Jacobian of the residual around the best (whose residual
+    is ``residual``), from (offset, residual) of its nearest trials."""
     rows = [(o, r) for o, r in changes if r.shape == residual.shape]
     offsets = np.stack([o for o, _ in rows])
     deltas = np.stack([r - residual for _, r in rows])
@@ -306,4 +307,4 @@ def _fit(residual: np.ndarray, changes: list[tuple[np.ndarray, np.ndarray]]
     gram = offsets.T @ (weights[:, None] * offsets)
     gram += RIDGE * max(float(np.trace(gram)), 1e-12) * np.eye(gram.shape[0])
     jacobian_t = np.linalg.solve(gram, offsets.T @ (weights[:, None] * deltas))
-    return jacobian_t.T, residual
+    return jacobian_t.T
